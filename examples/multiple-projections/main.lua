@@ -1,0 +1,90 @@
+-- multiple-projections: different projections concurrently in one process.
+--
+--   pupsourcing examples/multiple-projections/main.lua [--once]
+--
+-- Appends 3 users and 3 orders, then runs three projection files side by side, each on its
+-- own thread with its own checkpoint and batch size:
+--   projections/user_read_model.lua   users            batch 100
+--   projections/event_counter.lua     event_type_counts batch 200
+--   examples/multiple-projections/revenue.lua  user_revenue  batch 50
+-- Ctrl+C (SIGINT) or SIGTERM stops them all; it then prints what each one handled.
+-- The same as `pupsourcing run projections/user_read_model.lua projections/event_counter.lua ...`.
+local pup = require "pupsourcing"
+io.stdout:setvbuf("line")
+
+local DEFAULT_URL = "postgresql://postgres@127.0.0.1:54329/pupsourcing"
+local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
+local root = here .. "/../.."
+
+local function log(fmt, ...) io.write(os.date("%H:%M:%S "), fmt:format(...), "\n") end
+local function die(fmt, ...)
+  io.stderr:write("multiple-projections: ", fmt:format(...), "\n")
+  os.exit(2)
+end
+local function redact(url) return (url:gsub("(//[^:/@]+):[^@/]*@", "%1:***@")) end
+
+local opts = pup.args(arg)
+local once = opts.once and true or false
+
+local url = os.getenv("DATABASE_URL")
+if not url or url == "" then url = DEFAULT_URL end
+local db, err = pup.connect(url)
+if not db then
+  die("cannot connect to %s: %s\n(start the example database with: scripts/pg.sh start)",
+      redact(url), tostring(err))
+end
+local store = pup.store()
+assert(store:migrate(db))
+
+-- Sample events: three users, three orders.
+log("Appending sample events...")
+local function append(aggregate_type, event_type, payload)
+  local id = pup.uuid()
+  local r, aerr = store:append(db, pup.no_stream(), {
+    { aggregate_type = aggregate_type, aggregate_id = id, event_type = event_type, payload = payload },
+  })
+  if not r then die("append failed: %s", tostring(aerr)) end
+  return id
+end
+local alice = append("User", "UserCreated", { email = "alice@example.com", name = "Alice" })
+local bob = append("User", "UserCreated", { email = "bob@example.com", name = "Bob" })
+append("User", "UserCreated", { email = "carol@example.com", name = "Carol" })
+append("Order", "OrderPlaced", { user_id = alice, amount = 99.99 })
+append("Order", "OrderPlaced", { user_id = bob, amount = 149.99 })
+append("Order", "OrderPlaced", { user_id = alice, amount = 49.99 })
+log("Appended 3 UserCreated and 3 OrderPlaced events.")
+
+local files = {
+  root .. "/projections/user_read_model.lua",
+  root .. "/projections/event_counter.lua",
+  here .. "/revenue.lua",
+}
+-- No batch_size here: each projection file brings its own.
+local runner = pup.runner { files = files, once = once, database_url = url }
+log("Starting %d projections: user_read_model, event_counter, revenue_tracker%s", #files,
+    once and " (--once: stop when caught up)" or "")
+if not once then log("Press Ctrl+C to stop") end
+
+local result, rerr = runner:run()
+if not result then
+  io.stderr:write("multiple-projections: runner error: ", tostring(rerr), "\n")
+  os.exit(1)
+end
+if not once then log("Received shutdown signal, all projections stopped.") end
+
+local names = {}
+for name in pairs(result) do names[#names + 1] = name end
+table.sort(names)
+for _, name in ipairs(names) do
+  log("  %-16s handled %d events", name, result[name].handled or 0)
+end
+
+-- The read models, each with its own table and its own checkpoint.
+local users = assert(db:query("SELECT count(*) AS n FROM users"))[1].n
+local revenue = assert(db:query("SELECT coalesce(sum(total), 0)::text AS total, coalesce(sum(orders), 0)::bigint AS orders FROM user_revenue"))[1]
+log("Final stats - users: %d, orders: %d, revenue: $%s", users, revenue.orders, revenue.total)
+for _, row in ipairs(assert(db:query("SELECT event_type, count FROM event_type_counts ORDER BY event_type"))) do
+  log("  %-16s %d", row.event_type, row.count)
+end
+log("Checkpoints: SELECT * FROM projection_checkpoints;")
+db:close()

@@ -1,0 +1,127 @@
+-- scaling: grow from 1 to N workers; each new worker catches up on its own partition.
+--
+--   pupsourcing examples/scaling/main.lua --worker-id=0 --append     # append 20 events, exit
+--   WORKER_ID=0 pupsourcing examples/scaling/main.lua                # terminal 1
+--   WORKER_ID=1 pupsourcing examples/scaling/main.lua                # terminal 2, later
+--   WORKER_ID=2 pupsourcing examples/scaling/main.lua                # terminal 3, later
+--   WORKER_ID=3 pupsourcing examples/scaling/main.lua                # terminal 4, later
+--
+-- Flags: --worker-id=K (or WORKER_ID), --total-workers=N (or TOTAL_WORKERS, default 4),
+-- --append (append --events=20 sample events and exit), --batch-size=B, --once.
+--
+-- Worker K owns partition K of N: events whose hash(aggregate_id) % N == K. A worker that
+-- starts late reads from its own checkpoint (0 the first time), so it catches up on its
+-- share without touching the others'. The projection records which worker handled each
+-- event in scaling_assignments with a plain INSERT on (total_workers, global_position):
+-- an event handled twice would fail the batch, an event never handled is missing a row.
+--   SELECT worker_id, count(*) FROM scaling_assignments GROUP BY 1 ORDER BY 1;
+local pup = require "pupsourcing"
+io.stdout:setvbuf("line")
+
+local DEFAULT_URL = "postgresql://postgres@127.0.0.1:54329/pupsourcing"
+
+local function die(fmt, ...)
+  io.stderr:write("scaling: ", fmt:format(...), "\n")
+  os.exit(2)
+end
+local function redact(url) return (url:gsub("(//[^:/@]+):[^@/]*@", "%1:***@")) end
+
+local opts = pup.args(arg)
+local function int_option(flag, env, default)
+  local v = opts[flag]
+  if v == nil or v == true then v = env and os.getenv(env) end
+  if v == nil or v == "" then return default end
+  local n = math.tointeger(tonumber(v))
+  if not n then die("--%s must be an integer, got %q", flag, tostring(v)) end
+  return n
+end
+local worker_id = int_option("worker-id", "WORKER_ID", -1)
+local total = int_option("total-workers", "TOTAL_WORKERS", 4)
+local events = int_option("events", nil, 20)
+local batch_size = int_option("batch-size", nil, nil)
+local once = opts.once and true or false
+local append_only = opts.append and true or false
+
+if worker_id < 0 then die("worker-id is required (use --worker-id flag or WORKER_ID env var)") end
+if total < 1 then die("total-workers must be at least 1") end
+if worker_id >= total then die("worker-id (%d) must be less than total-workers (%d)", worker_id, total) end
+
+local tag = ("[Worker %d]"):format(worker_id)
+local function log(fmt, ...) io.write(os.date("%H:%M:%S "), tag, " ", fmt:format(...), "\n") end
+
+local url = os.getenv("DATABASE_URL")
+if not url or url == "" then url = DEFAULT_URL end
+local db, err = pup.connect(url)
+if not db then
+  die("cannot connect to %s: %s\n(start the example database with: scripts/pg.sh start)",
+      redact(url), tostring(err))
+end
+local store = pup.store()
+assert(store:migrate(db))
+
+if append_only then
+  log("Appending %d sample events...", events)
+  local first, last
+  for i = 1, events do
+    local r, aerr = store:append(db, pup.no_stream(), {
+      { aggregate_type = "User", aggregate_id = pup.uuid(), event_type = "UserCreated",
+        payload = { email = ("user%d@example.com"):format(i), name = ("User %d"):format(i) } },
+    })
+    if not r then die("append failed: %s", tostring(aerr)) end
+    first = first or r.global_positions[1]
+    last = r.global_positions[1]
+  end
+  log("Appended %d sample events (positions %s..%s). Start workers now.", events,
+      tostring(first), tostring(last))
+  db:close()
+  return
+end
+
+local count = 0
+local projection = {
+  name = "scalable_projection", -- all workers share the name; each partition has its own checkpoint
+  aggregate_types = { "User" },
+  event_types = { "UserCreated" },
+
+  setup = function(tx)
+    assert(tx:query("SELECT pg_advisory_xact_lock(hashtext('pupsourcing.projection.scaling_assignments'))"))
+    assert(tx:exec([[
+      CREATE TABLE IF NOT EXISTS scaling_assignments (
+        total_workers   INT NOT NULL,
+        global_position BIGINT NOT NULL,
+        aggregate_id    TEXT NOT NULL,
+        worker_id       INT NOT NULL,
+        handled_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (total_workers, global_position)
+      )]]))
+  end,
+
+  handle = function(tx, event)
+    assert(tx:exec([[INSERT INTO scaling_assignments (total_workers, global_position, aggregate_id, worker_id)
+                     VALUES ($1, $2, $3, $4)]], total, event.global_position, event.aggregate_id, worker_id))
+    count = count + 1
+    local d = type(event.data) == "table" and event.data or {}
+    log("Processing: %s (aggregate %s, position %d) - worker total: %d", tostring(d.name),
+        event.aggregate_id:sub(1, 8), event.global_position, count)
+  end,
+
+  reset = function(tx) assert(tx:exec("DELETE FROM scaling_assignments")) end,
+}
+
+local processor = pup.processor(db, projection, {
+  partition_key = worker_id, total_partitions = total, batch_size = batch_size,
+})
+log("═══════════════════════════════════════════════════════")
+log("Worker %d of %d starting...", worker_id, total)
+log("This worker processes events where hash(aggregate_id) %% %d == %d", total, worker_id)
+if not once then log("Press Ctrl+C to stop") end
+log("═══════════════════════════════════════════════════════")
+
+local handled, perr = processor:run { once = once }
+if not handled then
+  io.stderr:write(tag, " projection error: ", tostring(perr), "\n")
+  os.exit(1)
+end
+if not once then log("Received shutdown signal, stopped gracefully.") end
+log("Stopped. Handled %d events.", handled)
+db:close()

@@ -1,0 +1,145 @@
+-- pupsourcing: event sourcing on PostgreSQL. The C core (pupsourcing.core) does the
+-- database work; this file adds what is simplest in Lua: transactions as functions,
+-- projection files, flags, status and reset. Reference: docs/lua-api.md.
+local core = require "pupsourcing.core"
+
+local M = {}
+for k, v in pairs(core) do
+  if k:sub(1, 1) ~= "_" then M[k] = v end
+end
+M.version = "0.1.0"
+
+local error_mt = debug.getregistry()["pupsourcing.error"]
+
+-- An error object like the ones the core returns, for errors raised in Lua code.
+local function new_error(code, message, sqlstate)
+  return setmetatable({ code = code, message = message, sqlstate = sqlstate }, error_mt)
+end
+M.new_error = new_error
+
+local function as_error(e)
+  if getmetatable(e) == error_mt then return e end
+  return new_error("error", tostring(e))
+end
+
+-- db:transaction(fn): fn(tx) runs in a transaction that commits when fn returns and
+-- rolls back when fn raises or returns nil, err. Returns fn's results, or nil, err.
+function core._db_methods.transaction(db, fn)
+  assert(type(fn) == "function", "bad argument #1 to 'transaction' (function expected)")
+  local tx <close>, err = db:begin()
+  if not tx then return nil, err end
+  local res = table.pack(xpcall(fn, debug.traceback, tx))
+  if not res[1] then
+    tx:rollback()
+    local e = res[2]
+    if getmetatable(e) == error_mt then return nil, e end
+    return nil, new_error("error", tostring(e))
+  end
+  if res[2] == nil and res.n >= 3 then
+    tx:rollback()
+    return nil, as_error(res[3])
+  end
+  local ok, cerr = tx:commit()
+  if not ok then return nil, cerr end
+  return table.unpack(res, 2, res.n)
+end
+
+local function is_string_list(v)
+  if type(v) ~= "table" then return false end
+  for i = 1, #v do if type(v[i]) ~= "string" then return false end end
+  return next(v) == nil or #v > 0
+end
+
+-- Checks a projection table; raises "<where>: <what is wrong>".
+function M.check_projection(p, where)
+  where = where or "projection"
+  if type(p) ~= "table" then
+    error(("%s: must return a table, got %s"):format(where, type(p)), 0)
+  end
+  if type(p.name) ~= "string" or p.name == "" then
+    error(("%s: missing `name` (a non-empty string)"):format(where), 0)
+  end
+  if type(p.handle) ~= "function" then
+    error(("%s: projection %q: `handle` must be a function, got %s"):format(where, p.name, type(p.handle)), 0)
+  end
+  for _, f in ipairs { "setup", "reset" } do
+    if p[f] ~= nil and type(p[f]) ~= "function" then
+      error(("%s: projection %q: `%s` must be a function"):format(where, p.name, f), 0)
+    end
+  end
+  for _, f in ipairs { "aggregate_types", "event_types" } do
+    if p[f] ~= nil and not is_string_list(p[f]) then
+      error(("%s: projection %q: `%s` must be a list of strings"):format(where, p.name, f), 0)
+    end
+  end
+  if p.batch_size ~= nil and (math.type(p.batch_size) ~= "integer" or p.batch_size < 1) then
+    error(("%s: projection %q: `batch_size` must be a positive integer"):format(where, p.name), 0)
+  end
+  return p
+end
+
+-- Loads a projection file and checks it; raises an error naming the file.
+function M.load_projection(path)
+  assert(type(path) == "string", "bad argument #1 to 'load_projection' (string expected)")
+  local chunk, err = loadfile(path)
+  if not chunk then error(err, 0) end
+  local ok, p = pcall(chunk)
+  if not ok then error(("%s: %s"):format(path, tostring(p)), 0) end
+  return M.check_projection(p, path)
+end
+
+-- Parses --k=v, --k v and --flag (true) into a table; other words go to the array part.
+function M.args(argv)
+  local out, i = {}, 1
+  argv = argv or {}
+  while i <= #argv do
+    local a = argv[i]
+    local k, v = a:match("^%-%-([^=]+)=(.*)$")
+    if k then
+      out[k] = v
+    elseif a:match("^%-%-.") then
+      k = a:sub(3)
+      local nxt = argv[i + 1]
+      if nxt ~= nil and not nxt:match("^%-%-") then
+        out[k] = nxt
+        i = i + 1
+      else
+        out[k] = true
+      end
+    else
+      out[#out + 1] = a
+    end
+    i = i + 1
+  end
+  return out
+end
+
+-- Checkpoints of every projection partition with the head and lag.
+function M.status(db, store)
+  store = store or M.store()
+  local n = store:names()
+  return db:query(([[
+    SELECT c.projection_name AS projection, c.partition_key, c.total_partitions,
+           c.last_global_position AS position, h.head, h.head - c.last_global_position AS lag,
+           to_char(c.updated_at, 'YYYY-MM-DD"T"HH24:MI:SS.MSOF') AS updated_at,
+           c.waiting_position,
+           to_char(c.waiting_since, 'YYYY-MM-DD"T"HH24:MI:SS.MSOF') AS waiting_since, c.owner
+      FROM %s c CROSS JOIN (SELECT COALESCE(max(global_position), 0) AS head FROM %s) h
+     ORDER BY c.projection_name, c.total_partitions, c.partition_key]]):format(
+    n.checkpoints_quoted, n.events_quoted))
+end
+
+-- Deletes a projection's checkpoints and runs its reset(tx), in one transaction.
+function M.reset(db, projection, store)
+  store = store or M.store()
+  M.check_projection(projection)
+  local n = store:names()
+  return db:transaction(function(tx)
+    local deleted = assert(tx:exec(("DELETE FROM %s WHERE projection_name = $1"):format(n.checkpoints_quoted),
+      projection.name))
+    if projection.reset then projection.reset(tx) end
+    return deleted
+  end)
+end
+
+return M

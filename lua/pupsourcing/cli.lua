@@ -1,0 +1,215 @@
+-- The host binary's subcommands: run, migrate, migrate-gen, status, reset.
+-- `pupsourcing SCRIPT.lua` never comes here (src/main.c runs the script itself).
+local pup = require "pupsourcing"
+
+local M = {}
+
+local USAGE = [[
+usage: pupsourcing SCRIPT.lua [args...]        run a Lua script (require "pupsourcing" works)
+       pupsourcing run [options] FILE.lua...   run projections until SIGINT/SIGTERM
+       pupsourcing migrate [options]           create the tables (idempotent)
+       pupsourcing migrate-gen --output DIR [--filename F] [table options]
+       pupsourcing status [--json] [options]   checkpoints, head, lag per partition
+       pupsourcing reset [options] FILE.lua    delete a projection's checkpoints, run its reset
+       pupsourcing --help | --version
+
+run options:
+  --partition-key K --total-partitions N   run partition K of N (env PARTITION_KEY, TOTAL_PARTITIONS)
+  --workers N                              run partitions 0..N-1 in this process (a thread each)
+  --batch-size B                           events per batch/transaction (default: the file's, else 100)
+  --poll-interval MS                       fallback poll when no notification comes (default 1000)
+  --once                                   stop when caught up with the log as it was at start
+  --log-format text|json
+common options:
+  --database-url URL     else DATABASE_URL, else libpq defaults (PGHOST, ...)
+  --events-table NAME  --aggregate-heads-table NAME  --checkpoints-table NAME
+]]
+
+local function fail(msg)
+  io.stderr:write("pupsourcing: ", msg, "\n")
+  return 2
+end
+
+-- Parses argv into flags and positional words; knows which flags take no value.
+local BOOL = { once = true, json = true, help = true, version = true }
+local function parse(argv, first)
+  local flags, words, i = {}, {}, first
+  while i <= #argv do
+    local a = argv[i]
+    local k, v = a:match("^%-%-([%w%-]+)=(.*)$")
+    if k then
+      flags[k] = v
+    elseif a:match("^%-%-[%w%-]+$") then
+      k = a:sub(3)
+      if BOOL[k] then
+        flags[k] = true
+      else
+        if argv[i + 1] == nil then return nil, ("flag --%s needs a value"):format(k) end
+        flags[k] = argv[i + 1]
+        i = i + 1
+      end
+    else
+      words[#words + 1] = a
+    end
+    i = i + 1
+  end
+  return flags, words
+end
+
+local function int_flag(flags, k, env, min)
+  local v = flags[k]
+  local from = "--" .. k
+  if v == nil and env and os.getenv(env) and os.getenv(env) ~= "" then
+    v, from = os.getenv(env), env
+  end
+  if v == nil then return nil end
+  local n = math.tointeger(tonumber(v))
+  if not n or n < min then
+    error(("%s must be an integer >= %d, got %q"):format(from, min, tostring(v)), 0)
+  end
+  return n
+end
+
+local KNOWN = {
+  run = { ["partition-key"] = 1, ["total-partitions"] = 1, workers = 1, ["batch-size"] = 1,
+    ["poll-interval"] = 1, once = 1, ["log-format"] = 1 },
+  migrate = {}, ["migrate-gen"] = { output = 1, filename = 1 }, status = { json = 1 }, reset = {},
+}
+local COMMON = { ["database-url"] = 1, ["events-table"] = 1, ["aggregate-heads-table"] = 1,
+  ["checkpoints-table"] = 1 }
+
+local function store_opts(flags)
+  return { events_table = flags["events-table"], aggregate_heads_table = flags["aggregate-heads-table"],
+    checkpoints_table = flags["checkpoints-table"] }
+end
+
+local function connect(flags)
+  local db, err = pup.connect(flags["database-url"])
+  if not db then error(tostring(err), 0) end
+  return db
+end
+
+local commands = {}
+
+function commands.migrate(flags)
+  local store = pup.store(store_opts(flags))
+  local db <close> = connect(flags)
+  assert(store:migrate(db))
+  local n = store:names()
+  print(("migrated: %s, %s, %s"):format(n.events_table, n.aggregate_heads_table, n.checkpoints_table))
+  return 0
+end
+
+commands["migrate-gen"] = function(flags)
+  if not flags.output then return fail("migrate-gen needs --output DIR") end
+  local store = pup.store(store_opts(flags))
+  local path = flags.output .. "/" .. (flags.filename or "init.sql")
+  local f, err = io.open(path, "wb")
+  if not f then return fail(err) end
+  f:write(store:schema_sql())
+  f:close()
+  print("wrote " .. path)
+  return 0
+end
+
+function commands.status(flags)
+  local store = pup.store(store_opts(flags))
+  local db <close> = connect(flags)
+  local rows = assert(pup.status(db, store))
+  if flags.json then
+    for _, r in ipairs(rows) do
+      for k, v in pairs(r) do if v == pup.null then r[k] = nil end end
+    end
+    print(pup.json.encode(rows))
+    return 0
+  end
+  if #rows == 0 then print("no projection checkpoints yet") return 0 end
+  print(("%-28s %9s %12s %12s %10s  %s"):format("projection", "partition", "position", "head", "lag", "updated / waiting"))
+  for _, r in ipairs(rows) do
+    local wait = r.waiting_position ~= pup.null
+        and ("  waiting for position %d since %s"):format(r.waiting_position, r.waiting_since) or ""
+    print(("%-28s %9s %12d %12d %10d  %s%s"):format(r.projection, r.partition_key .. "/" .. r.total_partitions,
+      r.position, r.head, r.lag, r.updated_at, wait))
+  end
+  return 0
+end
+
+function commands.reset(flags, words)
+  if #words ~= 1 then return fail("reset takes one projection file") end
+  local proj = pup.load_projection(words[1])
+  local store = pup.store(store_opts(flags))
+  local db <close> = connect(flags)
+  local n = assert(pup.reset(db, proj, store))
+  print(("reset %s: %d checkpoint row(s) deleted"):format(proj.name, n))
+  return 0
+end
+
+function commands.run(flags, words)
+  if #words == 0 then return fail("run needs at least one projection FILE.lua") end
+  local workers = int_flag(flags, "workers", nil, 1)
+  local key = int_flag(flags, "partition-key", "PARTITION_KEY", 0)
+  local total = int_flag(flags, "total-partitions", "TOTAL_PARTITIONS", 1)
+  local batch = int_flag(flags, "batch-size", nil, 1)
+  local poll = int_flag(flags, "poll-interval", nil, 1)
+  if workers and (flags["partition-key"] or flags["total-partitions"]) then
+    return fail("--workers and --partition-key/--total-partitions exclude each other")
+  end
+  if key and not workers then
+    total = total or 1
+    if key >= total then
+      return fail(("partition key %d must be below total partitions %d"):format(key, total))
+    end
+  elseif total and total > 1 and not workers then
+    return fail("--total-partitions needs --partition-key (or PARTITION_KEY)")
+  end
+  local fmt = flags["log-format"] or "text"
+  if fmt ~= "text" and fmt ~= "json" then return fail("--log-format must be text or json") end
+  -- Check every file before touching the database.
+  local names = {}
+  for _, file in ipairs(words) do
+    local p = pup.load_projection(file)
+    if names[p.name] then
+      return fail(("%s: projection name %q is also used by %s"):format(file, p.name, names[p.name]))
+    end
+    names[p.name] = file
+  end
+  local r = pup.runner {
+    files = words, workers = workers, partition_key = not workers and key or nil,
+    total_partitions = not workers and total or nil, batch_size = batch,
+    poll_interval = poll and poll / 1000 or nil, once = flags.once and true or false,
+    database_url = flags["database-url"], store = store_opts(flags), log_format = fmt,
+  }
+  local res, err = r:run()
+  if not res then
+    io.stderr:write("pupsourcing: ", tostring(err), "\n")
+    return 1
+  end
+  for name, s in pairs(res) do
+    io.stderr:write(("pupsourcing: %s: %d event(s) handled by %d partition worker(s)\n"):format(name, s.handled, s.partitions))
+  end
+  return 0
+end
+
+function M.main(argv)
+  local cmd = argv[1]
+  if cmd == nil or cmd == "--help" or cmd == "-h" or cmd == "help" then
+    io.write(USAGE)
+    return cmd == nil and 2 or 0
+  end
+  if cmd == "--version" then
+    print("pupsourcing " .. pup.version)
+    return 0
+  end
+  if not commands[cmd] then return fail(("unknown command %q (see --help)"):format(cmd)) end
+  local flags, words = parse(argv, 2)
+  if not flags then return fail(words) end
+  if flags.help then io.write(USAGE) return 0 end
+  for k in pairs(flags) do
+    if not (KNOWN[cmd][k] or COMMON[k]) then return fail(("%s: unknown flag --%s"):format(cmd, k)) end
+  end
+  local ok, res = pcall(commands[cmd], flags, words)
+  if not ok then return fail(tostring(res)) end
+  return res
+end
+
+return M

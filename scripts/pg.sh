@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# A private PostgreSQL for development and tests: its own data directory, loopback only,
+# trust auth. Usage:
+#   scripts/pg.sh start [DIR [PORT]]   init (first time) and start; prints the DATABASE_URL
+#   scripts/pg.sh stop  [DIR]          stop it
+# DIR defaults to .pg in the working tree, PORT to 54329. As root the server runs as the
+# `postgres` user (PostgreSQL refuses to run as root).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cmd=${1:-start}
+dir=${2:-$here/.pg}
+port=${3:-54329}
+bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+[ -x "$bindir/pg_ctl" ] || { echo "pg.sh: PostgreSQL server binaries not found (run scripts/deps.sh)" >&2; exit 1; }
+
+as_pg() {
+  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+case "$cmd" in
+start)
+  mkdir -p "$dir"
+  [ "$(id -u)" -eq 0 ] && chown postgres: "$dir" && chmod 700 "$dir"
+  if [ ! -f "$dir/PG_VERSION" ]; then
+    as_pg "$bindir/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 --locale=C >"$dir/../.pg-initdb.log" 2>&1 \
+      || { cat "$dir/../.pg-initdb.log" >&2; exit 1; }
+  fi
+  if ! as_pg "$bindir/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+    as_pg "$bindir/pg_ctl" -D "$dir" -w -t 60 -l "$dir/server.log" \
+      -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=200 -c fsync=on" start >/dev/null \
+      || { tail -n 20 "$dir/server.log" >&2; exit 1; }
+  fi
+  url="postgresql://postgres@127.0.0.1:$port/pupsourcing"
+  as_pg "$bindir/psql" -qAt "postgresql://postgres@127.0.0.1:$port/postgres" \
+    -c "SELECT 1 FROM pg_database WHERE datname='pupsourcing'" | grep -q 1 \
+    || as_pg "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres pupsourcing
+  echo "$url"
+  ;;
+stop)
+  [ -f "$dir/PG_VERSION" ] && as_pg "$bindir/pg_ctl" -D "$dir" -m fast -w stop >/dev/null 2>&1 || true
+  ;;
+*) echo "usage: $0 start|stop [DIR [PORT]]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,73 @@
+# Tests, included from CMakeLists.txt after enable_testing().
+#   - every spec/*_spec.lua is one ctest test run by busted under lua5.4 (label "lua")
+#   - every spec/c/test_*.c is a C program linked to the core (label "c")
+# They all need DATABASE_URL (scripts/test.sh starts a throwaway server and sets it).
+# Specs use their own table names, so `ctest -j` may run them in parallel.
+
+find_program(PUP_LUA54 NAMES lua5.4 REQUIRED)
+find_program(PUP_BUSTED NAMES busted PATHS /usr/bin)
+if(NOT PUP_BUSTED)
+  message(WARNING "busted not found: the Lua specs are not registered (run scripts/deps.sh)")
+endif()
+
+set(PUP_TEST_TIMEOUT 120 CACHE STRING "Timeout of one test, in seconds")
+
+# ENVIRONMENT is a ;-list, so the ;s inside LUA_PATH/LUA_CPATH are escaped; the test
+# generator unescapes once more, hence the doubled backslash (checked with CMake 3.25:
+# the specs see LUA_PATH=<src>/lua/?.lua;<src>/lua/?/init.lua;;).
+set(_pup_lua_path "${CMAKE_SOURCE_DIR}/lua/?.lua\\\\;${CMAKE_SOURCE_DIR}/lua/?/init.lua\\\\;\\\\;")
+set(_pup_lua_cpath "${CMAKE_BINARY_DIR}/lib/?.so\\\\;\\\\;")
+set(_pup_test_env
+  "LUA_PATH=${_pup_lua_path}"
+  "LUA_CPATH=${_pup_lua_cpath}"
+  "PUP_BIN=$<TARGET_FILE:pupsourcing>"
+  "PUP_SOURCE_DIR=${CMAKE_SOURCE_DIR}"
+  "PUP_BINARY_DIR=${CMAKE_BINARY_DIR}")
+
+# Under the sanitizers the module is loaded into an uninstrumented lua5.4, so the ASan
+# runtime must be preloaded; leak checking is off there (the interpreter and busted exit
+# without closing their states), but stays on for the C tests and the host binary.
+set(_pup_lua_env ${_pup_test_env})
+if(PUP_SANITIZE)
+  execute_process(COMMAND ${CMAKE_C_COMPILER} -print-file-name=libasan.so
+                  OUTPUT_VARIABLE _pup_libasan OUTPUT_STRIP_TRAILING_WHITESPACE)
+  execute_process(COMMAND ${CMAKE_C_COMPILER} -print-file-name=libubsan.so
+                  OUTPUT_VARIABLE _pup_libubsan OUTPUT_STRIP_TRAILING_WHITESPACE)
+  get_filename_component(_pup_libasan "${_pup_libasan}" REALPATH)
+  get_filename_component(_pup_libubsan "${_pup_libubsan}" REALPATH)
+  list(APPEND _pup_lua_env
+    "LD_PRELOAD=${_pup_libasan}:${_pup_libubsan}"
+    "ASAN_OPTIONS=detect_leaks=0:abort_on_error=0"
+    "UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1")
+endif()
+
+if(PUP_BUSTED)
+  file(GLOB _pup_specs CONFIGURE_DEPENDS "${CMAKE_SOURCE_DIR}/spec/*_spec.lua")
+  list(SORT _pup_specs)
+  foreach(_spec IN LISTS _pup_specs)
+    get_filename_component(_name "${_spec}" NAME_WE)
+    string(REGEX REPLACE "_spec$" "" _name "${_name}")
+    add_test(NAME lua.${_name}
+             COMMAND ${PUP_LUA54} ${PUP_BUSTED} --helper=spec/helpers.lua
+                     --output=plainTerminal "spec/${_name}_spec.lua"
+             WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
+    set_tests_properties(lua.${_name} PROPERTIES
+      LABELS "lua"
+      TIMEOUT ${PUP_TEST_TIMEOUT}
+      ENVIRONMENT "${_pup_lua_env}")
+  endforeach()
+endif()
+
+file(GLOB _pup_ctests CONFIGURE_DEPENDS "${CMAKE_SOURCE_DIR}/spec/c/test_*.c")
+list(SORT _pup_ctests)
+foreach(_src IN LISTS _pup_ctests)
+  get_filename_component(_name "${_src}" NAME_WE)
+  add_executable(${_name} ${_src})
+  target_link_libraries(${_name} PRIVATE pupsourcing_core PkgConfig::LUA m dl)
+  set_target_properties(${_name} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/spec)
+  add_test(NAME c.${_name} COMMAND ${_name} WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
+  set_tests_properties(c.${_name} PROPERTIES
+    LABELS "c"
+    TIMEOUT ${PUP_TEST_TIMEOUT}
+    ENVIRONMENT "${_pup_test_env}")
+endforeach()

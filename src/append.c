@@ -1,0 +1,153 @@
+/*
+ * append.c -- the append path: n events of one aggregate in one prepared statement.
+ *
+ * The events travel as nine binary arrays (text[] and bytea[]), so payload bytes go as
+ * they are (NULs included) and no value is escaped or quoted on the way.
+ */
+#include "pup_store.h"
+
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TEXTOID 25
+#define BYTEAOID 17
+#define NARRAYS 9
+
+void pup_append_buf_free(pup_append_buf *b) {
+    free(b->data);
+    pup_params_free(&b->params);
+    memset(b, 0, sizeof *b);
+}
+
+static int buf_reserve(pup_append_buf *b, size_t more) {
+    if (b->len + more <= b->cap) return 0;
+    size_t cap = b->cap ? b->cap : 1024;
+    while (cap < b->len + more) cap *= 2;
+    char *d = realloc(b->data, cap);
+    if (!d) return -1;
+    b->data = d;
+    b->cap = cap;
+    return 0;
+}
+
+static void put32(pup_append_buf *b, unsigned v) {
+    v = htonl(v);
+    memcpy(b->data + b->len, &v, 4);
+    b->len += 4;
+}
+
+/* Appends one binary one-dimensional array of n elements; field picks the element. */
+static int put_array(pup_append_buf *b, const pup_event_in *ev, int n, size_t field,
+                     unsigned elemtype) {
+    size_t need = 20;
+    for (int i = 0; i < n; i++) need += 4 + ((const pup_str *)((const char *)&ev[i] + field))->len;
+    if (buf_reserve(b, need) < 0) return -1;
+    int has_null = 0;
+    for (int i = 0; i < n; i++) has_null |= ((const pup_str *)((const char *)&ev[i] + field))->p == NULL;
+    put32(b, 1);
+    put32(b, (unsigned)has_null);
+    put32(b, elemtype);
+    put32(b, (unsigned)n);
+    put32(b, 1);
+    for (int i = 0; i < n; i++) {
+        const pup_str *s = (const pup_str *)((const char *)&ev[i] + field);
+        if (!s->p) {
+            put32(b, 0xffffffffu);
+            continue;
+        }
+        put32(b, (unsigned)s->len);
+        memcpy(b->data + b->len, s->p, s->len);
+        b->len += s->len;
+    }
+    return 0;
+}
+
+/* event_version as a text[] array: its digits are formatted straight into the buffer. */
+static int put_versions(pup_append_buf *b, const pup_event_in *ev, int n) {
+    if (buf_reserve(b, 20 + (size_t)n * 16) < 0) return -1;
+    put32(b, 1);
+    put32(b, 0);
+    put32(b, TEXTOID);
+    put32(b, (unsigned)n);
+    put32(b, 1);
+    for (int i = 0; i < n; i++) {
+        char digits[12];
+        int len = snprintf(digits, sizeof digits, "%d", ev[i].event_version);
+        put32(b, (unsigned)len);
+        memcpy(b->data + b->len, digits, (size_t)len);
+        b->len += (size_t)len;
+    }
+    return 0;
+}
+
+int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
+                     const char *aggregate_type, size_t type_len, const char *aggregate_id,
+                     size_t id_len, long long expected, const pup_event_in *events, int n,
+                     pup_append_result *out, pup_error *err) {
+    memset(out, 0, sizeof *out);
+    if (n <= 0) return pup_error_set(err, PUP_ERR_NO_EVENTS, "append: no events given");
+    const pup_stmt *st = pup_conn_prepare(c, s->sql_append, err);
+    if (!st) return -1;
+
+    static const size_t fields[NARRAYS] = {
+        offsetof(pup_event_in, event_id),       offsetof(pup_event_in, event_type),
+        0 /* event_version: put_versions */,    offsetof(pup_event_in, payload),
+        offsetof(pup_event_in, metadata),       offsetof(pup_event_in, causation_id),
+        offsetof(pup_event_in, correlation_id), offsetof(pup_event_in, trace_id),
+        offsetof(pup_event_in, created_at)};
+    size_t start[NARRAYS + 1];
+    buf->len = 0;
+    int rc = 0;
+    for (int a = 0; a < NARRAYS && rc == 0; a++) {
+        start[a] = buf->len;
+        if (a == 2)
+            rc = put_versions(buf, events, n);
+        else
+            rc = put_array(buf, events, n, fields[a], a == 3 ? BYTEAOID : TEXTOID);
+    }
+    start[NARRAYS] = buf->len;
+    if (rc < 0 || pup_params_reset(&buf->params, 3 + NARRAYS) < 0)
+        return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+
+    pup_params *p = &buf->params;
+    pup_params_text(p, 0, aggregate_type, type_len);
+    pup_params_text(p, 1, aggregate_id, id_len);
+    if (expected != PUP_ANY) pup_params_int(p, 2, expected);
+    for (int a = 0; a < NARRAYS; a++)
+        pup_params_binary(p, 3 + a, buf->data + start[a], start[a + 1] - start[a]);
+
+    PGresult *r = pup_conn_exec(c, st, p, 1, err);
+    if (!r) {
+        if (err && strcmp(err->sqlstate, "23505") == 0) {
+            /* A unique key was taken by a concurrent writer. A duplicate event_id is the
+             * caller's mistake, not a race. */
+            if (strstr(err->message, "event_id") == NULL) err->code = PUP_ERR_CONFLICT;
+        }
+        return -1;
+    }
+    long long current = pup_be_int(PQgetvalue(r, 0, 0), 8);
+    if (PQgetisnull(r, 0, 1)) {
+        PQclear(r);
+        int tl = (int)(type_len > 200 ? 200 : type_len), il = (int)(id_len > 200 ? 200 : id_len);
+        if (expected == 0)
+            return pup_error_set(err, PUP_ERR_CONFLICT,
+                                 "%.*s/%.*s already has events (version %lld); expected no stream",
+                                 tl, aggregate_type, il, aggregate_id, current);
+        return pup_error_set(err, PUP_ERR_CONFLICT, "%.*s/%.*s is at version %lld, expected version %lld",
+                             tl, aggregate_type, il, aggregate_id, current, expected);
+    }
+    out->positions = malloc(n * sizeof *out->positions);
+    if (!out->positions) {
+        PQclear(r);
+        return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+    }
+    out->n = PQntuples(r);
+    for (int i = 0; i < out->n && i < n; i++)
+        out->positions[i] = pup_be_int(PQgetvalue(r, i, 1), 8);
+    out->from_version = current + 1;
+    out->to_version = current + out->n;
+    PQclear(r);
+    return 0;
+}

@@ -1,0 +1,66 @@
+/*
+ * lua_module.c -- `pupsourcing.core`: the module table of the C binding.
+ */
+#include "pup_lua.h"
+#include "pup_processor.h"
+
+#include <errno.h>
+#include <time.h>
+
+/* pup.partition_of(aggregate_id, total) */
+static int l_partition_of(lua_State *L) {
+    size_t len;
+    const char *id = luaL_checklstring(L, 1, &len);
+    lua_Integer total = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, total >= 1 && total <= 0x7fffffff, 2, "total partitions must be >= 1");
+    lua_pushinteger(L, pup_partition_of(id, len, (int)total));
+    return 1;
+}
+
+static int l_fnv1a32(lua_State *L) {
+    size_t len;
+    const char *s = luaL_checklstring(L, 1, &len);
+    lua_pushinteger(L, pup_fnv1a32(s, len));
+    return 1;
+}
+
+/* pup.sleep(seconds) */
+static int l_sleep(lua_State *L) {
+    lua_Number s = luaL_checknumber(L, 1);
+    if (s <= 0) return 0;
+    struct timespec ts = {(time_t)s, (long)((s - (lua_Number)(time_t)s) * 1e9)};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+    }
+    return 0;
+}
+
+/* pup.now(): wall clock in seconds with sub-second precision. */
+static int l_now(lua_State *L) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    lua_pushnumber(L, (lua_Number)ts.tv_sec + ts.tv_nsec / 1e9);
+    return 1;
+}
+
+int luaopen_pupsourcing_core(lua_State *L) {
+    /* JSON through lua-cjson, kept in the registry for the C side. */
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "cjson");
+    lua_call(L, 1, 1);
+    lua_getfield(L, -1, "encode");
+    lua_setfield(L, LUA_REGISTRYINDEX, "pupsourcing.json_encode");
+    lua_getfield(L, -1, "decode");
+    lua_setfield(L, LUA_REGISTRYINDEX, "pupsourcing.json_decode");
+
+    lua_newtable(L);
+    lua_insert(L, -2);
+    lua_setfield(L, -2, "json");
+    pup_lua_open_db(L);
+    pup_lua_open_store(L);
+    pup_lua_open_processor(L);
+    pup_lua_open_runner(L);
+    static const luaL_Reg funcs[] = {{"partition_of", l_partition_of}, {"fnv1a32", l_fnv1a32},
+                                     {"sleep", l_sleep}, {"now", l_now}, {NULL, NULL}};
+    luaL_setfuncs(L, funcs, 0);
+    return 1;
+}

@@ -1,0 +1,343 @@
+/*
+ * lua_runner.c -- pup.runner{...}: projection files run concurrently, one thread, Lua
+ * VM and connection per (file, partition). The calling thread waits for SIGINT/SIGTERM,
+ * shows progress on a terminal, and stops every worker when one fails.
+ */
+#include "pup_lua.h"
+#include "pup_processor.h"
+
+#include <errno.h>
+#include <lualib.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct runner runner;
+
+typedef struct worker {
+    runner *r;
+    pthread_t thread;
+    int started;
+    const char *file;
+    int key, total;
+    char name[128];
+    pup_processor_stats stats; /* written by the worker's progress callback */
+    int done, failed;          /* atomics */
+    char error[4096];
+} worker;
+
+/* The runner userdata: every string is copied, so threads never touch the caller's VM. */
+struct runner {
+    worker *w;
+    int n;
+    char **files;
+    int nfiles;
+    char *url, *events, *heads, *checkpoints, *path, *cpath;
+    int batch_size, poll_ms, once, json_log;
+    int stop[2];
+};
+
+/* What each worker thread runs in its own VM. */
+static const char worker_chunk[] =
+    "local pup = require 'pupsourcing'\n"
+    "local file, url, key, total, batch, poll, once, fd, stats, ev, hd, ck = ...\n"
+    "local proj = pup.load_projection(file)\n"
+    "local db <close> = assert(pup.connect(url))\n"
+    "local store = pup.store{events_table = ev, aggregate_heads_table = hd, checkpoints_table = ck}\n"
+    "local p <close> = pup.processor(db, proj, {partition_key = key, total_partitions = total,\n"
+    "  batch_size = batch or proj.batch_size, poll_interval = poll, store = store})\n"
+    "return proj.name, assert(p:_run_fd(fd, once, stats))\n";
+
+static void push_opt(lua_State *L, const char *s) {
+    if (s) lua_pushstring(L, s);
+    else lua_pushnil(L);
+}
+
+static void *worker_main(void *arg) {
+    worker *w = arg;
+    runner *r = w->r;
+    lua_State *L = luaL_newstate();
+    if (!L) {
+        snprintf(w->error, sizeof w->error, "%s: cannot create a Lua state", w->file);
+        __atomic_store_n(&w->failed, 1, __ATOMIC_RELEASE);
+        __atomic_store_n(&w->done, 1, __ATOMIC_RELEASE);
+        return NULL;
+    }
+    luaL_openlibs(L);
+    lua_getglobal(L, "package");
+    lua_pushstring(L, r->path);
+    lua_setfield(L, -2, "path");
+    lua_pushstring(L, r->cpath);
+    lua_setfield(L, -2, "cpath");
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, luaopen_pupsourcing_core);
+    lua_setfield(L, -2, "pupsourcing.core");
+    lua_pop(L, 2);
+    pup_error err;
+    if (luaL_loadbuffer(L, worker_chunk, sizeof worker_chunk - 1, "=runner") != LUA_OK) {
+        snprintf(w->error, sizeof w->error, "%s", lua_tostring(L, -1));
+        __atomic_store_n(&w->failed, 1, __ATOMIC_RELEASE);
+    } else {
+        lua_pushstring(L, w->file);
+        push_opt(L, r->url);
+        lua_pushinteger(L, w->key);
+        lua_pushinteger(L, w->total);
+        if (r->batch_size > 0) lua_pushinteger(L, r->batch_size);
+        else lua_pushnil(L);
+        lua_pushnumber(L, r->poll_ms / 1000.0);
+        lua_pushboolean(L, r->once);
+        lua_pushinteger(L, r->stop[0]);
+        lua_pushlightuserdata(L, &w->stats);
+        push_opt(L, r->events);
+        push_opt(L, r->heads);
+        push_opt(L, r->checkpoints);
+        if (pup_lua_pcall(L, 12, 2, &err) != LUA_OK) {
+            snprintf(w->error, sizeof w->error, "%s", err.message);
+            __atomic_store_n(&w->failed, 1, __ATOMIC_RELEASE);
+        } else {
+            snprintf(w->name, sizeof w->name, "%s", lua_tostring(L, -2));
+        }
+    }
+    lua_close(L);
+    __atomic_store_n(&w->done, 1, __ATOMIC_RELEASE);
+    if (w->failed && write(r->stop[1], "x", 1) < 0) {
+    } /* a failure stops the others */
+    return NULL;
+}
+
+static char *dupfield(lua_State *L, int idx, const char *k) {
+    char *out = NULL;
+    if (lua_getfield(L, idx, k) == LUA_TSTRING) out = strdup(lua_tostring(L, -1));
+    else if (!lua_isnil(L, -1)) luaL_error(L, "runner option %s must be a string", k);
+    lua_pop(L, 1);
+    return out;
+}
+
+static int intfield(lua_State *L, int idx, const char *k, int def) {
+    int v = def;
+    if (lua_getfield(L, idx, k) != LUA_TNIL) {
+        if (!lua_isinteger(L, -1)) luaL_error(L, "runner option %s must be an integer", k);
+        v = (int)lua_tointeger(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+static int runner_gc(lua_State *L) {
+    runner *r = luaL_checkudata(L, 1, PUP_RUNNER_MT);
+    for (int i = 0; i < r->nfiles; i++) free(r->files[i]);
+    free(r->files);
+    free(r->w);
+    free(r->url);
+    free(r->events);
+    free(r->heads);
+    free(r->checkpoints);
+    free(r->path);
+    free(r->cpath);
+    if (r->stop[0] >= 0) close(r->stop[0]);
+    if (r->stop[1] >= 0) close(r->stop[1]);
+    memset(r, 0, sizeof *r);
+    r->stop[0] = r->stop[1] = -1;
+    return 0;
+}
+
+/* pup.runner{files=, workers= | partition_key=, total_partitions=, batch_size=,
+ * poll_interval=, once=, database_url=, store={...}, log_format=} */
+static int l_runner(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    runner *r = lua_newuserdatauv(L, sizeof *r, 0); /* empty until filled below */
+    memset(r, 0, sizeof *r);
+    r->stop[0] = r->stop[1] = -1;
+    luaL_setmetatable(L, PUP_RUNNER_MT);
+
+    if (lua_getfield(L, 1, "files") != LUA_TTABLE) luaL_error(L, "runner needs files = {\"projection.lua\", ...}");
+    int nfiles = (int)luaL_len(L, -1);
+    if (nfiles < 1) luaL_error(L, "runner needs at least one projection file");
+    r->files = calloc(nfiles, sizeof *r->files);
+    if (!r->files) luaL_error(L, "out of memory");
+    r->nfiles = nfiles;
+    for (int i = 0; i < nfiles; i++) {
+        lua_geti(L, -1, i + 1);
+        if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "runner files[%d] must be a string", i + 1);
+        r->files[i] = strdup(lua_tostring(L, -1));
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    int workers = intfield(L, 1, "workers", 0);
+    int key = intfield(L, 1, "partition_key", -1);
+    int total = intfield(L, 1, "total_partitions", 1);
+    if (workers < 0) luaL_error(L, "workers must be >= 1");
+    if (workers > 0 && key >= 0) luaL_error(L, "use either workers or partition_key/total_partitions, not both");
+    if (total < 1) luaL_error(L, "total_partitions must be >= 1");
+    if (key >= total) luaL_error(L, "partition_key %d must be below total_partitions %d", key, total);
+    r->batch_size = intfield(L, 1, "batch_size", 0);
+    if (r->batch_size < 0) luaL_error(L, "batch_size must be >= 1");
+    r->poll_ms = 1000;
+    if (lua_getfield(L, 1, "poll_interval") != LUA_TNIL) {
+        if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) <= 0) luaL_error(L, "poll_interval must be a positive number of seconds");
+        r->poll_ms = (int)(lua_tonumber(L, -1) * 1000);
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, 1, "once");
+    r->once = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    r->url = dupfield(L, 1, "database_url");
+    char *fmt = dupfield(L, 1, "log_format");
+    r->json_log = fmt && strcmp(fmt, "json") == 0;
+    free(fmt);
+    if (lua_getfield(L, 1, "store") == LUA_TTABLE) {
+        int s = lua_gettop(L);
+        r->events = dupfield(L, s, "events_table");
+        r->heads = dupfield(L, s, "aggregate_heads_table");
+        r->checkpoints = dupfield(L, s, "checkpoints_table");
+    }
+    lua_pop(L, 1);
+    lua_getglobal(L, "package");
+    r->path = dupfield(L, -1, "path");
+    r->cpath = dupfield(L, -1, "cpath");
+    lua_pop(L, 1);
+
+    int per_file = workers > 0 ? workers : 1;
+    r->n = nfiles * per_file;
+    r->w = calloc(r->n, sizeof *r->w);
+    if (!r->w) luaL_error(L, "out of memory");
+    for (int f = 0, i = 0; f < nfiles; f++)
+        for (int k = 0; k < per_file; k++, i++) {
+            worker *w = &r->w[i];
+            w->r = r;
+            w->file = r->files[f];
+            w->key = workers > 0 ? k : (key >= 0 ? key : 0);
+            w->total = workers > 0 ? workers : total;
+        }
+    return 1;
+}
+
+/* Progress on a terminal: one line per worker group, rewritten in place. */
+static void show_progress(runner *r, double elapsed, int final) {
+    if (!isatty(2)) return;
+    long long handled = 0, pos = 0;
+    for (int i = 0; i < r->n; i++) {
+        handled += __atomic_load_n(&r->w[i].stats.handled, __ATOMIC_RELAXED);
+        long long p = __atomic_load_n(&r->w[i].stats.position, __ATOMIC_RELAXED);
+        if (p > pos) pos = p;
+    }
+    fprintf(stderr, "\r\033[Kpupsourcing: %d worker(s), position %lld, %lld handled, %.0f events/s%s",
+            r->n, pos, handled, elapsed > 0 ? handled / elapsed : 0.0, final ? "\n" : "");
+    fflush(stderr);
+}
+
+static double mono(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* runner:run() -> {[name] = {handled=, partitions=}} | nil, err */
+static int runner_run(lua_State *L) {
+    runner *r = luaL_checkudata(L, 1, PUP_RUNNER_MT);
+    if (!r->w) luaL_argerror(L, 1, "runner is closed");
+    if (r->stop[0] >= 0) luaL_argerror(L, 1, "runner already ran");
+    if (pipe(r->stop) < 0) luaL_error(L, "pipe: %s", strerror(errno));
+
+    sigset_t set, old;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, &old); /* workers inherit the mask */
+    for (int i = 0; i < r->n; i++)
+        r->w[i].started = pthread_create(&r->w[i].thread, NULL, worker_main, &r->w[i]) == 0;
+    double t0 = mono(), last_shown = 0;
+    int stopping = 0, interrupted = 0;
+    for (;;) {
+        int done = 0, failed = 0;
+        for (int i = 0; i < r->n; i++) {
+            if (!r->w[i].started || __atomic_load_n(&r->w[i].done, __ATOMIC_ACQUIRE)) done++;
+            if (__atomic_load_n(&r->w[i].failed, __ATOMIC_ACQUIRE)) failed = 1;
+        }
+        if (done == r->n) break;
+        if (failed && !stopping) {
+            stopping = 1;
+            if (write(r->stop[1], "x", 1) < 0) {
+            }
+        }
+        struct timespec ts = {0, 200 * 1000 * 1000};
+        int sig = sigtimedwait(&set, NULL, &ts);
+        if (sig > 0 && !stopping) {
+            stopping = interrupted = 1;
+            fprintf(stderr, "%spupsourcing: %s received, finishing the current batches\n",
+                    isatty(2) ? "\n" : "", sig == SIGINT ? "SIGINT" : "SIGTERM");
+            if (write(r->stop[1], "x", 1) < 0) {
+            }
+        }
+        double now = mono();
+        if (now - last_shown >= 0.5) {
+            show_progress(r, now - t0, 0);
+            last_shown = now;
+        }
+    }
+    for (int i = 0; i < r->n; i++)
+        if (r->w[i].started) pthread_join(r->w[i].thread, NULL);
+    show_progress(r, mono() - t0, 1);
+    struct timespec zero = {0, 0};
+    while (sigtimedwait(&set, NULL, &zero) > 0) {
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+
+    for (int i = 0; i < r->n; i++) {
+        worker *w = &r->w[i];
+        if (!w->started) {
+            pup_error e;
+            pup_error_set(&e, PUP_ERR_HANDLER, "cannot start a thread for %s", w->file);
+            return pup_lua_push_error(L, &e);
+        }
+        if (w->failed) {
+            pup_error e;
+            pup_error_set(&e, PUP_ERR_HANDLER, "%s", w->error);
+            /* Keep the code of a connection failure visible to callers. */
+            if (strstr(w->error, "connection:") == w->error) e.code = PUP_ERR_CONNECTION;
+            return pup_lua_push_error(L, &e);
+        }
+    }
+    lua_newtable(L);
+    for (int i = 0; i < r->n; i++) {
+        worker *w = &r->w[i];
+        if (lua_getfield(L, -1, w->name) == LUA_TNIL) {
+            lua_pop(L, 1);
+            lua_createtable(L, 0, 2);
+            lua_pushinteger(L, 0);
+            lua_setfield(L, -2, "handled");
+            lua_pushinteger(L, 0);
+            lua_setfield(L, -2, "partitions");
+            lua_pushvalue(L, -1);
+            lua_setfield(L, -3, w->name);
+        }
+        lua_getfield(L, -1, "handled");
+        lua_pushinteger(L, lua_tointeger(L, -1) + w->stats.handled);
+        lua_setfield(L, -3, "handled");
+        lua_pop(L, 1);
+        lua_getfield(L, -1, "partitions");
+        lua_pushinteger(L, lua_tointeger(L, -1) + 1);
+        lua_setfield(L, -3, "partitions");
+        lua_pop(L, 2);
+    }
+    lua_pushboolean(L, interrupted);
+    return 2;
+}
+
+void pup_lua_open_runner(lua_State *L) {
+    static const luaL_Reg methods[] = {{"run", runner_run}, {"close", runner_gc}, {NULL, NULL}};
+    luaL_newmetatable(L, PUP_RUNNER_MT);
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, runner_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, runner_gc);
+    lua_setfield(L, -2, "__close");
+    lua_pop(L, 1);
+    lua_pushcfunction(L, l_runner);
+    lua_setfield(L, -2, "runner");
+}

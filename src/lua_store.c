@@ -1,0 +1,427 @@
+/*
+ * lua_store.c -- the store object: append, read_events, read_aggregate_stream, migrate,
+ * schema_sql; and persisted events as Lua tables. See pup_lua.h.
+ */
+#include "pup_lua.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <uuid/uuid.h>
+
+/* A store owns its table names and SQL, and the scratch the append path reuses. */
+typedef struct lstore {
+    pup_store store;
+    pup_append_buf buf;
+    pup_event_in *events;
+    int cap;
+    int open;
+} lstore;
+
+static lstore *checkstore(lua_State *L) {
+    lstore *s = luaL_checkudata(L, 1, PUP_STORE_MT);
+    if (!s->open) luaL_argerror(L, 1, "store is closed");
+    return s;
+}
+
+static const char *optname(lua_State *L, int idx, const char *field) {
+    if (lua_isnoneornil(L, idx)) return NULL;
+    lua_getfield(L, idx, field);
+    const char *v = NULL;
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "store option %s must be a string", field);
+        v = lua_tostring(L, -1);
+    }
+    lua_pop(L, 1); /* the string stays alive: it is referenced by the options table */
+    return v;
+}
+
+/* pup.store(opts?) */
+static int l_store(lua_State *L) {
+    if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TTABLE);
+    const char *e = optname(L, 1, "events_table");
+    const char *h = optname(L, 1, "aggregate_heads_table");
+    const char *c = optname(L, 1, "checkpoints_table");
+    lstore *s = lua_newuserdatauv(L, sizeof *s, 0);
+    memset(s, 0, sizeof *s);
+    luaL_setmetatable(L, PUP_STORE_MT);
+    pup_error err;
+    if (pup_store_init(&s->store, e, h, c, &err) < 0) {
+        lua_pushstring(L, err.message);
+        return lua_error(L); /* nothing allocated yet; a bad name is misuse */
+    }
+    s->open = 1;
+    return 1;
+}
+
+static int store_gc(lua_State *L) {
+    lstore *s = luaL_checkudata(L, 1, PUP_STORE_MT);
+    if (s->open) {
+        pup_store_free(&s->store);
+        pup_append_buf_free(&s->buf);
+        free(s->events);
+        s->events = NULL;
+        s->open = 0;
+    }
+    return 0;
+}
+
+static int store_tostring(lua_State *L) {
+    lstore *s = luaL_checkudata(L, 1, PUP_STORE_MT);
+    lua_pushfstring(L, "pupsourcing.store (%s)", s->open ? s->store.events : "closed");
+    return 1;
+}
+
+/* ---- events as Lua tables ---- */
+
+static void set_str(lua_State *L, const char *k, pup_str s) {
+    if (!s.p) return; /* NULL ids and metadata are nil */
+    lua_pushlstring(L, s.p, s.len);
+    lua_setfield(L, -2, k);
+}
+
+void pup_lua_push_event(lua_State *L, const pup_event *ev) {
+    lua_createtable(L, 0, 14);
+    lua_pushinteger(L, ev->global_position);
+    lua_setfield(L, -2, "global_position");
+    set_str(L, "aggregate_type", ev->aggregate_type);
+    set_str(L, "aggregate_id", ev->aggregate_id);
+    lua_pushinteger(L, ev->aggregate_version);
+    lua_setfield(L, -2, "aggregate_version");
+    set_str(L, "event_id", ev->event_id);
+    set_str(L, "event_type", ev->event_type);
+    lua_pushinteger(L, ev->event_version);
+    lua_setfield(L, -2, "event_version");
+    set_str(L, "payload", ev->payload);
+    set_str(L, "metadata", ev->metadata);
+    set_str(L, "causation_id", ev->causation_id);
+    set_str(L, "correlation_id", ev->correlation_id);
+    set_str(L, "trace_id", ev->trace_id);
+    set_str(L, "created_at", ev->created_at);
+    luaL_setmetatable(L, PUP_EVENT_MT);
+}
+
+/* event.data: decode the JSON payload on first use and keep it. */
+static int event_index(lua_State *L) {
+    if (lua_type(L, 2) != LUA_TSTRING || strcmp(lua_tostring(L, 2), "data") != 0) return 0;
+    lua_getfield(L, LUA_REGISTRYINDEX, "pupsourcing.json_decode");
+    lua_getfield(L, 1, "payload");
+    lua_call(L, 1, 1);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, 1, "data");
+    return 1;
+}
+
+/* Pushes the events of a binary result (box at the top) as an array. */
+static void push_events(lua_State *L, const PGresult *r) {
+    int n = PQntuples(r);
+    lua_createtable(L, n, 1);
+    for (int i = 0; i < n; i++) {
+        pup_event ev;
+        pup_event_from_row(r, i, 0, &ev);
+        pup_lua_push_event(L, &ev);
+        lua_rawseti(L, -2, i + 1);
+    }
+}
+
+/* ---- append ---- */
+
+/* Reads expected-version value: table with integer `version` (exact/no_stream) or
+ * without (any). */
+static long long check_expected(lua_State *L, int idx) {
+    int ok = lua_type(L, idx) == LUA_TTABLE && lua_getmetatable(L, idx);
+    if (ok) {
+        luaL_getmetatable(L, "pupsourcing.expected");
+        ok = lua_rawequal(L, -1, -2);
+        lua_pop(L, 2);
+    }
+    if (!ok) luaL_typeerror(L, idx, "expected version (pup.any(), pup.no_stream() or pup.exact(n))");
+    lua_getfield(L, idx, "version");
+    long long v = lua_isinteger(L, -1) ? (long long)lua_tointeger(L, -1) : PUP_ANY;
+    lua_pop(L, 1);
+    return v;
+}
+
+/* Reads field k of the event at the top into *out. Strings only (or a table encoded to
+ * JSON when json is set; the encoded text is anchored in `keep`). Returns an error
+ * message or NULL. */
+static const char *get_field(lua_State *L, int keep, int *nkeep, const char *k, pup_str *out,
+                             int required, int json) {
+    out->p = NULL;
+    out->len = 0;
+    int t = lua_getfield(L, -1, k);
+    if (t == LUA_TNIL || (t == LUA_TLIGHTUSERDATA && !lua_touserdata(L, -1))) {
+        lua_pop(L, 1);
+        return required ? "is required" : NULL;
+    }
+    if (t == LUA_TTABLE && json) {
+        pup_lua_json_encode(L, -1, &out->len);
+        lua_pushvalue(L, -1);
+        lua_rawseti(L, keep, ++*nkeep);
+    } else if (t != LUA_TSTRING) {
+        lua_pop(L, 1);
+        return json ? "must be a string or a table" : "must be a string";
+    }
+    out->p = lua_tolstring(L, -1, &out->len); /* anchored by the event table or `keep` */
+    lua_pop(L, 1);
+    return NULL;
+}
+
+/* store:append(db_or_tx, expected, events) */
+static int store_append(lua_State *L) {
+    lstore *s = checkstore(L);
+    pup_conn *c = pup_lua_checkconn(L, 2);
+    long long expected = check_expected(L, 3);
+    luaL_checktype(L, 4, LUA_TTABLE);
+    pup_error err;
+    int n = (int)luaL_len(L, 4);
+    if (n == 0) {
+        pup_error_set(&err, PUP_ERR_NO_EVENTS, "append: the events list is empty");
+        return pup_lua_push_error(L, &err);
+    }
+    if (n > s->cap) {
+        pup_event_in *e = realloc(s->events, n * sizeof *e);
+        if (!e) return luaL_error(L, "out of memory");
+        s->events = e;
+        s->cap = n;
+    }
+    lua_createtable(L, 0, 0); /* anchors JSON texts */
+    int keep = lua_gettop(L), nkeep = 0;
+    pup_str atype = {0}, aid = {0};
+    for (int i = 0; i < n; i++) {
+        pup_event_in *ev = &s->events[i];
+        memset(ev, 0, sizeof *ev);
+        if (lua_geti(L, 4, i + 1) != LUA_TTABLE) {
+            pup_error_set(&err, PUP_ERR_INVALID_EVENT, "event %d: must be a table, got %s", i + 1,
+                          luaL_typename(L, -1));
+            return pup_lua_push_error(L, &err);
+        }
+        struct { const char *name; pup_str *dst; int required, json; } fields[] = {
+            {"aggregate_type", NULL, 1, 0}, {"aggregate_id", NULL, 1, 0},
+            {"event_type", &ev->event_type, 1, 0}, {"payload", &ev->payload, 1, 1},
+            {"metadata", &ev->metadata, 0, 1}, {"event_id", &ev->event_id, 0, 0},
+            {"causation_id", &ev->causation_id, 0, 0}, {"correlation_id", &ev->correlation_id, 0, 0},
+            {"trace_id", &ev->trace_id, 0, 0}, {"created_at", &ev->created_at, 0, 0}};
+        pup_str type_i, id_i;
+        fields[0].dst = &type_i;
+        fields[1].dst = &id_i;
+        for (size_t f = 0; f < sizeof fields / sizeof fields[0]; f++) {
+            const char *why = get_field(L, keep, &nkeep, fields[f].name, fields[f].dst,
+                                        fields[f].required, fields[f].json);
+            if (why) {
+                pup_error_set(&err, PUP_ERR_INVALID_EVENT, "event %d: %s %s", i + 1, fields[f].name, why);
+                return pup_lua_push_error(L, &err);
+            }
+        }
+        if (i == 0) {
+            atype = type_i;
+            aid = id_i;
+        } else if (type_i.len != atype.len || memcmp(type_i.p, atype.p, atype.len) != 0 ||
+                   id_i.len != aid.len || memcmp(id_i.p, aid.p, aid.len) != 0) {
+            pup_error_set(&err, PUP_ERR_INVALID_EVENT,
+                          "event %d: aggregate differs from event 1 (one append writes one aggregate)", i + 1);
+            return pup_lua_push_error(L, &err);
+        }
+        if (ev->event_id.p) {
+            uuid_t u;
+            char text[37];
+            if (ev->event_id.len != 36 || (memcpy(text, ev->event_id.p, 36), text[36] = 0, uuid_parse(text, u) != 0)) {
+                pup_error_set(&err, PUP_ERR_INVALID_EVENT, "event %d: event_id is not a UUID", i + 1);
+                return pup_lua_push_error(L, &err);
+            }
+        }
+        ev->event_version = 1;
+        if (lua_getfield(L, -1, "event_version") != LUA_TNIL) {
+            if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1 || lua_tointeger(L, -1) > 2147483647) {
+                pup_error_set(&err, PUP_ERR_INVALID_EVENT, "event %d: event_version must be a positive integer", i + 1);
+                return pup_lua_push_error(L, &err);
+            }
+            ev->event_version = (int)lua_tointeger(L, -1);
+        }
+        lua_pop(L, 2); /* event_version, the event table (still referenced by `events`) */
+    }
+    pup_append_result res;
+    if (pup_store_append(&s->store, c, &s->buf, atype.p, atype.len, aid.p, aid.len, expected,
+                         s->events, n, &res, &err) < 0)
+        return pup_lua_push_error(L, &err);
+    lua_createtable(L, 0, 3);
+    lua_createtable(L, res.n, 0);
+    for (int i = 0; i < res.n; i++) {
+        lua_pushinteger(L, res.positions[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    free(res.positions);
+    lua_setfield(L, -2, "global_positions");
+    lua_pushinteger(L, res.from_version);
+    lua_setfield(L, -2, "from_version");
+    lua_pushinteger(L, res.to_version);
+    lua_setfield(L, -2, "to_version");
+    return 1;
+}
+
+/* ---- reads ---- */
+
+/* store:read_events(db_or_tx, from_position, limit?) */
+static int store_read_events(lua_State *L) {
+    lstore *s = checkstore(L);
+    pup_conn *c = pup_lua_checkconn(L, 2);
+    lua_Integer from = luaL_optinteger(L, 3, 0);
+    lua_Integer limit = luaL_optinteger(L, 4, 1000);
+    luaL_argcheck(L, limit > 0, 4, "limit must be positive");
+    pup_error err;
+    PGresult **box = pup_lua_result_box(L);
+    *box = pup_store_read(&s->store, c, from, limit, &err);
+    if (!*box) return pup_lua_push_error(L, &err);
+    push_events(L, *box);
+    pup_lua_result_clear(box);
+    return 1;
+}
+
+/* store:read_aggregate_stream(db_or_tx, type, id, {from_version=, to_version=}?) */
+static int store_read_stream(lua_State *L) {
+    lstore *s = checkstore(L);
+    pup_conn *c = pup_lua_checkconn(L, 2);
+    pup_str type, id;
+    type.p = luaL_checklstring(L, 3, &type.len);
+    id.p = luaL_checklstring(L, 4, &id.len);
+    lua_Integer from = 1, to = -1;
+    if (!lua_isnoneornil(L, 5)) {
+        luaL_checktype(L, 5, LUA_TTABLE);
+        if (lua_getfield(L, 5, "from_version") != LUA_TNIL) {
+            luaL_argcheck(L, lua_isinteger(L, -1), 5, "from_version must be an integer");
+            from = lua_tointeger(L, -1);
+        }
+        if (lua_getfield(L, 5, "to_version") != LUA_TNIL) {
+            luaL_argcheck(L, lua_isinteger(L, -1), 5, "to_version must be an integer");
+            to = lua_tointeger(L, -1);
+        }
+        lua_pop(L, 2);
+    }
+    pup_error err;
+    PGresult **box = pup_lua_result_box(L);
+    *box = pup_store_read_stream(&s->store, c, type, id, from, to, &err);
+    if (!*box) return pup_lua_push_error(L, &err);
+    push_events(L, *box);
+    int n = PQntuples(*box);
+    lua_pushinteger(L, n ? pup_be_int(PQgetvalue(*box, n - 1, 3), 8) : 0);
+    lua_setfield(L, -2, "version");
+    pup_lua_result_clear(box);
+    return 1;
+}
+
+static int store_head(lua_State *L) {
+    lstore *s = checkstore(L);
+    pup_conn *c = pup_lua_checkconn(L, 2);
+    pup_error err;
+    long long h = pup_store_head(&s->store, c, &err);
+    if (h < 0) return pup_lua_push_error(L, &err);
+    lua_pushinteger(L, h);
+    return 1;
+}
+
+static int store_migrate(lua_State *L) {
+    lstore *s = checkstore(L);
+    pup_conn *c = pup_lua_checkconn(L, 2);
+    pup_error err;
+    if (pup_store_migrate(&s->store, c, &err) < 0) return pup_lua_push_error(L, &err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int store_schema_sql(lua_State *L) {
+    lstore *s = checkstore(L);
+    char *sql = pup_store_schema_sql(&s->store);
+    if (!sql) return luaL_error(L, "out of memory");
+    lua_pushstring(L, sql); /* a memory error here would leak sql; pushstring copies first */
+    free(sql);
+    return 1;
+}
+
+/* store:names() -> events, heads, checkpoints table names (unquoted) */
+static int store_names(lua_State *L) {
+    lstore *s = checkstore(L);
+    lua_createtable(L, 0, 4);
+    lua_pushstring(L, s->store.events);
+    lua_setfield(L, -2, "events_table");
+    lua_pushstring(L, s->store.heads);
+    lua_setfield(L, -2, "aggregate_heads_table");
+    lua_pushstring(L, s->store.checkpoints);
+    lua_setfield(L, -2, "checkpoints_table");
+    lua_pushstring(L, s->store.q_checkpoints);
+    lua_setfield(L, -2, "checkpoints_quoted");
+    lua_pushstring(L, s->store.q_events);
+    lua_setfield(L, -2, "events_quoted");
+    return 1;
+}
+
+const pup_store *pup_lua_checkstore(lua_State *L, int idx) {
+    lstore *s = luaL_checkudata(L, idx, PUP_STORE_MT);
+    if (!s->open) luaL_argerror(L, idx, "store is closed");
+    return &s->store;
+}
+
+/* pup.any(), pup.no_stream(), pup.exact(n): tagged tables append recognizes. */
+static int push_expected(lua_State *L, const char *kind, lua_Integer v) {
+    lua_createtable(L, 0, 2);
+    lua_pushstring(L, kind);
+    lua_setfield(L, -2, "kind");
+    if (v >= 0) {
+        lua_pushinteger(L, v);
+        lua_setfield(L, -2, "version");
+    }
+    luaL_setmetatable(L, "pupsourcing.expected");
+    return 1;
+}
+
+static int l_any(lua_State *L) { return push_expected(L, "any", -1); }
+static int l_no_stream(lua_State *L) { return push_expected(L, "no_stream", 0); }
+static int l_exact(lua_State *L) {
+    lua_Integer v = luaL_checkinteger(L, 1);
+    luaL_argcheck(L, v >= 0, 1, "version must be >= 0");
+    return push_expected(L, "exact", v);
+}
+
+static int l_uuid(lua_State *L) {
+    uuid_t u;
+    char text[37];
+    uuid_generate_random(u);
+    uuid_unparse_lower(u, text);
+    lua_pushlstring(L, text, 36);
+    return 1;
+}
+
+void pup_lua_open_store(lua_State *L) {
+    static const luaL_Reg methods[] = {
+        {"append", store_append}, {"read_events", store_read_events},
+        {"read_aggregate_stream", store_read_stream}, {"head", store_head},
+        {"migrate", store_migrate}, {"schema_sql", store_schema_sql},
+        {"names", store_names}, {NULL, NULL}};
+    luaL_newmetatable(L, PUP_STORE_MT);
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, store_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, store_gc);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, store_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pop(L, 1);
+
+    luaL_newmetatable(L, PUP_EVENT_MT);
+    lua_pushcfunction(L, event_index);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+
+    luaL_newmetatable(L, "pupsourcing.expected");
+    lua_pop(L, 1);
+    lua_pushcfunction(L, l_any);
+    lua_setfield(L, -2, "any");
+    lua_pushcfunction(L, l_no_stream);
+    lua_setfield(L, -2, "no_stream");
+    lua_pushcfunction(L, l_exact);
+    lua_setfield(L, -2, "exact");
+
+    lua_pushcfunction(L, l_store);
+    lua_setfield(L, -2, "store");
+    lua_pushcfunction(L, l_uuid);
+    lua_setfield(L, -2, "uuid");
+}

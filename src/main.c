@@ -1,0 +1,135 @@
+/*
+ * main.c -- the host binary: `pupsourcing SCRIPT.lua [args]` runs a script as lua5.4
+ * would, with `require "pupsourcing"` available; any other first argument is a
+ * subcommand of lua/pupsourcing/cli.lua (run, migrate, migrate-gen, status, reset).
+ */
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "pup_lua.h"
+
+/* The directory holding pupsourcing.lua: PUP_LUA_DIR, else the installed tree next to
+ * this executable, else the source tree it was built from. */
+static void lua_dir(char *out, size_t size) {
+    const char *env = getenv("PUP_LUA_DIR");
+    if (env && *env) {
+        snprintf(out, size, "%s", env);
+        return;
+    }
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n > 0) {
+        exe[n] = '\0';
+        char *slash = strrchr(exe, '/');
+        if (slash) {
+            *slash = '\0';
+            char probe[PATH_MAX + 64];
+            snprintf(probe, sizeof probe, "%s/../share/lua/5.4/pupsourcing.lua", exe);
+            if (access(probe, R_OK) == 0) {
+                snprintf(out, size, "%s/../share/lua/5.4", exe);
+                return;
+            }
+        }
+    }
+    snprintf(out, size, "%s", PUP_SOURCE_LUA_DIR);
+}
+
+/* Prepends dir/?.lua;dir/?/init.lua to package.path and preloads the C core. */
+static void setup_paths(lua_State *L) {
+    char dir[PATH_MAX];
+    lua_dir(dir, sizeof dir);
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "path");
+    lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", dir, dir, lua_tostring(L, -1));
+    lua_setfield(L, -3, "path");
+    lua_pop(L, 1);
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, luaopen_pupsourcing_core);
+    lua_setfield(L, -2, "pupsourcing.core");
+    lua_pop(L, 2);
+}
+
+static int msghandler(lua_State *L) {
+    const char *msg = lua_tostring(L, 1);
+    if (msg == NULL) {
+        if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+            msg = lua_tostring(L, -1);
+        else
+            msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    }
+    luaL_traceback(L, L, msg, 1);
+    return 1;
+}
+
+/* Loads and runs the script (or the CLI) with a traceback; returns the exit status. */
+static int pmain(lua_State *L) {
+    int argc = (int)lua_tointeger(L, 1);
+    char **argv = (char **)lua_touserdata(L, 2);
+    luaL_openlibs(L);
+    setup_paths(L);
+    int script = argc >= 2 && (strstr(argv[1], ".lua") || strchr(argv[1], '/'));
+    /* arg as lua5.4 builds it: arg[0] is the script, negative indices the interpreter. */
+    lua_createtable(L, argc, 2);
+    int first = script ? 1 : 0;
+    for (int i = 0; i < argc; i++) {
+        lua_pushstring(L, argv[i]);
+        lua_rawseti(L, -2, i - first);
+    }
+    lua_setglobal(L, "arg");
+    lua_pushcfunction(L, msghandler);
+    int base = lua_gettop(L);
+    if (script) {
+        if (luaL_loadfile(L, argv[1]) != LUA_OK) {
+            fprintf(stderr, "pupsourcing: %s\n", lua_tostring(L, -1));
+            lua_pushinteger(L, 1);
+            return 1;
+        }
+        for (int i = 2; i < argc; i++) lua_pushstring(L, argv[i]);
+        if (lua_pcall(L, argc - 2, 0, base) != LUA_OK) {
+            fprintf(stderr, "pupsourcing: %s\n", lua_tostring(L, -1));
+            lua_pushinteger(L, 1);
+            return 1;
+        }
+        lua_pushinteger(L, 0);
+        return 1;
+    }
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "pupsourcing.cli");
+    if (lua_pcall(L, 1, 1, base) != LUA_OK) {
+        fprintf(stderr, "pupsourcing: %s\n", lua_tostring(L, -1));
+        lua_pushinteger(L, 1);
+        return 1;
+    }
+    lua_getfield(L, -1, "main");
+    lua_getglobal(L, "arg");
+    if (lua_pcall(L, 1, 1, base) != LUA_OK) {
+        fprintf(stderr, "pupsourcing: %s\n", lua_tostring(L, -1));
+        lua_pushinteger(L, 1);
+        return 1;
+    }
+    lua_pushinteger(L, lua_isinteger(L, -1) ? lua_tointeger(L, -1) : 0);
+    return 1;
+}
+
+int main(int argc, char **argv) {
+    lua_State *L = luaL_newstate();
+    if (!L) {
+        fprintf(stderr, "pupsourcing: cannot create the Lua state (out of memory)\n");
+        return 1;
+    }
+    lua_pushcfunction(L, pmain);
+    lua_pushinteger(L, argc);
+    lua_pushlightuserdata(L, argv);
+    int status = 1;
+    if (lua_pcall(L, 2, 1, 0) == LUA_OK) status = (int)lua_tointeger(L, -1);
+    else fprintf(stderr, "pupsourcing: %s\n", lua_tostring(L, -1));
+    fflush(stdout);
+    lua_close(L);
+    return status;
+}

@@ -1,0 +1,139 @@
+/*
+ * pup_db.h -- the database layer: connections, cached prepared statements, parameter
+ * arrays, libpq pipeline mode and the error type every layer reports through.
+ *
+ * Nothing here knows about Lua. A pup_conn is used by one thread at a time.
+ */
+#ifndef PUP_DB_H
+#define PUP_DB_H
+
+#include <libpq-fe.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Error codes; pup_code_name() gives the string Lua sees in err.code. */
+typedef enum pup_code {
+    PUP_OK = 0,
+    PUP_ERR_CONFLICT,           /* "optimistic_concurrency" */
+    PUP_ERR_NO_EVENTS,          /* "no_events" */
+    PUP_ERR_INVALID_EVENT,      /* "invalid_event" */
+    PUP_ERR_DATABASE,           /* "database" (sqlstate set) */
+    PUP_ERR_CONNECTION,         /* "connection" */
+    PUP_ERR_NOT_MIGRATED,       /* "not_migrated" */
+    PUP_ERR_HANDLER,            /* "handler" */
+    PUP_ERR_INVALID_PROJECTION, /* "invalid_projection" */
+    PUP_ERR_INVALID_ARGUMENT    /* "invalid_argument" */
+} pup_code;
+
+/* An error as reported by every layer: a code, PostgreSQL's SQLSTATE when it gave one
+ * (else ""), and a message that names what was wrong. */
+typedef struct pup_error {
+    pup_code code;
+    char sqlstate[6];
+    char message[4096];
+} pup_error;
+
+/* The stable name of a code ("optimistic_concurrency", "database", ...). */
+const char *pup_code_name(pup_code code);
+
+/* Fills err (printf-style message, empty sqlstate). Returns -1 so callers can
+ * `return pup_error_set(...)`. err may be NULL. */
+int pup_error_set(pup_error *err, pup_code code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Puts a printf-style prefix in front of err's message (truncating the end). */
+void pup_error_prefix(pup_error *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Fills err from a failed result (or from the connection when res is NULL):
+ * connection-class SQLSTATEs and a broken connection give PUP_ERR_CONNECTION,
+ * undefined_table gives PUP_ERR_NOT_MIGRATED, everything else PUP_ERR_DATABASE.
+ * Returns -1. */
+int pup_error_from_pg(pup_error *err, PGconn *pg, const PGresult *res);
+
+/* True when err is worth retrying after reconnecting or restarting the transaction:
+ * lost connection, serialization failure, deadlock. */
+int pup_error_is_transient(const pup_error *err);
+
+/* A prepared statement, cached per connection by SQL text. Parameter types come from
+ * the server (Describe), so a string bound to a bytea parameter is sent as binary. */
+typedef struct pup_stmt {
+    char name[24];
+    char *sql;
+    int nparams;
+    Oid *param_types;
+} pup_stmt;
+
+/* True when parameter i (0-based) of st is bytea: strings go there as binary. */
+int pup_stmt_param_is_bytea(const pup_stmt *st, int i);
+
+/* Reusable parameter arrays: grow-only, so binding allocates nothing once warm.
+ * Values point at caller-owned memory (or at the per-slot scratch for numbers) and
+ * must outlive the call that sends them. */
+typedef struct pup_params {
+    int n, cap;
+    const char **values;
+    int *lengths;
+    int *formats;
+    char (*scratch)[32];
+} pup_params;
+
+/* Sizes the arrays for n parameters, all NULL. Returns -1 on out of memory. */
+int pup_params_reset(pup_params *p, int n);
+/* Frees the arrays (the struct itself is the caller's). */
+void pup_params_free(pup_params *p);
+void pup_params_null(pup_params *p, int i);
+void pup_params_text(pup_params *p, int i, const char *s, size_t len);
+void pup_params_binary(pup_params *p, int i, const char *s, size_t len);
+void pup_params_int(pup_params *p, int i, long long v);
+void pup_params_double(pup_params *p, int i, double v);
+
+typedef struct pup_conn pup_conn;
+
+/* Opens a connection. url NULL or "" means DATABASE_URL, then libpq's defaults.
+ * Returns NULL with err set (code "connection"; the message never shows a password). */
+pup_conn *pup_conn_open(const char *url, pup_error *err);
+/* Closes the connection and frees every statement it cached. NULL is a no-op. */
+void pup_conn_close(pup_conn *c);
+/* The libpq handle, for callers that wait on its socket or read notifications. */
+PGconn *pup_conn_pg(pup_conn *c);
+/* Reconnects in place after a lost connection (same parameters); forgets the
+ * statement cache and any pipeline or transaction state. */
+int pup_conn_reset(pup_conn *c, pup_error *err);
+/* True when the server connection is still usable. */
+int pup_conn_ok(pup_conn *c);
+
+/* Returns the cached statement for sql, preparing and describing it on first use.
+ * Inside pipeline mode the queue is synced first (see pup_conn_pipeline_*). NULL on
+ * error. */
+const pup_stmt *pup_conn_prepare(pup_conn *c, const char *sql, pup_error *err);
+
+/* Runs a prepared statement and returns its result (caller PQclear()s it), or NULL with
+ * err set. In pipeline mode the statement is queued behind the pending ones, whose
+ * results are checked first, so an earlier failure is reported before this one.
+ * binary_result asks for binary column values. */
+PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
+                        int binary_result, pup_error *err);
+
+/* Runs a parameterless command (BEGIN, COMMIT, SET ...) outside pipeline mode.
+ * Returns 0, or -1 with err set. */
+int pup_conn_command(pup_conn *c, const char *sql, pup_error *err);
+
+/* Pipeline mode, for handler writes: pup_conn_send() queues a statement and returns at
+ * once; the result is read later. Each queued statement remembers the tag current when
+ * it was sent (the processor sets it to the event index), so a failure is attributed to
+ * the event that caused it. */
+int pup_conn_pipeline_begin(pup_conn *c, pup_error *err);
+void pup_conn_set_tag(pup_conn *c, long tag);
+int pup_conn_in_pipeline(const pup_conn *c);
+int pup_conn_send(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_error *err);
+/* Syncs, reads every pending result and leaves pipeline mode. Returns 0 when all
+ * succeeded; else -1 with err set to the first failure and *failed_tag to its tag. */
+int pup_conn_pipeline_end(pup_conn *c, pup_error *err, long *failed_tag);
+
+/* Transaction bookkeeping used by tx objects: the first statement error inside a
+ * transaction is remembered (with its tag), so a handler that ignored a failed
+ * statement still fails its batch. */
+void pup_conn_clear_failure(pup_conn *c);
+const pup_error *pup_conn_failure(const pup_conn *c, long *tag);
+
+#endif

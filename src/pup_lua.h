@@ -1,0 +1,70 @@
+/*
+ * pup_lua.h -- the Lua binding: `pupsourcing.core`. lua_db.c (connections,
+ * transactions, values), lua_store.c (store methods, events), lua_processor.c
+ * (projections and processors), lua_runner.c (projection files on threads),
+ * lua_module.c (the module table).
+ *
+ * All state lives in userdata and the registry, so any number of lua_States (one per
+ * runner thread) can use the binding at once.
+ */
+#ifndef PUP_LUA_H
+#define PUP_LUA_H
+
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "pup_db.h"
+#include "pup_store.h"
+
+#define PUP_DB_MT "pupsourcing.db"
+#define PUP_TX_MT "pupsourcing.tx"
+#define PUP_STORE_MT "pupsourcing.store"
+#define PUP_ERROR_MT "pupsourcing.error"
+#define PUP_EVENT_MT "pupsourcing.event"
+#define PUP_RESULT_MT "pupsourcing.result"
+#define PUP_PROCESSOR_MT "pupsourcing.processor"
+#define PUP_RUNNER_MT "pupsourcing.runner"
+
+/* luaopen for `require "pupsourcing.core"`; the host binary preloads it. */
+int luaopen_pupsourcing_core(lua_State *L);
+
+/* Registers each layer's metatables and functions into the module table at -1. */
+void pup_lua_open_db(lua_State *L);
+void pup_lua_open_store(lua_State *L);
+void pup_lua_open_processor(lua_State *L);
+void pup_lua_open_runner(lua_State *L);
+
+/* Pushes nil and an error object (code, message, sqlstate, __tostring). Returns 2. */
+int pup_lua_push_error(lua_State *L, const pup_error *err);
+/* Builds the error object alone (for raising: lua_error keeps it intact). */
+void pup_lua_new_error(lua_State *L, const pup_error *err);
+
+/* The connection behind a db or tx argument; raises if it is neither or closed. */
+pup_conn *pup_lua_checkconn(lua_State *L, int idx);
+/* Params scratch of the db behind a db or tx argument. */
+pup_params *pup_lua_params(lua_State *L, int idx);
+
+/* A box owning a PGresult until collected or cleared, so a Lua error while converting
+ * cannot leak it. Push the box first, then store the result in it. */
+PGresult **pup_lua_result_box(lua_State *L);
+void pup_lua_result_clear(PGresult **box);
+
+/* The pup_store inside a store argument; raises if it is not one. */
+const pup_store *pup_lua_checkstore(lua_State *L, int idx);
+
+/* Pushes a persisted event table (event.data decodes the payload lazily). */
+void pup_lua_push_event(lua_State *L, const pup_event *ev);
+
+/* Pushes a transaction handle that the processor owns (commit/rollback raise): the
+ * handler's `tx`. The conn must outlive it; pup_lua_tx_detach() closes it. */
+void pup_lua_push_managed_tx(lua_State *L, pup_conn *conn, pup_params *params);
+void pup_lua_tx_detach(lua_State *L, int idx);
+
+/* Calls the function below nargs arguments with a traceback handler. On error returns
+ * non-zero with "message\ntraceback" (or the error object's text) copied into err. */
+int pup_lua_pcall(lua_State *L, int nargs, int nresults, pup_error *err);
+
+/* JSON encode of the value at idx through lua-cjson (raises on failure). */
+const char *pup_lua_json_encode(lua_State *L, int idx, size_t *len);
+
+#endif

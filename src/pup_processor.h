@@ -1,0 +1,84 @@
+/*
+ * pup_processor.h -- projections run in transactional batches (processor.c) and the
+ * partition function (partition.c).
+ *
+ * One batch is one transaction: read the checkpoint, the snapshot and up to batch_size
+ * events after it in one statement; hand this partition's events to the handler
+ * (whose writes are pipelined); store the new checkpoint; commit. The log is read by
+ * the gap rule of docs/ordering.md: the batch stops at a hole in the positions until
+ * a snapshot proves no transaction can still fill it.
+ */
+#ifndef PUP_PROCESSOR_H
+#define PUP_PROCESSOR_H
+
+#include "pup_db.h"
+#include "pup_store.h"
+
+/* FNV-1a 32-bit hash of len bytes. */
+uint32_t pup_fnv1a32(const char *p, size_t len);
+/* The partition of an aggregate id: FNV-1a 32 mod total (0 when total <= 1). */
+int pup_partition_of(const char *id, size_t len, int total);
+
+/* What a projection is, as far as the processor cares. Strings are copied. */
+typedef struct pup_projection_cfg {
+    const char *name;
+    const char *const *aggregate_types; /* NULL or n_aggregate_types strings */
+    int n_aggregate_types;
+    const char *const *event_types;
+    int n_event_types;
+    int partition_key, total_partitions;
+    int batch_size;
+    int poll_interval_ms; /* fallback poll when no notification arrives */
+} pup_projection_cfg;
+
+/* The handler side, implemented by the Lua binding. Each returns 0, or -1 with err.
+ * handle() runs inside the batch transaction, with pipelining on. */
+typedef struct pup_handler {
+    void *ud;
+    int (*setup)(void *ud, pup_conn *c, pup_error *err);           /* may be NULL */
+    int (*handle)(void *ud, pup_conn *c, const pup_event *ev, pup_error *err);
+} pup_handler;
+
+typedef struct pup_processor pup_processor;
+
+/* Creates a processor over conn (borrowed: it must outlive the processor). */
+pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
+                                 const pup_projection_cfg *cfg, const pup_handler *h,
+                                 pup_error *err);
+void pup_processor_free(pup_processor *p);
+
+/* Takes the partition's lock (one live processor per partition). *acquired is 0 when
+ * another processor holds it: this one is a standby and should try again later. */
+int pup_processor_acquire(pup_processor *p, int *acquired, pup_error *err);
+
+/* Runs one batch. *handled: events given to the handler; *advanced: positions the
+ * checkpoint moved; *waiting: the batch stopped at a hole that may still fill.
+ * Transient failures come back as errors too (pup_error_is_transient). */
+int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int *waiting,
+                        pup_error *err);
+
+/* Runs batches until stopped: reads stop_fd (readable = stop) between batches and
+ * while idle waits for a NOTIFY or the poll interval. Retries transient failures with
+ * capped backoff (reconnecting in place), takes over as standby when needed. With
+ * once set, returns when the checkpoint reaches the head seen at start. */
+typedef struct pup_run_opts {
+    int stop_fd;  /* -1: none */
+    int once;
+    void (*progress)(void *ud, const pup_processor *p); /* after each batch; may be NULL */
+    void (*log)(void *ud, const char *line);            /* may be NULL: stderr */
+    void *ud;
+} pup_run_opts;
+int pup_processor_run(pup_processor *p, const pup_run_opts *o, pup_error *err);
+
+/* Counters for progress and reports. */
+typedef struct pup_processor_stats {
+    long long handled;   /* events handled since creation */
+    long long position;  /* checkpoint */
+    long long head;      /* log head seen last */
+    long long waiting_position; /* hole waited at, 0 if none */
+    int standby;
+} pup_processor_stats;
+void pup_processor_stats_get(const pup_processor *p, pup_processor_stats *s);
+const pup_projection_cfg *pup_processor_cfg(const pup_processor *p);
+
+#endif

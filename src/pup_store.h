@@ -1,0 +1,108 @@
+/*
+ * pup_store.h -- the event store: table names and schema (schema.c), the append path
+ * (append.c) and reading the log and one aggregate's stream (read.c).
+ */
+#ifndef PUP_STORE_H
+#define PUP_STORE_H
+
+#include "pup_db.h"
+
+#define PUP_NAME_MAX 128
+
+/* Table names, validated and kept both raw and quoted ("schema"."table"). */
+typedef struct pup_store {
+    char events[PUP_NAME_MAX], heads[PUP_NAME_MAX], checkpoints[PUP_NAME_MAX];
+    char q_events[PUP_NAME_MAX + 8], q_heads[PUP_NAME_MAX + 8], q_checkpoints[PUP_NAME_MAX + 8];
+    char channel[PUP_NAME_MAX + 16]; /* LISTEN/NOTIFY channel of the events table */
+    /* SQL texts, built once; prepared per connection through the statement cache. */
+    char *sql_append, *sql_read, *sql_stream, *sql_head;
+} pup_store;
+
+/* Validates the names (NULL = default "events", "aggregate_heads",
+ * "projection_checkpoints"): [A-Za-z_][A-Za-z0-9_]* with at most one "schema." prefix,
+ * 63 bytes a part. Returns -1 with err (code invalid_argument) naming the bad one. */
+int pup_store_init(pup_store *s, const char *events, const char *heads,
+                   const char *checkpoints, pup_error *err);
+/* Frees the SQL texts. */
+void pup_store_free(pup_store *s);
+
+/* The migration SQL (malloc'd; caller frees): idempotent CREATE ... IF NOT EXISTS. */
+char *pup_store_schema_sql(const pup_store *s);
+/* Applies the schema in one transaction. */
+int pup_store_migrate(const pup_store *s, pup_conn *c, pup_error *err);
+
+/* Expected version for append: PUP_ANY, or n >= 0 (0 = no stream yet). */
+#define PUP_ANY (-1LL)
+
+/* A byte string that may be NULL (p == NULL) and may contain NULs. */
+typedef struct pup_str {
+    const char *p;
+    size_t len;
+} pup_str;
+
+/* One event to append. Strings are borrowed for the duration of the call. */
+typedef struct pup_event_in {
+    pup_str event_id; /* NULL: a new random UUID */
+    pup_str event_type;
+    int event_version;
+    pup_str payload;
+    pup_str metadata; /* JSON text or NULL */
+    pup_str causation_id, correlation_id, trace_id;
+    pup_str created_at; /* timestamp text or NULL (now) */
+} pup_event_in;
+
+/* Reusable scratch for append: the binary arrays it sends. */
+typedef struct pup_append_buf {
+    char *data;
+    size_t len, cap;
+    pup_params params;
+} pup_append_buf;
+void pup_append_buf_free(pup_append_buf *b);
+
+typedef struct pup_append_result {
+    long long from_version, to_version;
+    long long *positions; /* n positions, malloc'd: caller frees */
+    int n;
+} pup_append_result;
+
+/* Appends n events to one aggregate in a single statement (one round trip): checks the
+ * expected version, inserts the events, moves the aggregate head and notifies
+ * listeners. Fails with PUP_ERR_CONFLICT when the version does not match or a
+ * concurrent writer won; nothing of the append is then written. */
+int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
+                     const char *aggregate_type, size_t type_len, const char *aggregate_id,
+                     size_t id_len, long long expected, const pup_event_in *events, int n,
+                     pup_append_result *out, pup_error *err);
+
+/* A persisted event, pointing into a PGresult (valid until it is cleared). */
+typedef struct pup_event {
+    long long global_position, aggregate_version;
+    int event_version;
+    pup_str aggregate_type, aggregate_id, event_id, event_type, payload, metadata;
+    pup_str causation_id, correlation_id, trace_id, created_at;
+} pup_event;
+
+/* The column list every event read selects, in the order pup_event_from_row expects,
+ * starting at column `first`. Results must be in binary format. */
+#define PUP_EVENT_COLUMNS                                                                 \
+    "global_position, aggregate_type, aggregate_id, aggregate_version, event_id::text, " \
+    "event_type, event_version, payload, metadata::text, causation_id, correlation_id, " \
+    "trace_id, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+#define PUP_EVENT_NCOLUMNS 13
+void pup_event_from_row(const PGresult *r, int row, int first, pup_event *ev);
+
+/* Reads up to limit events with global_position > after, ascending. Raw reads: events
+ * still in flight below the highest visible position are not waited for (processors
+ * use the gap-safe reader). Returns the binary result, or NULL with err. */
+PGresult *pup_store_read(const pup_store *s, pup_conn *c, long long after, long long limit,
+                         pup_error *err);
+/* Reads one aggregate's events with from <= version <= to (to < 0: no upper bound). */
+PGresult *pup_store_read_stream(const pup_store *s, pup_conn *c, pup_str type, pup_str id,
+                                long long from, long long to, pup_error *err);
+/* The highest global position (0 for an empty log), or -1 with err. */
+long long pup_store_head(const pup_store *s, pup_conn *c, pup_error *err);
+
+/* Reads a big-endian integer of the given width from a binary column. */
+long long pup_be_int(const char *p, int width);
+
+#endif

@@ -1,0 +1,211 @@
+/*
+ * schema.c -- table names (validated, quoted) and the migration SQL. See pup_store.h.
+ */
+#include "pup_store.h"
+
+#include <ctype.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* [A-Za-z_][A-Za-z0-9_]{0,62}, once or twice joined by a dot (schema.table). */
+static int valid_name(const char *name) {
+    int parts = 0;
+    const char *p = name;
+    for (;;) {
+        size_t n = 0;
+        if (!(isalpha((unsigned char)*p) || *p == '_')) return 0;
+        while (isalnum((unsigned char)p[n]) || p[n] == '_') n++;
+        if (n > 63 - 24) return 0; /* room for the derived _global_position_seq names */
+        parts++;
+        p += n;
+        if (*p == '\0') return 1;
+        if (*p != '.' || parts == 2) return 0;
+        p++;
+    }
+}
+
+/* "a.b" + suffix -> "a"."b<suffix>"; "b" + suffix -> "b<suffix>". */
+static void quote_name(char *out, size_t size, const char *name, const char *suffix) {
+    const char *dot = strchr(name, '.');
+    if (dot)
+        snprintf(out, size, "\"%.*s\".\"%s%s\"", (int)(dot - name), name, dot + 1, suffix);
+    else
+        snprintf(out, size, "\"%s%s\"", name, suffix);
+}
+
+/* asprintf that returns NULL on failure instead of leaving the pointer undefined. */
+static char *fmt(const char *f, ...) __attribute__((format(printf, 1, 2)));
+static char *fmt(const char *f, ...) {
+    va_list ap;
+    char *s = NULL;
+    va_start(ap, f);
+    if (vasprintf(&s, f, ap) < 0) s = NULL;
+    va_end(ap);
+    return s;
+}
+
+int pup_store_init(pup_store *s, const char *events, const char *heads,
+                   const char *checkpoints, pup_error *err) {
+    memset(s, 0, sizeof *s);
+    const char *names[3] = {events ? events : "events", heads ? heads : "aggregate_heads",
+                            checkpoints ? checkpoints : "projection_checkpoints"};
+    const char *what[3] = {"events_table", "aggregate_heads_table", "checkpoints_table"};
+    for (int i = 0; i < 3; i++)
+        if (!valid_name(names[i]))
+            return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT,
+                                 "invalid %s \"%.80s\": use letters, digits and _ "
+                                 "(optionally schema.table), at most 39 characters a part",
+                                 what[i], names[i]);
+    snprintf(s->events, sizeof s->events, "%s", names[0]);
+    snprintf(s->heads, sizeof s->heads, "%s", names[1]);
+    snprintf(s->checkpoints, sizeof s->checkpoints, "%s", names[2]);
+    quote_name(s->q_events, sizeof s->q_events, s->events, "");
+    quote_name(s->q_heads, sizeof s->q_heads, s->heads, "");
+    quote_name(s->q_checkpoints, sizeof s->q_checkpoints, s->checkpoints, "");
+    snprintf(s->channel, sizeof s->channel, "pupsourcing.%s", s->events);
+
+    const char *E = s->q_events, *H = s->q_heads;
+    /* One statement per append: check the expected version against the head, insert the
+     * events (versions from the head, positions in version order), move the head and
+     * notify, all or nothing. $3 NULL = any. Arrays are binary text[]/bytea[]. */
+    s->sql_append = fmt(
+        "WITH cur AS (SELECT COALESCE((SELECT aggregate_version FROM %s"
+        " WHERE aggregate_type = $1 AND aggregate_id = $2), 0) AS v),"
+        " ok AS (SELECT v FROM cur WHERE $3::bigint IS NULL OR v = $3::bigint),"
+        " ins AS (INSERT INTO %s (aggregate_type, aggregate_id, aggregate_version, event_id,"
+        " event_type, event_version, payload, metadata, causation_id, correlation_id,"
+        " trace_id, created_at)"
+        " SELECT $1, $2, ok.v + u.ord, COALESCE(u.event_id::uuid, gen_random_uuid()),"
+        " u.event_type, u.event_version::int, u.payload, u.metadata::jsonb, u.causation_id,"
+        " u.correlation_id, u.trace_id, COALESCE(u.created_at::timestamptz, now())"
+        " FROM ok, unnest($4::text[], $5::text[], $6::text[], $7::bytea[], $8::text[],"
+        " $9::text[], $10::text[], $11::text[], $12::text[]) WITH ORDINALITY"
+        " AS u(event_id, event_type, event_version, payload, metadata, causation_id,"
+        " correlation_id, trace_id, created_at, ord) ORDER BY u.ord"
+        " RETURNING global_position, aggregate_version),"
+        " head AS (INSERT INTO %s (aggregate_type, aggregate_id, aggregate_version, updated_at)"
+        " SELECT $1, $2, max(aggregate_version), now() FROM ins HAVING count(*) > 0"
+        " ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET"
+        " aggregate_version = EXCLUDED.aggregate_version, updated_at = EXCLUDED.updated_at"
+        " RETURNING 1),"
+        " note AS (SELECT pg_notify('%s', '') FROM head)"
+        " SELECT cur.v, ins.global_position, ins.aggregate_version"
+        " FROM cur CROSS JOIN (SELECT count(*) FROM note) n LEFT JOIN ins ON true"
+        " ORDER BY ins.aggregate_version",
+        H, E, H, s->channel);
+    s->sql_read = fmt("SELECT " PUP_EVENT_COLUMNS " FROM %s WHERE global_position > $1"
+                      " ORDER BY global_position LIMIT $2", E);
+    s->sql_stream = fmt("SELECT " PUP_EVENT_COLUMNS " FROM %s WHERE aggregate_type = $1"
+                        " AND aggregate_id = $2 AND aggregate_version >= $3"
+                        " AND ($4::bigint < 0 OR aggregate_version <= $4::bigint)"
+                        " ORDER BY aggregate_version", E);
+    s->sql_head = fmt("SELECT COALESCE(max(global_position), 0) FROM %s", E);
+    if (!s->sql_append || !s->sql_read || !s->sql_stream || !s->sql_head) {
+        pup_store_free(s);
+        return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "out of memory");
+    }
+    return 0;
+}
+
+void pup_store_free(pup_store *s) {
+    free(s->sql_append);
+    free(s->sql_read);
+    free(s->sql_stream);
+    free(s->sql_head);
+    s->sql_append = s->sql_read = s->sql_stream = s->sql_head = NULL;
+}
+
+char *pup_store_schema_sql(const pup_store *s) {
+    char seq[PUP_NAME_MAX + 32], fn[PUP_NAME_MAX + 32];
+    char uq[PUP_NAME_MAX + 32];
+    quote_name(seq, sizeof seq, s->events, "_global_position_seq");
+    quote_name(fn, sizeof fn, s->events, "_next_position");
+    /* Constraint and index names are never schema-qualified. */
+    const char *base = strchr(s->events, '.') ? strchr(s->events, '.') + 1 : s->events;
+    snprintf(uq, sizeof uq, "\"%s_aggregate_version_key\"", base);
+    return fmt(
+        "-- pupsourcing schema, generated by `pupsourcing migrate-gen`. Idempotent.\n"
+        "BEGIN;\n"
+        "-- Serialize concurrent migrations of the same database.\n"
+        "SELECT pg_advisory_xact_lock(hashtextextended('pupsourcing.migrate', 0));\n"
+        "\n"
+        "CREATE SEQUENCE IF NOT EXISTS %s;\n"
+        "\n"
+        "-- Every writer takes its transaction id before it draws a position, so readers can\n"
+        "-- tell from snapshots when a gap in the positions can no longer be filled\n"
+        "-- (docs/ordering.md). Writers that omit global_position get this default.\n"
+        "CREATE OR REPLACE FUNCTION %s() RETURNS bigint\n"
+        "LANGUAGE plpgsql VOLATILE AS $fn$\n"
+        "BEGIN\n"
+        "    PERFORM pg_current_xact_id();\n"
+        "    RETURN nextval('%s');\n"
+        "END\n"
+        "$fn$;\n"
+        "\n"
+        "CREATE TABLE IF NOT EXISTS %s (\n"
+        "    global_position BIGINT PRIMARY KEY DEFAULT %s(),\n"
+        "    aggregate_type TEXT NOT NULL,\n"
+        "    aggregate_id TEXT NOT NULL,\n"
+        "    aggregate_version BIGINT NOT NULL,\n"
+        "    event_id UUID NOT NULL UNIQUE,\n"
+        "    event_type TEXT NOT NULL,\n"
+        "    event_version INT NOT NULL DEFAULT 1,\n"
+        "    payload BYTEA NOT NULL,\n"
+        "    trace_id TEXT,\n"
+        "    correlation_id TEXT,\n"
+        "    causation_id TEXT,\n"
+        "    metadata JSONB,\n"
+        "    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
+        "    CONSTRAINT %s UNIQUE (aggregate_type, aggregate_id, aggregate_version)\n"
+        ");\n"
+        "ALTER SEQUENCE %s OWNED BY %s.global_position;\n"
+        "\n"
+        "CREATE TABLE IF NOT EXISTS %s (\n"
+        "    aggregate_type TEXT NOT NULL,\n"
+        "    aggregate_id TEXT NOT NULL,\n"
+        "    aggregate_version BIGINT NOT NULL,\n"
+        "    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
+        "    PRIMARY KEY (aggregate_type, aggregate_id)\n"
+        ");\n"
+        "\n"
+        "-- One row per projection partition. waiting_* say which position a processor waits\n"
+        "-- for (an append still in flight) and since when; owner and lease_expires_at are\n"
+        "-- the processor holding the partition.\n"
+        "CREATE TABLE IF NOT EXISTS %s (\n"
+        "    projection_name TEXT NOT NULL,\n"
+        "    partition_key INT NOT NULL DEFAULT 0,\n"
+        "    total_partitions INT NOT NULL DEFAULT 1,\n"
+        "    last_global_position BIGINT NOT NULL DEFAULT 0,\n"
+        "    waiting_position BIGINT,\n"
+        "    waiting_since TIMESTAMPTZ,\n"
+        "    owner TEXT,\n"
+        "    lease_expires_at TIMESTAMPTZ,\n"
+        "    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
+        "    PRIMARY KEY (projection_name, total_partitions, partition_key)\n"
+        ");\n"
+        "COMMIT;\n",
+        seq, fn, seq, s->q_events, fn, uq, seq, s->q_events, s->q_heads,
+        s->q_checkpoints);
+}
+
+int pup_store_migrate(const pup_store *s, pup_conn *c, pup_error *err) {
+    char *sql = pup_store_schema_sql(s);
+    if (!sql) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+    int rc = pup_conn_command(c, sql, err);
+    free(sql);
+    if (rc < 0) {
+        PGresult *r = PQexec(pup_conn_pg(c), "ROLLBACK");
+        PQclear(r);
+    }
+    return rc;
+}
+
+long long pup_be_int(const char *p, int width) {
+    unsigned long long v = 0;
+    for (int i = 0; i < width; i++) v = (v << 8) | (unsigned char)p[i];
+    if (width == 4) return (long long)(int)(unsigned)v;
+    if (width == 2) return (long long)(short)(unsigned short)v;
+    return (long long)v;
+}
