@@ -17,11 +17,6 @@ local function new_error(code, message, sqlstate)
 end
 M.new_error = new_error
 
-local function as_error(e)
-  if getmetatable(e) == error_mt then return e end
-  return new_error("error", tostring(e))
-end
-
 -- db:transaction(fn): fn(tx) runs in a transaction that commits when fn returns and
 -- rolls back when fn raises or returns nil, err. Returns fn's results, or nil, err.
 function core._db_methods.transaction(db, fn)
@@ -37,7 +32,7 @@ function core._db_methods.transaction(db, fn)
   end
   if res[2] == nil and res.n >= 3 then
     tx:rollback()
-    return nil, as_error(res[3])
+    return nil, res[3]
   end
   local ok, cerr = tx:commit()
   if not ok then return nil, cerr end

@@ -3,7 +3,7 @@
 # and runs every test under ctest. Extra arguments go to ctest (e.g. `-L lua`, `-R cli`).
 #   PUP_SANITIZE=1           build with AddressSanitizer/UBSan into build-asan/
 #   PUP_TEST_DATABASE_URL=…  use that database instead of a throwaway server
-#   PUP_TEST_JOBS=N          ctest parallelism (default 2)
+#   PUP_TEST_JOBS=N          ctest parallelism (default 4)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -53,5 +53,5 @@ fi
 export DATABASE_URL
 
 status=0
-ctest --test-dir "$build" --output-on-failure -j "${PUP_TEST_JOBS:-2}" "$@" || status=$?
+ctest --test-dir "$build" --output-on-failure -j "${PUP_TEST_JOBS:-4}" "$@" || status=$?
 exit "$status"

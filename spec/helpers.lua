@@ -129,7 +129,10 @@ end
 function M.sh(cmdline, opts)
   opts = opts or {}
   local dir = M.tmpdir()
-  local prefix = ""
+  -- Under the sanitizers the specs run with LD_PRELOAD=libasan (see spec/tests.cmake);
+  -- child processes must not inherit it (psql hangs with it; the host binary links
+  -- the runtime itself).
+  local prefix = "env -u LD_PRELOAD "
   if opts.env then
     local parts = {}
     for k, v in pairs(opts.env) do
@@ -139,7 +142,7 @@ function M.sh(cmdline, opts)
         parts[#parts + 1] = k .. "=" .. M.shquote(v)
       end
     end
-    prefix = "env " .. table.concat(parts, " ") .. " "
+    prefix = prefix .. table.concat(parts, " ") .. " "
   end
   local stdin = "/dev/null"
   if opts.stdin then

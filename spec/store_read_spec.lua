@@ -38,7 +38,7 @@ describe("reading", function()
       assert.are.equal(ids.a, evs[1].aggregate_id)
       assert.are.equal("Order", evs[3].aggregate_type)
       assert.are.equal(ids.b, evs[6].aggregate_id)
-      assert.are.equal(3, evs[10].aggregate_version)
+      assert.are.equal(4, evs[10].aggregate_version)
     end)
 
     it("returns only positions greater than from_position", function()

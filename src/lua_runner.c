@@ -27,6 +27,7 @@ typedef struct worker {
     char name[128];
     pup_processor_stats stats; /* written by the worker's progress callback */
     int done, failed;          /* atomics */
+    pup_code code;
     char error[4096];
 } worker;
 
@@ -46,11 +47,13 @@ static const char worker_chunk[] =
     "local pup = require 'pupsourcing'\n"
     "local file, url, key, total, batch, poll, once, fd, stats, ev, hd, ck = ...\n"
     "local proj = pup.load_projection(file)\n"
-    "local db <close> = assert(pup.connect(url))\n"
+    "local db <close>, cerr = pup.connect(url)\n"
+    "if not db then return proj.name, cerr.code, cerr.message end\n"
     "local store = pup.store{events_table = ev, aggregate_heads_table = hd, checkpoints_table = ck}\n"
     "local p <close> = pup.processor(db, proj, {partition_key = key, total_partitions = total,\n"
     "  batch_size = batch or proj.batch_size, poll_interval = poll, store = store})\n"
-    "return proj.name, assert(p:_run_fd(fd, once, stats))\n";
+    "local n, err = p:_run_fd(fd, once, stats)\n"
+    "return proj.name, err and err.code, err and err.message\n";
 
 static void push_opt(lua_State *L, const char *s) {
     if (s) lua_pushstring(L, s);
@@ -77,7 +80,6 @@ static void *worker_main(void *arg) {
     lua_pushcfunction(L, luaopen_pupsourcing_core);
     lua_setfield(L, -2, "pupsourcing.core");
     lua_pop(L, 2);
-    pup_error err;
     if (luaL_loadbuffer(L, worker_chunk, sizeof worker_chunk - 1, "=runner") != LUA_OK) {
         snprintf(w->error, sizeof w->error, "%s", lua_tostring(L, -1));
         __atomic_store_n(&w->failed, 1, __ATOMIC_RELEASE);
@@ -95,11 +97,20 @@ static void *worker_main(void *arg) {
         push_opt(L, r->events);
         push_opt(L, r->heads);
         push_opt(L, r->checkpoints);
-        if (pup_lua_pcall(L, 12, 2, &err) != LUA_OK) {
-            snprintf(w->error, sizeof w->error, "%s", err.message);
+        /* No traceback: a handler's error already carries its own. */
+        if (lua_pcall(L, 12, 3, 0) != LUA_OK) {
+            snprintf(w->error, sizeof w->error, "%s", luaL_tolstring(L, -1, NULL));
+            w->code = PUP_ERR_INVALID_PROJECTION;
             __atomic_store_n(&w->failed, 1, __ATOMIC_RELEASE);
         } else {
-            snprintf(w->name, sizeof w->name, "%s", lua_tostring(L, -2));
+            snprintf(w->name, sizeof w->name, "%s", lua_tostring(L, -3));
+            if (lua_isstring(L, -1)) {
+                snprintf(w->error, sizeof w->error, "%s", lua_tostring(L, -1));
+                w->code = PUP_ERR_HANDLER;
+                for (int c = 0; c <= PUP_ERR_INVALID_ARGUMENT; c++)
+                    if (strcmp(pup_code_name((pup_code)c), lua_tostring(L, -2)) == 0) w->code = (pup_code)c;
+                __atomic_store_n(&w->failed, 1, __ATOMIC_RELEASE);
+            }
         }
     }
     lua_close(L);
@@ -296,9 +307,7 @@ static int runner_run(lua_State *L) {
         }
         if (w->failed) {
             pup_error e;
-            pup_error_set(&e, PUP_ERR_HANDLER, "%s", w->error);
-            /* Keep the code of a connection failure visible to callers. */
-            if (strstr(w->error, "connection:") == w->error) e.code = PUP_ERR_CONNECTION;
+            pup_error_set(&e, w->code, "%s", w->error);
             return pup_lua_push_error(L, &e);
         }
     }

@@ -105,7 +105,11 @@ static int event_index(lua_State *L) {
     if (lua_type(L, 2) != LUA_TSTRING || strcmp(lua_tostring(L, 2), "data") != 0) return 0;
     lua_getfield(L, LUA_REGISTRYINDEX, "pupsourcing.json_decode");
     lua_getfield(L, 1, "payload");
-    lua_call(L, 1, 1);
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+        lua_getfield(L, 1, "global_position");
+        return luaL_error(L, "event.data: the payload of the event at global position %s is not JSON (%s)",
+                          lua_tostring(L, -1), lua_tostring(L, -2));
+    }
     lua_pushvalue(L, -1);
     lua_setfield(L, 1, "data");
     return 1;
@@ -215,11 +219,14 @@ static int store_append(lua_State *L) {
         if (i == 0) {
             atype = type_i;
             aid = id_i;
-        } else if (type_i.len != atype.len || memcmp(type_i.p, atype.p, atype.len) != 0 ||
-                   id_i.len != aid.len || memcmp(id_i.p, aid.p, aid.len) != 0) {
-            pup_error_set(&err, PUP_ERR_INVALID_EVENT,
-                          "event %d: aggregate differs from event 1 (one append writes one aggregate)", i + 1);
-            return pup_lua_push_error(L, &err);
+        } else {
+            int type_differs = type_i.len != atype.len || memcmp(type_i.p, atype.p, atype.len) != 0;
+            if (type_differs || id_i.len != aid.len || memcmp(id_i.p, aid.p, aid.len) != 0) {
+                pup_error_set(&err, PUP_ERR_INVALID_EVENT,
+                              "event %d: %s differs from event 1 (one append writes one aggregate)",
+                              i + 1, type_differs ? "aggregate_type" : "aggregate_id");
+                return pup_lua_push_error(L, &err);
+            }
         }
         if (ev->event_id.p) {
             uuid_t u;

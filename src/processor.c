@@ -228,7 +228,10 @@ static int event_error(pup_processor *p, const PGresult *r, int row, pup_error *
 }
 
 static int run_setup(pup_processor *p, pup_error *err) {
-    if (pup_conn_command(p->conn, "BEGIN", err) < 0) return with_context(p, err);
+    /* Setups of concurrent processors (partitions, projections sharing tables) run one
+     * at a time: CREATE ... IF NOT EXISTS is not safe against itself. */
+    if (pup_conn_command(p->conn, "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('pupsourcing.setup', 0))", err) < 0)
+        return with_context(p, err);
     pup_conn_clear_failure(p->conn);
     if (p->h.setup(p->h.ud, p->conn, err) < 0 || pup_conn_failure(p->conn, NULL)) {
         const pup_error *f = pup_conn_failure(p->conn, NULL);

@@ -137,7 +137,7 @@ char *pup_store_schema_sql(const pup_store *s) {
         "-- tell from snapshots when a gap in the positions can no longer be filled\n"
         "-- (docs/ordering.md). Writers that omit global_position get this default.\n"
         "CREATE OR REPLACE FUNCTION %s() RETURNS bigint\n"
-        "LANGUAGE plpgsql VOLATILE AS $fn$\n"
+        "LANGUAGE plpgsql VOLATILE SET search_path FROM CURRENT AS $fn$\n"
         "BEGIN\n"
         "    PERFORM pg_current_xact_id();\n"
         "    RETURN nextval('%s');\n"

@@ -73,7 +73,8 @@ url_with_db() {
 use_fresh_db() {
   TEST_DB="ex_$1"
   psql "$ADMIN_URL" -qAtX -v ON_ERROR_STOP=1 \
-    -c "DROP DATABASE IF EXISTS $TEST_DB WITH (FORCE)" -c "CREATE DATABASE $TEST_DB" >/dev/null \
+    -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS $TEST_DB WITH (FORCE)" \
+    -c "CREATE DATABASE $TEST_DB" >/dev/null \
     || fail "cannot create database $TEST_DB"
   DATABASE_URL=$(url_with_db "$ADMIN_URL" "$TEST_DB")
   export DATABASE_URL
@@ -162,7 +163,21 @@ checkpoints() {
      WHERE projection_name = '$1' ORDER BY total_partitions, partition_key"
 }
 
-# partition_counts TOTAL [WHERE]: "key count" per partition of the events matching WHERE.
+# partition_counts TOTAL [WHERE]: "key count last_position" per partition of the events
+# matching WHERE.
 partition_counts() {
   "$PUP" examples/tests/_partitions.lua "$1" "${2:-true}"
+}
+
+# partitions_caught_up PROJECTION TOTAL: every partition's checkpoint is at or past the last
+# event of that partition (and the projection has TOTAL checkpoint rows for this layout).
+partitions_caught_up() {
+  local name=$1 total=$2 k n last pos rows
+  rows=$(q "SELECT count(*) FROM projection_checkpoints WHERE projection_name = '$name' AND total_partitions = $total")
+  [ "$rows" = "$total" ] || return 1
+  while read -r k n last; do
+    pos=$(q "SELECT last_global_position FROM projection_checkpoints WHERE projection_name = '$name'
+             AND total_partitions = $total AND partition_key = $k")
+    [ -n "$pos" ] && [ "$pos" -ge "$last" ] || return 1
+  done < <(partition_counts "$total")
 }

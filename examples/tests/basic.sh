@@ -4,6 +4,7 @@
 source "$(dirname "$0")/_lib.sh"
 use_fresh_db basic
 
+mkdir -p "$WORK/migrations"
 run migrate_gen -- migrate-gen --output "$WORK/migrations"
 if [ -d "$WORK/migrations" ]; then
   sql=$(ls "$WORK"/migrations/*.sql 2>/dev/null | head -n 1)

@@ -18,9 +18,10 @@ has_output mp 'event_counter +handled 6 events' || fail "event_counter count"
 has_output mp 'revenue_tracker +handled 3 events' || fail "revenue_tracker count"
 has_output mp 'revenue: \$299.97' || fail "revenue total"
 expect_eq "order lines" "$(grep -c '\[revenue\] Order placed' "$WORK/mp.out")" 3
+# Each projection has its own checkpoint, at or past its last event (users: 1-3, orders: 4-6).
 expect_eq "projections with a checkpoint" \
-  "$(q "SELECT string_agg(projection_name || ':' || last_global_position, ' ' ORDER BY projection_name) FROM projection_checkpoints")" \
-  "event_counter:6 revenue_tracker:6 user_read_model:3"
+  "$(q "SELECT string_agg(projection_name || ':' || (last_global_position >= CASE projection_name WHEN 'user_read_model' THEN 3 ELSE 6 END), ' ' ORDER BY projection_name) FROM projection_checkpoints")" \
+  "event_counter:true revenue_tracker:true user_read_model:true"
 
 # Once more, to completion: exact counts, nothing handled twice.
 run mp2 -- examples/multiple-projections/main.lua --once

@@ -74,26 +74,18 @@ if not result then
 end
 if not once then log("Received shutdown signal, all workers stopped.") end
 
--- result = { [projection name] = { handled = n, partitions = ... } }
-local function partition_counts(partitions)
-  local list = {}
-  if type(partitions) ~= "table" then return list end
-  for k, v in pairs(partitions) do
-    local key = type(v) == "table" and (v.partition_key or v.partition) or k
-    local n = type(v) == "table" and (v.handled or v.count) or v
-    list[#list + 1] = { key = tonumber(key), n = tonumber(n) or 0 }
-  end
-  table.sort(list, function(a, b) return (a.key or 0) < (b.key or 0) end)
-  -- 1-based array of per-partition values: partition keys are 0-based
-  if #list > 0 and #partitions == #list and type(partitions[1]) ~= "table" then
-    for i, item in ipairs(list) do item.key = i - 1 end
-  end
-  return list
-end
+-- result = { [projection name] = { handled = n, partitions = number of partitions } }
 for name, r in pairs(result) do
-  for _, p in ipairs(partition_counts(r.partitions)) do
-    log("  %s partition %s: handled %d events", name, tostring(p.key), p.n)
-  end
   log("Stopped. %s: handled %d events in total across %d workers.", name, r.handled or 0, workers)
 end
+
+-- How the load spread: the read model's users per partition (hash(id) %% workers).
+local per = {}
+for k = 0, workers - 1 do per[k] = 0 end
+for _, row in ipairs(assert(db:query("SELECT id FROM users"))) do
+  local k = pup.partition_of(row.id, workers)
+  per[k] = per[k] + 1
+end
+for k = 0, workers - 1 do log("  partition %d: %d users in the read model", k, per[k]) end
+log("Checkpoints: SELECT * FROM projection_checkpoints WHERE projection_name = 'user_read_model';")
 db:close()
