@@ -82,15 +82,8 @@ static int put_versions(pup_append_buf *b, const pup_event_in *ev, int n) {
     return 0;
 }
 
-int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
-                     const char *aggregate_type, size_t type_len, const char *aggregate_id,
-                     size_t id_len, long long expected, const pup_event_in *events, int n,
-                     pup_append_result *out, pup_error *err) {
-    memset(out, 0, sizeof *out);
-    if (n <= 0) return pup_error_set(err, PUP_ERR_NO_EVENTS, "append: no events given");
-    const pup_stmt *st = pup_conn_prepare(c, s->sql_append, err);
-    if (!st) return -1;
-
+/* Builds the nine arrays into buf and binds them as parameters $4..$12. */
+static int bind_arrays(pup_append_buf *buf, const pup_event_in *events, int n) {
     static const size_t fields[NARRAYS] = {
         offsetof(pup_event_in, event_id),       offsetof(pup_event_in, event_type),
         0 /* event_version: put_versions */,    offsetof(pup_event_in, payload),
@@ -99,24 +92,45 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
         offsetof(pup_event_in, created_at)};
     size_t start[NARRAYS + 1];
     buf->len = 0;
-    int rc = 0;
-    for (int a = 0; a < NARRAYS && rc == 0; a++) {
+    for (int a = 0; a < NARRAYS; a++) {
         start[a] = buf->len;
-        if (a == 2)
-            rc = put_versions(buf, events, n);
-        else
-            rc = put_array(buf, events, n, fields[a], a == 3 ? BYTEAOID : TEXTOID);
+        int rc = a == 2 ? put_versions(buf, events, n)
+                        : put_array(buf, events, n, fields[a], a == 3 ? BYTEAOID : TEXTOID);
+        if (rc < 0) return -1;
     }
     start[NARRAYS] = buf->len;
-    if (rc < 0 || pup_params_reset(&buf->params, 3 + NARRAYS) < 0)
-        return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+    for (int a = 0; a < NARRAYS; a++)
+        pup_params_binary(&buf->params, 3 + a, buf->data + start[a], start[a + 1] - start[a]);
+    return 0;
+}
 
+int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
+                     const char *aggregate_type, size_t type_len, const char *aggregate_id,
+                     size_t id_len, long long expected, const pup_event_in *events, int n,
+                     pup_append_result *out, pup_error *err) {
+    memset(out, 0, sizeof *out);
+    if (n <= 0) return pup_error_set(err, PUP_ERR_NO_EVENTS, "append: no events given");
+    /* One event, the common case, binds plain parameters; more travel as arrays. */
+    const pup_stmt *st = pup_conn_prepare(c, n == 1 ? s->sql_append_one : s->sql_append, err);
+    if (!st) return -1;
+    if (pup_params_reset(&buf->params, 3 + NARRAYS) < 0)
+        return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
     pup_params *p = &buf->params;
     pup_params_text(p, 0, aggregate_type, type_len);
     pup_params_text(p, 1, aggregate_id, id_len);
     if (expected != PUP_ANY) pup_params_int(p, 2, expected);
-    for (int a = 0; a < NARRAYS; a++)
-        pup_params_binary(p, 3 + a, buf->data + start[a], start[a + 1] - start[a]);
+    if (n == 1) {
+        const pup_event_in *e = events;
+        const pup_str *cols[NARRAYS] = {&e->event_id, &e->event_type, NULL, &e->payload, &e->metadata,
+                                        &e->causation_id, &e->correlation_id, &e->trace_id, &e->created_at};
+        for (int a = 0; a < NARRAYS; a++) {
+            if (a == 2) pup_params_int(p, 3 + a, e->event_version);
+            else if (!cols[a]->p) pup_params_null(p, 3 + a);
+            else if (a == 3) pup_params_binary(p, 3 + a, cols[a]->p, cols[a]->len);
+            else pup_params_text(p, 3 + a, cols[a]->p, cols[a]->len);
+        }
+    } else if (bind_arrays(buf, events, n) < 0)
+        return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
 
     PGresult *r = pup_conn_exec(c, st, p, 1, err);
     if (!r) {

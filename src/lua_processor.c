@@ -7,9 +7,11 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/signalfd.h>
+#include <time.h>
 #include <unistd.h>
 
 /* The processor userdata. References keep the db, the projection table and the
@@ -19,7 +21,23 @@ typedef struct lproc {
     lua_State *L;
     int proj_ref, tx_ref, db_ref, store_ref;
     pup_processor_stats *shared; /* runner's copy of the stats, or NULL */
+    int json_log;
+    int handler_timeout_ms; /* per-event limit on handler run time; 0 = none */
 } lproc;
+
+/* Count hook of a handler with a time limit: raises once the deadline has passed. */
+static void deadline_hook(lua_State *L, lua_Debug *ar) {
+    (void)ar;
+    lua_getfield(L, LUA_REGISTRYINDEX, "pupsourcing.deadline");
+    double deadline = lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    if (deadline > 0 && (double)ts.tv_sec + ts.tv_nsec / 1e9 > deadline) {
+        lua_getfield(L, LUA_REGISTRYINDEX, "pupsourcing.deadline_ms");
+        luaL_error(L, "handler exceeded its time limit of %d ms", (int)lua_tointeger(L, -1));
+    }
+}
 
 /* Calls projection[fname](tx, extra...) with nargs extra values on the stack. */
 static int call_projection(lproc *lp, const char *fname, int nargs, pup_error *err) {
@@ -51,8 +69,22 @@ static int cb_setup(void *ud, pup_conn *c, pup_error *err) {
 static int cb_handle(void *ud, pup_conn *c, const pup_event *ev, pup_error *err) {
     (void)c;
     lproc *lp = ud;
-    pup_lua_push_event(lp->L, ev);
-    return call_projection(lp, "handle", 1, err);
+    lua_State *L = lp->L;
+    if (lp->handler_timeout_ms <= 0) {
+        pup_lua_push_event(L, ev);
+        return call_projection(lp, "handle", 1, err);
+    }
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (double)ts.tv_sec + ts.tv_nsec / 1e9 + lp->handler_timeout_ms / 1000.0);
+    lua_setfield(L, LUA_REGISTRYINDEX, "pupsourcing.deadline");
+    lua_pushinteger(L, lp->handler_timeout_ms);
+    lua_setfield(L, LUA_REGISTRYINDEX, "pupsourcing.deadline_ms");
+    lua_sethook(L, deadline_hook, LUA_MASKCOUNT, 10000);
+    pup_lua_push_event(L, ev);
+    int rc = call_projection(lp, "handle", 1, err);
+    lua_sethook(L, NULL, 0, 0);
+    return rc;
 }
 
 /* Copies a list of strings from field k of the table at idx (anchored there). */
@@ -121,6 +153,8 @@ static int l_processor(lua_State *L) {
     }
     if (!lua_isnoneornil(L, 3)) lua_pop(L, 1);
 
+    int timeout_ms = (int)opt_int(L, 3, "handler_timeout_ms", 0);
+    luaL_argcheck(L, timeout_ms >= 0, 3, "handler_timeout_ms must be >= 0");
     const pup_store *store;
     int has_store = !lua_isnoneornil(L, 3) && lua_getfield(L, 3, "store") != LUA_TNIL;
     if (!has_store) {
@@ -140,6 +174,7 @@ static int l_processor(lua_State *L) {
     lp->proj_ref = lp->tx_ref = lp->db_ref = lp->store_ref = LUA_NOREF;
     luaL_setmetatable(L, PUP_PROCESSOR_MT);
     lp->L = L;
+    lp->handler_timeout_ms = timeout_ms;
     pup_handler h = {lp, NULL, cb_handle};
     lua_getfield(L, 2, "setup");
     if (lua_isfunction(L, -1)) h.setup = cb_setup;
@@ -227,11 +262,35 @@ static void share_progress(void *ud, const pup_processor *p) {
     __atomic_store_n(&lp->shared->standby, s.standby, __ATOMIC_RELAXED);
 }
 
+/* Log lines of the loop: text, or one JSON object a line for machines. */
+static void log_line(void *ud, const char *line) {
+    lproc *lp = ud;
+    if (!lp->json_log) {
+        fprintf(stderr, "pupsourcing: %s\n", line);
+        return;
+    }
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    char buf[2600];
+    size_t n = 0;
+    for (const char *s = line; *s && n < sizeof buf - 8; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\') buf[n++] = '\\', buf[n++] = (char)ch;
+        else if (ch == '\n') buf[n++] = '\\', buf[n++] = 'n';
+        else if (ch < 0x20) n += (size_t)snprintf(buf + n, sizeof buf - n, "\\u%04x", ch);
+        else buf[n++] = (char)ch;
+    }
+    buf[n] = '\0';
+    fprintf(stderr, "{\"time\":%.3f,\"level\":\"info\",\"msg\":\"%s\"}\n",
+            (double)ts.tv_sec + ts.tv_nsec / 1e9, buf);
+}
+
 /* Runs the loop with stop_fd; pushes handled-in-this-run or nil, err. */
 static int run_loop(lua_State *L, lproc *lp, int stop_fd, int once) {
     pup_processor_stats before;
     pup_processor_stats_get(lp->p, &before);
-    pup_run_opts o = {.stop_fd = stop_fd, .once = once, .progress = share_progress, .ud = lp};
+    pup_run_opts o = {.stop_fd = stop_fd, .once = once, .progress = share_progress,
+                      .log = log_line, .ud = lp};
     pup_error err;
     int rc = pup_processor_run(lp->p, &o, &err);
     share_progress(lp, lp->p);
@@ -269,12 +328,14 @@ static int proc_run(lua_State *L) {
     return n;
 }
 
-/* processor:_run_fd(fd, once, shared_stats) -- the runner's entry (no signal handling). */
+/* processor:_run_fd(fd, once, shared_stats, json_log) -- the runner's entry (no signal
+ * handling). */
 static int proc_run_fd(lua_State *L) {
     lproc *lp = checkproc(L);
     int fd = (int)luaL_checkinteger(L, 2);
     int once = lua_toboolean(L, 3);
     lp->shared = lua_touserdata(L, 4);
+    lp->json_log = lua_toboolean(L, 5);
     return run_loop(L, lp, fd, once);
 }
 

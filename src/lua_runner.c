@@ -38,21 +38,22 @@ struct runner {
     char **files;
     int nfiles;
     char *url, *events, *heads, *checkpoints, *path, *cpath;
-    int batch_size, poll_ms, once, json_log;
+    int batch_size, poll_ms, once, json_log, handler_timeout_ms;
     int stop[2];
 };
 
 /* What each worker thread runs in its own VM. */
 static const char worker_chunk[] =
     "local pup = require 'pupsourcing'\n"
-    "local file, url, key, total, batch, poll, once, fd, stats, ev, hd, ck = ...\n"
+    "local file, url, key, total, batch, poll, once, fd, stats, ev, hd, ck, json, limit = ...\n"
     "local proj = pup.load_projection(file)\n"
     "local db <close>, cerr = pup.connect(url)\n"
     "if not db then return proj.name, cerr.code, cerr.message end\n"
     "local store = pup.store{events_table = ev, aggregate_heads_table = hd, checkpoints_table = ck}\n"
     "local p <close> = pup.processor(db, proj, {partition_key = key, total_partitions = total,\n"
-    "  batch_size = batch or proj.batch_size, poll_interval = poll, store = store})\n"
-    "local n, err = p:_run_fd(fd, once, stats)\n"
+    "  batch_size = batch or proj.batch_size, poll_interval = poll, store = store,\n"
+    "  handler_timeout_ms = limit})\n"
+    "local n, err = p:_run_fd(fd, once, stats, json)\n"
     "return proj.name, err and err.code, err and err.message\n";
 
 static void push_opt(lua_State *L, const char *s) {
@@ -97,8 +98,10 @@ static void *worker_main(void *arg) {
         push_opt(L, r->events);
         push_opt(L, r->heads);
         push_opt(L, r->checkpoints);
+        lua_pushboolean(L, r->json_log);
+        lua_pushinteger(L, r->handler_timeout_ms);
         /* No traceback: a handler's error already carries its own. */
-        if (lua_pcall(L, 12, 3, 0) != LUA_OK) {
+        if (lua_pcall(L, 14, 3, 0) != LUA_OK) {
             snprintf(w->error, sizeof w->error, "%s", luaL_tolstring(L, -1, NULL));
             w->code = PUP_ERR_INVALID_PROJECTION;
             __atomic_store_n(&w->failed, 1, __ATOMIC_RELEASE);
@@ -185,6 +188,8 @@ static int l_runner(lua_State *L) {
     if (workers > 0 && key >= 0) luaL_error(L, "use either workers or partition_key/total_partitions, not both");
     if (total < 1) luaL_error(L, "total_partitions must be >= 1");
     if (key >= total) luaL_error(L, "partition_key %d must be below total_partitions %d", key, total);
+    r->handler_timeout_ms = intfield(L, 1, "handler_timeout_ms", 0);
+    if (r->handler_timeout_ms < 0) luaL_error(L, "handler_timeout_ms must be >= 0");
     r->batch_size = intfield(L, 1, "batch_size", 0);
     if (r->batch_size < 0) luaL_error(L, "batch_size must be >= 1");
     r->poll_ms = 1000;
@@ -279,8 +284,12 @@ static int runner_run(lua_State *L) {
         int sig = sigtimedwait(&set, NULL, &ts);
         if (sig > 0 && !stopping) {
             stopping = interrupted = 1;
-            fprintf(stderr, "%spupsourcing: %s received, finishing the current batches\n",
-                    isatty(2) ? "\n" : "", sig == SIGINT ? "SIGINT" : "SIGTERM");
+            const char *name = sig == SIGINT ? "SIGINT" : "SIGTERM";
+            if (r->json_log)
+                fprintf(stderr, "{\"level\":\"info\",\"msg\":\"%s received, finishing the current batches\"}\n", name);
+            else
+                fprintf(stderr, "%spupsourcing: %s received, finishing the current batches\n",
+                        isatty(2) ? "\n" : "", name);
             if (write(r->stop[1], "x", 1) < 0) {
             }
         }

@@ -167,6 +167,8 @@ static const char *get_field(lua_State *L, int keep, int *nkeep, const char *k, 
     }
     out->p = lua_tolstring(L, -1, &out->len); /* anchored by the event table or `keep` */
     lua_pop(L, 1);
+    /* Only the payload is bytes; text columns cannot hold NUL. */
+    if (strcmp(k, "payload") != 0 && memchr(out->p, '\0', out->len)) return "contains a NUL byte";
     return NULL;
 }
 

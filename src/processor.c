@@ -288,7 +288,10 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     pup_params_text(q, 0, p->name, strlen(p->name));
     pup_params_int(q, 1, p->cfg.total_partitions);
     pup_params_int(q, 2, p->cfg.partition_key);
-    pup_params_int(q, 3, p->cfg.batch_size);
+    /* Other partitions' events only advance the position: read enough rows that about
+     * batch_size of them are this partition's, so N partitions commit as often as one. */
+    long long window = (long long)p->cfg.batch_size * p->cfg.total_partitions;
+    pup_params_int(q, 3, window > 100000 ? 100000 : window);
     PGresult *r = pup_conn_exec(p->conn, st, q, 1, err);
     if (!r) {
         abort_batch(p);
@@ -384,9 +387,25 @@ static void logf_(const pup_run_opts *o, const char *fmt, ...) {
     else fprintf(stderr, "pupsourcing: %s\n", line);
 }
 
+static int stopped(const pup_run_opts *o) {
+    if (o->stop_fd < 0) return 0;
+    struct pollfd f = {.fd = o->stop_fd, .events = POLLIN};
+    return poll(&f, 1, 0) > 0 && (f.revents & POLLIN);
+}
+
 /* Waits up to ms for a notification, the stop fd or the timeout. Returns 1 if stop. */
 static int wait_for(pup_processor *p, const pup_run_opts *o, int ms) {
     PGconn *pg = pup_conn_pg(p->conn);
+    /* A notification read during the last batch is already queued: no need to wait. */
+    if (p->listening && pup_conn_ok(p->conn) && PQconsumeInput(pg)) {
+        PGnotify *nt;
+        int any = 0;
+        while ((nt = PQnotifies(pg)) != NULL) {
+            PQfreemem(nt);
+            any = 1;
+        }
+        if (any) return stopped(o);
+    }
     struct pollfd fds[2];
     int n = 0;
     if (o->stop_fd >= 0) fds[n++] = (struct pollfd){.fd = o->stop_fd, .events = POLLIN};
@@ -403,11 +422,6 @@ static int wait_for(pup_processor *p, const pup_run_opts *o, int ms) {
     return 0;
 }
 
-static int stopped(const pup_run_opts *o) {
-    if (o->stop_fd < 0) return 0;
-    struct pollfd f = {.fd = o->stop_fd, .events = POLLIN};
-    return poll(&f, 1, 0) > 0 && (f.revents & POLLIN);
-}
 
 int pup_processor_run(pup_processor *p, const pup_run_opts *o, pup_error *err) {
     long long target = -1;
@@ -438,7 +452,8 @@ int pup_processor_run(pup_processor *p, const pup_run_opts *o, pup_error *err) {
         backoff_ms = 100;
         if (o->progress) o->progress(o->ud, p);
         if (o->once && p->stats.position >= target) return 0;
-        if (advanced >= p->cfg.batch_size) {
+        if (advanced >= (long long)p->cfg.batch_size * p->cfg.total_partitions ||
+            advanced >= 100000) {
             hole_ms = 5;
             continue; /* more is waiting */
         }

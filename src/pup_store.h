@@ -15,7 +15,7 @@ typedef struct pup_store {
     char q_events[PUP_NAME_MAX + 8], q_heads[PUP_NAME_MAX + 8], q_checkpoints[PUP_NAME_MAX + 8];
     char channel[PUP_NAME_MAX + 16]; /* LISTEN/NOTIFY channel of the events table */
     /* SQL texts, built once; prepared per connection through the statement cache. */
-    char *sql_append, *sql_read, *sql_stream, *sql_head;
+    char *sql_append, *sql_append_one, *sql_read, *sql_stream, *sql_head;
 } pup_store;
 
 /* Validates the names (NULL = default "events", "aggregate_heads",

@@ -46,6 +46,36 @@ static char *fmt(const char *f, ...) {
     return s;
 }
 
+/* One statement per append: check the expected version against the head, insert the
+ * events (versions from the head, positions in version order), move the head and
+ * notify, all or nothing. $3 NULL = any. `source` yields the events' columns: binary
+ * arrays for many events, plain parameters for one. */
+static char *append_sql(const pup_store *s, const char *source) {
+    return fmt(
+        "WITH cur AS (SELECT COALESCE((SELECT aggregate_version FROM %s"
+        " WHERE aggregate_type = $1 AND aggregate_id = $2), 0) AS v),"
+        " ok AS (SELECT v FROM cur WHERE $3::bigint IS NULL OR v = $3::bigint),"
+        " ins AS (INSERT INTO %s (aggregate_type, aggregate_id, aggregate_version, event_id,"
+        " event_type, event_version, payload, metadata, causation_id, correlation_id,"
+        " trace_id, created_at)"
+        " SELECT $1, $2, ok.v + u.ord, COALESCE(u.event_id::uuid, gen_random_uuid()),"
+        " u.event_type, u.event_version::int, u.payload, u.metadata::jsonb, u.causation_id,"
+        " u.correlation_id, u.trace_id, COALESCE(u.created_at::timestamptz, now())"
+        " FROM ok, %s AS u(event_id, event_type, event_version, payload, metadata, causation_id,"
+        " correlation_id, trace_id, created_at, ord) ORDER BY u.ord"
+        " RETURNING global_position, aggregate_version),"
+        " head AS (INSERT INTO %s (aggregate_type, aggregate_id, aggregate_version, updated_at)"
+        " SELECT $1, $2, max(aggregate_version), now() FROM ins HAVING count(*) > 0"
+        " ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET"
+        " aggregate_version = EXCLUDED.aggregate_version, updated_at = EXCLUDED.updated_at"
+        " RETURNING 1),"
+        " note AS (SELECT pg_notify('%s', '') FROM head)"
+        " SELECT cur.v, ins.global_position, ins.aggregate_version"
+        " FROM cur CROSS JOIN (SELECT count(*) FROM note) n LEFT JOIN ins ON true"
+        " ORDER BY ins.aggregate_version",
+        s->q_heads, s->q_events, source, s->q_heads, s->channel);
+}
+
 int pup_store_init(pup_store *s, const char *events, const char *heads,
                    const char *checkpoints, pup_error *err) {
     memset(s, 0, sizeof *s);
@@ -66,35 +96,11 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
     quote_name(s->q_checkpoints, sizeof s->q_checkpoints, s->checkpoints, "");
     snprintf(s->channel, sizeof s->channel, "pupsourcing.%s", s->events);
 
-    const char *E = s->q_events, *H = s->q_heads;
-    /* One statement per append: check the expected version against the head, insert the
-     * events (versions from the head, positions in version order), move the head and
-     * notify, all or nothing. $3 NULL = any. Arrays are binary text[]/bytea[]. */
-    s->sql_append = fmt(
-        "WITH cur AS (SELECT COALESCE((SELECT aggregate_version FROM %s"
-        " WHERE aggregate_type = $1 AND aggregate_id = $2), 0) AS v),"
-        " ok AS (SELECT v FROM cur WHERE $3::bigint IS NULL OR v = $3::bigint),"
-        " ins AS (INSERT INTO %s (aggregate_type, aggregate_id, aggregate_version, event_id,"
-        " event_type, event_version, payload, metadata, causation_id, correlation_id,"
-        " trace_id, created_at)"
-        " SELECT $1, $2, ok.v + u.ord, COALESCE(u.event_id::uuid, gen_random_uuid()),"
-        " u.event_type, u.event_version::int, u.payload, u.metadata::jsonb, u.causation_id,"
-        " u.correlation_id, u.trace_id, COALESCE(u.created_at::timestamptz, now())"
-        " FROM ok, unnest($4::text[], $5::text[], $6::text[], $7::bytea[], $8::text[],"
-        " $9::text[], $10::text[], $11::text[], $12::text[]) WITH ORDINALITY"
-        " AS u(event_id, event_type, event_version, payload, metadata, causation_id,"
-        " correlation_id, trace_id, created_at, ord) ORDER BY u.ord"
-        " RETURNING global_position, aggregate_version),"
-        " head AS (INSERT INTO %s (aggregate_type, aggregate_id, aggregate_version, updated_at)"
-        " SELECT $1, $2, max(aggregate_version), now() FROM ins HAVING count(*) > 0"
-        " ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET"
-        " aggregate_version = EXCLUDED.aggregate_version, updated_at = EXCLUDED.updated_at"
-        " RETURNING 1),"
-        " note AS (SELECT pg_notify('%s', '') FROM head)"
-        " SELECT cur.v, ins.global_position, ins.aggregate_version"
-        " FROM cur CROSS JOIN (SELECT count(*) FROM note) n LEFT JOIN ins ON true"
-        " ORDER BY ins.aggregate_version",
-        H, E, H, s->channel);
+    const char *E = s->q_events;
+    s->sql_append = append_sql(s, "unnest($4::text[], $5::text[], $6::text[], $7::bytea[], $8::text[],"
+                                  " $9::text[], $10::text[], $11::text[], $12::text[]) WITH ORDINALITY");
+    s->sql_append_one = append_sql(s, "(SELECT $4::text, $5::text, $6::text, $7::bytea, $8::text,"
+                                      " $9::text, $10::text, $11::text, $12::text, 1::bigint)");
     s->sql_read = fmt("SELECT " PUP_EVENT_COLUMNS " FROM %s WHERE global_position > $1"
                       " ORDER BY global_position LIMIT $2", E);
     s->sql_stream = fmt("SELECT " PUP_EVENT_COLUMNS " FROM %s WHERE aggregate_type = $1"
@@ -102,7 +108,7 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
                         " AND ($4::bigint < 0 OR aggregate_version <= $4::bigint)"
                         " ORDER BY aggregate_version", E);
     s->sql_head = fmt("SELECT COALESCE(max(global_position), 0) FROM %s", E);
-    if (!s->sql_append || !s->sql_read || !s->sql_stream || !s->sql_head) {
+    if (!s->sql_append || !s->sql_append_one || !s->sql_read || !s->sql_stream || !s->sql_head) {
         pup_store_free(s);
         return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "out of memory");
     }
@@ -111,10 +117,11 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
 
 void pup_store_free(pup_store *s) {
     free(s->sql_append);
+    free(s->sql_append_one);
     free(s->sql_read);
     free(s->sql_stream);
     free(s->sql_head);
-    s->sql_append = s->sql_read = s->sql_stream = s->sql_head = NULL;
+    s->sql_append = s->sql_append_one = s->sql_read = s->sql_stream = s->sql_head = NULL;
 }
 
 char *pup_store_schema_sql(const pup_store *s) {

@@ -19,7 +19,9 @@ command -v psql >/dev/null || { echo "psql not found" >&2; exit 1; }
 ADMIN_URL=$DATABASE_URL
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/pup-example.XXXXXX")
 declare -A PID=()
-now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); }
+now_ms() {
+  if [ -n "${EPOCHREALTIME:-}" ]; then local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); else date +%s%3N; fi
+}
 T0=$(now_ms)
 
 note() { local d=$(($(now_ms) - T0)); printf '[%3d.%02ds] %s\n' $((d / 1000)) $((d % 1000 / 10)) "$*"; }

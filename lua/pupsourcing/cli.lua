@@ -19,6 +19,7 @@ run options:
   --batch-size B                           events per batch/transaction (default: the file's, else 100)
   --poll-interval MS                       fallback poll when no notification comes (default 1000)
   --once                                   stop when caught up with the log as it was at start
+  --handler-timeout MS                     fail a handler that runs longer than MS on one event
   --log-format text|json
 common options:
   --database-url URL     else DATABASE_URL, else libpq defaults (PGHOST, ...)
@@ -56,23 +57,24 @@ local function parse(argv, first)
   return flags, words
 end
 
+-- An integer flag (or its environment variable); returns the value and where it came from.
 local function int_flag(flags, k, env, min)
   local v = flags[k]
   local from = "--" .. k
   if v == nil and env and os.getenv(env) and os.getenv(env) ~= "" then
     v, from = os.getenv(env), env
   end
-  if v == nil then return nil end
+  if v == nil then return nil, from end
   local n = math.tointeger(tonumber(v))
   if not n or n < min then
     error(("%s must be an integer >= %d, got %q"):format(from, min, tostring(v)), 0)
   end
-  return n
+  return n, from
 end
 
 local KNOWN = {
   run = { ["partition-key"] = 1, ["total-partitions"] = 1, workers = 1, ["batch-size"] = 1,
-    ["poll-interval"] = 1, once = 1, ["log-format"] = 1 },
+    ["poll-interval"] = 1, once = 1, ["log-format"] = 1, ["handler-timeout"] = 1 },
   migrate = {}, ["migrate-gen"] = { output = 1, filename = 1 }, status = { json = 1 }, reset = {},
 }
 local COMMON = { ["database-url"] = 1, ["events-table"] = 1, ["aggregate-heads-table"] = 1,
@@ -103,7 +105,11 @@ end
 commands["migrate-gen"] = function(flags)
   if not flags.output then return fail("migrate-gen needs --output DIR") end
   local store = pup.store(store_opts(flags))
-  local path = flags.output .. "/" .. (flags.filename or "init.sql")
+  local dir = flags.output
+  if not os.execute("mkdir -p '" .. dir:gsub("'", "'\\''") .. "'") then
+    return fail("cannot create directory " .. dir)
+  end
+  local path = dir .. "/" .. (flags.filename or "init.sql")
   local f, err = io.open(path, "wb")
   if not f then return fail(err) end
   f:write(store:schema_sql())
@@ -124,12 +130,15 @@ function commands.status(flags)
     return 0
   end
   if #rows == 0 then print("no projection checkpoints yet") return 0 end
-  print(("%-28s %9s %12s %12s %10s  %s"):format("projection", "partition", "position", "head", "lag", "updated / waiting"))
+  local w = #"projection"
+  for _, r in ipairs(rows) do w = math.max(w, #r.projection) end
+  local line = "%-" .. w .. "s %9s %12s %12s %10s  %s"
+  print(line:format("projection", "partition", "position", "head", "lag", "updated / waiting"))
   for _, r in ipairs(rows) do
     local wait = r.waiting_position ~= pup.null
         and ("  waiting for position %d since %s"):format(r.waiting_position, r.waiting_since) or ""
-    print(("%-28s %9s %12d %12d %10d  %s%s"):format(r.projection, r.partition_key .. "/" .. r.total_partitions,
-      r.position, r.head, r.lag, r.updated_at, wait))
+    print(line:format(r.projection, r.partition_key .. "/" .. r.total_partitions,
+      r.position, r.head, r.lag, r.updated_at .. wait))
   end
   return 0
 end
@@ -147,17 +156,18 @@ end
 function commands.run(flags, words)
   if #words == 0 then return fail("run needs at least one projection FILE.lua") end
   local workers = int_flag(flags, "workers", nil, 1)
-  local key = int_flag(flags, "partition-key", "PARTITION_KEY", 0)
-  local total = int_flag(flags, "total-partitions", "TOTAL_PARTITIONS", 1)
+  local key, key_from = int_flag(flags, "partition-key", "PARTITION_KEY", 0)
+  local total, total_from = int_flag(flags, "total-partitions", "TOTAL_PARTITIONS", 1)
   local batch = int_flag(flags, "batch-size", nil, 1)
   local poll = int_flag(flags, "poll-interval", nil, 1)
+  local limit = int_flag(flags, "handler-timeout", nil, 1)
   if workers and (flags["partition-key"] or flags["total-partitions"]) then
     return fail("--workers and --partition-key/--total-partitions exclude each other")
   end
   if key and not workers then
     total = total or 1
     if key >= total then
-      return fail(("partition key %d must be below total partitions %d"):format(key, total))
+      return fail(("%s %d must be below %s %d"):format(key_from, key, total_from, total))
     end
   elseif total and total > 1 and not workers then
     return fail("--total-partitions needs --partition-key (or PARTITION_KEY)")
@@ -178,14 +188,22 @@ function commands.run(flags, words)
     total_partitions = not workers and total or nil, batch_size = batch,
     poll_interval = poll and poll / 1000 or nil, once = flags.once and true or false,
     database_url = flags["database-url"], store = store_opts(flags), log_format = fmt,
+    handler_timeout_ms = limit,
   }
   local res, err = r:run()
+  local function log(msg, level)
+    if fmt == "json" then
+      io.stderr:write(pup.json.encode { time = pup.now(), level = level or "info", msg = msg }, "\n")
+    else
+      io.stderr:write("pupsourcing: ", msg, "\n")
+    end
+  end
   if not res then
-    io.stderr:write("pupsourcing: ", tostring(err), "\n")
+    log(tostring(err), "error")
     return 1
   end
   for name, s in pairs(res) do
-    io.stderr:write(("pupsourcing: %s: %d event(s) handled by %d partition worker(s)\n"):format(name, s.handled, s.partitions))
+    log(("%s: %d event(s) handled by %d partition worker(s)"):format(name, s.handled, s.partitions))
   end
   return 0
 end
