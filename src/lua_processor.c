@@ -87,7 +87,8 @@ static int cb_handle(void *ud, pup_conn *c, const pup_event *ev, pup_error *err)
     return rc;
 }
 
-/* Copies a list of strings from field k of the table at idx (anchored there). */
+/* Collects the strings of list field k of the table at idx into an array that is left
+ * on the stack (a userdata), so it stays alive until the caller is done with it. */
 static const char **string_list(lua_State *L, int idx, const char *k, int *n) {
     *n = 0;
     if (lua_getfield(L, idx, k) != LUA_TTABLE) {
@@ -102,7 +103,7 @@ static const char **string_list(lua_State *L, int idx, const char *k, int *n) {
         out[i] = lua_tostring(L, -1); /* anchored by the projection table */
         lua_pop(L, 1);
     }
-    lua_pop(L, 2);
+    lua_remove(L, -2); /* the list; the array stays on the stack */
     *n = len;
     return out;
 }
@@ -125,6 +126,7 @@ static int l_processor(lua_State *L) {
     pup_conn *c = pup_lua_checkconn(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     if (!lua_isnoneornil(L, 3)) luaL_checktype(L, 3, LUA_TTABLE);
+    lua_settop(L, 3); /* fixed argument slots; temporaries go above them */
     /* Validate through the Lua part's check_projection. */
     lua_getglobal(L, "require");
     lua_pushliteral(L, "pupsourcing");
