@@ -1,0 +1,196 @@
+-- Issue 5, faults: SIGKILL of a processor at random moments of a catch-up, lost
+-- connections mid-batch, and a standby taking over a SIGKILLed worker's partition.
+local pup = require "pupsourcing"
+local H = require "spec.helpers"
+local R = require "spec.reliability.common"
+
+-- A NON-idempotent counter (n = n + 1) plus a log of handled positions: exact only if
+-- every event is handled exactly once. REL_SLEEP (seconds per event) slows it down.
+local COUNTER = [[
+local sleep = tonumber(os.getenv("REL_SLEEP") or "")
+local pup = require "pupsourcing"
+return {
+  name = "%{NAME}",
+  batch_size = 100,
+  setup = function(tx)
+    assert(tx:exec("CREATE TABLE IF NOT EXISTS %{CNT} (agg text PRIMARY KEY, n bigint NOT NULL)"))
+    assert(tx:exec("CREATE TABLE IF NOT EXISTS %{SEEN} (pos bigint NOT NULL, agg text NOT NULL)"))
+  end,
+  handle = function(tx, e)
+    assert(tx:exec("INSERT INTO %{CNT} AS c (agg, n) VALUES ($1, 1) ON CONFLICT (agg) DO UPDATE SET n = c.n + 1",
+      e.aggregate_id))
+    assert(tx:exec("INSERT INTO %{SEEN} (pos, agg) VALUES ($1, $2)", e.global_position, e.aggregate_id))
+    if sleep then pup.sleep(sleep) end
+  end,
+}
+]]
+
+describe("reliability: faults", function()
+  local store, db, T, tmp
+  local CNT, SEEN = "t_rel_faults_cnt", "t_rel_faults_seen"
+
+  before_each(function()
+    store, db, T = H.fresh_store("rel_faults")
+    assert(db:exec("DROP TABLE IF EXISTS " .. CNT))
+    assert(db:exec("DROP TABLE IF EXISTS " .. SEEN))
+    tmp = H.tmpdir()
+  end)
+
+  after_each(function()
+    R.cleanup()
+    db:close()
+    H.rmdir(tmp)
+  end)
+
+  local function counter_file(name)
+    return R.template(tmp, name .. ".lua", COUNTER, { NAME = name, CNT = CNT, SEEN = SEEN })
+  end
+
+  local function run_args(extra, file)
+    local args = { "run" }
+    for _, x in ipairs(extra or {}) do args[#args + 1] = x end
+    for _, x in ipairs(R.table_flags(T)) do args[#args + 1] = x end
+    args[#args + 1] = file
+    return R.pup_argv(args)
+  end
+
+  local function table_exists(name)
+    return R.one(db, "SELECT to_regclass($1)::text AS t", name).t ~= pup.null
+  end
+
+  -- Single partition, everything in scope: the committed read model matches the checkpoint.
+  local function assert_matches_checkpoint(name)
+    local cp = R.checkpoint(db, T, name)
+    if not table_exists(CNT) then
+      assert.equal(0, cp)
+      return cp
+    end
+    local c = R.one(db, ("SELECT COALESCE(sum(n), 0)::bigint AS total FROM %s"):format(CNT))
+    local s = R.one(db, ("SELECT count(*) AS n, count(DISTINCT pos) AS d, COALESCE(max(pos), 0) AS hi FROM %s"):format(SEEN))
+    assert.same({ total = cp, n = cp, d = cp, hi = cp }, { total = c.total, n = s.n, d = s.d, hi = s.hi })
+    return cp
+  end
+
+  -- Every aggregate counted exactly as often as it has events; each position once.
+  local function assert_exact(where)
+    local wrong = R.one(db, ([[SELECT count(*) AS n FROM (SELECT aggregate_id AS agg, count(*) AS n FROM "%s"
+        %s GROUP BY aggregate_id) e FULL JOIN %s c USING (agg) WHERE e.n IS DISTINCT FROM c.n]]):format(
+        T.events_table, where or "", CNT)).n
+    assert.equal(0, wrong, "aggregates with a wrong count")
+    local s = R.one(db, ("SELECT count(*) AS n, count(DISTINCT pos) AS d FROM %s"):format(SEEN))
+    assert.equal(s.n, s.d, "positions handled twice")
+  end
+
+  it("SIGKILL at 10 random moments of a 50,000-event catch-up, restarting each time: exact counts", function()
+    local t0 = pup.now()
+    local head = R.populate(store, db, 50000, 250, 200)
+    assert.equal(50000, head)
+    local file = counter_file("rel_kill")
+    -- 10 kill points spread over the catch-up, each at a random position and a random delay after it
+    local targets = {}
+    for i = 1, 10 do targets[i] = math.random(1, 45000) end
+    table.sort(targets)
+    local kills, cps = 0, {}
+    for i = 1, 10 do
+      local p = R.spawn(run_args({ "--batch-size", "100" }, file))
+      R.wait_until("the checkpoint to pass " .. targets[i], 60, function()
+        assert.is_nil(p:code(), "the processor exited early: " .. p:stderr())
+        return R.checkpoint(db, T, "rel_kill") >= targets[i]
+      end, 0.002)
+      pup.sleep(math.random() * 0.05)
+      p:kill("KILL")
+      assert.equal(128 + 9, p:wait(5), "not killed by SIGKILL: " .. p:stderr())
+      kills = kills + 1
+      local cp = assert_matches_checkpoint("rel_kill")
+      assert.is_true(cp < head, "kill " .. i .. " came after the catch-up ended")
+      cps[#cps + 1] = cp
+    end
+    local p = R.spawn(run_args({ "--once", "--batch-size", "100" }, file))
+    assert.equal(0, p:wait(120), p:stderr())
+    assert.equal(head, R.checkpoint(db, T, "rel_kill"))
+    assert_exact()
+    assert.equal(50000, R.one(db, ("SELECT sum(n)::bigint AS n FROM %s"):format(CNT)).n)
+    R.report("faults: %d SIGKILLs of `run` during a 50000-event catch-up (checkpoints at the kills: %s);"
+      .. " read model = checkpoint after every kill; final counts exact (50000 over 250 aggregates), %.1f s",
+      kills, table.concat(cps, " "), pup.now() - t0)
+  end)
+
+  it("connections killed mid-batch (pg_terminate_backend, 5 times): no partial batch, reconnects, exact", function()
+    local head = R.populate(store, db, 3000, 30, 100)
+    local file = counter_file("rel_term")
+    local p = R.spawn(run_args({ "--batch-size", "100", "--poll-interval", "100" }, file), { REL_SLEEP = "0.001" })
+    local key = "pupsourcing/" .. T.checkpoints_table .. "/rel_term/0/1"
+    local terminated = 0
+    for i = 1, 5 do
+      -- the backend holding the partition, while it is inside a batch (handler running)
+      local victim = R.wait_until("the run's backend to be mid-batch (" .. i .. ")", 30, function()
+        assert.is_nil(p:code(), p:stderr())
+        local rows = assert(db:query([[SELECT a.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+            WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+              AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($1, 0)
+              AND a.xact_start IS NOT NULL]], key))
+        return rows[1] and rows[1].pid
+      end, 0.005)
+      assert(db:query("SELECT pg_terminate_backend($1)", victim))
+      terminated = terminated + 1
+      assert_matches_checkpoint("rel_term")
+      R.wait_until("the run to reconnect (" .. i .. ")", 30, function()
+        local _, n = p:stderr():gsub("reconnected", "")
+        return n >= i
+      end, 0.05)
+    end
+    R.wait_until("the catch-up", 60, function()
+      assert.is_nil(p:code(), p:stderr())
+      return R.checkpoint(db, T, "rel_term") == head
+    end, 0.05)
+    p:kill("TERM")
+    assert.equal(0, p:wait(10), p:stderr())
+    assert_matches_checkpoint("rel_term")
+    assert_exact()
+    R.report("faults: %d backends of a running `run` terminated mid-batch; each time read model = checkpoint,"
+      .. " reconnected, final counts exact (%d events)", terminated, head)
+  end)
+
+  it("a standby takes over the partition of a SIGKILLed worker within seconds, exact", function()
+    local head = R.populate(store, db, 4000, 40, 50)
+    local file = counter_file("rel_standby")
+    local flags = { "--partition-key", "1", "--total-partitions", "2", "--poll-interval", "100" }
+    local a = R.spawn(run_args(flags, file), { REL_SLEEP = "0.002" })
+    R.wait_until("the first worker to start", 20, function() return R.checkpoint(db, T, "rel_standby", 1, 2) > 0 end)
+    local b = R.spawn(run_args(flags, file), { REL_SLEEP = "0.002" })
+    R.wait_until("the standby message", 10, function()
+      return b:stderr():find("standby", 1, true) ~= nil
+    end)
+    pup.sleep(0.3)
+    a:kill("KILL")
+    local killed_at = pup.now()
+    assert.equal(128 + 9, a:wait(5))
+    local cp_at_kill = R.checkpoint(db, T, "rel_standby", 1, 2)
+    assert.is_true(cp_at_kill < head, "killed after the catch-up")
+    R.wait_until("the takeover", 15, function()
+      assert.is_nil(b:code(), b:stderr())
+      return b:stderr():find("took over", 1, true) ~= nil
+    end, 0.01)
+    local took = pup.now() - killed_at
+    R.wait_until("the standby to finish the catch-up", 60, function()
+      return R.checkpoint(db, T, "rel_standby", 1, 2) == head
+    end, 0.05)
+    b:kill("TERM")
+    assert.equal(0, b:wait(10), b:stderr())
+    -- partition 1 of 2 only: exact counts for its aggregates, nothing of partition 0
+    for _, row in ipairs(assert(db:query(("SELECT agg FROM %s"):format(CNT)))) do
+      assert.equal(1, pup.partition_of(row.agg, 2), row.agg)
+    end
+    local expected = 0
+    for _, row in ipairs(assert(db:query(('SELECT aggregate_id AS agg, count(*) AS n FROM "%s" GROUP BY 1'):format(T.events_table)))) do
+      if pup.partition_of(row.agg, 2) == 1 then
+        expected = expected + row.n
+        assert.equal(row.n, R.one(db, ("SELECT n FROM %s WHERE agg = $1"):format(CNT), row.agg).n, row.agg)
+      end
+    end
+    local s = R.one(db, ("SELECT count(*) AS n, count(DISTINCT pos) AS d FROM %s"):format(SEEN))
+    assert.same({ n = expected, d = expected }, s)
+    R.report("faults: standby took over a SIGKILLed worker's partition 1/2 in %.2f s (killed at checkpoint %d of %d);"
+      .. " %d events of the partition counted exactly once", took, cp_at_kill, head, expected)
+  end)
+end)
