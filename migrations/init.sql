@@ -57,4 +57,20 @@ CREATE TABLE IF NOT EXISTS "projection_checkpoints" (
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (projection_name, total_partitions, partition_key)
 );
+
+-- Worker groups (`pupsourcing run --group`): live workers by heartbeat, and each
+-- projection's partition count (previous_total while a repartition settles).
+CREATE TABLE IF NOT EXISTS "projection_checkpoints_workers" (
+    projection_name TEXT NOT NULL,
+    worker_id TEXT NOT NULL,
+    heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (projection_name, worker_id)
+);
+CREATE TABLE IF NOT EXISTS "projection_checkpoints_groups" (
+    projection_name TEXT PRIMARY KEY,
+    total_partitions INT NOT NULL,
+    previous_total INT,
+    changed_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
 COMMIT;

@@ -5,6 +5,7 @@
 #include "pup_processor.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <stdarg.h>
@@ -14,7 +15,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#define FIRST_EVENT_COL 4 /* pos, xmin, xmax, mine, then PUP_EVENT_COLUMNS */
+#define FIRST_EVENT_COL 3 /* xmin, xmax, mine, then PUP_EVENT_COLUMNS */
+#define MAX_PARTITIONS 4096
 
 /* A run of missing positions [lo, hi] seen below a visible one, and the xmax of the
  * snapshot that saw it: once a snapshot's xmin reaches that xmax, every transaction
@@ -32,11 +34,22 @@ struct pup_processor {
     pup_projection_cfg cfg;
     char *name;
     pup_handler h;
-    char *sql_read, *sql_checkpoint;
+    char *sql_read, *sql_checkpoint, *sql_lease_checkpoint;
     char lock_key[PUP_NAME_MAX * 2 + 64];
-    char owner[128];
+    char owner[160]; /* this worker: host/pid/random */
     pup_params params;
     int setup_done, locked, listening;
+    /* The partitions held, with their checkpoints (valid where held). */
+    int total;
+    unsigned char *held;
+    long long *cp;
+    int nheld;
+    char *held_list; /* "{1,5,9}" for SQL */
+    /* Group mode: next heartbeat, and the checkpoints of the partitioning before a
+     * repartition, honoured until every new partition has passed them. */
+    double next_tick;
+    int old_total;
+    long long *old_cp, old_max;
     gap gap;
     long long recorded_wait; /* waiting_position last written to the checkpoint row */
     pup_processor_stats stats;
@@ -79,6 +92,52 @@ static char *scope_sql(PGconn *pg, const char *col, const char *const *vals, int
     return out;
 }
 
+/* Sizes the per-partition arrays for total partitions, none held. */
+static int set_total(pup_processor *p, int total) {
+    unsigned char *held = calloc((size_t)total, 1);
+    long long *cp = calloc((size_t)total, sizeof *cp);
+    char *list = malloc((size_t)total * 6 + 3);
+    if (!held || !cp || !list) {
+        free(held);
+        free(cp);
+        free(list);
+        return -1;
+    }
+    free(p->held);
+    free(p->cp);
+    free(p->held_list);
+    p->held = held;
+    p->cp = cp;
+    p->held_list = list;
+    strcpy(list, "{}");
+    p->total = total;
+    p->nheld = 0;
+    return 0;
+}
+
+/* Marks partition k held with checkpoint pos, and rebuilds the SQL list. */
+static void hold(pup_processor *p, int k, long long pos) {
+    if (k < 0 || k >= p->total) return;
+    if (!p->held[k]) p->nheld++;
+    p->held[k] = 1;
+    p->cp[k] = pos;
+}
+
+static void held_list_build(pup_processor *p) {
+    size_t n = 0;
+    p->held_list[n++] = '{';
+    for (int k = 0; k < p->total; k++)
+        if (p->held[k]) n += (size_t)sprintf(p->held_list + n, "%s%d", n > 1 ? "," : "", k);
+    p->held_list[n++] = '}';
+    p->held_list[n] = '\0';
+}
+
+static void drop_all(pup_processor *p) {
+    memset(p->held, 0, (size_t)p->total);
+    p->nheld = 0;
+    held_list_build(p);
+}
+
 pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
                                  const pup_projection_cfg *cfg, const pup_handler *h,
                                  pup_error *err) {
@@ -86,11 +145,12 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
         pup_error_set(err, PUP_ERR_INVALID_PROJECTION, "projection has no name");
         return NULL;
     }
-    if (cfg->total_partitions < 1 || cfg->partition_key < 0 ||
-        cfg->partition_key >= cfg->total_partitions) {
+    if (cfg->total_partitions < 1 || cfg->total_partitions > MAX_PARTITIONS ||
+        (!cfg->group && (cfg->partition_key < 0 || cfg->partition_key >= cfg->total_partitions))) {
         pup_error_set(err, PUP_ERR_INVALID_ARGUMENT,
-                      "projection %s: partition key %d is not in 0..%d (total partitions %d)",
-                      cfg->name, cfg->partition_key, cfg->total_partitions - 1, cfg->total_partitions);
+                      "projection %s: partition key %d is not in 0..%d (total partitions %d, at most %d)",
+                      cfg->name, cfg->partition_key, cfg->total_partitions - 1, cfg->total_partitions,
+                      MAX_PARTITIONS);
         return NULL;
     }
     pup_processor *p = calloc(1, sizeof *p);
@@ -107,33 +167,34 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
     p->cfg.aggregate_types = p->cfg.event_types = NULL; /* baked into the SQL below */
     if (p->cfg.batch_size < 1) p->cfg.batch_size = 100;
     if (p->cfg.poll_interval_ms < 1) p->cfg.poll_interval_ms = 1000;
+    if (p->cfg.lease_ttl_ms < 1) p->cfg.lease_ttl_ms = 10000;
     PGconn *pg = pup_conn_pg(conn);
     char *atypes = scope_sql(pg, "aggregate_type", cfg->aggregate_types, cfg->n_aggregate_types);
     char *etypes = scope_sql(pg, "event_type", cfg->event_types, cfg->n_event_types);
     char host[64] = "?";
     gethostname(host, sizeof host - 1);
-    snprintf(p->owner, sizeof p->owner, "%s/%d", host, (int)getpid());
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    snprintf(p->owner, sizeof p->owner, "%s/%d/%lx", host, (int)getpid(),
+             (unsigned long)(ts.tv_nsec ^ (long)(uintptr_t)p) & 0xffffff);
     snprintf(p->lock_key, sizeof p->lock_key, "pupsourcing/%s/%s/%d/%d", store->checkpoints,
              p->name, cfg->partition_key, cfg->total_partitions);
-    if (atypes && etypes && p->name) {
+    if (atypes && etypes && p->name && set_total(p, cfg->total_partitions) == 0) {
         const char *C = store->q_checkpoints;
-        /* Checkpoint, snapshot and the next events in one statement: the gap rule needs
-         * the rows and the snapshot from the same statement. Events outside the scope
-         * come without payload and metadata: only their positions matter. */
+        /* The snapshot and the next events in one statement: the gap rule needs both
+         * from one snapshot. Events outside the scope come without payload and
+         * metadata: only their positions matter. */
         if (asprintf(&p->sql_read,
-                     "WITH cp AS (SELECT COALESCE((SELECT last_global_position FROM %s"
-                     " WHERE projection_name = $1 AND total_partitions = $2 AND partition_key = $3), 0) AS pos),"
-                     " snap AS (SELECT pg_current_snapshot() AS s)"
-                     " SELECT cp.pos, pg_snapshot_xmin(snap.s)::text, pg_snapshot_xmax(snap.s)::text, e.*"
-                     " FROM cp CROSS JOIN snap LEFT JOIN LATERAL ("
+                     "SELECT pg_snapshot_xmin(snap.s)::text, pg_snapshot_xmax(snap.s)::text, e.*"
+                     " FROM (SELECT pg_current_snapshot() AS s) snap LEFT JOIN LATERAL ("
                      "SELECT (%s AND %s) AS mine, global_position, aggregate_type, aggregate_id,"
                      " aggregate_version, event_id::text, event_type, event_version,"
                      " CASE WHEN %s AND %s THEN payload END, CASE WHEN %s AND %s THEN metadata::text END,"
                      " causation_id, correlation_id, trace_id,"
                      " to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-                     " FROM %s WHERE global_position > cp.pos ORDER BY global_position LIMIT $4) e ON true"
+                     " FROM %s WHERE global_position > $1 ORDER BY global_position LIMIT $2) e ON true"
                      " ORDER BY e.global_position",
-                     C, atypes, etypes, atypes, etypes, atypes, etypes, store->q_events) < 0)
+                     atypes, etypes, atypes, etypes, atypes, etypes, store->q_events) < 0)
             p->sql_read = NULL;
         /* Fenced by the position the batch started from: a second writer of this
          * checkpoint makes the batch fail instead of double-applying. */
@@ -148,10 +209,18 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
                      " WHERE c.last_global_position = $8 RETURNING 1",
                      C) < 0)
             p->sql_checkpoint = NULL;
+        /* In a group, fenced by the lease: a worker that lost it commits nothing. */
+        if (asprintf(&p->sql_lease_checkpoint,
+                     "UPDATE %s SET last_global_position = GREATEST(last_global_position, $4),"
+                     " waiting_position = $5, waiting_since = to_timestamp($6::float8), updated_at = now()"
+                     " WHERE projection_name = $1 AND total_partitions = $2 AND partition_key = ANY($3::int[])"
+                     " AND owner = $7 AND lease_expires_at > clock_timestamp() RETURNING partition_key",
+                     C) < 0)
+            p->sql_lease_checkpoint = NULL;
     }
     free(atypes);
     free(etypes);
-    if (!p->name || !p->sql_read || !p->sql_checkpoint) {
+    if (!p->name || !p->sql_read || !p->sql_checkpoint || !p->sql_lease_checkpoint || !p->held) {
         pup_processor_free(p);
         pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
         return NULL;
@@ -164,6 +233,11 @@ void pup_processor_free(pup_processor *p) {
     free(p->name);
     free(p->sql_read);
     free(p->sql_checkpoint);
+    free(p->sql_lease_checkpoint);
+    free(p->held);
+    free(p->cp);
+    free(p->held_list);
+    free(p->old_cp);
     pup_params_free(&p->params);
     free(p);
 }
@@ -172,33 +246,279 @@ const pup_projection_cfg *pup_processor_cfg(const pup_processor *p) { return &p-
 
 void pup_processor_stats_get(const pup_processor *p, pup_processor_stats *s) { *s = p->stats; }
 
-/* Prefixes err's message with the projection and partition. */
+/* Prefixes err's message with the projection and what it holds. */
 static int with_context(pup_processor *p, pup_error *err) {
-    pup_error_prefix(err, "projection %s partition %d/%d: ", p->name, p->cfg.partition_key,
-                     p->cfg.total_partitions);
+    if (p->cfg.group)
+        pup_error_prefix(err, "projection %s (group worker %s): ", p->name, p->owner);
+    else
+        pup_error_prefix(err, "projection %s partition %d/%d: ", p->name, p->cfg.partition_key,
+                         p->cfg.total_partitions);
     return -1;
 }
 
-int pup_processor_acquire(pup_processor *p, int *acquired, pup_error *err) {
-    *acquired = p->locked;
+/* Runs sql with text parameters (NULL = SQL NULL); returns the result or NULL. */
+static PGresult *run(pup_processor *p, pup_error *err, const char *sql, int n, ...) {
+    const pup_stmt *st = pup_conn_prepare(p->conn, sql, err);
+    if (!st) return NULL;
+    if (pup_params_reset(&p->params, n) < 0) {
+        pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+        return NULL;
+    }
+    va_list ap;
+    va_start(ap, n);
+    for (int i = 0; i < n; i++) {
+        const char *v = va_arg(ap, const char *);
+        if (v) pup_params_text(&p->params, i, v, strlen(v));
+    }
+    va_end(ap);
+    return pup_conn_exec(p->conn, st, &p->params, 0, err);
+}
+
+static int listen_once(pup_processor *p, pup_error *err) {
+    if (p->listening) return 0;
+    char sql[PUP_NAME_MAX + 64];
+    snprintf(sql, sizeof sql, "LISTEN \"%s\"", p->store->channel);
+    if (pup_conn_command(p->conn, sql, err) < 0) return -1;
+    p->listening = 1;
+    return 0;
+}
+
+/* Static partition: the session advisory lock, then its checkpoint. */
+static int acquire_lock(pup_processor *p, pup_error *err) {
     if (p->locked) return 0;
-    const pup_stmt *st = pup_conn_prepare(p->conn, "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", err);
-    if (!st) return with_context(p, err);
-    if (pup_params_reset(&p->params, 1) < 0) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
-    pup_params_text(&p->params, 0, p->lock_key, strlen(p->lock_key));
-    PGresult *r = pup_conn_exec(p->conn, st, &p->params, 0, err);
-    if (!r) return with_context(p, err);
+    PGresult *r = run(p, err, "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", 1, p->lock_key);
+    if (!r) return -1;
     p->locked = PQgetvalue(r, 0, 0)[0] == 't';
     PQclear(r);
-    *acquired = p->locked;
-    p->stats.standby = !p->locked;
-    if (p->locked && !p->listening) {
-        char sql[PUP_NAME_MAX + 64];
-        snprintf(sql, sizeof sql, "LISTEN \"%s\"", p->store->channel);
-        if (pup_conn_command(p->conn, sql, err) < 0) return with_context(p, err);
-        p->listening = 1;
-    }
+    if (!p->locked) return 0;
+    char total[16], key[16];
+    snprintf(total, sizeof total, "%d", p->cfg.total_partitions);
+    snprintf(key, sizeof key, "%d", p->cfg.partition_key);
+    char sql[PUP_NAME_MAX + 200];
+    snprintf(sql, sizeof sql,
+             "SELECT last_global_position FROM %s WHERE projection_name = $1"
+             " AND total_partitions = $2 AND partition_key = $3", p->store->q_checkpoints);
+    r = run(p, err, sql, 3, p->name, total, key);
+    if (!r) return -1;
+    hold(p, p->cfg.partition_key, PQntuples(r) ? strtoll(PQgetvalue(r, 0, 0), NULL, 10) : 0);
+    held_list_build(p);
+    PQclear(r);
     return 0;
+}
+
+/* One heartbeat of a group worker, in its own transaction: register, find the live
+ * workers, settle a repartition, release what is no longer ours and lease our fair share:
+ * partition k belongs to the (k mod n)-th live worker in worker id order. */
+static int group_tick(pup_processor *p, pup_error *err) {
+    const pup_store *S = p->store;
+    char sql[1024], ttl[32], total[16], init[32];
+    snprintf(ttl, sizeof ttl, "%d milliseconds", p->cfg.lease_ttl_ms);
+    if (pup_conn_command(p->conn, "BEGIN; SET LOCAL lock_timeout = '2s'", err) < 0) return -1;
+    PGresult *r = NULL;
+    /* The group's partition count: the table's, else ours. */
+    snprintf(total, sizeof total, "%d", p->cfg.total_partitions);
+    snprintf(sql, sizeof sql,
+             "WITH ins AS (INSERT INTO %s (projection_name, total_partitions) VALUES ($1, $2)"
+             " ON CONFLICT (projection_name) DO NOTHING RETURNING total_partitions, previous_total)"
+             " SELECT total_partitions, previous_total FROM ins UNION ALL"
+             " SELECT total_partitions, previous_total FROM %s WHERE projection_name = $1 LIMIT 1",
+             S->q_groups, S->q_groups);
+    if (!(r = run(p, err, sql, 2, p->name, total))) goto fail;
+    int n_total = atoi(PQgetvalue(r, 0, 0));
+    int prev = PQgetisnull(r, 0, 1) ? 0 : atoi(PQgetvalue(r, 0, 1));
+    PQclear(r);
+    if (n_total < 1 || n_total > MAX_PARTITIONS) {
+        pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "group partition count %d is out of range", n_total);
+        goto fail_norb;
+    }
+    if (n_total != p->total) {
+        /* Repartitioned: give up every lease of the old count and start over. */
+        snprintf(sql, sizeof sql,
+                 "UPDATE %s SET owner = NULL, lease_expires_at = NULL WHERE projection_name = $1 AND owner = $2",
+                 S->q_checkpoints);
+        if (!(r = run(p, err, sql, 2, p->name, p->owner))) goto fail;
+        PQclear(r);
+        if (set_total(p, n_total) < 0) {
+            pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+            goto fail_norb;
+        }
+        free(p->old_cp);
+        p->old_cp = NULL;
+        p->old_total = 0;
+    }
+    snprintf(total, sizeof total, "%d", n_total);
+
+    /* Heartbeat, forget dead workers, list the live ones. */
+    snprintf(sql, sizeof sql,
+             "INSERT INTO %s (projection_name, worker_id) VALUES ($1, $2) ON CONFLICT"
+             " (projection_name, worker_id) DO UPDATE SET heartbeat_at = clock_timestamp()",
+             S->q_workers);
+    if (!(r = run(p, err, sql, 2, p->name, p->owner))) goto fail;
+    PQclear(r);
+    snprintf(sql, sizeof sql,
+             "DELETE FROM %s WHERE projection_name = $1 AND heartbeat_at < clock_timestamp() - $2::interval",
+             S->q_workers);
+    if (!(r = run(p, err, sql, 2, p->name, ttl))) goto fail;
+    PQclear(r);
+    snprintf(sql, sizeof sql,
+             "SELECT worker_id FROM %s WHERE projection_name = $1 ORDER BY worker_id", S->q_workers);
+    if (!(r = run(p, err, sql, 1, p->name))) goto fail;
+    int nworkers = PQntuples(r), me = 0;
+    for (int i = 0; i < nworkers; i++)
+        if (strcmp(PQgetvalue(r, i, 0), p->owner) == 0) me = i;
+    PQclear(r);
+    if (nworkers < 1) nworkers = 1;
+
+    /* A repartition settles first: the old partitioning's workers must be gone (their
+     * rows locked, so an in-flight commit finishes first), then its checkpoints are
+     * honoured event by event until every new partition has passed them. */
+    long long start = 0;
+    if (prev > 0) {
+        snprintf(sql, sizeof sql,
+                 "SELECT partition_key, last_global_position, owner IS NOT NULL AND lease_expires_at > clock_timestamp()"
+                 " FROM %s WHERE projection_name = $1 AND total_partitions = $2 FOR UPDATE",
+                 S->q_checkpoints);
+        char prevs[16];
+        snprintf(prevs, sizeof prevs, "%d", prev);
+        if (!(r = run(p, err, sql, 2, p->name, prevs))) goto fail;
+        int live = 0;
+        for (int i = 0; i < PQntuples(r); i++) live |= PQgetvalue(r, i, 2)[0] == 't';
+        if (live) {
+            PQclear(r);
+            drop_all(p);
+            return pup_conn_command(p->conn, "COMMIT", err);
+        }
+        if (!p->old_cp && PQntuples(r) > 0) {
+            p->old_cp = calloc((size_t)prev, sizeof *p->old_cp);
+            if (!p->old_cp) {
+                PQclear(r);
+                pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+                goto fail;
+            }
+            p->old_total = prev;
+            p->old_max = 0;
+            start = -1;
+            for (int i = 0; i < PQntuples(r); i++) {
+                int k = atoi(PQgetvalue(r, i, 0));
+                long long pos = strtoll(PQgetvalue(r, i, 1), NULL, 10);
+                if (k >= 0 && k < prev) p->old_cp[k] = pos;
+                if (pos > p->old_max) p->old_max = pos;
+                if (start < 0 || pos < start) start = pos;
+            }
+        } else if (p->old_cp) {
+            start = p->old_max;
+            for (int k = 0; k < p->old_total; k++)
+                if (p->old_cp[k] < start) start = p->old_cp[k];
+        }
+        PQclear(r);
+    }
+    /* Every partition has a row (new ones start where the old partitioning was sure). */
+    snprintf(init, sizeof init, "%lld", start);
+    snprintf(sql, sizeof sql,
+             "INSERT INTO %s (projection_name, total_partitions, partition_key, last_global_position)"
+             " SELECT $1, $2, k, $3 FROM generate_series(0, $2::int - 1) k ON CONFLICT DO NOTHING",
+             S->q_checkpoints);
+    if (!(r = run(p, err, sql, 3, p->name, total, init))) goto fail;
+    PQclear(r);
+
+    /* Our fair share, as an SQL array. */
+    char *target = malloc((size_t)n_total * 6 + 3);
+    if (!target) {
+        pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+        goto fail;
+    }
+    size_t tn = 0;
+    target[tn++] = '{';
+    for (int k = me; k < n_total; k += nworkers) tn += (size_t)sprintf(target + tn, "%s%d", tn > 1 ? "," : "", k);
+    target[tn++] = '}';
+    target[tn] = '\0';
+    snprintf(sql, sizeof sql,
+             "UPDATE %s SET owner = NULL, lease_expires_at = NULL WHERE projection_name = $1"
+             " AND total_partitions = $2 AND owner = $3 AND NOT (partition_key = ANY($4::int[]))",
+             S->q_checkpoints);
+    r = run(p, err, sql, 4, p->name, total, p->owner, target);
+    if (r) {
+        PQclear(r);
+        snprintf(sql, sizeof sql,
+                 "UPDATE %s SET owner = $3, lease_expires_at = clock_timestamp() + $5::interval"
+                 " WHERE projection_name = $1 AND total_partitions = $2 AND partition_key = ANY($4::int[])"
+                 " AND (owner IS NULL OR owner = $3 OR lease_expires_at < clock_timestamp())"
+                 " RETURNING partition_key, last_global_position",
+                 S->q_checkpoints);
+        r = run(p, err, sql, 5, p->name, total, p->owner, target, ttl);
+    }
+    free(target);
+    if (!r) goto fail;
+    drop_all(p);
+    for (int i = 0; i < PQntuples(r); i++)
+        hold(p, atoi(PQgetvalue(r, i, 0)), strtoll(PQgetvalue(r, i, 1), NULL, 10));
+    held_list_build(p);
+    PQclear(r);
+
+    /* Once every new partition has passed the old checkpoints, the old rows go. */
+    if (p->old_cp) {
+        snprintf(sql, sizeof sql,
+                 "WITH done AS (SELECT min(last_global_position) >= $3 AS ok FROM %s"
+                 " WHERE projection_name = $1 AND total_partitions = $2)"
+                 " , del AS (DELETE FROM %s WHERE projection_name = $1 AND total_partitions <> $2"
+                 " AND (SELECT ok FROM done) RETURNING 1)"
+                 " UPDATE %s SET previous_total = NULL WHERE projection_name = $1 AND (SELECT ok FROM done)"
+                 " RETURNING 1",
+                 S->q_checkpoints, S->q_checkpoints, S->q_groups);
+        char oldmax[32];
+        snprintf(oldmax, sizeof oldmax, "%lld", p->old_max);
+        if (!(r = run(p, err, sql, 3, p->name, total, oldmax))) goto fail;
+        if (PQntuples(r) > 0) {
+            free(p->old_cp);
+            p->old_cp = NULL;
+            p->old_total = 0;
+        }
+        PQclear(r);
+    }
+    return pup_conn_command(p->conn, "COMMIT", err);
+fail:
+fail_norb:;
+    PGresult *rb = PQexec(pup_conn_pg(p->conn), "ROLLBACK");
+    PQclear(rb);
+    drop_all(p);
+    return -1;
+}
+
+static double mono_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+int pup_processor_acquire(pup_processor *p, int *acquired, pup_error *err) {
+    int rc = 0;
+    if (!p->cfg.group) rc = acquire_lock(p, err);
+    else if (mono_s() >= p->next_tick) {
+        rc = group_tick(p, err);
+        p->next_tick = mono_s() + p->cfg.lease_ttl_ms / 1000.0 / 5;
+        if (rc < 0 && strcmp(err->sqlstate, "55P03") == 0) rc = 0; /* lock timeout: next tick */
+    }
+    if (rc == 0 && p->nheld > 0) rc = listen_once(p, err);
+    *acquired = p->nheld > 0;
+    p->stats.standby = !*acquired;
+    p->stats.held = p->nheld;
+    return rc < 0 ? with_context(p, err) : 0;
+}
+
+void pup_processor_release(pup_processor *p) {
+    if (!p->cfg.group || !pup_conn_ok(p->conn)) return;
+    char sql[512];
+    pup_error err;
+    snprintf(sql, sizeof sql,
+             "UPDATE %s SET owner = NULL, lease_expires_at = NULL WHERE projection_name = $1 AND owner = $2",
+             p->store->q_checkpoints);
+    PGresult *r = run(p, &err, sql, 2, p->name, p->owner);
+    if (r) PQclear(r);
+    snprintf(sql, sizeof sql, "DELETE FROM %s WHERE projection_name = $1 AND worker_id = $2",
+             p->store->q_workers);
+    r = run(p, &err, sql, 2, p->name, p->owner);
+    if (r) PQclear(r);
+    drop_all(p);
 }
 
 /* Leaves a failed batch: pipeline closed, transaction rolled back. */
@@ -217,10 +537,11 @@ static void abort_batch(pup_processor *p) {
 static int event_error(pup_processor *p, const PGresult *r, int row, pup_error *err) {
     pup_event ev;
     pup_event_from_row(r, row, FIRST_EVENT_COL, &ev);
+    int part = pup_partition_of(ev.aggregate_id.p, ev.aggregate_id.len, p->total);
     pup_error_prefix(err,
                      "projection %s partition %d/%d: handler failed at global position %lld "
                      "(event_type %.*s, event_id %.*s): ",
-                     p->name, p->cfg.partition_key, p->cfg.total_partitions, ev.global_position,
+                     p->name, part, p->total, ev.global_position,
                      (int)(ev.event_type.len > 200 ? 200 : ev.event_type.len), ev.event_type.p,
                      (int)ev.event_id.len, ev.event_id.p);
     if (err->code != PUP_ERR_CONNECTION) err->code = PUP_ERR_HANDLER;
@@ -245,29 +566,39 @@ static int run_setup(pup_processor *p, pup_error *err) {
     return 0;
 }
 
-/* Writes the checkpoint row; fails when it moved under us. */
+/* Writes the checkpoint(s) of a batch that moved from `from` to `to`; fails when a row
+ * moved under us (static) or a lease was lost (group). */
 static int write_checkpoint(pup_processor *p, long long from, long long to, pup_error *err) {
-    const pup_stmt *st = pup_conn_prepare(p->conn, p->sql_checkpoint, err);
-    if (!st) return -1;
     pup_params *q = &p->params;
-    if (pup_params_reset(q, 8) < 0) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+    int group = p->cfg.group;
+    const pup_stmt *st = pup_conn_prepare(p->conn, group ? p->sql_lease_checkpoint : p->sql_checkpoint, err);
+    if (!st) return -1;
+    if (pup_params_reset(q, group ? 7 : 8) < 0) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
     pup_params_text(q, 0, p->name, strlen(p->name));
-    pup_params_int(q, 1, p->cfg.total_partitions);
-    pup_params_int(q, 2, p->cfg.partition_key);
+    pup_params_int(q, 1, p->total);
+    if (group) pup_params_text(q, 2, p->held_list, strlen(p->held_list));
+    else pup_params_int(q, 2, p->cfg.partition_key);
     pup_params_int(q, 3, to);
     if (p->gap.active) {
         pup_params_int(q, 4, p->gap.lo);
         pup_params_double(q, 5, p->gap.since);
     }
     pup_params_text(q, 6, p->owner, strlen(p->owner));
-    pup_params_int(q, 7, from);
+    if (!group) pup_params_int(q, 7, from);
     PGresult *r = pup_conn_exec(p->conn, st, q, 0, err);
     if (!r) return -1;
     int n = PQntuples(r);
     PQclear(r);
-    if (n == 0)
+    if (!group && n == 0)
         return pup_error_set(err, PUP_ERR_DATABASE,
                              "checkpoint moved from %lld by another processor; batch rolled back", from);
+    if (group && n != p->nheld) {
+        /* Retried like a lost connection: the next heartbeat sorts out what we hold. */
+        pup_error_set(err, PUP_ERR_CONNECTION, "lost the lease on %d partition(s); batch rolled back",
+                      p->nheld - n);
+        p->next_tick = 0;
+        return -1;
+    }
     p->recorded_wait = p->gap.active ? p->gap.lo : 0;
     return 0;
 }
@@ -277,29 +608,30 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     *handled = 0;
     *advanced = 0;
     *waiting = 0;
+    if (p->nheld == 0) return 0;
     if (!p->setup_done && p->h.setup && run_setup(p, err) < 0) return -1;
     p->setup_done = 1;
     const pup_stmt *st = pup_conn_prepare(p->conn, p->sql_read, err);
     if (!st) return with_context(p, err);
+    long long from = -1;
+    for (int k = 0; k < p->total; k++)
+        if (p->held[k] && (from < 0 || p->cp[k] < from)) from = p->cp[k];
     if (pup_conn_command(p->conn, "BEGIN", err) < 0) return with_context(p, err);
     pup_conn_clear_failure(p->conn);
     pup_params *q = &p->params;
-    if (pup_params_reset(q, 4) < 0) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
-    pup_params_text(q, 0, p->name, strlen(p->name));
-    pup_params_int(q, 1, p->cfg.total_partitions);
-    pup_params_int(q, 2, p->cfg.partition_key);
+    if (pup_params_reset(q, 2) < 0) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+    pup_params_int(q, 0, from);
     /* Other partitions' events only advance the position: read enough rows that about
-     * batch_size of them are this partition's, so N partitions commit as often as one. */
-    long long window = (long long)p->cfg.batch_size * p->cfg.total_partitions;
-    pup_params_int(q, 3, window > 100000 ? 100000 : window);
+     * batch_size of them are ours, so N partitions commit as often as one. */
+    long long window = (long long)p->cfg.batch_size * p->total / (p->nheld ? p->nheld : 1);
+    pup_params_int(q, 1, window > 100000 ? 100000 : window);
     PGresult *r = pup_conn_exec(p->conn, st, q, 1, err);
     if (!r) {
         abort_batch(p);
         return with_context(p, err);
     }
-    long long from = pup_be_int(PQgetvalue(r, 0, 0), 8);
-    uint64_t xmin = strtoull(PQgetvalue(r, 0, 1), NULL, 10);
-    uint64_t xmax = strtoull(PQgetvalue(r, 0, 2), NULL, 10);
+    uint64_t xmin = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
+    uint64_t xmax = strtoull(PQgetvalue(r, 0, 1), NULL, 10);
     int nrows = PQgetisnull(r, 0, FIRST_EVENT_COL) ? 0 : PQntuples(r);
 
     /* Walk the positions: contiguous ones are processed; a hole stops the batch unless
@@ -328,33 +660,32 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
             p->gap.active = 0; /* dead hole: no running transaction can fill it */
         }
         last = pos;
-        const char *mine = PQgetvalue(r, i, FIRST_EVENT_COL - 1);
-        if (!PQgetisnull(r, i, FIRST_EVENT_COL - 1) && mine[0]) {
-            pup_event ev;
-            pup_event_from_row(r, i, FIRST_EVENT_COL, &ev);
-            if (p->cfg.total_partitions > 1 &&
-                pup_partition_of(ev.aggregate_id.p, ev.aggregate_id.len, p->cfg.total_partitions) !=
-                    p->cfg.partition_key)
-                continue;
-            pup_conn_set_tag(p->conn, i);
-            long tag;
-            if (p->h.handle(p->h.ud, p->conn, &ev, err) < 0) {
-                rc = event_error(p, r, i, err);
-                break;
-            }
-            if (pup_conn_failure(p->conn, &tag)) {
-                *err = *pup_conn_failure(p->conn, NULL);
-                rc = event_error(p, r, (int)tag, err);
-                break;
-            }
-            nhandle++;
+        if (PQgetisnull(r, i, FIRST_EVENT_COL - 1) || !PQgetvalue(r, i, FIRST_EVENT_COL - 1)[0])
+            continue; /* out of scope */
+        pup_event ev;
+        pup_event_from_row(r, i, FIRST_EVENT_COL, &ev);
+        int part = pup_partition_of(ev.aggregate_id.p, ev.aggregate_id.len, p->total);
+        if (!p->held[part] || pos <= p->cp[part]) continue; /* not ours, or done before */
+        if (p->old_cp && pos <= p->old_max &&
+            pos <= p->old_cp[pup_partition_of(ev.aggregate_id.p, ev.aggregate_id.len, p->old_total)])
+            continue; /* handled under the previous partitioning */
+        pup_conn_set_tag(p->conn, i);
+        long tag;
+        if (p->h.handle(p->h.ud, p->conn, &ev, err) < 0) {
+            rc = event_error(p, r, i, err);
+            break;
         }
+        if (pup_conn_failure(p->conn, &tag)) {
+            *err = *pup_conn_failure(p->conn, NULL);
+            rc = event_error(p, r, (int)tag, err);
+            break;
+        }
+        nhandle++;
     }
     if (rc == 0) {
         long tag = -1;
-        if (pup_conn_pipeline_end(p->conn, err, &tag) < 0) {
+        if (pup_conn_pipeline_end(p->conn, err, &tag) < 0)
             rc = tag >= 0 && tag < nrows ? event_error(p, r, (int)tag, err) : with_context(p, err);
-        }
     }
     if (rc == 0 && !*waiting && p->gap.active && p->gap.hi < last) p->gap.active = 0;
     if (rc == 0 && (last != from || (p->gap.active ? p->gap.lo : 0) != p->recorded_wait))
@@ -365,6 +696,8 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
         abort_batch(p);
         return -1;
     }
+    for (int k = 0; k < p->total; k++)
+        if (p->held[k] && p->cp[k] < last) p->cp[k] = last;
     *handled = nhandle;
     *advanced = last - from;
     p->stats.handled += nhandle;
@@ -406,6 +739,10 @@ static int wait_for(pup_processor *p, const pup_run_opts *o, int ms) {
         }
         if (any) return stopped(o);
     }
+    if (p->cfg.group) {
+        int until_tick = (int)((p->next_tick - mono_s()) * 1000) + 1;
+        if (until_tick < ms) ms = until_tick < 0 ? 0 : until_tick;
+    }
     struct pollfd fds[2];
     int n = 0;
     if (o->stop_fd >= 0) fds[n++] = (struct pollfd){.fd = o->stop_fd, .events = POLLIN};
@@ -422,8 +759,7 @@ static int wait_for(pup_processor *p, const pup_run_opts *o, int ms) {
     return 0;
 }
 
-
-int pup_processor_run(pup_processor *p, const pup_run_opts *o, pup_error *err) {
+static int run_loop(pup_processor *p, const pup_run_opts *o, pup_error *err) {
     long long target = -1;
     int backoff_ms = 100, told_standby = 0, hole_ms = 5;
     for (;;) {
@@ -431,14 +767,18 @@ int pup_processor_run(pup_processor *p, const pup_run_opts *o, pup_error *err) {
         int acquired;
         if (pup_processor_acquire(p, &acquired, err) < 0) goto failed;
         if (!acquired) {
-            if (!told_standby)
+            if (!told_standby && p->cfg.group)
+                logf_(o, "projection %s: group worker %s holds no partition yet", p->name, p->owner);
+            else if (!told_standby)
                 logf_(o, "projection %s partition %d/%d: standby (another processor holds it)",
                       p->name, p->cfg.partition_key, p->cfg.total_partitions);
             told_standby = 1;
-            if (wait_for(p, o, 1000)) return 0;
+            if (wait_for(p, o, p->cfg.group ? 200 : 1000)) return 0;
             continue;
         }
-        if (told_standby)
+        if (told_standby && p->cfg.group)
+            logf_(o, "projection %s: group worker %s took over %d partition(s)", p->name, p->owner, p->nheld);
+        else if (told_standby)
             logf_(o, "projection %s partition %d/%d: took over", p->name, p->cfg.partition_key,
                   p->cfg.total_partitions);
         told_standby = 0;
@@ -452,11 +792,6 @@ int pup_processor_run(pup_processor *p, const pup_run_opts *o, pup_error *err) {
         backoff_ms = 100;
         if (o->progress) o->progress(o->ud, p);
         if (o->once && p->stats.position >= target) return 0;
-        if (advanced >= (long long)p->cfg.batch_size * p->cfg.total_partitions ||
-            advanced >= 100000) {
-            hole_ms = 5;
-            continue; /* more is waiting */
-        }
         if (waiting) {
             /* In flight below a visible position: its commit notifies; a rollback does
              * not, so look again soon. */
@@ -465,7 +800,7 @@ int pup_processor_run(pup_processor *p, const pup_run_opts *o, pup_error *err) {
             continue;
         }
         hole_ms = 5;
-        if (advanced > 0) continue;
+        if (advanced > 0) continue; /* more may be waiting */
         if (wait_for(p, o, p->cfg.poll_interval_ms)) return 0;
         continue;
     failed:
@@ -476,9 +811,16 @@ int pup_processor_run(pup_processor *p, const pup_run_opts *o, pup_error *err) {
         if (!pup_conn_ok(p->conn)) {
             pup_error e2;
             p->locked = p->listening = 0;
+            drop_all(p);
+            p->next_tick = 0;
             if (pup_conn_reset(p->conn, &e2) < 0) continue;
-            logf_(o, "projection %s partition %d/%d: reconnected", p->name, p->cfg.partition_key,
-                  p->cfg.total_partitions);
+            logf_(o, "projection %s: reconnected", p->name);
         }
     }
+}
+
+int pup_processor_run(pup_processor *p, const pup_run_opts *o, pup_error *err) {
+    int rc = run_loop(p, o, err);
+    pup_processor_release(p); /* a group worker hands its partitions over at once */
+    return rc;
 }

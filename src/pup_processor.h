@@ -29,6 +29,11 @@ typedef struct pup_projection_cfg {
     int partition_key, total_partitions;
     int batch_size;
     int poll_interval_ms; /* fallback poll when no notification arrives */
+    /* Worker group: partitions are shared among live workers by leases in the checkpoint
+     * rows instead of being given (partition_key is then unused; total_partitions is the
+     * count used when the group is first created). */
+    int group;
+    int lease_ttl_ms; /* a worker that stops heartbeating loses its leases after this */
 } pup_projection_cfg;
 
 /* The handler side, implemented by the Lua binding. Each returns 0, or -1 with err.
@@ -47,9 +52,13 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
                                  pup_error *err);
 void pup_processor_free(pup_processor *p);
 
-/* Takes the partition's lock (one live processor per partition). *acquired is 0 when
- * another processor holds it: this one is a standby and should try again later. */
+/* Takes the partitions this processor may process: the given partition's lock (one live
+ * processor per partition), or in a group, heartbeats and leases on a fair share.
+ * *acquired is 0 when it holds none: it is a standby and should try again later. */
 int pup_processor_acquire(pup_processor *p, int *acquired, pup_error *err);
+
+/* A group worker leaving: hands its leases over at once. Best effort. */
+void pup_processor_release(pup_processor *p);
 
 /* Runs one batch. *handled: events given to the handler; *advanced: positions the
  * checkpoint moved; *waiting: the batch stopped at a hole that may still fill.
@@ -77,6 +86,7 @@ typedef struct pup_processor_stats {
     long long head;      /* log head seen last */
     long long waiting_position; /* hole waited at, 0 if none */
     int standby;
+    int held;            /* partitions held */
 } pup_processor_stats;
 void pup_processor_stats_get(const pup_processor *p, pup_processor_stats *s);
 const pup_projection_cfg *pup_processor_cfg(const pup_processor *p);

@@ -13,6 +13,8 @@
 typedef struct pup_store {
     char events[PUP_NAME_MAX], heads[PUP_NAME_MAX], checkpoints[PUP_NAME_MAX];
     char q_events[PUP_NAME_MAX + 8], q_heads[PUP_NAME_MAX + 8], q_checkpoints[PUP_NAME_MAX + 8];
+    /* Worker groups (leases): <checkpoints>_workers and <checkpoints>_groups. */
+    char q_workers[PUP_NAME_MAX + 24], q_groups[PUP_NAME_MAX + 24];
     char channel[PUP_NAME_MAX + 16]; /* LISTEN/NOTIFY channel of the events table */
     /* SQL texts, built once; prepared per connection through the statement cache. */
     char *sql_append, *sql_append_one, *sql_read, *sql_stream, *sql_head;

@@ -94,6 +94,8 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
     quote_name(s->q_events, sizeof s->q_events, s->events, "");
     quote_name(s->q_heads, sizeof s->q_heads, s->heads, "");
     quote_name(s->q_checkpoints, sizeof s->q_checkpoints, s->checkpoints, "");
+    quote_name(s->q_workers, sizeof s->q_workers, s->checkpoints, "_workers");
+    quote_name(s->q_groups, sizeof s->q_groups, s->checkpoints, "_groups");
     snprintf(s->channel, sizeof s->channel, "pupsourcing.%s", s->events);
 
     const char *E = s->q_events;
@@ -192,9 +194,25 @@ char *pup_store_schema_sql(const pup_store *s) {
         "    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
         "    PRIMARY KEY (projection_name, total_partitions, partition_key)\n"
         ");\n"
+        "\n"
+        "-- Worker groups (`pupsourcing run --group`): live workers by heartbeat, and each\n"
+        "-- projection's partition count (previous_total while a repartition settles).\n"
+        "CREATE TABLE IF NOT EXISTS %s (\n"
+        "    projection_name TEXT NOT NULL,\n"
+        "    worker_id TEXT NOT NULL,\n"
+        "    heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
+        "    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
+        "    PRIMARY KEY (projection_name, worker_id)\n"
+        ");\n"
+        "CREATE TABLE IF NOT EXISTS %s (\n"
+        "    projection_name TEXT PRIMARY KEY,\n"
+        "    total_partitions INT NOT NULL,\n"
+        "    previous_total INT,\n"
+        "    changed_at TIMESTAMPTZ NOT NULL DEFAULT now()\n"
+        ");\n"
         "COMMIT;\n",
         seq, fn, seq, s->q_events, fn, uq, seq, s->q_events, s->q_heads,
-        s->q_checkpoints);
+        s->q_checkpoints, s->q_workers, s->q_groups);
 }
 
 int pup_store_migrate(const pup_store *s, pup_conn *c, pup_error *err) {

@@ -11,7 +11,10 @@ function M.wait_until(what, seconds, fn, interval)
   while true do
     local v = fn()
     if v then return v end
-    if pup.now() > deadline then error("timed out after " .. seconds .. " s waiting for " .. what, 2) end
+    if pup.now() > deadline then
+      if type(what) == "function" then what = what() end
+      error("timed out after " .. seconds .. " s waiting for " .. what, 2)
+    end
     pup.sleep(interval or 0.02)
   end
 end

@@ -15,6 +15,8 @@ return {
   setup = function(tx)
     assert(tx:exec("CREATE TABLE IF NOT EXISTS %{CNT} (agg text PRIMARY KEY, n bigint NOT NULL)"))
     assert(tx:exec("CREATE TABLE IF NOT EXISTS %{SEEN} (pos bigint NOT NULL, agg text NOT NULL)"))
+    local setup_sleep = tonumber(os.getenv("REL_SETUP_SLEEP") or "")
+    if setup_sleep then assert(tx:query("SELECT pg_sleep($1::float8) AS rel_setup_sleep", setup_sleep)) end
   end,
   handle = function(tx, e)
     assert(tx:exec("INSERT INTO %{CNT} AS c (agg, n) VALUES ($1, 1) ON CONFLICT (agg) DO UPDATE SET n = c.n + 1",
@@ -121,6 +123,7 @@ describe("reliability: faults", function()
     local p = R.spawn(run_args({ "--batch-size", "100", "--poll-interval", "100" }, file), { REL_SLEEP = "0.001" })
     local key = "pupsourcing/" .. T.checkpoints_table .. "/rel_term/0/1"
     local terminated = 0
+    R.wait_until("setup and a first batch", 30, function() return R.checkpoint(db, T, "rel_term") > 0 end)
     for i = 1, 5 do
       -- the backend holding the partition, while it is inside a batch (handler running)
       local victim = R.wait_until("the run's backend to be mid-batch (" .. i .. ")", 30, function()
@@ -134,7 +137,7 @@ describe("reliability: faults", function()
       assert(db:query("SELECT pg_terminate_backend($1)", victim))
       terminated = terminated + 1
       assert_matches_checkpoint("rel_term")
-      R.wait_until("the run to reconnect (" .. i .. ")", 30, function()
+      R.wait_until(function() return "the run to reconnect (" .. i .. "); stderr:\n" .. p:stderr() end, 30, function()
         local _, n = p:stderr():gsub("reconnected", "")
         return n >= i
       end, 0.05)
@@ -149,6 +152,29 @@ describe("reliability: faults", function()
     assert_exact()
     R.report("faults: %d backends of a running `run` terminated mid-batch; each time read model = checkpoint,"
       .. " reconnected, final counts exact (%d events)", terminated, head)
+  end)
+
+  it("a connection killed during setup is retried like any lost connection", function()
+    local head = R.populate(store, db, 500, 5, 100)
+    local file = counter_file("rel_setup")
+    local p = R.spawn(run_args({ "--poll-interval", "100" }, file), { REL_SETUP_SLEEP = "1" })
+    local key = "pupsourcing/" .. T.checkpoints_table .. "/rel_setup/0/1"
+    local victim = R.wait_until("the run's backend to be in setup", 30, function()
+      assert.is_nil(p:code(), p:stderr())
+      local rows = assert(db:query([[SELECT a.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+            AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($1, 0)
+            AND a.query LIKE '%rel_setup_sleep%' AND a.state = 'active']], key))
+      return rows[1] and rows[1].pid
+    end, 0.01)
+    assert(db:query("SELECT pg_terminate_backend($1)", victim))
+    R.wait_until(function() return "the catch-up after the lost setup connection; stderr:\n" .. p:stderr() end, 30, function()
+      return p:code() ~= nil or R.checkpoint(db, T, "rel_setup") == head
+    end, 0.05)
+    assert.is_nil(p:code(), "run exited after a lost connection in setup (not retried):\n" .. p:stderr())
+    p:kill("TERM")
+    assert.equal(0, p:wait(10), p:stderr())
+    assert_exact()
   end)
 
   it("a standby takes over the partition of a SIGKILLed worker within seconds, exact", function()
