@@ -143,8 +143,18 @@ static int l_processor(lua_State *L) {
     lua_pop(L, 1);
     cfg.aggregate_types = string_list(L, 2, "aggregate_types", &cfg.n_aggregate_types);
     cfg.event_types = string_list(L, 2, "event_types", &cfg.n_event_types);
+    if (!lua_isnoneornil(L, 3)) {
+        lua_getfield(L, 3, "group");
+        cfg.group = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+    }
     cfg.partition_key = (int)opt_int(L, 3, "partition_key", 0);
-    cfg.total_partitions = (int)opt_int(L, 3, "total_partitions", 1);
+    cfg.total_partitions = (int)opt_int(L, 3, "total_partitions", cfg.group ? 16 : 1);
+    if (!lua_isnoneornil(L, 3) && lua_getfield(L, 3, "lease_ttl") != LUA_TNIL) {
+        luaL_argcheck(L, lua_isnumber(L, -1) && lua_tonumber(L, -1) > 0, 3, "lease_ttl must be a positive number of seconds");
+        cfg.lease_ttl_ms = (int)(lua_tonumber(L, -1) * 1000);
+    }
+    if (!lua_isnoneornil(L, 3)) lua_pop(L, 1);
     cfg.batch_size = (int)opt_int(L, 3, "batch_size", opt_int(L, 2, "batch_size", 100));
     luaL_argcheck(L, cfg.batch_size >= 1, 3, "batch_size must be >= 1");
     cfg.poll_interval_ms = 1000;

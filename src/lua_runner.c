@@ -38,21 +38,22 @@ struct runner {
     char **files;
     int nfiles;
     char *url, *events, *heads, *checkpoints, *path, *cpath;
-    int batch_size, poll_ms, once, json_log, handler_timeout_ms;
+    int batch_size, poll_ms, once, json_log, handler_timeout_ms, group;
+    double lease_ttl;
     int stop[2];
 };
 
 /* What each worker thread runs in its own VM. */
 static const char worker_chunk[] =
     "local pup = require 'pupsourcing'\n"
-    "local file, url, key, total, batch, poll, once, fd, stats, ev, hd, ck, json, limit = ...\n"
+    "local file, url, key, total, batch, poll, once, fd, stats, ev, hd, ck, json, limit, group, ttl = ...\n"
     "local proj = pup.load_projection(file)\n"
     "local db <close>, cerr = pup.connect(url)\n"
     "if not db then return proj.name, cerr.code, cerr.message end\n"
     "local store = pup.store{events_table = ev, aggregate_heads_table = hd, checkpoints_table = ck}\n"
     "local p <close> = pup.processor(db, proj, {partition_key = key, total_partitions = total,\n"
     "  batch_size = batch or proj.batch_size, poll_interval = poll, store = store,\n"
-    "  handler_timeout_ms = limit})\n"
+    "  handler_timeout_ms = limit, group = group, lease_ttl = ttl})\n"
     "local n, err = p:_run_fd(fd, once, stats, json)\n"
     "return proj.name, err and err.code, err and err.message\n";
 
@@ -100,8 +101,11 @@ static void *worker_main(void *arg) {
         push_opt(L, r->checkpoints);
         lua_pushboolean(L, r->json_log);
         lua_pushinteger(L, r->handler_timeout_ms);
+        lua_pushboolean(L, r->group);
+        if (r->lease_ttl > 0) lua_pushnumber(L, r->lease_ttl);
+        else lua_pushnil(L);
         /* No traceback: a handler's error already carries its own. */
-        if (lua_pcall(L, 14, 3, 0) != LUA_OK) {
+        if (lua_pcall(L, 16, 3, 0) != LUA_OK) {
             snprintf(w->error, sizeof w->error, "%s", luaL_tolstring(L, -1, NULL));
             w->code = PUP_ERR_INVALID_PROJECTION;
             __atomic_store_n(&w->failed, 1, __ATOMIC_RELEASE);
@@ -181,11 +185,23 @@ static int l_runner(lua_State *L) {
         lua_pop(L, 1);
     }
     lua_pop(L, 1);
+    lua_getfield(L, 1, "group");
+    r->group = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    if (lua_getfield(L, 1, "lease_ttl") != LUA_TNIL) {
+        if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) <= 0) luaL_error(L, "lease_ttl must be a positive number of seconds");
+        r->lease_ttl = lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
     int workers = intfield(L, 1, "workers", 0);
     int key = intfield(L, 1, "partition_key", -1);
     int total = intfield(L, 1, "total_partitions", 1);
     if (workers < 0) luaL_error(L, "workers must be >= 1");
     if (workers > 0 && key >= 0) luaL_error(L, "use either workers or partition_key/total_partitions, not both");
+    if (r->group && (workers > 0 || key >= 0))
+        luaL_error(L, "a group worker shares the partitions by leases: no workers or partition_key with group");
+    if (r->group && lua_getfield(L, 1, "total_partitions") == LUA_TNIL) total = 16;
+    if (r->group) lua_pop(L, 1);
     if (total < 1) luaL_error(L, "total_partitions must be >= 1");
     if (key >= total) luaL_error(L, "partition_key %d must be below total_partitions %d", key, total);
     r->handler_timeout_ms = intfield(L, 1, "handler_timeout_ms", 0);

@@ -11,11 +11,16 @@ usage: pupsourcing SCRIPT.lua [args...]        run a Lua script (require "pupsou
        pupsourcing migrate-gen --output DIR [--filename F] [table options]
        pupsourcing status [--json] [options]   checkpoints, head, lag per partition
        pupsourcing reset [options] FILE.lua    delete a projection's checkpoints, run its reset
+       pupsourcing repartition [options] FILE.lua N   change a worker group's partition count
        pupsourcing --help | --version
 
 run options:
   --partition-key K --total-partitions N   run partition K of N (env PARTITION_KEY, TOTAL_PARTITIONS)
   --workers N                              run partitions 0..N-1 in this process (a thread each)
+  --group                                  join the projection's worker group: partitions are
+                                           shared among all --group processes by leases
+  --partitions N                           a new group's partition count (default 16)
+  --lease-ttl MS                           a silent worker loses its partitions after MS (10000)
   --batch-size B                           events per batch/transaction (default: the file's, else 100)
   --poll-interval MS                       fallback poll when no notification comes (default 1000)
   --once                                   stop when caught up with the log as it was at start
@@ -32,7 +37,7 @@ local function fail(msg)
 end
 
 -- Parses argv into flags and positional words; knows which flags take no value.
-local BOOL = { once = true, json = true, help = true, version = true }
+local BOOL = { once = true, json = true, help = true, version = true, group = true }
 local function parse(argv, first)
   local flags, words, i = {}, {}, first
   while i <= #argv do
@@ -74,8 +79,10 @@ end
 
 local KNOWN = {
   run = { ["partition-key"] = 1, ["total-partitions"] = 1, workers = 1, ["batch-size"] = 1,
-    ["poll-interval"] = 1, once = 1, ["log-format"] = 1, ["handler-timeout"] = 1 },
+    ["poll-interval"] = 1, once = 1, ["log-format"] = 1, ["handler-timeout"] = 1, group = 1,
+    partitions = 1, ["lease-ttl"] = 1 },
   migrate = {}, ["migrate-gen"] = { output = 1, filename = 1 }, status = { json = 1 }, reset = {},
+  repartition = {},
 }
 local COMMON = { ["database-url"] = 1, ["events-table"] = 1, ["aggregate-heads-table"] = 1,
   ["checkpoints-table"] = 1 }
@@ -129,6 +136,11 @@ function commands.status(flags)
     print(pup.json.encode(rows))
     return 0
   end
+  local names = store:names()
+  local workers = db:query(("SELECT projection_name, worker_id, round(extract(epoch FROM clock_timestamp() - heartbeat_at)::numeric, 1)::text AS age,"
+    .. " (SELECT string_agg(partition_key::text, ',' ORDER BY partition_key) FROM %s c WHERE c.projection_name = w.projection_name"
+    .. " AND c.owner = w.worker_id AND c.lease_expires_at > clock_timestamp()) AS partitions"
+    .. " FROM %s w ORDER BY projection_name, worker_id"):format(names.checkpoints_quoted, names.checkpoints_quoted:gsub('"$', '_workers"')))
   if #rows == 0 then print("no projection checkpoints yet") return 0 end
   local w = #"projection"
   for _, r in ipairs(rows) do w = math.max(w, #r.projection) end
@@ -139,6 +151,13 @@ function commands.status(flags)
         and ("  waiting for position %d since %s"):format(r.waiting_position, r.waiting_since) or ""
     print(line:format(r.projection, r.partition_key .. "/" .. r.total_partitions,
       r.position, r.head, r.lag, r.updated_at .. wait))
+  end
+  if workers and #workers > 0 then
+    print("\ngroup workers")
+    for _, wk in ipairs(workers) do
+      print(("  %s  %s  heartbeat %ss ago  partitions %s"):format(wk.projection_name, wk.worker_id, wk.age,
+        wk.partitions ~= pup.null and wk.partitions or "-"))
+    end
   end
   return 0
 end
@@ -153,6 +172,34 @@ function commands.reset(flags, words)
   return 0
 end
 
+function commands.repartition(flags, words)
+  if #words ~= 2 or not math.tointeger(tonumber(words[2])) or math.tointeger(tonumber(words[2])) < 1 then
+    return fail("repartition takes a projection file and a partition count >= 1")
+  end
+  local proj = pup.load_projection(words[1])
+  local n = math.tointeger(tonumber(words[2]))
+  local store = pup.store(store_opts(flags))
+  local db <close> = connect(flags)
+  local names = store:names()
+  local groups = names.checkpoints_quoted:gsub('"$', '_groups"')
+  local res = assert(db:transaction(function(tx)
+    local rows = assert(tx:query(("SELECT total_partitions, previous_total FROM %s WHERE projection_name = $1 FOR UPDATE"):format(groups), proj.name))
+    local cur = rows[1]
+    if cur and cur.previous_total ~= pup.null then
+      return nil, pup.new_error("invalid_argument", ("projection %s is still settling a repartition from %d to %d partitions; try again when `pupsourcing status` shows no previous count")
+        :format(proj.name, cur.previous_total, cur.total_partitions))
+    end
+    if cur and cur.total_partitions == n then return "unchanged" end
+    assert(tx:exec(("INSERT INTO %s (projection_name, total_partitions, previous_total) VALUES ($1, $2, $3)"
+      .. " ON CONFLICT (projection_name) DO UPDATE SET total_partitions = EXCLUDED.total_partitions,"
+      .. " previous_total = EXCLUDED.previous_total, changed_at = now()"):format(groups),
+      proj.name, n, cur and cur.total_partitions or pup.null))
+    return cur and ("%d -> %d"):format(cur.total_partitions, n) or ("new group of %d"):format(n)
+  end))
+  print(("repartition %s: %s partitions; running --group workers switch at their next heartbeat"):format(proj.name, res))
+  return 0
+end
+
 function commands.run(flags, words)
   if #words == 0 then return fail("run needs at least one projection FILE.lua") end
   local workers = int_flag(flags, "workers", nil, 1)
@@ -164,7 +211,20 @@ function commands.run(flags, words)
   if workers and (flags["partition-key"] or flags["total-partitions"]) then
     return fail("--workers and --partition-key/--total-partitions exclude each other")
   end
-  if key and not workers then
+  local partitions = int_flag(flags, "partitions", nil, 1)
+  local ttl = int_flag(flags, "lease-ttl", nil, 100)
+  if flags.group then
+    if workers or flags["partition-key"] or flags["total-partitions"] then
+      return fail("--group shares partitions by leases: drop --workers/--partition-key/--total-partitions (use --partitions)")
+    end
+    if flags.once then return fail("--once is not supported with --group") end
+    key, total = nil, nil
+  elseif partitions or ttl then
+    return fail("--partitions and --lease-ttl go with --group")
+  end
+  if flags.group then
+    -- checked above
+  elseif key and not workers then
     total = total or 1
     if key >= total then
       return fail(("%s %d must be below %s %d"):format(key_from, key, total_from, total))
@@ -183,13 +243,16 @@ function commands.run(flags, words)
     end
     names[p.name] = file
   end
-  local r = pup.runner {
+  local opts = {
     files = words, workers = workers, partition_key = not workers and key or nil,
     total_partitions = not workers and total or nil, batch_size = batch,
     poll_interval = poll and poll / 1000 or nil, once = flags.once and true or false,
     database_url = flags["database-url"], store = store_opts(flags), log_format = fmt,
-    handler_timeout_ms = limit,
+    handler_timeout_ms = limit, group = flags.group and true or nil,
+    lease_ttl = ttl and ttl / 1000 or nil,
   }
+  if flags.group then opts.total_partitions = partitions or 16 end
+  local r = pup.runner(opts)
   local res, err = r:run()
   local function log(msg, level)
     if fmt == "json" then
