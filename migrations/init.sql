@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS "events" (
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     CONSTRAINT "events_aggregate_version_key" UNIQUE (aggregate_type, aggregate_id, aggregate_version)
 );
+-- FNV-1a 32 of aggregate_id, written by pupsourcing's appenders (NULL from other
+-- writers): lets a partition's reader skip the bodies of other partitions' events.
+ALTER TABLE "events" ADD COLUMN IF NOT EXISTS aggregate_id_hash BIGINT;
 ALTER SEQUENCE "events_global_position_seq" OWNED BY "events".global_position;
 
 CREATE TABLE IF NOT EXISTS "aggregate_heads" (

@@ -4,6 +4,7 @@
  * The events travel as nine binary arrays (text[] and bytea[]), so payload bytes go as
  * they are (NULs included) and no value is escaped or quoted on the way.
  */
+#include "pup_processor.h"
 #include "pup_store.h"
 
 #include <arpa/inet.h>
@@ -113,12 +114,13 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
     /* One event, the common case, binds plain parameters; more travel as arrays. */
     const pup_stmt *st = pup_conn_prepare(c, n == 1 ? s->sql_append_one : s->sql_append, err);
     if (!st) return -1;
-    if (pup_params_reset(&buf->params, 3 + NARRAYS) < 0)
+    if (pup_params_reset(&buf->params, 4 + NARRAYS) < 0)
         return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
     pup_params *p = &buf->params;
     pup_params_text(p, 0, aggregate_type, type_len);
     pup_params_text(p, 1, aggregate_id, id_len);
     if (expected != PUP_ANY) pup_params_int(p, 2, expected);
+    pup_params_int(p, 3 + NARRAYS, pup_fnv1a32(aggregate_id, id_len));
     if (n == 1) {
         const pup_event_in *e = events;
         const pup_str *cols[NARRAYS] = {&e->event_id, &e->event_type, NULL, &e->payload, &e->metadata,

@@ -182,19 +182,22 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
     if (atypes && etypes && p->name && set_total(p, cfg->total_partitions) == 0) {
         const char *C = store->q_checkpoints;
         /* The snapshot and the next events in one statement: the gap rule needs both
-         * from one snapshot. Events outside the scope come without payload and
-         * metadata: only their positions matter. */
+         * from one snapshot. Events outside the scope, or (by the hash the appender
+         * stored) of partitions not held, come without payload: only their positions
+         * matter. */
+        const char *ours = "(aggregate_id_hash IS NULL OR $3::int <= 1"
+                           " OR (aggregate_id_hash % $3::int)::int = ANY($4::int[]))";
         if (asprintf(&p->sql_read,
                      "SELECT pg_snapshot_xmin(snap.s)::text, pg_snapshot_xmax(snap.s)::text, e.*"
                      " FROM (SELECT pg_current_snapshot() AS s) snap LEFT JOIN LATERAL ("
                      "SELECT (%s AND %s) AS mine, global_position, aggregate_type, aggregate_id,"
                      " aggregate_version, event_id::text, event_type, event_version,"
-                     " CASE WHEN %s AND %s THEN payload END, CASE WHEN %s AND %s THEN metadata::text END,"
+                     " CASE WHEN %s AND %s AND %s THEN payload END, CASE WHEN %s AND %s THEN metadata::text END,"
                      " causation_id, correlation_id, trace_id,"
                      " to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
                      " FROM %s WHERE global_position > $1 ORDER BY global_position LIMIT $2) e ON true"
                      " ORDER BY e.global_position",
-                     atypes, etypes, atypes, etypes, atypes, etypes, store->q_events) < 0)
+                     atypes, etypes, atypes, etypes, ours, atypes, etypes, store->q_events) < 0)
             p->sql_read = NULL;
         /* Fenced by the position the batch started from: a second writer of this
          * checkpoint makes the batch fail instead of double-applying. */
@@ -619,8 +622,10 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     if (pup_conn_command(p->conn, "BEGIN", err) < 0) return with_context(p, err);
     pup_conn_clear_failure(p->conn);
     pup_params *q = &p->params;
-    if (pup_params_reset(q, 2) < 0) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+    if (pup_params_reset(q, 4) < 0) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
     pup_params_int(q, 0, from);
+    pup_params_int(q, 2, p->total);
+    pup_params_text(q, 3, p->held_list, strlen(p->held_list));
     /* Other partitions' events only advance the position: read enough rows that about
      * batch_size of them are ours, so N partitions commit as often as one. */
     long long window = (long long)p->cfg.batch_size * p->total / (p->nheld ? p->nheld : 1);

@@ -55,10 +55,10 @@ static char *append_sql(const pup_store *s, const char *source) {
         "WITH cur AS (SELECT COALESCE((SELECT aggregate_version FROM %s"
         " WHERE aggregate_type = $1 AND aggregate_id = $2), 0) AS v),"
         " ok AS (SELECT v FROM cur WHERE $3::bigint IS NULL OR v = $3::bigint),"
-        " ins AS (INSERT INTO %s (aggregate_type, aggregate_id, aggregate_version, event_id,"
-        " event_type, event_version, payload, metadata, causation_id, correlation_id,"
+        " ins AS (INSERT INTO %s (aggregate_type, aggregate_id, aggregate_id_hash, aggregate_version,"
+        " event_id, event_type, event_version, payload, metadata, causation_id, correlation_id,"
         " trace_id, created_at)"
-        " SELECT $1, $2, ok.v + u.ord, COALESCE(u.event_id::uuid, gen_random_uuid()),"
+        " SELECT $1, $2, $13::bigint, ok.v + u.ord, COALESCE(u.event_id::uuid, gen_random_uuid()),"
         " u.event_type, u.event_version::int, u.payload, u.metadata::jsonb, u.causation_id,"
         " u.correlation_id, u.trace_id, COALESCE(u.created_at::timestamptz, now())"
         " FROM ok, %s AS u(event_id, event_type, event_version, payload, metadata, causation_id,"
@@ -169,6 +169,9 @@ char *pup_store_schema_sql(const pup_store *s) {
         "    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
         "    CONSTRAINT %s UNIQUE (aggregate_type, aggregate_id, aggregate_version)\n"
         ");\n"
+        "-- FNV-1a 32 of aggregate_id, written by pupsourcing's appenders (NULL from other\n"
+        "-- writers): lets a partition's reader skip the bodies of other partitions' events.\n"
+        "ALTER TABLE %s ADD COLUMN IF NOT EXISTS aggregate_id_hash BIGINT;\n"
         "ALTER SEQUENCE %s OWNED BY %s.global_position;\n"
         "\n"
         "CREATE TABLE IF NOT EXISTS %s (\n"
@@ -211,7 +214,7 @@ char *pup_store_schema_sql(const pup_store *s) {
         "    changed_at TIMESTAMPTZ NOT NULL DEFAULT now()\n"
         ");\n"
         "COMMIT;\n",
-        seq, fn, seq, s->q_events, fn, uq, seq, s->q_events, s->q_heads,
+        seq, fn, seq, s->q_events, fn, uq, s->q_events, seq, s->q_events, s->q_heads,
         s->q_checkpoints, s->q_workers, s->q_groups);
 }
 
