@@ -84,8 +84,11 @@ function M.load_projection(path)
 end
 
 -- Parses --k=v, --k v and --flag (true) into a table; other words go to the array part.
-function M.args(argv)
-  local out, i = {}, 1
+-- opts.first: the first index of argv to read (1); opts.booleans: the set of flags that take
+-- no value; with it, any other flag without a value is an error (returns nil, message).
+function M.args(argv, opts)
+  opts = opts or {}
+  local out, i, bools = {}, opts.first or 1, opts.booleans
   argv = argv or {}
   while i <= #argv do
     local a = argv[i]
@@ -95,9 +98,13 @@ function M.args(argv)
     elseif a:match("^%-%-.") then
       k = a:sub(3)
       local nxt = argv[i + 1]
-      if nxt ~= nil and not nxt:match("^%-%-") then
+      if bools and bools[k] then
+        out[k] = true
+      elseif nxt ~= nil and not nxt:match("^%-%-") then
         out[k] = nxt
         i = i + 1
+      elseif bools then
+        return nil, ("flag --%s needs a value"):format(k)
       else
         out[k] = true
       end

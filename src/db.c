@@ -320,6 +320,17 @@ static int read_pending(pup_conn *c, pup_error *err) {
     return 0;
 }
 
+/* Consumes the result of a sync point (PGRES_PIPELINE_SYNC, possibly after NULLs). */
+static void read_sync_point(pup_conn *c) {
+    for (int guard = 0; guard < 4; guard++) {
+        PGresult *r = PQgetResult(c->pg);
+        if (!r) continue;
+        int done = PQresultStatus(r) == PGRES_PIPELINE_SYNC;
+        PQclear(r);
+        if (done) break;
+    }
+}
+
 /* Asks the server to flush what it has and reads back every queued result. */
 static int drain(pup_conn *c, pup_error *err) {
     if (c->npending == 0) return 0;
@@ -355,16 +366,9 @@ int pup_conn_pipeline_end(pup_conn *c, pup_error *err, long *failed_tag) {
         pup_error_from_pg(err, c->pg, NULL);
         note_failure(c, err, c->tag);
         rc = -1;
-    } else if (read_pending(c, err) == 0) {
-        /* The sync point itself: PGRES_PIPELINE_SYNC (possibly after NULLs). */
-        for (int guard = 0; guard < 4; guard++) {
-            PGresult *r = PQgetResult(c->pg);
-            if (!r) continue;
-            int done = PQresultStatus(r) == PGRES_PIPELINE_SYNC;
-            PQclear(r);
-            if (done) break;
-        }
-    } else
+    } else if (read_pending(c, err) == 0)
+        read_sync_point(c);
+    else
         rc = -1;
     if (!PQexitPipelineMode(c->pg) && rc == 0) {
         pup_error_from_pg(err, c->pg, NULL);
@@ -423,13 +427,7 @@ const pup_stmt *pup_conn_prepare(pup_conn *c, const char *sql, pup_error *err) {
     int was_pipeline = c->pipeline;
     if (was_pipeline) {
         if (PQpipelineSync(c->pg) != 1 || read_pending(c, err) < 0) return NULL;
-        for (int guard = 0; guard < 4; guard++) {
-            PGresult *r = PQgetResult(c->pg);
-            if (!r) continue;
-            int done = PQresultStatus(r) == PGRES_PIPELINE_SYNC;
-            PQclear(r);
-            if (done) break;
-        }
+        read_sync_point(c);
         PQexitPipelineMode(c->pg);
         c->pipeline = 0;
     }

@@ -36,31 +36,8 @@ local function fail(msg)
   return 2
 end
 
--- Parses argv into flags and positional words; knows which flags take no value.
+-- Flags that take no value.
 local BOOL = { once = true, json = true, help = true, version = true, group = true }
-local function parse(argv, first)
-  local flags, words, i = {}, {}, first
-  while i <= #argv do
-    local a = argv[i]
-    local k, v = a:match("^%-%-([%w%-]+)=(.*)$")
-    if k then
-      flags[k] = v
-    elseif a:match("^%-%-[%w%-]+$") then
-      k = a:sub(3)
-      if BOOL[k] then
-        flags[k] = true
-      else
-        if argv[i + 1] == nil then return nil, ("flag --%s needs a value"):format(k) end
-        flags[k] = argv[i + 1]
-        i = i + 1
-      end
-    else
-      words[#words + 1] = a
-    end
-    i = i + 1
-  end
-  return flags, words
-end
 
 -- An integer flag (or its environment variable); returns the value and where it came from.
 local function int_flag(flags, k, env, min)
@@ -282,8 +259,13 @@ function M.main(argv)
     return 0
   end
   if not commands[cmd] then return fail(("unknown command %q (see --help)"):format(cmd)) end
-  local flags, words = parse(argv, 2)
-  if not flags then return fail(words) end
+  local flags, perr = pup.args(argv, { first = 2, booleans = BOOL })
+  if not flags then return fail(perr) end
+  local words = {}
+  for i, w in ipairs(flags) do
+    words[i] = w
+    flags[i] = nil
+  end
   if flags.help then io.write(USAGE) return 0 end
   for k in pairs(flags) do
     if not (KNOWN[cmd][k] or COMMON[k]) then return fail(("%s: unknown flag --%s"):format(cmd, k)) end
