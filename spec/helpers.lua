@@ -184,6 +184,87 @@ function M.hex(s)
   return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
 end
 
+-- Background processes (spec/group_spec.lua, spec/group_netns.lua) ---------------------
+
+-- Polls fn every `interval` seconds (0.05) until it returns true; raises after `seconds`.
+-- `what` may be a function returning the text of the failure (called only on timeout).
+function M.wait_until(what, seconds, fn, interval)
+  local deadline = pup().now() + seconds
+  while not fn() do
+    if pup().now() > deadline then
+      error("timed out after " .. seconds .. " s waiting for " .. (type(what) == "function" and what() or what), 2)
+    end
+    pup().sleep(interval or 0.05)
+  end
+end
+
+-- Starts `words` (program and arguments, each quoted here) in the background with
+-- bash job control, so SIGINT is not ignored, and without LD_PRELOAD. opts.env adds
+-- variables; opts.prefix (a list of words) runs before env, e.g. {"ip", "netns", "exec", ns}.
+-- Returns {pid=, dir=} once the pid is known; pid is the program's own (sh execs it).
+-- See M.exit_code, M.wait_exit, M.stderr_of, M.signal, M.reap.
+function M.spawn(words, opts)
+  opts = opts or {}
+  local dir = M.tmpdir()
+  local q = {}
+  for _, w in ipairs(words) do q[#q + 1] = M.shquote(w) end
+  local pre = {}
+  for _, w in ipairs(opts.prefix or {}) do pre[#pre + 1] = M.shquote(w) end
+  local envp = { "env", "-u", "LD_PRELOAD" }
+  for k, v in pairs(opts.env or {}) do envp[#envp + 1] = k .. "=" .. M.shquote(v) end
+  local inner = ("%s %s sh -c 'echo $$ > %s/pid.tmp; mv %s/pid.tmp %s/pid; exec \"$@\"' sh %s >%s/out 2>%s/err;"
+    .. " echo $? > %s/rc.tmp; mv %s/rc.tmp %s/rc"):format(table.concat(pre, " "), table.concat(envp, " "),
+    dir, dir, dir, table.concat(q, " "), dir, dir, dir, dir, dir)
+  os.execute("bash -c " .. M.shquote("set -m; (" .. inner .. ") </dev/null >/dev/null 2>&1 &"))
+  local proc = { dir = dir }
+  M.wait_until("a background process to start: " .. table.concat(q, " "), 10, function()
+    local f = io.open(dir .. "/pid")
+    if not f then return false end
+    proc.pid = tonumber(f:read("l"))
+    f:close()
+    return proc.pid ~= nil
+  end, 0.01)
+  return proc
+end
+
+-- The exit code of a spawned process (128 + signal when killed), nil while it runs.
+function M.exit_code(proc)
+  local f = io.open(proc.dir .. "/rc")
+  if not f then return nil end
+  local rc = tonumber(f:read("l"))
+  f:close()
+  return rc
+end
+
+-- Waits up to `seconds` for a spawned process to exit; its exit code, or nil.
+function M.wait_exit(proc, seconds)
+  local deadline = pup().now() + seconds
+  repeat
+    local rc = M.exit_code(proc)
+    if rc then return rc end
+    pup().sleep(0.02)
+  until pup().now() > deadline
+  return nil
+end
+
+function M.stderr_of(proc) return M.read_file(proc.dir .. "/err") end
+function M.stdout_of(proc) return M.read_file(proc.dir .. "/out") end
+
+-- Sends SIG<sig> ("TERM", "KILL", "STOP", "CONT", ...) to a spawned process that runs.
+function M.signal(proc, sig)
+  if not M.exit_code(proc) then os.execute("kill -" .. sig .. " " .. proc.pid .. " 2>/dev/null") end
+end
+
+-- Kills (SIGCONT first, in case it is stopped, then SIGKILL) a spawned process if it
+-- still runs, waits for it and removes its directory.
+function M.reap(proc)
+  if not M.exit_code(proc) then
+    os.execute("kill -CONT " .. proc.pid .. " 2>/dev/null; kill -KILL " .. proc.pid .. " 2>/dev/null")
+    M.wait_exit(proc, 5)
+  end
+  M.rmdir(proc.dir)
+end
+
 math.randomseed(os.time(), tonumber(tostring({}):match("0x(%x+)") or "1", 16) or 1)
 
 package.loaded["spec.helpers"] = M

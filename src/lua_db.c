@@ -5,6 +5,7 @@
 #include "pup_lua.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -70,16 +71,37 @@ static int error_tostring(lua_State *L) {
 
 /* ---- pcall helper ---- */
 
+/* Message handler of pup_lua_pcall: returns {text = message and traceback, code =,
+ * sqlstate =}, keeping the code and SQLSTATE of a raised error object (so a deadlock
+ * raised through assert() is still retried). */
 static int traceback(lua_State *L) {
-    if (lua_type(L, 1) == LUA_TTABLE && luaL_getmetafield(L, 1, "__tostring") != LUA_TNIL) {
+    int t = lua_type(L, 1);
+    if (t == LUA_TSTRING || t == LUA_TNUMBER)
         lua_pushvalue(L, 1);
-        lua_call(L, 1, 1);
-    } else if (!lua_isstring(L, 1)) {
-        if (!luaL_callmeta(L, 1, "__tostring") || lua_type(L, -1) != LUA_TSTRING)
-            lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    else if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) {
+    } else if (t == LUA_TTABLE) {
+        lua_getfield(L, LUA_REGISTRYINDEX, "pupsourcing.json_encode");
+        lua_pushvalue(L, 1);
+        if (lua_pcall(L, 1, 1, 0) == LUA_OK)
+            lua_pushfstring(L, "(error object is a table: %s)", lua_tostring(L, -1));
+        else
+            lua_pushliteral(L, "(error object is a table)");
     } else
-        lua_pushvalue(L, 1);
+        lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
     luaL_traceback(L, L, lua_tostring(L, -1), 1);
+    lua_createtable(L, 0, 3);
+    lua_insert(L, -2);
+    lua_setfield(L, -2, "text");
+    if (t == LUA_TTABLE && luaL_getmetafield(L, 1, "__name") != LUA_TNIL) {
+        int ours = strcmp(lua_tostring(L, -1), "pupsourcing.error") == 0;
+        lua_pop(L, 1);
+        if (ours) {
+            lua_getfield(L, 1, "code");
+            lua_setfield(L, -2, "code");
+            lua_getfield(L, 1, "sqlstate");
+            lua_setfield(L, -2, "sqlstate");
+        }
+    }
     return 1;
 }
 
@@ -90,7 +112,17 @@ int pup_lua_pcall(lua_State *L, int nargs, int nresults, pup_error *err) {
     int rc = lua_pcall(L, nargs, nresults, base);
     lua_remove(L, base);
     if (rc != LUA_OK) {
-        pup_error_set(err, PUP_ERR_HANDLER, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "?");
+        if (lua_type(L, -1) == LUA_TTABLE) {
+            lua_getfield(L, -1, "text");
+            pup_error_set(err, PUP_ERR_HANDLER, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "?");
+            lua_getfield(L, -2, "sqlstate");
+            if (err && lua_isstring(L, -1)) snprintf(err->sqlstate, sizeof err->sqlstate, "%s", lua_tostring(L, -1));
+            lua_getfield(L, -3, "code");
+            if (err && lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "connection") == 0)
+                err->code = PUP_ERR_CONNECTION;
+            lua_pop(L, 3);
+        } else /* an error inside the handler itself (out of memory) */
+            pup_error_set(err, PUP_ERR_HANDLER, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "?");
         lua_pop(L, 1);
     }
     return rc;

@@ -547,7 +547,9 @@ static int event_error(pup_processor *p, const PGresult *r, int row, pup_error *
                      p->name, part, p->total, ev.global_position,
                      (int)(ev.event_type.len > 200 ? 200 : ev.event_type.len), ev.event_type.p,
                      (int)ev.event_id.len, ev.event_id.p);
-    if (err->code != PUP_ERR_CONNECTION) err->code = PUP_ERR_HANDLER;
+    /* Deadlocks, serialization failures and lost connections are retried; the rest
+     * stops the projection. */
+    if (!pup_error_is_transient(err)) err->code = PUP_ERR_HANDLER;
     return -1;
 }
 

@@ -10,28 +10,15 @@
 -- 4. reads the aggregate's stream back and prints it;
 -- 5. runs a small projection until it has caught up and prints the read model row.
 local pup = require "pupsourcing"
-io.stdout:setvbuf("line")
-
-local DEFAULT_URL = "postgresql://postgres@127.0.0.1:54329/pupsourcing"
+local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
+local common = dofile(here .. "/../common.lua") -- connect-or-die and the like, shared by the examples
 
 local function say(fmt, ...) io.write(fmt:format(...), "\n") end
-local function die(fmt, ...)
-  io.stderr:write("basic: ", fmt:format(...), "\n")
-  os.exit(1)
-end
-local function redact(url) return (url:gsub("(//[^:/@]+):[^@/]*@", "%1:***@")) end
+local die = common.die_as("basic", 1)
+local redact = common.redact
 
 -- 1. Connect and migrate ------------------------------------------------------------------
-local url = os.getenv("DATABASE_URL")
-if not url or url == "" then url = DEFAULT_URL end
-local db, err = pup.connect(url)
-if not db then
-  die("cannot connect to %s: %s\n(start the example database with: scripts/pg.sh start)",
-      redact(url), tostring(err))
-end
-local store = pup.store()
-local ok, merr = store:migrate(db)
-if not ok then die("migration failed: %s", tostring(merr)) end
+local db, store, url = common.connect()
 say("Connected to %s; event store schema is up to date.", redact(url))
 
 -- 2. Append ---------------------------------------------------------------------------------

@@ -10,41 +10,21 @@
 -- Ctrl+C (SIGINT) or SIGTERM stops them all; it then prints what each one handled.
 -- The same as `pupsourcing run projections/user_read_model.lua projections/event_counter.lua ...`.
 local pup = require "pupsourcing"
-io.stdout:setvbuf("line")
-
-local DEFAULT_URL = "postgresql://postgres@127.0.0.1:54329/pupsourcing"
 local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
-local root = here .. "/../.."
+local common = dofile(here .. "/../common.lua") -- connect-or-die and the like, shared by the examples
 
-local function log(fmt, ...) io.write(os.date("%H:%M:%S "), fmt:format(...), "\n") end
-local function die(fmt, ...)
-  io.stderr:write("multiple-projections: ", fmt:format(...), "\n")
-  os.exit(2)
-end
-local function redact(url) return (url:gsub("(//[^:/@]+):[^@/]*@", "%1:***@")) end
+local log = common.logger()
+common.die_as("multiple-projections", 2)
 
 local opts = pup.args(arg)
 local once = opts.once and true or false
 
-local url = os.getenv("DATABASE_URL")
-if not url or url == "" then url = DEFAULT_URL end
-local db, err = pup.connect(url)
-if not db then
-  die("cannot connect to %s: %s\n(start the example database with: scripts/pg.sh start)",
-      redact(url), tostring(err))
-end
-local store = pup.store()
-assert(store:migrate(db))
+local db, store, url = common.connect()
 
 -- Sample events: three users, three orders.
 log("Appending sample events...")
 local function append(aggregate_type, event_type, payload)
-  local id = pup.uuid()
-  local r, aerr = store:append(db, pup.no_stream(), {
-    { aggregate_type = aggregate_type, aggregate_id = id, event_type = event_type, payload = payload },
-  })
-  if not r then die("append failed: %s", tostring(aerr)) end
-  return id
+  return (common.append_new(db, store, aggregate_type, event_type, payload))
 end
 local alice = append("User", "UserCreated", { email = "alice@example.com", name = "Alice" })
 local bob = append("User", "UserCreated", { email = "bob@example.com", name = "Bob" })
@@ -55,8 +35,8 @@ append("Order", "OrderPlaced", { user_id = alice, amount = 49.99 })
 log("Appended 3 UserCreated and 3 OrderPlaced events.")
 
 local files = {
-  root .. "/projections/user_read_model.lua",
-  root .. "/projections/event_counter.lua",
+  common.root .. "/projections/user_read_model.lua",
+  common.root .. "/projections/event_counter.lua",
   here .. "/revenue.lua",
 }
 -- No batch_size here: each projection file brings its own.
