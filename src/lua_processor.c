@@ -270,6 +270,7 @@ static void share_progress(void *ud, const pup_processor *p) {
     pup_processor_stats_get(p, &s);
     __atomic_store_n(&lp->shared->handled, s.handled, __ATOMIC_RELAXED);
     __atomic_store_n(&lp->shared->position, s.position, __ATOMIC_RELAXED);
+    __atomic_store_n(&lp->shared->head, s.head, __ATOMIC_RELAXED);
     __atomic_store_n(&lp->shared->waiting_position, s.waiting_position, __ATOMIC_RELAXED);
     __atomic_store_n(&lp->shared->standby, s.standby, __ATOMIC_RELAXED);
 }

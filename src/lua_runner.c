@@ -248,17 +248,32 @@ static int l_runner(lua_State *L) {
     return 1;
 }
 
-/* Progress on a terminal: one line per worker group, rewritten in place. */
+/* Progress on a terminal, rewritten in place: per projection its lowest position, the
+ * head, events handled per second and the time left at the current pace. */
 static void show_progress(runner *r, double elapsed, int final) {
     if (!isatty(2)) return;
-    long long handled = 0, pos = 0;
-    for (int i = 0; i < r->n; i++) {
-        handled += __atomic_load_n(&r->w[i].stats.handled, __ATOMIC_RELAXED);
-        long long p = __atomic_load_n(&r->w[i].stats.position, __ATOMIC_RELAXED);
-        if (p > pos) pos = p;
+    char line[1024];
+    size_t n = 0;
+    for (int i = 0; i < r->n && n < sizeof line - 128; i++) {
+        worker *w = &r->w[i];
+        if (i > 0 && r->w[i - 1].file == w->file) continue; /* first worker of each file */
+        long long handled = 0, pos = -1, head = 0;
+        for (int j = i; j < r->n && r->w[j].file == w->file; j++) {
+            handled += __atomic_load_n(&r->w[j].stats.handled, __ATOMIC_RELAXED);
+            long long p = __atomic_load_n(&r->w[j].stats.position, __ATOMIC_RELAXED);
+            long long h = __atomic_load_n(&r->w[j].stats.head, __ATOMIC_RELAXED);
+            if (pos < 0 || p < pos) pos = p;
+            if (h > head) head = h;
+        }
+        double rate = elapsed > 0 ? handled / elapsed : 0;
+        double pos_rate = elapsed > 0 ? pos / elapsed : 0;
+        const char *name = strrchr(w->file, '/') ? strrchr(w->file, '/') + 1 : w->file;
+        n += (size_t)snprintf(line + n, sizeof line - n, "%s%s %lld/%lld %.0f ev/s", n ? " | " : "",
+                              name, pos, head, rate);
+        if (head > pos && pos_rate > 0)
+            n += (size_t)snprintf(line + n, sizeof line - n, " ETA %.0fs", (head - pos) / pos_rate);
     }
-    fprintf(stderr, "\r\033[Kpupsourcing: %d worker(s), position %lld, %lld handled, %.0f events/s%s",
-            r->n, pos, handled, elapsed > 0 ? handled / elapsed : 0.0, final ? "\n" : "");
+    fprintf(stderr, "\r\033[K%s%s", line, final ? "\n" : "");
     fflush(stderr);
 }
 

@@ -15,7 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define FIRST_EVENT_COL 3 /* xmin, xmax, mine, then PUP_EVENT_COLUMNS */
+#define FIRST_EVENT_COL 4 /* xmin, xmax, head, mine, then PUP_EVENT_COLUMNS */
 #define MAX_PARTITIONS 4096
 
 /* A run of missing positions [lo, hi] seen below a visible one, and the xmax of the
@@ -188,7 +188,8 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
         const char *ours = "(aggregate_id_hash IS NULL OR $3::int <= 1"
                            " OR (aggregate_id_hash % $3::int)::int = ANY($4::int[]))";
         if (asprintf(&p->sql_read,
-                     "SELECT pg_snapshot_xmin(snap.s)::text, pg_snapshot_xmax(snap.s)::text, e.*"
+                     "SELECT pg_snapshot_xmin(snap.s)::text, pg_snapshot_xmax(snap.s)::text,"
+                     " (SELECT COALESCE(max(global_position), 0) FROM %s)::text, e.*"
                      " FROM (SELECT pg_current_snapshot() AS s) snap LEFT JOIN LATERAL ("
                      "SELECT (%s AND %s) AS mine, global_position, aggregate_type, aggregate_id,"
                      " aggregate_version, event_id::text, event_type, event_version,"
@@ -197,7 +198,8 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
                      " to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
                      " FROM %s WHERE global_position > $1 ORDER BY global_position LIMIT $2) e ON true"
                      " ORDER BY e.global_position",
-                     atypes, etypes, atypes, etypes, ours, atypes, etypes, store->q_events) < 0)
+                     store->q_events, atypes, etypes, atypes, etypes, ours, atypes, etypes,
+                     store->q_events) < 0)
             p->sql_read = NULL;
         /* Fenced by the position the batch started from: a second writer of this
          * checkpoint makes the batch fail instead of double-applying. */
@@ -639,6 +641,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     }
     uint64_t xmin = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
     uint64_t xmax = strtoull(PQgetvalue(r, 0, 1), NULL, 10);
+    p->stats.head = strtoll(PQgetvalue(r, 0, 2), NULL, 10);
     int nrows = PQgetisnull(r, 0, FIRST_EVENT_COL) ? 0 : PQntuples(r);
 
     /* Walk the positions: contiguous ones are processed; a hole stops the batch unless
@@ -709,7 +712,6 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     *advanced = last - from;
     p->stats.handled += nhandle;
     p->stats.position = last;
-    if (last > p->stats.head) p->stats.head = last;
     p->stats.waiting_position = p->gap.active ? p->gap.lo : 0;
     return 0;
 }

@@ -83,7 +83,7 @@ int pup_processor_run(pup_processor *p, const pup_run_opts *o, pup_error *err);
 typedef struct pup_processor_stats {
     long long handled;   /* events handled since creation */
     long long position;  /* checkpoint */
-    long long head;      /* log head seen last */
+    long long head;      /* log head seen by the last batch */
     long long waiting_position; /* hole waited at, 0 if none */
     int standby;
     int held;            /* partitions held */

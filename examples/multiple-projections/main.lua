@@ -23,9 +23,7 @@ local db, store, url = common.connect()
 
 -- Sample events: three users, three orders.
 log("Appending sample events...")
-local function append(aggregate_type, event_type, payload)
-  return (common.append_new(db, store, aggregate_type, event_type, payload))
-end
+local function append(...) return (common.append_new(db, store, ...)) end -- the new aggregate's id
 local alice = append("User", "UserCreated", { email = "alice@example.com", name = "Alice" })
 local bob = append("User", "UserCreated", { email = "bob@example.com", name = "Bob" })
 append("User", "UserCreated", { email = "carol@example.com", name = "Carol" })

@@ -16,29 +16,17 @@
 -- an event handled twice would fail the batch, an event never handled is missing a row.
 --   SELECT worker_id, count(*) FROM scaling_assignments GROUP BY 1 ORDER BY 1;
 local pup = require "pupsourcing"
-io.stdout:setvbuf("line")
+local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
+local common = dofile(here .. "/../common.lua") -- connect-or-die and the like, shared by the examples
 
-local DEFAULT_URL = "postgresql://postgres@127.0.0.1:54329/pupsourcing"
-
-local function die(fmt, ...)
-  io.stderr:write("scaling: ", fmt:format(...), "\n")
-  os.exit(2)
-end
-local function redact(url) return (url:gsub("(//[^:/@]+):[^@/]*@", "%1:***@")) end
+local die = common.die_as("scaling", 2)
 
 local opts = pup.args(arg)
-local function int_option(flag, env, default)
-  local v = opts[flag]
-  if v == nil or v == true then v = env and os.getenv(env) end
-  if v == nil or v == "" then return default end
-  local n = math.tointeger(tonumber(v))
-  if not n then die("--%s must be an integer, got %q", flag, tostring(v)) end
-  return n
-end
-local worker_id = int_option("worker-id", "WORKER_ID", -1)
-local total = int_option("total-workers", "TOTAL_WORKERS", 4)
-local events = int_option("events", nil, 20)
-local batch_size = int_option("batch-size", nil, nil)
+local int = common.int_options(opts)
+local worker_id = int("worker-id", "WORKER_ID", -1)
+local total = int("total-workers", "TOTAL_WORKERS", 4)
+local events = int("events", nil, 20)
+local batch_size = int("batch-size", nil, nil)
 local once = opts.once and true or false
 local append_only = opts.append and true or false
 
@@ -47,27 +35,15 @@ if total < 1 then die("total-workers must be at least 1") end
 if worker_id >= total then die("worker-id (%d) must be less than total-workers (%d)", worker_id, total) end
 
 local tag = ("[Worker %d]"):format(worker_id)
-local function log(fmt, ...) io.write(os.date("%H:%M:%S "), tag, " ", fmt:format(...), "\n") end
+local log = common.logger(tag)
 
-local url = os.getenv("DATABASE_URL")
-if not url or url == "" then url = DEFAULT_URL end
-local db, err = pup.connect(url)
-if not db then
-  die("cannot connect to %s: %s\n(start the example database with: scripts/pg.sh start)",
-      redact(url), tostring(err))
-end
-local store = pup.store()
-assert(store:migrate(db))
+local db, store = common.connect()
 
 if append_only then
   log("Appending %d sample events...", events)
   local first, last
   for i = 1, events do
-    local r, aerr = store:append(db, pup.no_stream(), {
-      { aggregate_type = "User", aggregate_id = pup.uuid(), event_type = "UserCreated",
-        payload = { email = ("user%d@example.com"):format(i), name = ("User %d"):format(i) } },
-    })
-    if not r then die("append failed: %s", tostring(aerr)) end
+    local _, r = common.append_new(db, store, "User", "UserCreated", common.numbered_user(i))
     first = first or r.global_positions[1]
     last = r.global_positions[1]
   end

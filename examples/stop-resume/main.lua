@@ -14,41 +14,30 @@
 -- upsert): if an event were ever handled twice the batch would fail on the primary key.
 -- Rows and checkpoint commit together, so after Ctrl+C the table matches the checkpoint.
 local pup = require "pupsourcing"
-io.stdout:setvbuf("line")
+local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
+local common = dofile(here .. "/../common.lua") -- connect-or-die and the like, shared by the examples
 
-local DEFAULT_URL = "postgresql://postgres@127.0.0.1:54329/pupsourcing"
 local NAME = "reliable_checkpoint_projection"
 local RULE = "═══════════════════════════════════════════════════════"
 
-local function log(fmt, ...) io.write(os.date("%H:%M:%S "), fmt:format(...), "\n") end
-local function die(fmt, ...)
-  io.stderr:write("stop-resume: ", fmt:format(...), "\n")
-  os.exit(2)
-end
-local function redact(url) return (url:gsub("(//[^:/@]+):[^@/]*@", "%1:***@")) end
+local log = common.logger()
+local die = common.die_as("stop-resume", 2)
 
 local opts = pup.args(arg)
 local mode = opts.mode
 if mode == nil or mode == true then
   die("mode is required: use --mode=append, --mode=process, or --mode=status")
 end
-local events = math.tointeger(tonumber(opts.events or "10"))
-local batch_size = math.tointeger(tonumber(opts["batch-size"] or "5"))
+local int = common.int_options(opts)
+local events = int("events", nil, 10)
+local batch_size = int("batch-size", nil, 5)
 local delay = tonumber(opts.delay or "0.2")
 local once = opts.once and true or false
-if not events or events < 0 then die("--events must be an integer >= 0") end
-if not batch_size or batch_size < 1 then die("--batch-size must be an integer >= 1") end
+if events < 0 then die("--events must be an integer >= 0") end
+if batch_size < 1 then die("--batch-size must be an integer >= 1") end
 if not delay or delay < 0 then die("--delay must be a number of seconds >= 0") end
 
-local url = os.getenv("DATABASE_URL")
-if not url or url == "" then url = DEFAULT_URL end
-local db, err = pup.connect(url)
-if not db then
-  die("cannot connect to %s: %s\n(start the example database with: scripts/pg.sh start)",
-      redact(url), tostring(err))
-end
-local store = pup.store()
-assert(store:migrate(db))
+local db, store = common.connect()
 
 -- The saved checkpoint of our projection (single partition): 0 when it never ran.
 local function checkpoint()
@@ -70,12 +59,9 @@ end
 if mode == "append" then
   log("Appending %d events...", events)
   for i = 1, events do
-    local r, aerr = store:append(db, pup.no_stream(), {
-      { aggregate_type = "User", aggregate_id = pup.uuid(), event_type = "UserCreated",
-        payload = { email = ("user%d@example.com"):format(i), name = ("User %d"):format(i),
-                    timestamp = os.date("!%Y-%m-%dT%H:%M:%SZ") } },
-    })
-    if not r then die("append failed: %s", tostring(aerr)) end
+    local user = common.numbered_user(i)
+    user.timestamp = os.date("!%Y-%m-%dT%H:%M:%SZ")
+    local _, r = common.append_new(db, store, "User", "UserCreated", user)
     log("  → Event %d appended at position %d", i, r.global_positions[1])
   end
   log("✓ Successfully appended %d events", events)

@@ -7,53 +7,25 @@
 -- SIGTERM stops all workers cleanly; it then prints what each partition handled.
 -- The same as `pupsourcing run --workers 4 projections/user_read_model.lua`.
 local pup = require "pupsourcing"
-io.stdout:setvbuf("line")
-
-local DEFAULT_URL = "postgresql://postgres@127.0.0.1:54329/pupsourcing"
 local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
+local common = dofile(here .. "/../common.lua") -- connect-or-die and the like, shared by the examples
 
-local function log(fmt, ...) io.write(os.date("%H:%M:%S "), fmt:format(...), "\n") end
-local function die(fmt, ...)
-  io.stderr:write("worker-pool: ", fmt:format(...), "\n")
-  os.exit(2)
-end
-local function redact(url) return (url:gsub("(//[^:/@]+):[^@/]*@", "%1:***@")) end
+local log = common.logger()
+local die = common.die_as("worker-pool", 2)
 
 local opts = pup.args(arg)
-local function int_option(flag, env, default)
-  local v = opts[flag]
-  if v == nil or v == true then v = os.getenv(env) end
-  if v == nil or v == "" then return default end
-  local n = math.tointeger(tonumber(v))
-  if not n then die("--%s must be an integer, got %q", flag, tostring(v)) end
-  return n
-end
-local workers = int_option("workers", "WORKERS", 4)
-local events = int_option("events", "EVENTS", 20)
-local batch_size = int_option("batch-size", "BATCH_SIZE", nil)
+local int = common.int_options(opts)
+local workers = int("workers", "WORKERS", 4)
+local events = int("events", "EVENTS", 20)
+local batch_size = int("batch-size", "BATCH_SIZE", nil)
 local once = opts.once and true or false
 if workers < 1 then die("--workers must be at least 1") end
 
-local url = os.getenv("DATABASE_URL")
-if not url or url == "" then url = DEFAULT_URL end
-local db, err = pup.connect(url)
-if not db then
-  die("cannot connect to %s: %s\n(start the example database with: scripts/pg.sh start)",
-      redact(url), tostring(err))
-end
-local store = pup.store()
-assert(store:migrate(db))
+local db, store, url = common.connect()
 
 if events > 0 then
   log("Appending %d sample events...", events)
-  for i = 1, events do
-    local name = ("User %d"):format(i)
-    local r, aerr = store:append(db, pup.no_stream(), {
-      { aggregate_type = "User", aggregate_id = pup.uuid(), event_type = "UserCreated",
-        payload = { email = ("user%d@example.com"):format(i), name = name } },
-    })
-    if not r then die("append failed: %s", tostring(aerr)) end
-  end
+  for i = 1, events do common.append_new(db, store, "User", "UserCreated", common.numbered_user(i)) end
 end
 
 local runner = pup.runner {
