@@ -1,8 +1,7 @@
 -- The plumbing the examples share: connecting, messages, integer flags, sample events.
 -- Not an example itself. Each examples/<name>/main.lua loads it from its own path:
 --
---   local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
---   local common = dofile(here .. "/../common.lua")
+--   local common = dofile((arg[0]:match("^(.*)/") or ".") .. "/../common.lua")
 --
 -- Copying an example into your own script? Inline what it uses from here: each piece is a
 -- few lines of plain pupsourcing.
@@ -14,23 +13,14 @@ local common = {}
 -- The private database `scripts/pg.sh start` runs; DATABASE_URL overrides it.
 common.DEFAULT_URL = "postgresql://postgres@127.0.0.1:54329/pupsourcing"
 
--- The repository root (for projections/*.lua), found from this file's own path.
+-- The running example's directory (from arg[0]), and the repository root (for
+-- projections/*.lua) from this file's own path: both work from any working directory.
+common.here = (arg and arg[0] or ""):match("^(.*)/") or "."
 local src = debug.getinfo(1, "S").source
-common.root = (src:sub(1, 1) == "@" and src:sub(2):match("^(.*)/[^/]*$") or ".") .. "/.."
+common.root = (src:sub(1, 1) == "@" and src:sub(2):match("^(.*)/") or ".") .. "/.."
 
 -- A connection URL fit to print: the password replaced by ***.
 function common.redact(url) return (url:gsub("(//[^:/@]+):[^@/]*@", "%1:***@")) end
-
--- die(fmt, ...) prints "<name>: message" on stderr and exits with status (default 2).
--- die_as makes one; connect and append_new below report through the last one made.
-local die = function(fmt, ...) error(fmt:format(...), 0) end
-function common.die_as(name, status)
-  die = function(fmt, ...)
-    io.stderr:write(name, ": ", fmt:format(...), "\n")
-    os.exit(status or 2)
-  end
-  return die
-end
 
 -- log(fmt, ...) prints "HH:MM:SS [tag ]message" on stdout.
 function common.logger(tag)
@@ -38,10 +28,24 @@ function common.logger(tag)
   return function(fmt, ...) io.write(os.date("%H:%M:%S "), prefix, fmt:format(...), "\n") end
 end
 
--- int(flag, env, default) reads an integer from --flag, else from the environment variable
--- env (when given), else it is default. Anything else than an integer is fatal.
-function common.int_options(opts)
-  return function(flag, env, default)
+-- die, log for the example called name: die(fmt, ...) prints "<name>: message" on stderr and
+-- exits with exit_status (default 2); log is logger(). The helpers below that can fail
+-- (options, connect, append_new, partition_flags) report through the last die made here.
+local die = function(fmt, ...) error(fmt:format(...), 0) end
+function common.die_and_log(name, exit_status)
+  die = function(fmt, ...)
+    io.stderr:write(name, ": ", fmt:format(...), "\n")
+    os.exit(exit_status or 2)
+  end
+  return die, common.logger()
+end
+
+-- opts, int: the flags (pup.args) and int(flag, env, default), which reads an integer from
+-- --flag, else from the environment variable env (when given), else it is default. Anything
+-- else than an integer is fatal.
+function common.options(arg)
+  local opts = pup.args(arg)
+  local function int(flag, env, default)
     local v = opts[flag]
     if v == nil or v == true then v = env and os.getenv(env) end
     if v == nil or v == "" then return default end
@@ -51,6 +55,30 @@ function common.int_options(opts)
     end
     return n
   end
+  return opts, int
+end
+
+-- key, total: which partition this process owns, from --<key_flag> (required) and
+-- --<total_flag> (default 4), or from the environment variables of the same names in upper
+-- case (--partition-key: PARTITION_KEY); fatal unless 0 <= key < total.
+function common.partition_flags(int, key_flag, total_flag)
+  local key_env = key_flag:upper():gsub("-", "_")
+  local key = int(key_flag, key_env, -1)
+  local total = int(total_flag, (total_flag:upper():gsub("-", "_")), 4)
+  if key < 0 then die("%s is required (use --%s flag or %s env var)", key_flag, key_flag, key_env) end
+  if total < 1 then die("%s must be at least 1", total_flag) end
+  if key >= total then die("%s (%d) must be less than %s (%d)", key_flag, key, total_flag, total) end
+  return key, total
+end
+
+-- value, unless it is nil or false: then "<label>: <err>" on stderr and exit status 1 (a
+-- failure at run time; bad flags and a missing database exit through die instead).
+function common.or_exit(label, value, err)
+  if not value then
+    io.stderr:write(label, ": ", tostring(err), "\n")
+    os.exit(1)
+  end
+  return value
 end
 
 -- db, store, url: connects to DATABASE_URL (default DEFAULT_URL) and creates the event store
@@ -92,6 +120,14 @@ end
 -- numbered_user: User 1 <user1@example.com>, User 2, ...
 function common.numbered_user(i)
   return { email = ("user%d@example.com"):format(i), name = ("User %d"):format(i) }
+end
+
+-- In a projection's setup: CREATE TABLE IF NOT EXISTS name (columns), serialized by an
+-- advisory lock, because processes starting together would otherwise race on the catalog
+-- (CREATE TABLE IF NOT EXISTS alone is not concurrency-safe).
+function common.create_table(tx, name, columns)
+  assert(tx:query(("SELECT pg_advisory_xact_lock(hashtext('pupsourcing.projection.%s'))"):format(name)))
+  assert(tx:exec(("CREATE TABLE IF NOT EXISTS %s (%s)"):format(name, columns)))
 end
 
 -- Wraps projection.handle: after each event it handled, report(event, data, n) runs, where

@@ -10,11 +10,10 @@
 -- 4. reads the aggregate's stream back and prints it;
 -- 5. runs a small projection until it has caught up and prints the read model row.
 local pup = require "pupsourcing"
-local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
-local common = dofile(here .. "/../common.lua") -- connect-or-die and the like, shared by the examples
+local common = dofile((arg[0]:match("^(.*)/") or ".") .. "/../common.lua") -- shared plumbing
 
 local function say(fmt, ...) io.write(fmt:format(...), "\n") end
-local die = common.die_as("basic", 1)
+local die = common.die_and_log("basic", 1)
 local redact = common.redact
 
 -- 1. Connect and migrate ------------------------------------------------------------------
@@ -71,9 +70,8 @@ local directory = {
   name = "basic_user_directory",
   aggregate_types = { "User" },
   setup = function(tx)
-    assert(tx:query("SELECT pg_advisory_xact_lock(hashtext('pupsourcing.projection.basic_user_directory'))"))
-    assert(tx:exec([[CREATE TABLE IF NOT EXISTS basic_user_directory (
-      id TEXT PRIMARY KEY, name TEXT, email TEXT, version BIGINT NOT NULL)]]))
+    common.create_table(tx, "basic_user_directory",
+                        "id TEXT PRIMARY KEY, name TEXT, email TEXT, version BIGINT NOT NULL")
   end,
   handle = function(tx, e)
     local d = type(e.data) == "table" and e.data or {}

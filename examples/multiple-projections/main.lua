@@ -10,13 +10,11 @@
 -- Ctrl+C (SIGINT) or SIGTERM stops them all; it then prints what each one handled.
 -- The same as `pupsourcing run projections/user_read_model.lua projections/event_counter.lua ...`.
 local pup = require "pupsourcing"
-local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
-local common = dofile(here .. "/../common.lua") -- connect-or-die and the like, shared by the examples
+local common = dofile((arg[0]:match("^(.*)/") or ".") .. "/../common.lua") -- shared plumbing
 
-local log = common.logger()
-common.die_as("multiple-projections", 2)
+local _, log = common.die_and_log("multiple-projections", 2)
 
-local opts = pup.args(arg)
+local opts = common.options(arg)
 local once = opts.once and true or false
 
 local db, store, url = common.connect()
@@ -35,7 +33,7 @@ log("Appended 3 UserCreated and 3 OrderPlaced events.")
 local files = {
   common.root .. "/projections/user_read_model.lua",
   common.root .. "/projections/event_counter.lua",
-  here .. "/revenue.lua",
+  common.here .. "/revenue.lua",
 }
 -- No batch_size here: each projection file brings its own.
 local runner = pup.runner { files = files, once = once, database_url = url }
@@ -43,11 +41,7 @@ log("Starting %d projections: user_read_model, event_counter, revenue_tracker%s"
     once and " (--once: stop when caught up)" or "")
 if not once then log("Press Ctrl+C to stop") end
 
-local result, rerr = runner:run()
-if not result then
-  io.stderr:write("multiple-projections: runner error: ", tostring(rerr), "\n")
-  os.exit(1)
-end
+local result = common.or_exit("multiple-projections: runner error", runner:run())
 if not once then log("Received shutdown signal, all projections stopped.") end
 
 local names = {}

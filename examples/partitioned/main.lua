@@ -12,24 +12,16 @@
 -- An event belongs to partition FNV-1a-32(aggregate_id) % N (pup.partition_of), so all
 -- events of one user go to one process, in order. Each partition keeps its own checkpoint.
 local pup = require "pupsourcing"
-local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
-local common = dofile(here .. "/../common.lua") -- connect-or-die and the like, shared by the examples
+local common = dofile((arg[0]:match("^(.*)/") or ".") .. "/../common.lua") -- shared plumbing
 
-local die = common.die_as("partitioned", 2)
+common.die_and_log("partitioned", 2)
 
 -- CLI configuration: flag first, then environment variable, then default.
-local opts = pup.args(arg)
-local int = common.int_options(opts)
-local partition_key = int("partition-key", "PARTITION_KEY", -1)
-local total = int("total-partitions", "TOTAL_PARTITIONS", 4)
+local opts, int = common.options(arg)
+local partition_key, total = common.partition_flags(int, "partition-key", "total-partitions")
 local events = int("events", "EVENTS", 8)
 local batch_size = int("batch-size", "BATCH_SIZE", nil)
 local once = opts.once and true or false
-if partition_key < 0 then die("partition-key is required (use --partition-key flag or PARTITION_KEY env var)") end
-if total < 1 then die("total-partitions must be at least 1") end
-if partition_key >= total then
-  die("partition-key (%d) must be less than total-partitions (%d)", partition_key, total)
-end
 
 local tag = ("[Partition %d/%d]"):format(partition_key, total)
 local log = common.logger(tag)
@@ -55,11 +47,7 @@ log("Starting projection %s on partition %d of %d (events where hash(aggregate_i
     projection.name, partition_key, total, total, partition_key)
 if not once then log("Press Ctrl+C to stop") end
 
-local handled, perr = processor:run { once = once }
-if not handled then
-  io.stderr:write(tag, " projection error: ", tostring(perr), "\n")
-  os.exit(1)
-end
+local handled = common.or_exit(tag .. " projection error", processor:run { once = once })
 if not once then log("Received shutdown signal, stopped gracefully.") end
 log("Stopped. Handled %d events on this partition.", handled)
 db:close()

@@ -16,23 +16,16 @@
 -- an event handled twice would fail the batch, an event never handled is missing a row.
 --   SELECT worker_id, count(*) FROM scaling_assignments GROUP BY 1 ORDER BY 1;
 local pup = require "pupsourcing"
-local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
-local common = dofile(here .. "/../common.lua") -- connect-or-die and the like, shared by the examples
+local common = dofile((arg[0]:match("^(.*)/") or ".") .. "/../common.lua") -- shared plumbing
 
-local die = common.die_as("scaling", 2)
+common.die_and_log("scaling", 2)
 
-local opts = pup.args(arg)
-local int = common.int_options(opts)
-local worker_id = int("worker-id", "WORKER_ID", -1)
-local total = int("total-workers", "TOTAL_WORKERS", 4)
+local opts, int = common.options(arg)
+local worker_id, total = common.partition_flags(int, "worker-id", "total-workers")
 local events = int("events", nil, 20)
 local batch_size = int("batch-size", nil, nil)
 local once = opts.once and true or false
 local append_only = opts.append and true or false
-
-if worker_id < 0 then die("worker-id is required (use --worker-id flag or WORKER_ID env var)") end
-if total < 1 then die("total-workers must be at least 1") end
-if worker_id >= total then die("worker-id (%d) must be less than total-workers (%d)", worker_id, total) end
 
 local tag = ("[Worker %d]"):format(worker_id)
 local log = common.logger(tag)
@@ -60,16 +53,13 @@ local projection = {
   event_types = { "UserCreated" },
 
   setup = function(tx)
-    assert(tx:query("SELECT pg_advisory_xact_lock(hashtext('pupsourcing.projection.scaling_assignments'))"))
-    assert(tx:exec([[
-      CREATE TABLE IF NOT EXISTS scaling_assignments (
-        total_workers   INT NOT NULL,
-        global_position BIGINT NOT NULL,
-        aggregate_id    TEXT NOT NULL,
-        worker_id       INT NOT NULL,
-        handled_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
-        PRIMARY KEY (total_workers, global_position)
-      )]]))
+    common.create_table(tx, "scaling_assignments", [[
+      total_workers   INT NOT NULL,
+      global_position BIGINT NOT NULL,
+      aggregate_id    TEXT NOT NULL,
+      worker_id       INT NOT NULL,
+      handled_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+      PRIMARY KEY (total_workers, global_position)]])
   end,
 
   handle = function(tx, event)
@@ -93,11 +83,7 @@ log("This worker processes events where hash(aggregate_id) %% %d == %d", total, 
 if not once then log("Press Ctrl+C to stop") end
 log("═══════════════════════════════════════════════════════")
 
-local handled, perr = processor:run { once = once }
-if not handled then
-  io.stderr:write(tag, " projection error: ", tostring(perr), "\n")
-  os.exit(1)
-end
+local handled = common.or_exit(tag .. " projection error", processor:run { once = once })
 if not once then log("Received shutdown signal, stopped gracefully.") end
 log("Stopped. Handled %d events.", handled)
 db:close()

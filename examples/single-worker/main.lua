@@ -8,15 +8,12 @@
 -- example says how many events it handled. Run it again: it resumes at the checkpoint.
 -- --once: stop by itself when caught up with the log as it was at start.
 local pup = require "pupsourcing"
-local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
-local common = dofile(here .. "/../common.lua") -- connect-or-die and the like, shared by the examples
+local common = dofile((arg[0]:match("^(.*)/") or ".") .. "/../common.lua") -- shared plumbing
 
-local log = common.logger()
-local die = common.die_as("single-worker", 1)
+local die, log = common.die_and_log("single-worker", 1)
 
 -- Configuration: flags, then environment, then defaults.
-local opts = pup.args(arg)
-local int = common.int_options(opts)
+local opts, int = common.options(arg)
 local events = int("events", "EVENTS", 3)
 local batch_size = int("batch-size", nil, nil)
 local once = opts.once and true or false
@@ -46,8 +43,7 @@ log("Starting single-worker projection %s%s", projection.name,
     once and " (--once: stops when caught up)" or "")
 if not once then log("Press Ctrl+C to stop") end
 
-local handled, perr = processor:run { once = once }
-if not handled then die("projection error: %s", tostring(perr)) end
+local handled = common.or_exit("single-worker: projection error", processor:run { once = once })
 
 if not once then log("Received shutdown signal, stopped gracefully.") end
 log("Projection stopped. Handled %d events in this run.", handled)

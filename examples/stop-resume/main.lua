@@ -14,21 +14,18 @@
 -- upsert): if an event were ever handled twice the batch would fail on the primary key.
 -- Rows and checkpoint commit together, so after Ctrl+C the table matches the checkpoint.
 local pup = require "pupsourcing"
-local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
-local common = dofile(here .. "/../common.lua") -- connect-or-die and the like, shared by the examples
+local common = dofile((arg[0]:match("^(.*)/") or ".") .. "/../common.lua") -- shared plumbing
 
 local NAME = "reliable_checkpoint_projection"
 local RULE = "═══════════════════════════════════════════════════════"
 
-local log = common.logger()
-local die = common.die_as("stop-resume", 2)
+local die, log = common.die_and_log("stop-resume", 2)
 
-local opts = pup.args(arg)
+local opts, int = common.options(arg)
 local mode = opts.mode
 if mode == nil or mode == true then
   die("mode is required: use --mode=append, --mode=process, or --mode=status")
 end
-local int = common.int_options(opts)
 local events = int("events", nil, 10)
 local batch_size = int("batch-size", nil, 5)
 local delay = tonumber(opts.delay or "0.2")
@@ -75,15 +72,12 @@ elseif mode == "process" then
     aggregate_types = { "User" },
     event_types = { "UserCreated" },
     setup = function(tx)
-      assert(tx:query("SELECT pg_advisory_xact_lock(hashtext('pupsourcing.projection.reliable_users'))"))
-      assert(tx:exec([[
-        CREATE TABLE IF NOT EXISTS reliable_users (
-          user_id         TEXT PRIMARY KEY,
-          name            TEXT,
-          email           TEXT,
-          global_position BIGINT NOT NULL UNIQUE,
-          processed_at    TIMESTAMPTZ NOT NULL DEFAULT now()
-        )]]))
+      common.create_table(tx, "reliable_users", [[
+        user_id         TEXT PRIMARY KEY,
+        name            TEXT,
+        email           TEXT,
+        global_position BIGINT NOT NULL UNIQUE,
+        processed_at    TIMESTAMPTZ NOT NULL DEFAULT now()]])
     end,
     handle = function(tx, event)
       local d = type(event.data) == "table" and event.data or {}
@@ -110,11 +104,7 @@ elseif mode == "process" then
       once and "(--once: stops when caught up)" or "(Press Ctrl+C to stop)")
 
   local processor = pup.processor(db, projection, { batch_size = batch_size })
-  local handled, perr = processor:run { once = once }
-  if not handled then
-    io.stderr:write("stop-resume: projection error: ", tostring(perr), "\n")
-    os.exit(1)
-  end
+  local handled = common.or_exit("stop-resume: projection error", processor:run { once = once })
   local now = checkpoint()
   log(RULE)
   log(once and "Caught up, stopped" or "Received Ctrl+C - stopped gracefully")

@@ -7,14 +7,11 @@
 -- SIGTERM stops all workers cleanly; it then prints what each partition handled.
 -- The same as `pupsourcing run --workers 4 projections/user_read_model.lua`.
 local pup = require "pupsourcing"
-local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
-local common = dofile(here .. "/../common.lua") -- connect-or-die and the like, shared by the examples
+local common = dofile((arg[0]:match("^(.*)/") or ".") .. "/../common.lua") -- shared plumbing
 
-local log = common.logger()
-local die = common.die_as("worker-pool", 2)
+local die, log = common.die_and_log("worker-pool", 2)
 
-local opts = pup.args(arg)
-local int = common.int_options(opts)
+local opts, int = common.options(arg)
 local workers = int("workers", "WORKERS", 4)
 local events = int("events", "EVENTS", 20)
 local batch_size = int("batch-size", "BATCH_SIZE", nil)
@@ -29,7 +26,7 @@ if events > 0 then
 end
 
 local runner = pup.runner {
-  files = { here .. "/projection.lua" },
+  files = { common.here .. "/projection.lua" },
   workers = workers,
   batch_size = batch_size,
   once = once,
@@ -39,11 +36,7 @@ log("Starting %d workers (partitions 0..%d of user_read_model)%s", workers, work
     once and " (--once: stop when caught up)" or "")
 if not once then log("Press Ctrl+C to stop") end
 
-local result, rerr = runner:run()
-if not result then
-  io.stderr:write("worker-pool: runner error: ", tostring(rerr), "\n")
-  os.exit(1)
-end
+local result = common.or_exit("worker-pool: runner error", runner:run())
 if not once then log("Received shutdown signal, all workers stopped.") end
 
 -- result = { [projection name] = { handled = n, partitions = number of partitions } }
