@@ -468,34 +468,35 @@ static int tx_tostring(lua_State *L) {
     return 1;
 }
 
+void pup_lua_class(lua_State *L, const char *name, const luaL_Reg *methods,
+                   lua_CFunction close, lua_CFunction tostring) {
+    luaL_newmetatable(L, name);
+    lua_newtable(L);
+    if (methods) luaL_setfuncs(L, methods, 0);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "__index");
+    if (close) {
+        lua_pushcfunction(L, close);
+        lua_setfield(L, -3, "__gc");
+        lua_pushcfunction(L, close);
+        lua_setfield(L, -3, "__close");
+    }
+    if (tostring) {
+        lua_pushcfunction(L, tostring);
+        lua_setfield(L, -3, "__tostring");
+    }
+    lua_remove(L, -2);
+}
+
 void pup_lua_open_db(lua_State *L) {
     static const luaL_Reg db_methods[] = {
         {"exec", l_exec}, {"query", l_query}, {"begin", db_begin}, {"close", db_close}, {NULL, NULL}};
     static const luaL_Reg tx_methods[] = {
         {"exec", l_exec}, {"query", l_query}, {"commit", tx_commit}, {"rollback", tx_rollback}, {NULL, NULL}};
 
-    luaL_newmetatable(L, PUP_DB_MT);
-    luaL_newlib(L, db_methods);
-    lua_pushvalue(L, -1);
-    lua_setfield(L, -4, "_db_methods"); /* the Lua part adds db:transaction */
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, db_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, db_close);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, db_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pop(L, 1);
-
-    luaL_newmetatable(L, PUP_TX_MT);
-    luaL_newlib(L, tx_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, tx_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, tx_close);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, tx_tostring);
-    lua_setfield(L, -2, "__tostring");
+    pup_lua_class(L, PUP_DB_MT, db_methods, db_close, db_tostring);
+    lua_setfield(L, -2, "_db_methods"); /* the Lua part adds db:transaction */
+    pup_lua_class(L, PUP_TX_MT, tx_methods, tx_close, tx_tostring);
     lua_pop(L, 1);
 
     luaL_newmetatable(L, PUP_ERROR_MT);
@@ -505,11 +506,7 @@ void pup_lua_open_db(lua_State *L) {
     lua_setfield(L, -2, "__name");
     lua_pop(L, 1);
 
-    luaL_newmetatable(L, PUP_RESULT_MT);
-    lua_pushcfunction(L, result_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, result_gc);
-    lua_setfield(L, -2, "__close");
+    pup_lua_class(L, PUP_RESULT_MT, NULL, result_gc, NULL);
     lua_pop(L, 1);
 
     lua_pushcfunction(L, l_connect);

@@ -373,15 +373,7 @@ void pup_lua_open_processor(lua_State *L) {
     static const luaL_Reg methods[] = {{"run_once", proc_run_once}, {"run", proc_run},
                                        {"_run_fd", proc_run_fd},    {"stats", proc_stats},
                                        {"close", proc_close},       {NULL, NULL}};
-    luaL_newmetatable(L, PUP_PROCESSOR_MT);
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, proc_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, proc_close);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, proc_tostring);
-    lua_setfield(L, -2, "__tostring");
+    pup_lua_class(L, PUP_PROCESSOR_MT, methods, proc_close, proc_tostring);
     lua_pop(L, 1);
     lua_pushcfunction(L, l_processor);
     lua_setfield(L, -2, "processor");

@@ -379,13 +379,7 @@ static int runner_run(lua_State *L) {
 
 void pup_lua_open_runner(lua_State *L) {
     static const luaL_Reg methods[] = {{"run", runner_run}, {"close", runner_gc}, {NULL, NULL}};
-    luaL_newmetatable(L, PUP_RUNNER_MT);
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, runner_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, runner_gc);
-    lua_setfield(L, -2, "__close");
+    pup_lua_class(L, PUP_RUNNER_MT, methods, runner_gc, NULL);
     lua_pop(L, 1);
     lua_pushcfunction(L, l_runner);
     lua_setfield(L, -2, "runner");

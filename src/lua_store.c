@@ -404,15 +404,7 @@ void pup_lua_open_store(lua_State *L) {
         {"read_aggregate_stream", store_read_stream}, {"head", store_head},
         {"migrate", store_migrate}, {"schema_sql", store_schema_sql},
         {"names", store_names}, {NULL, NULL}};
-    luaL_newmetatable(L, PUP_STORE_MT);
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, store_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, store_gc);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, store_tostring);
-    lua_setfield(L, -2, "__tostring");
+    pup_lua_class(L, PUP_STORE_MT, methods, store_gc, store_tostring);
     lua_pop(L, 1);
 
     luaL_newmetatable(L, PUP_EVENT_MT);

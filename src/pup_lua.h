@@ -34,6 +34,11 @@ void pup_lua_open_store(lua_State *L);
 void pup_lua_open_processor(lua_State *L);
 void pup_lua_open_runner(lua_State *L);
 
+/* Registers metatable `name` with __index = a table of methods, __gc and __close =
+ * close, __tostring; leaves the methods table on the stack. */
+void pup_lua_class(lua_State *L, const char *name, const luaL_Reg *methods,
+                   lua_CFunction close, lua_CFunction tostring);
+
 /* Pushes nil and an error object (code, message, sqlstate, __tostring). Returns 2. */
 int pup_lua_push_error(lua_State *L, const pup_error *err);
 /* Builds the error object alone (for raising: lua_error keeps it intact). */
