@@ -68,6 +68,8 @@ CREATE TABLE IF NOT EXISTS "projection_checkpoints_workers" (
     worker_id TEXT NOT NULL,
     heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    backend_pid INT,
+    backend_start TIMESTAMPTZ,
     PRIMARY KEY (projection_name, worker_id)
 );
 CREATE TABLE IF NOT EXISTS "projection_checkpoints_groups" (

@@ -501,10 +501,23 @@ function G:settled(procs)
   return true
 end
 
+-- The pid, exit code and last stderr lines of each process, for failure messages.
+function G:procs_text(procs)
+  local out = {}
+  for _, p in ipairs(procs or self.procs) do
+    local err = M.stderr_of(p)
+    local tail = {}
+    for line in err:gmatch("[^\n]+") do tail[#tail + 1] = line end
+    out[#out + 1] = ("pid %d (exit %s): %s"):format(p.pid, tostring(M.exit_code(p)),
+      table.concat(tail, " | ", math.max(1, #tail - 3)))
+  end
+  return table.concat(out, "\n  ")
+end
+
 function G:wait_settled(procs, seconds, what)
   local why
   M.wait_until(function() return (what or "the group to settle") .. " on " .. #procs .. " worker(s): "
-    .. tostring(why) .. "; " .. self:describe() end, seconds, function()
+    .. tostring(why) .. "; " .. self:describe() .. "\n  " .. self:procs_text() end, seconds, function()
     local ok, w = self:settled(procs)
     why = w
     return ok
@@ -535,8 +548,19 @@ function G:exact()
     local dups = self:q(("SELECT pos, count(*) AS n, string_agg(pid::text || '/' || xid, ',') AS by FROM %s GROUP BY pos HAVING count(*) > 1 ORDER BY pos LIMIT 5"):format(self.seen))
     local d = {}
     for _, r in ipairs(dups) do d[#d + 1] = ("%d x%d by %s"):format(r.pos, r.n, r.by) end
-    return false, ("read model not exact: %d aggregate(s) miscounted, %d handled rows for %d events (%d distinct), %d event(s) never handled, head %d; duplicates: %s")
-      :format(bad, s.n, events, s.d, missing, head, table.concat(d, "; "))
+    local gaps = self:q(('SELECT min(e.global_position) AS lo, max(e.global_position) AS hi, e.aggregate_id AS agg, count(*) AS n'
+      .. ' FROM "%s" e WHERE NOT EXISTS (SELECT 1 FROM %s s WHERE s.pos = e.global_position)'
+      .. ' GROUP BY e.aggregate_id ORDER BY 1 LIMIT 5'):format(self.names.events_table, self.seen))
+    local m = {}
+    for _, r in ipairs(gaps) do
+      local near = self:q(("SELECT pos, pid, xid FROM %s WHERE pos BETWEEN $1 - 3 AND $2 + 3 ORDER BY pos"):format(self.seen), r.lo, r.hi)
+      local nb = {}
+      for _, x in ipairs(near) do nb[#nb + 1] = ("%d:%d/%s"):format(x.pos, x.pid, x.xid) end
+      m[#m + 1] = ("%s partition %d/%d: %d missing in %d..%d (near: %s)"):format(r.agg,
+        pup().partition_of(r.agg, self.partitions or 8), self.partitions or 8, r.n, r.lo, r.hi, table.concat(nb, " "))
+    end
+    return false, ("read model not exact: %d aggregate(s) miscounted, %d handled rows for %d events (%d distinct), %d event(s) never handled, head %d; duplicates: %s; missing: %s")
+      :format(bad, s.n, events, s.d, missing, head, table.concat(d, "; "), table.concat(m, "; "))
   end
   return true
 end

@@ -85,7 +85,9 @@ int pup_error_from_pg(pup_error *err, PGconn *pg, const PGresult *res) {
         snprintf(err->message + n, sizeof err->message - n, " (%s)", detail);
     }
     snprintf(err->sqlstate, sizeof err->sqlstate, "%s", state ? state : "");
-    if ((pg && PQstatus(pg) != CONNECTION_OK) || (state && strncmp(state, "08", 2) == 0) ||
+    /* libpq's own errors (a broken connection noticed mid-pipeline) have no SQLSTATE. */
+    int client_side = res && (!state || !*state);
+    if ((pg && PQstatus(pg) != CONNECTION_OK) || client_side || (state && strncmp(state, "08", 2) == 0) ||
         (state && (strcmp(state, "57P01") == 0 || strcmp(state, "57P02") == 0 ||
                    strcmp(state, "57P03") == 0)))
         err->code = PUP_ERR_CONNECTION;
@@ -101,7 +103,7 @@ int pup_error_from_pg(pup_error *err, PGconn *pg, const PGresult *res) {
 
 int pup_error_is_transient(const pup_error *err) {
     return err->code == PUP_ERR_CONNECTION || strcmp(err->sqlstate, "40001") == 0 ||
-           strcmp(err->sqlstate, "40P01") == 0;
+           strcmp(err->sqlstate, "40P01") == 0 || strcmp(err->sqlstate, "55P03") == 0;
 }
 
 /* ---- parameters ---- */
@@ -187,6 +189,38 @@ static void redact_url(char *dst, size_t size, const char *url) {
     dst[j] = '\0';
 }
 
+/* Replaces every occurrence of the URL's password (user:PASSWORD@ or password=PASSWORD)
+ * in msg with ***. */
+static void hide_password(char *msg, const char *url) {
+    const char *p = NULL, *end = NULL;
+    const char *scheme = strstr(url, "://");
+    if (scheme) {
+        const char *at = strchr(scheme + 3, '@');
+        const char *colon = strchr(scheme + 3, ':');
+        if (at && colon && colon < at) p = colon + 1, end = at;
+    }
+    if (!p && (p = strstr(url, "password=")) != NULL) {
+        p += 9;
+        end = p + strcspn(p, " &");
+    }
+    if (!p || end <= p) return;
+    size_t n = (size_t)(end - p);
+    char *hit;
+    while ((hit = memmem(msg, strlen(msg), p, n)) != NULL) {
+        memmove(hit + 3, hit + n, strlen(hit + n) + 1);
+        memcpy(hit, "***", 3);
+        if (n < 3) break; /* "***" could match again */
+    }
+}
+
+/* Notices (e.g. WARNING: terminating connection) go to stderr as one line of ours. */
+static void notice_line(void *arg, const char *message) {
+    (void)arg;
+    char line[1024];
+    copy_trimmed(line, sizeof line, message);
+    fprintf(stderr, "pupsourcing: postgres: %s\n", line);
+}
+
 pup_conn *pup_conn_open(const char *url, pup_error *err) {
     if (!url || !*url) url = getenv("DATABASE_URL");
     if (!url) url = "";
@@ -200,10 +234,12 @@ pup_conn *pup_conn_open(const char *url, pup_error *err) {
         char shown[512], msg[1024];
         redact_url(shown, sizeof shown, *url ? url : "(libpq defaults)");
         copy_trimmed(msg, sizeof msg, c->pg ? PQerrorMessage(c->pg) : "out of memory");
+        hide_password(msg, url); /* libpq quotes a malformed URI whole */
         pup_error_set(err, PUP_ERR_CONNECTION, "cannot connect to %s: %s", shown, msg);
         pup_conn_close(c);
         return NULL;
     }
+    PQsetNoticeProcessor(c->pg, notice_line, NULL);
     /* Quiet NOTICEs (CREATE ... IF NOT EXISTS); hex bytea is what the decoders expect. */
     PGresult *r = PQexec(c->pg, "SET client_min_messages = warning; SET bytea_output = hex");
     PQclear(r);
@@ -507,6 +543,23 @@ int pup_conn_command(pup_conn *c, const char *sql, pup_error *err) {
     }
     pup_error_from_pg(err, c->pg, r);
     PQclear(r);
+    return -1;
+}
+
+int pup_conn_commit(pup_conn *c, pup_error *err) {
+    PGresult *r = PQexec(c->pg, "COMMIT");
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+        pup_error_from_pg(err, c->pg, r);
+        PQclear(r);
+        return -1;
+    }
+    /* An aborted transaction answers COMMIT with ROLLBACK: that is a failure too. */
+    int rolled_back = strcmp(PQcmdStatus(r), "ROLLBACK") == 0;
+    PQclear(r);
+    if (!rolled_back) return 0;
+    if (c->failed && err) *err = c->failure;
+    else pup_error_set(err, PUP_ERR_DATABASE, "the transaction was aborted");
+    if (err) pup_error_prefix(err, "COMMIT rolled back: ");
     return -1;
 }
 

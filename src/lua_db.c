@@ -428,21 +428,11 @@ static int tx_finish(lua_State *L, int commit) {
     ltx *t = checktx(L, &c);
     if (t->managed) luaL_error(L, "the processor commits this transaction; a handler cannot %s it", commit ? "commit" : "roll back");
     pup_error err;
-    const pup_error *failed = pup_conn_failure(c, NULL);
     t->state = TX_DONE;
-    PGresult *r = PQexec(pup_conn_pg(c), commit ? "COMMIT" : "ROLLBACK");
-    int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-    int rolled_back = ok && commit && strcmp(PQcmdStatus(r), "ROLLBACK") == 0;
-    if (!ok) pup_error_from_pg(&err, pup_conn_pg(c), r);
-    PQclear(r);
-    if (!ok) return pup_lua_push_error(L, &err);
-    if (rolled_back) {
-        if (failed) err = *failed;
-        else pup_error_set(&err, PUP_ERR_DATABASE, "transaction was aborted; COMMIT rolled it back");
-        err.message[sizeof err.message - 64] = '\0';
-        strcat(err.message, " (the transaction was rolled back)");
+    if (commit) {
+        if (pup_conn_commit(c, &err) < 0) return pup_lua_push_error(L, &err);
+    } else if (pup_conn_command(c, "ROLLBACK", &err) < 0)
         return pup_lua_push_error(L, &err);
-    }
     lua_pushboolean(L, 1);
     return 1;
 }

@@ -187,6 +187,7 @@ static int l_processor(lua_State *L) {
     luaL_setmetatable(L, PUP_PROCESSOR_MT);
     lp->L = L;
     lp->handler_timeout_ms = timeout_ms;
+    cfg.statement_timeout_ms = timeout_ms;
     pup_handler h = {lp, NULL, cb_handle};
     lua_getfield(L, 2, "setup");
     if (lua_isfunction(L, -1)) h.setup = cb_setup;

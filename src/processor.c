@@ -355,13 +355,20 @@ static int group_tick(pup_processor *p, pup_error *err) {
 
     /* Heartbeat, forget dead workers, list the live ones. */
     snprintf(sql, sizeof sql,
-             "INSERT INTO %s (projection_name, worker_id) VALUES ($1, $2) ON CONFLICT"
-             " (projection_name, worker_id) DO UPDATE SET heartbeat_at = clock_timestamp()",
+             "INSERT INTO %s (projection_name, worker_id, backend_pid, backend_start)"
+             " SELECT $1, $2, pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+             " ON CONFLICT (projection_name, worker_id) DO UPDATE SET heartbeat_at = clock_timestamp(),"
+             " backend_pid = EXCLUDED.backend_pid, backend_start = EXCLUDED.backend_start",
              S->q_workers);
     if (!(r = run(p, err, sql, 2, p->name, p->owner))) goto fail;
     PQclear(r);
     snprintf(sql, sizeof sql,
-             "DELETE FROM %s WHERE projection_name = $1 AND heartbeat_at < clock_timestamp() - $2::interval",
+             "WITH dead AS (DELETE FROM %s WHERE projection_name = $1"
+             " AND heartbeat_at < clock_timestamp() - $2::interval RETURNING backend_pid, backend_start)"
+             /* A frozen or cut-off worker's session may still hold row locks of its last
+              * batch: end it, so the partitions it lost can move on. */
+             " SELECT pg_terminate_backend(a.pid) FROM dead JOIN pg_stat_activity a"
+             " ON a.pid = dead.backend_pid AND a.backend_start = dead.backend_start",
              S->q_workers);
     if (!(r = run(p, err, sql, 2, p->name, ttl))) goto fail;
     PQclear(r);
@@ -391,7 +398,7 @@ static int group_tick(pup_processor *p, pup_error *err) {
         if (live) {
             PQclear(r);
             drop_all(p);
-            return pup_conn_command(p->conn, "COMMIT", err);
+            return pup_conn_commit(p->conn, err);
         }
         if (!p->old_cp && PQntuples(r) > 0) {
             p->old_cp = calloc((size_t)prev, sizeof *p->old_cp);
@@ -480,7 +487,7 @@ static int group_tick(pup_processor *p, pup_error *err) {
         }
         PQclear(r);
     }
-    return pup_conn_command(p->conn, "COMMIT", err);
+    return pup_conn_commit(p->conn, err);
 fail:
 fail_norb:;
     PGresult *rb = PQexec(pup_conn_pg(p->conn), "ROLLBACK");
@@ -499,7 +506,14 @@ int pup_processor_acquire(pup_processor *p, int *acquired, pup_error *err) {
     int rc = 0;
     if (!p->cfg.group) rc = acquire_lock(p, err);
     else if (mono_s() >= p->next_tick) {
-        rc = group_tick(p, err);
+        if (!p->listening) {
+            /* A batch stuck behind a lock (a dead worker's rows) gives up and retries
+             * after the next heartbeat, instead of letting its own leases lapse. */
+            char sql[64];
+            snprintf(sql, sizeof sql, "SET lock_timeout = '%dms'", p->cfg.lease_ttl_ms / 2);
+            rc = pup_conn_command(p->conn, sql, err);
+        }
+        if (rc == 0) rc = group_tick(p, err);
         p->next_tick = mono_s() + p->cfg.lease_ttl_ms / 1000.0 / 5;
         if (rc < 0 && strcmp(err->sqlstate, "55P03") == 0) rc = 0; /* lock timeout: next tick */
     }
@@ -568,7 +582,7 @@ static int run_setup(pup_processor *p, pup_error *err) {
         pup_error_prefix(err, "setup failed: ");
         return with_context(p, err);
     }
-    if (pup_conn_command(p->conn, "COMMIT", err) < 0) return with_context(p, err);
+    if (pup_conn_commit(p->conn, err) < 0) return with_context(p, err);
     p->setup_done = 1;
     return 0;
 }
@@ -623,7 +637,10 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     long long from = -1;
     for (int k = 0; k < p->total; k++)
         if (p->held[k] && (from < 0 || p->cp[k] < from)) from = p->cp[k];
-    if (pup_conn_command(p->conn, "BEGIN", err) < 0) return with_context(p, err);
+    char begin[96] = "BEGIN";
+    if (p->cfg.statement_timeout_ms > 0)
+        snprintf(begin, sizeof begin, "BEGIN; SET LOCAL statement_timeout = '%dms'", p->cfg.statement_timeout_ms);
+    if (pup_conn_command(p->conn, begin, err) < 0) return with_context(p, err);
     pup_conn_clear_failure(p->conn);
     pup_params *q = &p->params;
     if (pup_params_reset(q, 4) < 0) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
@@ -701,7 +718,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     if (rc == 0 && (last != from || (p->gap.active ? p->gap.lo : 0) != p->recorded_wait))
         rc = write_checkpoint(p, from, last, err) < 0 ? with_context(p, err) : 0;
     PQclear(r);
-    if (rc == 0 && pup_conn_command(p->conn, "COMMIT", err) < 0) rc = with_context(p, err);
+    if (rc == 0 && pup_conn_commit(p->conn, err) < 0) rc = with_context(p, err);
     if (rc < 0) {
         abort_batch(p);
         return -1;

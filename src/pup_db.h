@@ -51,7 +51,7 @@ void pup_error_prefix(pup_error *err, const char *fmt, ...) __attribute__((forma
 int pup_error_from_pg(pup_error *err, PGconn *pg, const PGresult *res);
 
 /* True when err is worth retrying after reconnecting or restarting the transaction:
- * lost connection, serialization failure, deadlock. */
+ * lost connection, serialization failure, deadlock, lock timeout. */
 int pup_error_is_transient(const pup_error *err);
 
 /* A prepared statement, cached per connection by SQL text. Parameter types come from
@@ -117,6 +117,10 @@ PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
 /* Runs a parameterless command (BEGIN, COMMIT, SET ...) outside pipeline mode.
  * Returns 0, or -1 with err set. */
 int pup_conn_command(pup_conn *c, const char *sql, pup_error *err);
+
+/* Commits the open transaction. A transaction the server had aborted answers COMMIT with
+ * ROLLBACK: that returns -1 too, with the statement failure that aborted it. */
+int pup_conn_commit(pup_conn *c, pup_error *err);
 
 /* Pipeline mode, for handler writes: pup_conn_send() queues a statement and returns at
  * once; the result is read later. Each queued statement remembers the tag current when

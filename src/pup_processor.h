@@ -34,6 +34,9 @@ typedef struct pup_projection_cfg {
      * count used when the group is first created). */
     int group;
     int lease_ttl_ms; /* a worker that stops heartbeating loses its leases after this */
+    /* > 0: each SQL statement of a batch is cancelled after this (statement_timeout), so a
+     * handler blocked in the database fails like one stuck in Lua code. */
+    int statement_timeout_ms;
 } pup_projection_cfg;
 
 /* The handler side, implemented by the Lua binding. Each returns 0, or -1 with err.

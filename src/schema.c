@@ -205,6 +205,8 @@ char *pup_store_schema_sql(const pup_store *s) {
         "    worker_id TEXT NOT NULL,\n"
         "    heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
         "    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
+        "    backend_pid INT,\n"
+        "    backend_start TIMESTAMPTZ,\n"
         "    PRIMARY KEY (projection_name, worker_id)\n"
         ");\n"
         "CREATE TABLE IF NOT EXISTS %s (\n"

@@ -211,7 +211,9 @@ local function pg_bindir()
 end
 
 function Server:as_pg(cmd)
-  local me = io.popen("id -u"):read("l")
+  local p = io.popen("id -u")
+  local me = p:read("l")
+  p:close()
   if me == "0" then return "runuser -u postgres -- " .. cmd end
   return cmd
 end
