@@ -62,6 +62,29 @@ describe("gap-safe reading", function()
     a:close() b:close()
   end)
 
+  it("does not pass an append whose xid is above the reader's snapshot xmax", function()
+    -- PostgreSQL's snapshot xmax is the latest completed xid + 1, not the next xid: B takes
+    -- its xid first, A draws a position (and a higher xid), B appends above it and commits.
+    -- Now A's xid is at or above xmax, so it is in no snapshot's running list.
+    local a, b = H.connect(), H.connect()
+    local p = pup.processor(db, projection(), { store = store })
+    local txb = assert(b:begin())
+    assert(txb:query("SELECT pg_current_xact_id()"))
+    local txa = assert(a:begin())
+    local ra = append(txa, "a")
+    local rb = append(txb, "b")
+    assert(txb:commit())
+    for _ = 1, 5 do
+      assert.equal(0, p:run_once())
+      pup.sleep(0.01)
+    end
+    assert.same({}, positions())
+    assert(txa:commit())
+    assert.equal(2, run_until_handled(p))
+    assert.same({ ra.global_positions[1], rb.global_positions[1] }, positions())
+    a:close() b:close()
+  end)
+
   it("steps over a rolled-back append without a timer", function()
     local a, b = H.connect(), H.connect()
     local p = pup.processor(db, projection(), { store = store })

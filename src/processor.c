@@ -15,16 +15,19 @@
 #include <time.h>
 #include <unistd.h>
 
-#define FIRST_EVENT_COL 4 /* xmin, xmax, head, mine, then PUP_EVENT_COLUMNS */
+#define FIRST_EVENT_COL 3 /* xmin, head, mine, then PUP_EVENT_COLUMNS */
 #define MAX_PARTITIONS 4096
 
-/* A run of missing positions [lo, hi] seen below a visible one, and the xmax of the
- * snapshot that saw it: once a snapshot's xmin reaches that xmax, every transaction
- * that could fill the hole has ended. */
+/* A run of missing positions [lo, hi] seen below a visible one, and a bound above the
+ * transaction id of every writer that could fill it: an xid this processor drew after
+ * the snapshot that saw the hole. Once a snapshot's xmin is above the bound, all those
+ * writers have ended. (A snapshot's own xmax is not such a bound: PostgreSQL computes it
+ * as the latest completed xid + 1, so a running writer's xid can be at or above it.) */
+#define BOUND_PENDING UINT64_MAX
 typedef struct gap {
     int active;
     long long lo, hi;
-    uint64_t xmax;
+    uint64_t bound; /* BOUND_PENDING until the batch that noted it draws its xid */
     double since;
 } gap;
 
@@ -188,7 +191,7 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
         const char *ours = "(aggregate_id_hash IS NULL OR $3::int <= 1"
                            " OR (aggregate_id_hash % $3::int)::int = ANY($4::int[]))";
         if (asprintf(&p->sql_read,
-                     "SELECT pg_snapshot_xmin(snap.s)::text, pg_snapshot_xmax(snap.s)::text,"
+                     "SELECT pg_snapshot_xmin(snap.s)::text,"
                      " (SELECT COALESCE(max(global_position), 0) FROM %s)::text, e.*"
                      " FROM (SELECT pg_current_snapshot() AS s) snap LEFT JOIN LATERAL ("
                      "SELECT (%s AND %s) AS mine, global_position, aggregate_type, aggregate_id,"
@@ -657,8 +660,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
         return with_context(p, err);
     }
     uint64_t xmin = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
-    uint64_t xmax = strtoull(PQgetvalue(r, 0, 1), NULL, 10);
-    p->stats.head = strtoll(PQgetvalue(r, 0, 2), NULL, 10);
+    p->stats.head = strtoll(PQgetvalue(r, 0, 1), NULL, 10);
     int nrows = PQgetisnull(r, 0, FIRST_EVENT_COL) ? 0 : PQntuples(r);
 
     /* Walk the positions: contiguous ones are processed; a hole stops the batch unless
@@ -678,11 +680,11 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
                 p->gap.active = 1;
                 p->gap.lo = last + 1;
                 p->gap.hi = pos - 1;
-                p->gap.xmax = xmax;
+                p->gap.bound = BOUND_PENDING;
             }
-            if (xmin < p->gap.xmax) {
+            if (xmin <= p->gap.bound) {
                 *waiting = 1;
-                break; /* a transaction that may fill the hole is still running */
+                break; /* a transaction that may fill the hole may still be running */
             }
             p->gap.active = 0; /* dead hole: no running transaction can fill it */
         }
@@ -715,12 +717,23 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
             rc = tag >= 0 && tag < nrows ? event_error(p, r, (int)tag, err) : with_context(p, err);
     }
     if (rc == 0 && !*waiting && p->gap.active && p->gap.hi < last) p->gap.active = 0;
+    if (rc == 0 && p->gap.active && p->gap.bound == BOUND_PENDING) {
+        /* Drawn after the snapshot that saw the hole, so above every xid that could
+         * fill it; decided by a later batch's snapshot. */
+        PGresult *xr = run(p, err, "SELECT pg_current_xact_id()::text", 0);
+        if (!xr) rc = with_context(p, err);
+        else {
+            p->gap.bound = strtoull(PQgetvalue(xr, 0, 0), NULL, 10);
+            PQclear(xr);
+        }
+    }
     if (rc == 0 && (last != from || (p->gap.active ? p->gap.lo : 0) != p->recorded_wait))
         rc = write_checkpoint(p, from, last, err) < 0 ? with_context(p, err) : 0;
     PQclear(r);
     if (rc == 0 && pup_conn_commit(p->conn, err) < 0) rc = with_context(p, err);
     if (rc < 0) {
         abort_batch(p);
+        if (p->gap.bound == BOUND_PENDING) p->gap.active = 0; /* noted again next time */
         return -1;
     }
     for (int k = 0; k < p->total; k++)
