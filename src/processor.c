@@ -24,11 +24,10 @@
  * writers have ended. (A snapshot's own xmax is not such a bound: PostgreSQL computes it
  * as the latest completed xid + 1, so a running writer's xid can be at or above it.) */
 #define BOUND_PENDING UINT64_MAX
+#define MAX_GAPS 64
 typedef struct gap {
-    int active;
     long long lo, hi;
     uint64_t bound; /* BOUND_PENDING until the batch that noted it draws its xid */
-    double since;
 } gap;
 
 struct pup_processor {
@@ -53,7 +52,10 @@ struct pup_processor {
     double next_tick;
     int old_total;
     long long *old_cp, old_max;
-    gap gap;
+    gap gaps[MAX_GAPS]; /* holes seen, oldest first; several are decided by one batch */
+    int ngaps;
+    long long wait_lo; /* the first undecided hole (0: none), and since when */
+    double wait_since;
     long long recorded_wait; /* waiting_position last written to the checkpoint row */
     pup_processor_stats stats;
 };
@@ -559,6 +561,8 @@ static void abort_batch(pup_processor *p) {
 static int event_error(pup_processor *p, const PGresult *r, int row, pup_error *err) {
     pup_event ev;
     pup_event_from_row(r, row, FIRST_EVENT_COL, &ev);
+    if (strcmp(err->sqlstate, "57014") == 0 && p->cfg.statement_timeout_ms > 0)
+        pup_error_prefix(err, "handler exceeded its time limit of %d ms: ", p->cfg.statement_timeout_ms);
     int part = pup_partition_of(ev.aggregate_id.p, ev.aggregate_id.len, p->total);
     pup_error_prefix(err,
                      "projection %s partition %d/%d: handler failed at global position %lld "
@@ -603,9 +607,9 @@ static int write_checkpoint(pup_processor *p, long long from, long long to, pup_
     if (group) pup_params_text(q, 2, p->held_list, strlen(p->held_list));
     else pup_params_int(q, 2, p->cfg.partition_key);
     pup_params_int(q, 3, to);
-    if (p->gap.active) {
-        pup_params_int(q, 4, p->gap.lo);
-        pup_params_double(q, 5, p->gap.since);
+    if (p->wait_lo) {
+        pup_params_int(q, 4, p->wait_lo);
+        pup_params_double(q, 5, p->wait_since);
     }
     pup_params_text(q, 6, p->owner, strlen(p->owner));
     if (!group) pup_params_int(q, 7, from);
@@ -623,7 +627,36 @@ static int write_checkpoint(pup_processor *p, long long from, long long to, pup_
         p->next_tick = 0;
         return -1;
     }
-    p->recorded_wait = p->gap.active ? p->gap.lo : 0;
+    p->recorded_wait = p->wait_lo;
+    return 0;
+}
+
+/* The noted hole that contains [lo, hi], if any. */
+static gap *find_gap(pup_processor *p, long long lo, long long hi) {
+    for (int k = 0; k < p->ngaps; k++)
+        if (p->gaps[k].lo <= lo && p->gaps[k].hi >= hi) return &p->gaps[k];
+    return NULL;
+}
+
+static void note_gap(pup_processor *p, long long lo, long long hi) {
+    if (p->ngaps == MAX_GAPS) return; /* noted when the earlier ones are gone */
+    p->gaps[p->ngaps++] = (gap){lo, hi, BOUND_PENDING};
+}
+
+/* Drops holes below `passed`, and (pending_only) those still without a bound. */
+static void forget_gaps(pup_processor *p, long long passed, int pending_only) {
+    int n = 0;
+    for (int k = 0; k < p->ngaps; k++) {
+        gap *g = &p->gaps[k];
+        int drop = pending_only ? g->bound == BOUND_PENDING : g->hi <= passed;
+        if (!drop) p->gaps[n++] = *g;
+    }
+    p->ngaps = n;
+}
+
+static int has_pending_gap(const pup_processor *p) {
+    for (int k = 0; k < p->ngaps; k++)
+        if (p->gaps[k].bound == BOUND_PENDING) return 1;
     return 0;
 }
 
@@ -672,22 +705,22 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
         abort_batch(p);
         return with_context(p, err);
     }
+    long long seen = from, wait_lo = 0;
     for (int i = 0; i < nrows; i++) {
         long long pos = pup_be_int(PQgetvalue(r, i, FIRST_EVENT_COL), 8);
-        if (pos != last + 1) {
-            if (!(p->gap.active && p->gap.lo <= last + 1 && p->gap.hi >= pos - 1)) {
-                if (!p->gap.active || p->gap.lo != last + 1) p->gap.since = now_s();
-                p->gap.active = 1;
-                p->gap.lo = last + 1;
-                p->gap.hi = pos - 1;
-                p->gap.bound = BOUND_PENDING;
-            }
-            if (xmin <= p->gap.bound) {
+        if (pos != seen + 1) {
+            /* A hole: dead once a snapshot's xmin is above its bound, else wait. Holes
+             * beyond the first undecided one are only noted, so the next batch can step
+             * over all that died at once. */
+            gap *g = find_gap(p, seen + 1, pos - 1);
+            if (!g) note_gap(p, seen + 1, pos - 1);
+            if (!wait_lo && (!g || xmin <= g->bound)) {
+                wait_lo = seen + 1;
                 *waiting = 1;
-                break; /* a transaction that may fill the hole may still be running */
             }
-            p->gap.active = 0; /* dead hole: no running transaction can fill it */
         }
+        seen = pos;
+        if (wait_lo) continue; /* a transaction that may fill the hole may still be running */
         last = pos;
         if (PQgetisnull(r, i, FIRST_EVENT_COL - 1) || !PQgetvalue(r, i, FIRST_EVENT_COL - 1)[0])
             continue; /* out of scope */
@@ -716,24 +749,28 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
         if (pup_conn_pipeline_end(p->conn, err, &tag) < 0)
             rc = tag >= 0 && tag < nrows ? event_error(p, r, (int)tag, err) : with_context(p, err);
     }
-    if (rc == 0 && !*waiting && p->gap.active && p->gap.hi < last) p->gap.active = 0;
-    if (rc == 0 && p->gap.active && p->gap.bound == BOUND_PENDING) {
-        /* Drawn after the snapshot that saw the hole, so above every xid that could
-         * fill it; decided by a later batch's snapshot. */
+    if (wait_lo != p->wait_lo) p->wait_since = now_s();
+    p->wait_lo = wait_lo;
+    forget_gaps(p, last, 0);
+    if (rc == 0 && has_pending_gap(p)) {
+        /* Drawn after the snapshot that saw the holes, so above every xid that could
+         * fill them; decided by a later batch's snapshot. */
         PGresult *xr = run(p, err, "SELECT pg_current_xact_id()::text", 0);
         if (!xr) rc = with_context(p, err);
         else {
-            p->gap.bound = strtoull(PQgetvalue(xr, 0, 0), NULL, 10);
+            uint64_t bound = strtoull(PQgetvalue(xr, 0, 0), NULL, 10);
+            for (int k = 0; k < p->ngaps; k++)
+                if (p->gaps[k].bound == BOUND_PENDING) p->gaps[k].bound = bound;
             PQclear(xr);
         }
     }
-    if (rc == 0 && (last != from || (p->gap.active ? p->gap.lo : 0) != p->recorded_wait))
+    if (rc == 0 && (last != from || p->wait_lo != p->recorded_wait))
         rc = write_checkpoint(p, from, last, err) < 0 ? with_context(p, err) : 0;
     PQclear(r);
     if (rc == 0 && pup_conn_commit(p->conn, err) < 0) rc = with_context(p, err);
     if (rc < 0) {
         abort_batch(p);
-        if (p->gap.bound == BOUND_PENDING) p->gap.active = 0; /* noted again next time */
+        forget_gaps(p, 0, 1); /* holes noted by this batch are noted again next time */
         return -1;
     }
     for (int k = 0; k < p->total; k++)
@@ -742,7 +779,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     *advanced = last - from;
     p->stats.handled += nhandle;
     p->stats.position = last;
-    p->stats.waiting_position = p->gap.active ? p->gap.lo : 0;
+    p->stats.waiting_position = p->wait_lo;
     return 0;
 }
 
@@ -800,7 +837,7 @@ static int wait_for(pup_processor *p, const pup_run_opts *o, int ms) {
 
 static int run_loop(pup_processor *p, const pup_run_opts *o, pup_error *err) {
     long long target = -1;
-    int backoff_ms = 100, told_standby = 0, hole_ms = 5;
+    int backoff_ms = 100, told_standby = 0, hole_ms = 2;
     for (;;) {
         if (stopped(o)) return 0;
         int acquired;
@@ -835,10 +872,10 @@ static int run_loop(pup_processor *p, const pup_run_opts *o, pup_error *err) {
             /* In flight below a visible position: its commit notifies; a rollback does
              * not, so look again soon. */
             if (wait_for(p, o, hole_ms)) return 0;
-            hole_ms = hole_ms * 2 > 250 ? 250 : hole_ms * 2;
+            hole_ms = hole_ms * 2 > 50 ? 50 : hole_ms * 2;
             continue;
         }
-        hole_ms = 5;
+        hole_ms = 2;
         if (advanced > 0) continue; /* more may be waiting */
         if (wait_for(p, o, p->cfg.poll_interval_ms)) return 0;
         continue;
