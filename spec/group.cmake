@@ -28,6 +28,7 @@ if(PUP_BUSTED)
       LABELS "lua;group"
       TIMEOUT ${PUP_TEST_TIMEOUT}
       RESOURCE_LOCK pup_group
+      RUN_SERIAL TRUE # timing checks (handover within TTL) want the cores to themselves
       ENVIRONMENT "${_pup_lua_env};PUP_GROUP_CASES=${_case}")
   endforeach()
 endif()
