@@ -71,3 +71,19 @@ foreach(_src IN LISTS _pup_ctests)
     TIMEOUT ${PUP_TEST_TIMEOUT}
     ENVIRONMENT "${_pup_test_env}")
 endforeach()
+
+# The core tests once more under valgrind: no leaks, no invalid accesses (label "valgrind").
+find_program(PUP_VALGRIND NAMES valgrind)
+if(PUP_VALGRIND AND NOT PUP_SANITIZE)
+  foreach(_src IN LISTS _pup_ctests)
+    get_filename_component(_name "${_src}" NAME_WE)
+    add_test(NAME valgrind.${_name}
+             COMMAND ${PUP_VALGRIND} --quiet --leak-check=full --errors-for-leak-kinds=definite,indirect
+                     --error-exitcode=9 $<TARGET_FILE:${_name}>
+             WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
+    set_tests_properties(valgrind.${_name} PROPERTIES
+      LABELS "c;valgrind"
+      TIMEOUT ${PUP_TEST_TIMEOUT}
+      ENVIRONMENT "${_pup_test_env}")
+  endforeach()
+endif()

@@ -174,8 +174,8 @@ static int l_runner(lua_State *L) {
 
     if (lua_getfield(L, 1, "files") != LUA_TTABLE) luaL_error(L, "runner needs files = {\"projection.lua\", ...}");
     int nfiles = (int)luaL_len(L, -1);
-    if (nfiles < 1) luaL_error(L, "runner needs at least one projection file");
-    r->files = calloc(nfiles, sizeof *r->files);
+    if (nfiles < 1) return luaL_error(L, "runner needs at least one projection file");
+    r->files = calloc((size_t)nfiles, sizeof *r->files);
     if (!r->files) luaL_error(L, "out of memory");
     r->nfiles = nfiles;
     for (int i = 0; i < nfiles; i++) {

@@ -32,7 +32,8 @@ static void lua_dir(char *out, size_t size) {
             char probe[PATH_MAX + 64];
             snprintf(probe, sizeof probe, "%s/../share/lua/5.4/pupsourcing.lua", exe);
             if (access(probe, R_OK) == 0) {
-                snprintf(out, size, "%s/../share/lua/5.4", exe);
+                probe[strlen(probe) - strlen("/pupsourcing.lua")] = '\0';
+                snprintf(out, size, "%.*s", (int)(size - 1), probe);
                 return;
             }
         }
