@@ -141,7 +141,10 @@ describe("reliability: resources", function()
       local last = list[n]
       lines[#lines + 1] = ("worker %d: RSS %d kB early / %d kB late (first sample %d kB), peak VmHWM %d kB, fds %d..%d, connections %d..%d, %d samples")
         :format(k, max1, max2, list[1].rss, last.hwm, fdmin, fdmax, cmin, cmax, n)
-      assert.is_true(max2 <= max1 * 1.10 + 4096, "memory grows: " .. lines[#lines])
+      -- (under AddressSanitizer freed memory sits in its quarantine: RSS grows by design)
+      if not os.getenv("ASAN_OPTIONS") then
+        assert.is_true(max2 <= max1 * 1.10 + 4096, "memory grows: " .. lines[#lines])
+      end
       assert.is_true(fdmax - fdmin <= 1, "fd count changes: " .. lines[#lines])
       assert.is_true(cmax == cmin and cmax >= 1 and cmax <= 3, "connections change: " .. lines[#lines])
     end
