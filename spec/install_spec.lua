@@ -38,9 +38,9 @@ describe("cmake --install", function()
       print("ok", res.to_version, s[1].data.email)
     ]])
     local env = { PREFIX = prefix, LUA_PATH = prefix .. "/share/lua/5.4/?.lua;;",
-                  LUA_CPATH = prefix .. "/lib/lua/5.4/?.so;;",
-                  -- a sanitizer build's module needs its runtime preloaded into lua5.4
-                  LD_PRELOAD = os.getenv("LD_PRELOAD") or false }
+                  LUA_CPATH = prefix .. "/lib/lua/5.4/?.so;;" }
+    -- a sanitizer build's module needs its runtime preloaded into lua5.4
+    if os.getenv("LD_PRELOAD") then env.LD_PRELOAD = os.getenv("LD_PRELOAD") end
     local r = H.sh("lua5.4 " .. H.shquote(script .. "/app.lua"), { env = env })
     H.rmdir(script)
     assert.equal(0, r.code, r.output)
