@@ -334,6 +334,12 @@ static int group_tick(pup_processor *p, pup_error *err) {
              " SELECT total_partitions, previous_total FROM %s WHERE projection_name = $1 LIMIT 1",
              S->q_groups, S->q_groups);
     if (!(r = run(p, err, sql, 2, p->name, total))) goto fail;
+    if (PQntuples(r) == 0) {
+        /* Another worker is creating the group row right now: next heartbeat. */
+        PQclear(r);
+        drop_all(p);
+        return pup_conn_commit(p->conn, err);
+    }
     int n_total = atoi(PQgetvalue(r, 0, 0));
     int prev = PQgetisnull(r, 0, 1) ? 0 : atoi(PQgetvalue(r, 0, 1));
     PQclear(r);
@@ -358,6 +364,17 @@ static int group_tick(pup_processor *p, pup_error *err) {
     }
     snprintf(total, sizeof total, "%d", n_total);
 
+    /* End the sessions of workers whose heartbeat stopped: a frozen or cut-off worker may
+     * still hold row locks (of its last batch, or of a heartbeat it never committed) that
+     * would stall the rest. Read without locking, so a frozen row never blocks us. */
+    snprintf(sql, sizeof sql,
+             "SELECT count(pg_terminate_backend(a.pid)) FROM %s w JOIN pg_stat_activity a"
+             " ON a.pid = w.backend_pid AND a.backend_start = w.backend_start"
+             " WHERE w.projection_name = $1 AND w.heartbeat_at < clock_timestamp() - $2::interval"
+             " AND a.pid <> pg_backend_pid() AND a.usename = current_user",
+             S->q_workers);
+    if (!(r = run(p, err, sql, 2, p->name, ttl))) goto fail;
+    PQclear(r);
     /* Heartbeat, forget dead workers, list the live ones. */
     snprintf(sql, sizeof sql,
              "INSERT INTO %s (projection_name, worker_id, backend_pid, backend_start)"
@@ -368,12 +385,7 @@ static int group_tick(pup_processor *p, pup_error *err) {
     if (!(r = run(p, err, sql, 2, p->name, p->owner))) goto fail;
     PQclear(r);
     snprintf(sql, sizeof sql,
-             "WITH dead AS (DELETE FROM %s WHERE projection_name = $1"
-             " AND heartbeat_at < clock_timestamp() - $2::interval RETURNING backend_pid, backend_start)"
-             /* A frozen or cut-off worker's session may still hold row locks of its last
-              * batch: end it, so the partitions it lost can move on. */
-             " SELECT pg_terminate_backend(a.pid) FROM dead JOIN pg_stat_activity a"
-             " ON a.pid = dead.backend_pid AND a.backend_start = dead.backend_start",
+             "DELETE FROM %s WHERE projection_name = $1 AND heartbeat_at < clock_timestamp() - $2::interval",
              S->q_workers);
     if (!(r = run(p, err, sql, 2, p->name, ttl))) goto fail;
     PQclear(r);
