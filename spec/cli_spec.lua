@@ -12,15 +12,7 @@ end
 
 describe("pupsourcing (host binary)", function()
   local tables = h.tables("cli")
-  local table_flags = { "--events-table", tables.events_table,
-                        "--aggregate-heads-table", tables.aggregate_heads_table,
-                        "--checkpoints-table", tables.checkpoints_table }
-  local function with_tables(args)
-    local all = {}
-    for _, a in ipairs(args) do all[#all + 1] = a end
-    for _, a in ipairs(table_flags) do all[#all + 1] = a end
-    return all
-  end
+  local function with_tables(args) return h.with_tables(tables, args) end
 
   it("--help prints usage naming the commands and exits 0", function()
     local r = h.run({ "--help" })

@@ -184,13 +184,87 @@ function M.hex(s)
   return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
 end
 
--- Background processes (spec/group_spec.lua, spec/group_netns.lua) ---------------------
+-- The table flags of the host binary (run/status/reset/migrate) for tables T (M.tables).
+function M.table_flags(T)
+  return { "--events-table", T.events_table, "--aggregate-heads-table", T.aggregate_heads_table,
+           "--checkpoints-table", T.checkpoints_table }
+end
 
--- Polls fn every `interval` seconds (0.05) until it returns true; raises after `seconds`.
--- `what` may be a function returning the text of the failure (called only on timeout).
+-- A copy of the word list `args` followed by the table flags of T.
+function M.with_tables(T, args)
+  local all = {}
+  for _, a in ipairs(args) do all[#all + 1] = a end
+  for _, a in ipairs(M.table_flags(T)) do all[#all + 1] = a end
+  return all
+end
+
+-- The first line a shell command prints (nil when none).
+local function first_line(cmd)
+  local p = assert(io.popen(cmd))
+  local line = p:read("l")
+  p:close()
+  return line
+end
+
+function M.is_root() return first_line("id -u") == "0" end
+
+-- The newest PostgreSQL server bin directory under /usr/lib/postgresql, or nil.
+function M.pg_bindir()
+  local d = first_line("ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1")
+  if d == "" then return nil end
+  return d
+end
+
+-- A spec area of busted specs with background processes and files: a fresh store on
+-- tables t_<name>_* (M.fresh_store), the tables `drop` (a list) dropped, and a temp
+-- directory. Returns store, db, table names, dir; M.close_area(db, dir) undoes it.
+function M.fresh_area(name, drop)
+  local store, db, T = M.fresh_store(name)
+  for _, t in ipairs(drop or {}) do assert(db:exec("DROP TABLE IF EXISTS " .. t)) end
+  return store, db, T, M.tmpdir()
+end
+
+function M.close_area(db, dir)
+  db:close()
+  M.rmdir(dir)
+end
+
+-- A projection for `pupsourcing run` (a template for spec/reliability/common.lua's
+-- template(): %{NAME}, %{CNT}, %{SEEN}): a NON-idempotent counter (n = n + 1) plus a log
+-- of handled positions, exact only if every event is handled exactly once. REL_SLEEP
+-- (seconds per event) slows it down, REL_SETUP_SLEEP its setup.
+M.COUNTER_TEMPLATE = [[
+local sleep = tonumber(os.getenv("REL_SLEEP") or "")
+local pup = require "pupsourcing"
+return {
+  name = "%{NAME}",
+  batch_size = 100,
+  setup = function(tx)
+    assert(tx:exec("CREATE TABLE IF NOT EXISTS %{CNT} (agg text PRIMARY KEY, n bigint NOT NULL)"))
+    assert(tx:exec("CREATE TABLE IF NOT EXISTS %{SEEN} (pos bigint NOT NULL, agg text NOT NULL)"))
+    local setup_sleep = tonumber(os.getenv("REL_SETUP_SLEEP") or "")
+    if setup_sleep then assert(tx:query("SELECT pg_sleep($1::float8) AS rel_setup_sleep", setup_sleep)) end
+  end,
+  handle = function(tx, e)
+    assert(tx:exec("INSERT INTO %{CNT} AS c (agg, n) VALUES ($1, 1) ON CONFLICT (agg) DO UPDATE SET n = c.n + 1",
+      e.aggregate_id))
+    assert(tx:exec("INSERT INTO %{SEEN} (pos, agg) VALUES ($1, $2)", e.global_position, e.aggregate_id))
+    if sleep then pup.sleep(sleep) end
+  end,
+}
+]]
+
+-- Background processes (spec/group_spec.lua, spec/group_netns.lua, spec/run_spec.lua,
+-- spec/reliability/common.lua) ---------------------------------------------------------
+
+-- Polls fn every `interval` seconds (0.05) until it returns a true value, which it
+-- returns; raises after `seconds`. `what` may be a function returning the text of the
+-- failure (called only on timeout).
 function M.wait_until(what, seconds, fn, interval)
   local deadline = pup().now() + seconds
-  while not fn() do
+  while true do
+    local v = fn()
+    if v then return v end
     if pup().now() > deadline then
       error("timed out after " .. seconds .. " s waiting for " .. (type(what) == "function" and what() or what), 2)
     end
@@ -200,7 +274,7 @@ end
 
 -- Starts `words` (program and arguments, each quoted here) in the background with
 -- bash job control, so SIGINT is not ignored, and without LD_PRELOAD. opts.env adds
--- variables; opts.prefix (a list of words) runs before env, e.g. {"ip", "netns", "exec", ns}.
+-- variables (false unsets one); opts.prefix (a list of words) runs before env, e.g. {"ip", "netns", "exec", ns}.
 -- Returns {pid=, dir=} once the pid is known; pid is the program's own (sh execs it).
 -- See M.exit_code, M.wait_exit, M.stderr_of, M.signal, M.reap.
 function M.spawn(words, opts)
@@ -211,7 +285,9 @@ function M.spawn(words, opts)
   local pre = {}
   for _, w in ipairs(opts.prefix or {}) do pre[#pre + 1] = M.shquote(w) end
   local envp = { "env", "-u", "LD_PRELOAD" }
-  for k, v in pairs(opts.env or {}) do envp[#envp + 1] = k .. "=" .. M.shquote(v) end
+  for k, v in pairs(opts.env or {}) do
+    if v == false then envp[#envp + 1] = "-u " .. k else envp[#envp + 1] = k .. "=" .. M.shquote(v) end
+  end
   local inner = ("%s %s sh -c 'echo $$ > %s/pid.tmp; mv %s/pid.tmp %s/pid; exec \"$@\"' sh %s >%s/out 2>%s/err;"
     .. " echo $? > %s/rc.tmp; mv %s/rc.tmp %s/rc"):format(table.concat(pre, " "), table.concat(envp, " "),
     dir, dir, dir, table.concat(q, " "), dir, dir, dir, dir, dir)
@@ -223,7 +299,7 @@ function M.spawn(words, opts)
     proc.pid = tonumber(f:read("l"))
     f:close()
     return proc.pid ~= nil
-  end, 0.01)
+  end, 0.005)
   return proc
 end
 
@@ -250,9 +326,10 @@ end
 function M.stderr_of(proc) return M.read_file(proc.dir .. "/err") end
 function M.stdout_of(proc) return M.read_file(proc.dir .. "/out") end
 
--- Sends SIG<sig> ("TERM", "KILL", "STOP", "CONT", ...) to a spawned process that runs.
+-- Sends SIG<sig> ("TERM" by default, "KILL", "STOP", "CONT", ...) to a spawned process
+-- that runs.
 function M.signal(proc, sig)
-  if not M.exit_code(proc) then os.execute("kill -" .. sig .. " " .. proc.pid .. " 2>/dev/null") end
+  if not M.exit_code(proc) then os.execute("kill -" .. (sig or "TERM") .. " " .. proc.pid .. " 2>/dev/null") end
 end
 
 -- Kills (SIGCONT first, in case it is stopped, then SIGKILL) a spawned process if it

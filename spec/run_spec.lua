@@ -10,16 +10,9 @@ local NO_DB = "postgresql://nobody@127.0.0.1:1/nowhere" -- refused at once if an
 
 describe("pupsourcing run", function()
   local T = H.tables("run")
-  local TABLE_FLAGS = { "--events-table", T.events_table, "--aggregate-heads-table", T.aggregate_heads_table,
-                        "--checkpoints-table", T.checkpoints_table }
   local store, db
 
-  local function with_tables(args)
-    local all = {}
-    for _, a in ipairs(args) do all[#all + 1] = a end
-    for _, a in ipairs(TABLE_FLAGS) do all[#all + 1] = a end
-    return all
-  end
+  local function with_tables(args) return H.with_tables(T, args) end
 
   local function pupsourcing(args, opts) return H.run(with_tables(args), opts) end
 
@@ -75,57 +68,17 @@ describe("pupsourcing run", function()
     return one(("SELECT COALESCE(max(n), 0) AS m FROM (SELECT count(*) AS n FROM %s GROUP BY xid) b"):format(tbl)).m
   end
 
-  local function wait_until(what, seconds, fn)
-    local deadline = pup.now() + seconds
-    while not fn() do
-      if pup.now() > deadline then error("timed out after " .. seconds .. " s waiting for " .. what, 2) end
-      pup.sleep(0.02)
-    end
-  end
+  local function wait_until(what, seconds, fn) return H.wait_until(what, seconds, fn, 0.02) end
 
-  -- Starts `pupsourcing run ...` in the background (bash with job control, so SIGINT is not
-  -- ignored). Returns {pid=, dir=}; see wait_exit / stderr_of.
+  -- Starts `pupsourcing run ...` in the background (H.spawn). Returns {pid=, dir=}; see
+  -- wait_exit / stderr_of.
   local function spawn(args, env)
-    local dir = H.tmpdir()
-    local words = {}
-    for _, a in ipairs(with_tables(args)) do words[#words + 1] = H.shquote(a) end
-    local envp = { "env", "-u", "LD_PRELOAD" }
-    for k, v in pairs(env or {}) do envp[#envp + 1] = k .. "=" .. H.shquote(v) end
-    local inner = ("%s sh -c 'echo $$ > %s/pid.tmp; mv %s/pid.tmp %s/pid; exec \"$@\"' sh %s %s >%s/out 2>%s/err;"
-      .. " echo $? > %s/rc.tmp; mv %s/rc.tmp %s/rc"):format(table.concat(envp, " "), dir, dir, dir,
-      H.shquote(H.bin), table.concat(words, " "), dir, dir, dir, dir, dir)
-    os.execute("bash -c " .. H.shquote("set -m; (" .. inner .. ") </dev/null >/dev/null 2>&1 &"))
-    local proc = { dir = dir }
-    wait_until("the background process to start", 10, function()
-      local f = io.open(dir .. "/pid")
-      if not f then return false end
-      proc.pid = tonumber(f:read("l"))
-      f:close()
-      return proc.pid ~= nil
-    end)
-    return proc
+    local words = { H.bin }
+    for _, a in ipairs(with_tables(args)) do words[#words + 1] = a end
+    return H.spawn(words, { env = env })
   end
 
-  local function stderr_of(proc) return H.read_file(proc.dir .. "/err") end
-
-  local function exit_code(proc)
-    local f = io.open(proc.dir .. "/rc")
-    if not f then return nil end
-    local rc = tonumber(f:read("l"))
-    f:close()
-    return rc
-  end
-
-  -- Waits up to `seconds` for the process to exit; returns its exit code (nil if it did not).
-  local function wait_exit(proc, seconds)
-    local deadline = pup.now() + seconds
-    repeat
-      local rc = exit_code(proc)
-      if rc then return rc end
-      pup.sleep(0.02)
-    until pup.now() > deadline
-    return nil
-  end
+  local stderr_of, exit_code, wait_exit = H.stderr_of, H.exit_code, H.wait_exit
 
   local spawned = {}
   local function start(args, env)
@@ -143,13 +96,7 @@ describe("pupsourcing run", function()
   end)
 
   after_each(function()
-    for _, p in ipairs(spawned) do
-      if not exit_code(p) then
-        os.execute("kill -KILL " .. p.pid .. " 2>/dev/null")
-        wait_exit(p, 5)
-      end
-      H.rmdir(p.dir)
-    end
+    for _, p in ipairs(spawned) do H.reap(p) end
     db:close()
   end)
 

@@ -6,73 +6,26 @@ local H = require "spec.helpers"
 
 local M = {}
 
-function M.wait_until(what, seconds, fn, interval)
-  local deadline = pup.now() + seconds
-  while true do
-    local v = fn()
-    if v then return v end
-    if pup.now() > deadline then
-      if type(what) == "function" then what = what() end
-      error("timed out after " .. seconds .. " s waiting for " .. what, 2)
-    end
-    pup.sleep(interval or 0.02)
-  end
-end
+-- Polls fn every `interval` seconds (0.02) until it returns a true value (returned).
+function M.wait_until(what, seconds, fn, interval) return H.wait_until(what, seconds, fn, interval or 0.02) end
 
--- Starts argv (a list of words; argv[1] is the program) in the background, with extra
--- environment `env` (a table; false unsets). Returns a process object:
+-- Starts argv (a list of words; argv[1] is the program) in the background (H.spawn), with
+-- extra environment `env` (a table; false unsets). Returns a process object:
 --   p.pid, p.dir; p:code() (exit code, 128+signal, or nil while running); p:wait(seconds);
 --   p:stderr(), p:stdout(); p:kill(sig); p:alive().
 local Proc = {}
 Proc.__index = Proc
 
+M.spawned = {}
+
 function M.spawn(argv, env)
-  local dir = H.tmpdir()
-  local words = {}
-  for _, a in ipairs(argv) do words[#words + 1] = H.shquote(a) end
-  local envp = { "env", "-u", "LD_PRELOAD" }
-  for k, v in pairs(env or {}) do
-    if v == false then envp[#envp + 1] = "-u " .. k else envp[#envp + 1] = k .. "=" .. H.shquote(v) end
-  end
-  local inner = ("%s sh -c 'echo $$ > %s/pid.tmp; mv %s/pid.tmp %s/pid; exec \"$@\"' sh %s >%s/out 2>%s/err;"
-    .. " echo $? > %s/rc.tmp; mv %s/rc.tmp %s/rc"):format(table.concat(envp, " "), dir, dir, dir,
-    table.concat(words, " "), dir, dir, dir, dir, dir)
-  os.execute("bash -c " .. H.shquote("set -m; (" .. inner .. ") </dev/null >/dev/null 2>&1 &"))
-  local p = setmetatable({ dir = dir, argv = argv }, Proc)
-  M.wait_until("a background process to start", 10, function()
-    local f = io.open(dir .. "/pid")
-    if not f then return false end
-    p.pid = tonumber(f:read("l"))
-    f:close()
-    return p.pid ~= nil
-  end, 0.005)
+  local p = setmetatable(H.spawn(argv, { env = env }), Proc)
+  p.argv = argv
   M.spawned[#M.spawned + 1] = p
   return p
 end
 
-M.spawned = {}
-
-function Proc:code()
-  local f = io.open(self.dir .. "/rc")
-  if not f then return nil end
-  local rc = tonumber(f:read("l"))
-  f:close()
-  return rc
-end
-
-function Proc:wait(seconds)
-  local deadline = pup.now() + seconds
-  repeat
-    local rc = self:code()
-    if rc then return rc end
-    pup.sleep(0.02)
-  until pup.now() > deadline
-  return nil
-end
-
-function Proc:stderr() return H.read_file(self.dir .. "/err") end
-function Proc:stdout() return H.read_file(self.dir .. "/out") end
-function Proc:kill(sig) os.execute(("kill -%s %d 2>/dev/null"):format(sig or "TERM", self.pid)) end
+Proc.code, Proc.wait, Proc.stderr, Proc.stdout, Proc.kill = H.exit_code, H.wait_exit, H.stderr_of, H.stdout_of, H.signal
 function Proc:alive() return self:code() == nil end
 
 -- Kills (SIGKILL) whatever is still running and removes the directories.
@@ -125,10 +78,7 @@ function M.template(dir, name, text, vars)
 end
 
 -- Table flags for the host binary (run/status/reset) of a spec area's tables.
-function M.table_flags(T)
-  return { "--events-table", T.events_table, "--aggregate-heads-table", T.aggregate_heads_table,
-           "--checkpoints-table", T.checkpoints_table }
-end
+M.table_flags = H.table_flags
 
 -- Appends n events to aggregates "<prefix>1".."<prefix>naggs" round robin, `per` per append.
 -- Payload {x = global counter}. Returns the head.
@@ -203,18 +153,8 @@ function M.server()
   return s
 end
 
-local function pg_bindir()
-  local p = io.popen("ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1")
-  local d = p:read("l")
-  p:close()
-  return d
-end
-
 function Server:as_pg(cmd)
-  local p = io.popen("id -u")
-  local me = p:read("l")
-  p:close()
-  if me == "0" then return "runuser -u postgres -- " .. cmd end
+  if H.is_root() then return "runuser -u postgres -- " .. cmd end
   return cmd
 end
 
@@ -232,7 +172,7 @@ end
 -- pg_ctl stop with the given mode (fast | immediate | smart), as scripts/pg.sh runs pg_ctl.
 function Server:stop(mode)
   local cmd = ("env -u LD_PRELOAD %s -D %s -m %s -w -t 60 stop >/dev/null 2>&1"):format(
-    pg_bindir() .. "/pg_ctl", H.shquote(self.dir), mode or "fast")
+    H.pg_bindir() .. "/pg_ctl", H.shquote(self.dir), mode or "fast")
   assert(sh_ok(self:as_pg(cmd)), "pg_ctl stop -m " .. tostring(mode) .. " failed")
 end
 

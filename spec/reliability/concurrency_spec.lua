@@ -86,15 +86,11 @@ describe("reliability: concurrency", function()
   local store, db, T, tmp
   local NAME = "rel_conc"
 
-  before_each(function()
-    store, db, T = H.fresh_store(NAME)
-    tmp = H.tmpdir()
-  end)
+  before_each(function() store, db, T, tmp = H.fresh_area(NAME) end)
 
   after_each(function()
     R.cleanup()
-    db:close()
-    H.rmdir(tmp)
+    H.close_area(db, tmp)
   end)
 
   local function writer(i, mode, extra)

@@ -4,44 +4,18 @@ local pup = require "pupsourcing"
 local H = require "spec.helpers"
 local R = require "spec.reliability.common"
 
--- A NON-idempotent counter (n = n + 1) plus a log of handled positions: exact only if
--- every event is handled exactly once. REL_SLEEP (seconds per event) slows it down.
-local COUNTER = [[
-local sleep = tonumber(os.getenv("REL_SLEEP") or "")
-local pup = require "pupsourcing"
-return {
-  name = "%{NAME}",
-  batch_size = 100,
-  setup = function(tx)
-    assert(tx:exec("CREATE TABLE IF NOT EXISTS %{CNT} (agg text PRIMARY KEY, n bigint NOT NULL)"))
-    assert(tx:exec("CREATE TABLE IF NOT EXISTS %{SEEN} (pos bigint NOT NULL, agg text NOT NULL)"))
-    local setup_sleep = tonumber(os.getenv("REL_SETUP_SLEEP") or "")
-    if setup_sleep then assert(tx:query("SELECT pg_sleep($1::float8) AS rel_setup_sleep", setup_sleep)) end
-  end,
-  handle = function(tx, e)
-    assert(tx:exec("INSERT INTO %{CNT} AS c (agg, n) VALUES ($1, 1) ON CONFLICT (agg) DO UPDATE SET n = c.n + 1",
-      e.aggregate_id))
-    assert(tx:exec("INSERT INTO %{SEEN} (pos, agg) VALUES ($1, $2)", e.global_position, e.aggregate_id))
-    if sleep then pup.sleep(sleep) end
-  end,
-}
-]]
+-- A NON-idempotent counter plus a log of handled positions (H.COUNTER_TEMPLATE).
+local COUNTER = H.COUNTER_TEMPLATE
 
 describe("reliability: faults", function()
   local store, db, T, tmp
   local CNT, SEEN = "t_rel_faults_cnt", "t_rel_faults_seen"
 
-  before_each(function()
-    store, db, T = H.fresh_store("rel_faults")
-    assert(db:exec("DROP TABLE IF EXISTS " .. CNT))
-    assert(db:exec("DROP TABLE IF EXISTS " .. SEEN))
-    tmp = H.tmpdir()
-  end)
+  before_each(function() store, db, T, tmp = H.fresh_area("rel_faults", { CNT, SEEN }) end)
 
   after_each(function()
     R.cleanup()
-    db:close()
-    H.rmdir(tmp)
+    H.close_area(db, tmp)
   end)
 
   local function counter_file(name)

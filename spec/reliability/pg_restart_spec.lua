@@ -7,24 +7,8 @@ local R = require "spec.reliability.common"
 
 local WRITER = H.source_dir .. "/spec/reliability/writer.lua"
 
-local COUNTER = [[
-local sleep = tonumber(os.getenv("REL_SLEEP") or "")
-local pup = require "pupsourcing"
-return {
-  name = "rel_restart",
-  batch_size = 100,
-  setup = function(tx)
-    assert(tx:exec("CREATE TABLE IF NOT EXISTS t_rel_restart_cnt (agg text PRIMARY KEY, n bigint NOT NULL)"))
-    assert(tx:exec("CREATE TABLE IF NOT EXISTS t_rel_restart_seen (pos bigint NOT NULL)"))
-  end,
-  handle = function(tx, e)
-    assert(tx:exec("INSERT INTO t_rel_restart_cnt AS c (agg, n) VALUES ($1, 1) ON CONFLICT (agg) DO UPDATE SET n = c.n + 1",
-      e.aggregate_id))
-    assert(tx:exec("INSERT INTO t_rel_restart_seen (pos) VALUES ($1)", e.global_position))
-    if sleep then pup.sleep(sleep) end
-  end,
-}
-]]
+-- A NON-idempotent counter plus a log of handled positions (H.COUNTER_TEMPLATE).
+local COUNTER_VARS = { NAME = "rel_restart", CNT = "t_rel_restart_cnt", SEEN = "t_rel_restart_seen" }
 
 describe("reliability: PostgreSQL restarts", function()
   local server, tmp
@@ -70,7 +54,7 @@ describe("reliability: PostgreSQL restarts", function()
     local store, _, T = H.fresh_store("rel_restart_run", db)
     local head = R.populate(store, db, 20000, 100, 200)
     db:close()
-    local file = R.template(tmp, "restart.lua", COUNTER, {})
+    local file = R.template(tmp, "restart.lua", H.COUNTER_TEMPLATE, COUNTER_VARS)
     local args = { "run", "--database-url", url, "--poll-interval", "200" }
     for _, x in ipairs(R.table_flags(T)) do args[#args + 1] = x end
     args[#args + 1] = file

@@ -50,16 +50,11 @@ end
 describe("reliability: resources", function()
   local store, db, T, tmp
 
-  before_each(function()
-    store, db, T = H.fresh_store("rel_res")
-    assert(db:exec("DROP TABLE IF EXISTS t_rel_res_cnt"))
-    tmp = H.tmpdir()
-  end)
+  before_each(function() store, db, T, tmp = H.fresh_area("rel_res", { "t_rel_res_cnt" }) end)
 
   after_each(function()
     R.cleanup()
-    db:close()
-    H.rmdir(tmp)
+    H.close_area(db, tmp)
   end)
 
   it(("%d events through 4 worker processes: flat memory, no connection or fd leak, exact counts"):format(N), function()
