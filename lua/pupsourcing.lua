@@ -18,7 +18,8 @@ end
 M.new_error = new_error
 
 -- db:transaction(fn): fn(tx) runs in a transaction that commits when fn returns and
--- rolls back when fn raises or returns nil, err. Returns fn's results, or nil, err.
+-- rolls back when fn raises or returns nil, err. Returns fn's results (true when it
+-- returned none), or nil, err.
 function core._db_methods.transaction(db, fn)
   assert(type(fn) == "function", "bad argument #1 to 'transaction' (function expected)")
   local tx <close>, err = db:begin()
@@ -36,6 +37,7 @@ function core._db_methods.transaction(db, fn)
   end
   local ok, cerr = tx:commit()
   if not ok then return nil, cerr end
+  if res.n == 1 then return true end -- fn returned nothing: assert(db:transaction(fn)) works
   return table.unpack(res, 2, res.n)
 end
 
