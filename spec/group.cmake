@@ -20,16 +20,10 @@ endif()
 
 if(PUP_BUSTED)
   foreach(_case scale resize)
-    add_test(NAME group.${_case}
-             COMMAND ${PUP_LUA54} ${PUP_BUSTED} --helper=spec/helpers.lua
-                     --output=plainTerminal spec/group_spec.lua
-             WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
+    pup_add_spec(group.${_case} spec/group_spec.lua "lua;group" ${PUP_TEST_TIMEOUT} PUP_GROUP_CASES=${_case})
     set_tests_properties(group.${_case} PROPERTIES
-      LABELS "lua;group"
-      TIMEOUT ${PUP_TEST_TIMEOUT}
       RESOURCE_LOCK pup_group
-      RUN_SERIAL TRUE # timing checks (handover within TTL) want the cores to themselves
-      ENVIRONMENT "${_pup_lua_env};PUP_GROUP_CASES=${_case}")
+      RUN_SERIAL TRUE) # timing checks (handover within TTL) want the cores to themselves
   endforeach()
 endif()
 

@@ -7,20 +7,6 @@
 # Figures go to ${CMAKE_BINARY_DIR}/reliability-figures.txt (PUP_REL_REPORT overrides);
 # PUP_REL_EVENTS sets the size of the resources run (default 200000).
 
-find_program(PUP_LUA54 NAMES lua5.4 REQUIRED)
-find_program(PUP_BUSTED NAMES busted PATHS /usr/bin)
-
-if(NOT DEFINED _pup_lua_env)
-  set(_pup_rel_lua_path "${CMAKE_SOURCE_DIR}/lua/?.lua\\\\;${CMAKE_SOURCE_DIR}/lua/?/init.lua\\\\;\\\\;")
-  set(_pup_rel_lua_cpath "${CMAKE_BINARY_DIR}/lib/?.so\\\\;\\\\;")
-  set(_pup_lua_env
-    "LUA_PATH=${_pup_rel_lua_path}"
-    "LUA_CPATH=${_pup_rel_lua_cpath}"
-    "PUP_BIN=$<TARGET_FILE:pupsourcing>"
-    "PUP_SOURCE_DIR=${CMAKE_SOURCE_DIR}"
-    "PUP_BINARY_DIR=${CMAKE_BINARY_DIR}")
-endif()
-
 # name -> timeout in seconds (each run alone takes well under half of it)
 set(_pup_rel_tests
   concurrency 150
@@ -36,13 +22,6 @@ if(PUP_BUSTED)
     math(EXPR _j "${_i} + 1")
     list(GET _pup_rel_tests ${_i} _name)
     list(GET _pup_rel_tests ${_j} _timeout)
-    add_test(NAME reliability.${_name}
-             COMMAND ${PUP_LUA54} ${PUP_BUSTED} --helper=spec/helpers.lua
-                     --output=plainTerminal "spec/reliability/${_name}_spec.lua"
-             WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
-    set_tests_properties(reliability.${_name} PROPERTIES
-      LABELS "reliability"
-      TIMEOUT ${_timeout}
-      ENVIRONMENT "${_pup_lua_env}")
+    pup_add_spec(reliability.${_name} "spec/reliability/${_name}_spec.lua" reliability ${_timeout})
   endforeach()
 endif()

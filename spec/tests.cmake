@@ -41,20 +41,27 @@ if(PUP_SANITIZE)
     "UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1")
 endif()
 
+# One busted spec file as one ctest test, run from the source directory:
+#   pup_add_spec(<test name> <spec file> <labels> <timeout> [VAR=value ...])
+function(pup_add_spec name file labels timeout)
+  set(_env "${_pup_lua_env}") # quoted: keeps the escaped ;s of LUA_PATH
+  if(ARGN)
+    string(JOIN ";" _extra ${ARGN})
+    string(APPEND _env ";${_extra}")
+  endif()
+  add_test(NAME ${name}
+           COMMAND ${PUP_LUA54} ${PUP_BUSTED} --helper=spec/helpers.lua --output=plainTerminal ${file}
+           WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
+  set_tests_properties(${name} PROPERTIES LABELS "${labels}" TIMEOUT ${timeout} ENVIRONMENT "${_env}")
+endfunction()
+
 if(PUP_BUSTED)
   file(GLOB _pup_specs CONFIGURE_DEPENDS "${CMAKE_SOURCE_DIR}/spec/*_spec.lua")
   list(SORT _pup_specs)
   foreach(_spec IN LISTS _pup_specs)
     get_filename_component(_name "${_spec}" NAME_WE)
     string(REGEX REPLACE "_spec$" "" _name "${_name}")
-    add_test(NAME lua.${_name}
-             COMMAND ${PUP_LUA54} ${PUP_BUSTED} --helper=spec/helpers.lua
-                     --output=plainTerminal "spec/${_name}_spec.lua"
-             WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
-    set_tests_properties(lua.${_name} PROPERTIES
-      LABELS "lua"
-      TIMEOUT ${PUP_TEST_TIMEOUT}
-      ENVIRONMENT "${_pup_lua_env}")
+    pup_add_spec(lua.${_name} "spec/${_name}_spec.lua" lua ${PUP_TEST_TIMEOUT})
   endforeach()
 endif()
 
