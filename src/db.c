@@ -546,6 +546,19 @@ int pup_conn_command(pup_conn *c, const char *sql, pup_error *err) {
     return -1;
 }
 
+void pup_conn_rollback(pup_conn *c) {
+    if (c->pipeline) {
+        pup_error ignored;
+        long tag;
+        pup_conn_pipeline_end(c, &ignored, &tag);
+    }
+    if (pup_conn_ok(c)) {
+        PGresult *r = PQexec(c->pg, "ROLLBACK");
+        PQclear(r);
+    }
+    c->failed = 0;
+}
+
 int pup_conn_commit(pup_conn *c, pup_error *err) {
     PGresult *r = PQexec(c->pg, "COMMIT");
     if (PQresultStatus(r) != PGRES_COMMAND_OK) {

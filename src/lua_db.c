@@ -444,10 +444,7 @@ static int tx_rollback(lua_State *L) { return tx_finish(L, 0); }
 static int tx_close(lua_State *L) {
     ltx *t = luaL_checkudata(L, 1, PUP_TX_MT);
     pup_conn *c = tx_conn(t);
-    if (c && !t->managed && pup_conn_ok(c)) {
-        PGresult *r = PQexec(pup_conn_pg(c), "ROLLBACK");
-        PQclear(r);
-    }
+    if (c && !t->managed) pup_conn_rollback(c);
     t->state = TX_DONE;
     return 0;
 }

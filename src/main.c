@@ -56,18 +56,6 @@ static void setup_paths(lua_State *L) {
     lua_pop(L, 2);
 }
 
-static int msghandler(lua_State *L) {
-    const char *msg = lua_tostring(L, 1);
-    if (msg == NULL) {
-        if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
-            msg = lua_tostring(L, -1);
-        else
-            msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
-    }
-    luaL_traceback(L, L, msg, 1);
-    return 1;
-}
-
 /* Loads and runs the script (or the CLI) with a traceback; returns the exit status. */
 static int pmain(lua_State *L) {
     int argc = (int)lua_tointeger(L, 1);
@@ -83,8 +71,7 @@ static int pmain(lua_State *L) {
         lua_rawseti(L, -2, i - first);
     }
     lua_setglobal(L, "arg");
-    lua_pushcfunction(L, msghandler);
-    int base = lua_gettop(L);
+    pup_error err;
     if (script) {
         if (luaL_loadfile(L, argv[1]) != LUA_OK) {
             fprintf(stderr, "pupsourcing: %s\n", lua_tostring(L, -1));
@@ -92,8 +79,8 @@ static int pmain(lua_State *L) {
             return 1;
         }
         for (int i = 2; i < argc; i++) lua_pushstring(L, argv[i]);
-        if (lua_pcall(L, argc - 2, 0, base) != LUA_OK) {
-            fprintf(stderr, "pupsourcing: %s\n", lua_tostring(L, -1));
+        if (pup_lua_pcall(L, argc - 2, 0, &err) != LUA_OK) {
+            fprintf(stderr, "pupsourcing: %s\n", err.message);
             lua_pushinteger(L, 1);
             return 1;
         }
@@ -102,15 +89,15 @@ static int pmain(lua_State *L) {
     }
     lua_getglobal(L, "require");
     lua_pushliteral(L, "pupsourcing.cli");
-    if (lua_pcall(L, 1, 1, base) != LUA_OK) {
-        fprintf(stderr, "pupsourcing: %s\n", lua_tostring(L, -1));
+    if (pup_lua_pcall(L, 1, 1, &err) != LUA_OK) {
+        fprintf(stderr, "pupsourcing: %s\n", err.message);
         lua_pushinteger(L, 1);
         return 1;
     }
     lua_getfield(L, -1, "main");
     lua_getglobal(L, "arg");
-    if (lua_pcall(L, 1, 1, base) != LUA_OK) {
-        fprintf(stderr, "pupsourcing: %s\n", lua_tostring(L, -1));
+    if (pup_lua_pcall(L, 1, 1, &err) != LUA_OK) {
+        fprintf(stderr, "pupsourcing: %s\n", err.message);
         lua_pushinteger(L, 1);
         return 1;
     }

@@ -196,11 +196,9 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
                      "SELECT pg_snapshot_xmin(snap.s)::text,"
                      " (SELECT COALESCE(max(global_position), 0) FROM %s)::text, e.*"
                      " FROM (SELECT pg_current_snapshot() AS s) snap LEFT JOIN LATERAL ("
-                     "SELECT (%s AND %s) AS mine, global_position, aggregate_type, aggregate_id,"
-                     " aggregate_version, event_id::text, event_type, event_version,"
-                     " CASE WHEN %s AND %s AND %s THEN payload END, CASE WHEN %s AND %s THEN metadata::text END,"
-                     " causation_id, correlation_id, trace_id,"
-                     " to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+                     "SELECT (%s AND %s) AS mine, "
+                     PUP_EVENT_COLUMNS_WITH("CASE WHEN %s AND %s AND %s THEN payload END",
+                                            "CASE WHEN %s AND %s THEN metadata::text END")
                      " FROM %s WHERE global_position > $1 ORDER BY global_position LIMIT $2) e ON true"
                      " ORDER BY e.global_position",
                      store->q_events, atypes, etypes, atypes, etypes, ours, atypes, etypes,
@@ -345,7 +343,7 @@ static int group_tick(pup_processor *p, pup_error *err) {
     PQclear(r);
     if (n_total < 1 || n_total > MAX_PARTITIONS) {
         pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "group partition count %d is out of range", n_total);
-        goto fail_norb;
+        goto fail;
     }
     if (n_total != p->total) {
         /* Repartitioned: give up every lease of the old count and start over. */
@@ -356,7 +354,7 @@ static int group_tick(pup_processor *p, pup_error *err) {
         PQclear(r);
         if (set_total(p, n_total) < 0) {
             pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
-            goto fail_norb;
+            goto fail;
         }
         free(p->old_cp);
         p->old_cp = NULL;
@@ -506,9 +504,7 @@ static int group_tick(pup_processor *p, pup_error *err) {
     }
     return pup_conn_commit(p->conn, err);
 fail:
-fail_norb:;
-    PGresult *rb = PQexec(pup_conn_pg(p->conn), "ROLLBACK");
-    PQclear(rb);
+    pup_conn_rollback(p->conn);
     drop_all(p);
     return -1;
 }
@@ -557,18 +553,6 @@ void pup_processor_release(pup_processor *p) {
     drop_all(p);
 }
 
-/* Leaves a failed batch: pipeline closed, transaction rolled back. */
-static void abort_batch(pup_processor *p) {
-    pup_error ignored;
-    long tag;
-    if (pup_conn_in_pipeline(p->conn)) pup_conn_pipeline_end(p->conn, &ignored, &tag);
-    if (pup_conn_ok(p->conn)) {
-        PGresult *r = PQexec(pup_conn_pg(p->conn), "ROLLBACK");
-        PQclear(r);
-    }
-    pup_conn_clear_failure(p->conn);
-}
-
 /* Names the event a handler failure belongs to. */
 static int event_error(pup_processor *p, const PGresult *r, int row, pup_error *err) {
     pup_event ev;
@@ -597,7 +581,7 @@ static int run_setup(pup_processor *p, pup_error *err) {
     if (p->h.setup(p->h.ud, p->conn, err) < 0 || pup_conn_failure(p->conn, NULL)) {
         const pup_error *f = pup_conn_failure(p->conn, NULL);
         if (f && err->code != PUP_ERR_HANDLER) *err = *f;
-        abort_batch(p);
+        pup_conn_rollback(p->conn);
         pup_error_prefix(err, "setup failed: ");
         return with_context(p, err);
     }
@@ -701,7 +685,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     pup_params_int(q, 1, window > 100000 ? 100000 : window);
     PGresult *r = pup_conn_exec(p->conn, st, q, 1, err);
     if (!r) {
-        abort_batch(p);
+        pup_conn_rollback(p->conn);
         return with_context(p, err);
     }
     uint64_t xmin = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
@@ -714,7 +698,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     int nhandle = 0, rc = 0;
     if (pup_conn_pipeline_begin(p->conn, err) < 0) {
         PQclear(r);
-        abort_batch(p);
+        pup_conn_rollback(p->conn);
         return with_context(p, err);
     }
     long long seen = from, wait_lo = 0;
@@ -781,7 +765,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     PQclear(r);
     if (rc == 0 && pup_conn_commit(p->conn, err) < 0) rc = with_context(p, err);
     if (rc < 0) {
-        abort_batch(p);
+        pup_conn_rollback(p->conn);
         forget_gaps(p, 0, 1); /* holes noted by this batch are noted again next time */
         return -1;
     }

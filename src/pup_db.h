@@ -122,6 +122,10 @@ int pup_conn_command(pup_conn *c, const char *sql, pup_error *err);
  * ROLLBACK: that returns -1 too, with the statement failure that aborted it. */
 int pup_conn_commit(pup_conn *c, pup_error *err);
 
+/* Rolls back whatever is open (leaving pipeline mode first), best effort: the way out
+ * of a failed transaction. Forgets the recorded failure. */
+void pup_conn_rollback(pup_conn *c);
+
 /* Pipeline mode, for handler writes: pup_conn_send() queues a statement and returns at
  * once; the result is read later. Each queued statement remembers the tag current when
  * it was sent (the processor sets it to the event index), so a failure is attributed to

@@ -85,12 +85,13 @@ typedef struct pup_event {
 } pup_event;
 
 /* The column list every event read selects, in the order pup_event_from_row expects,
- * starting at column `first`. Results must be in binary format. */
-#define PUP_EVENT_COLUMNS                                                                 \
-    "global_position, aggregate_type, aggregate_id, aggregate_version, event_id::text, " \
-    "event_type, event_version, payload, metadata::text, causation_id, correlation_id, " \
+ * starting at column `first`; _WITH takes other expressions for payload and metadata.
+ * Results must be in binary format. */
+#define PUP_EVENT_COLUMNS_WITH(payload, metadata)                                          \
+    "global_position, aggregate_type, aggregate_id, aggregate_version, event_id::text, "   \
+    "event_type, event_version, " payload ", " metadata ", causation_id, correlation_id, " \
     "trace_id, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-#define PUP_EVENT_NCOLUMNS 13
+#define PUP_EVENT_COLUMNS PUP_EVENT_COLUMNS_WITH("payload", "metadata::text")
 void pup_event_from_row(const PGresult *r, int row, int first, pup_event *ev);
 
 /* Reads up to limit events with global_position > after, ascending. Raw reads: events

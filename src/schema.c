@@ -225,10 +225,7 @@ int pup_store_migrate(const pup_store *s, pup_conn *c, pup_error *err) {
     if (!sql) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
     int rc = pup_conn_command(c, sql, err);
     free(sql);
-    if (rc < 0) {
-        PGresult *r = PQexec(pup_conn_pg(c), "ROLLBACK");
-        PQclear(r);
-    }
+    if (rc < 0) pup_conn_rollback(c);
     return rc;
 }
 
