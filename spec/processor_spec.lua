@@ -466,7 +466,7 @@ describe("pup.processor", function()
       -- the first dies (its connection closes); the second takes over where it stopped
       p1:close()
       db1:close()
-      local deadline, got = pup.now() + 10, nil
+      local deadline, got = pup.now() + 10
       repeat
         got = p2:run_once()
         if not got then pup.sleep(0.05) end

@@ -3,11 +3,11 @@ local h = require "spec.helpers"
 local pup = require "pupsourcing"
 
 describe("reading", function()
-  local store, db, names
+  local store, db
   local ids, positions = {}, {}
 
   setup(function()
-    store, db, names = h.fresh_store("read")
+    store, db = h.fresh_store("read")
     -- a log of 10 events: 4 of user A, 3 of order A, 3 of user B, interleaved
     ids.a, ids.b = h.uid("ua"), h.uid("ub")
     local function put(typ, id, expected, n)

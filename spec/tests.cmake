@@ -94,3 +94,14 @@ if(PUP_VALGRIND AND NOT PUP_SANITIZE)
       ENVIRONMENT "${_pup_test_env}")
   endforeach()
 endif()
+
+# luacheck over every Lua file of the project (configuration: .luacheckrc; label "lint").
+find_program(PUP_LUACHECK NAMES luacheck)
+if(PUP_LUACHECK)
+  add_test(NAME lint.luacheck
+           COMMAND ${PUP_LUACHECK} --no-color -q lua projections examples spec bench
+           WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
+  set_tests_properties(lint.luacheck PROPERTIES LABELS "lint" TIMEOUT ${PUP_TEST_TIMEOUT})
+else()
+  message(WARNING "luacheck not found: the lint test is not registered (run scripts/deps.sh)")
+endif()

@@ -66,7 +66,7 @@ if mode == "append" then
   log("     or: pupsourcing examples/stop-resume/main.lua --mode=process  (to start processing)")
 
 elseif mode == "process" then
-  local count, last_position = 0, nil
+  local count = 0
   local projection = {
     name = NAME,
     aggregate_types = { "User" },
@@ -84,7 +84,6 @@ elseif mode == "process" then
       assert(tx:exec("INSERT INTO reliable_users (user_id, name, email, global_position) VALUES ($1, $2, $3, $4)",
                      event.aggregate_id, d.name, d.email, event.global_position))
       count = count + 1
-      last_position = event.global_position
       log("✓ Processed event #%d (position: %d, aggregate: %s): %s", count, event.global_position,
           event.aggregate_id:sub(1, 8), tostring(d.name))
       if delay > 0 then pup.sleep(delay) end -- slow on purpose, so Ctrl+C lands part-way
