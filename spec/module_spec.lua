@@ -14,7 +14,7 @@ describe("pupsourcing module", function()
     end
   end)
 
-  it("pup.json encodes and decodes (lua-cjson)", function()
+  it("pup.json encodes and decodes", function()
     assert.are.equal("function", type(pup.json.encode))
     assert.are.equal("function", type(pup.json.decode))
     local t = { a = 1, b = { "x", "y" }, c = true }

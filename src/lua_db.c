@@ -128,7 +128,7 @@ int pup_lua_pcall(lua_State *L, int nargs, int nresults, pup_error *err) {
     return rc;
 }
 
-/* ---- JSON through lua-cjson ---- */
+/* ---- JSON through pup.json (lua_json.c) ---- */
 
 const char *pup_lua_json_encode(lua_State *L, int idx, size_t *len) {
     idx = lua_absindex(L, idx);

@@ -43,18 +43,8 @@ static int l_now(lua_State *L) {
 }
 
 int luaopen_pupsourcing_core(lua_State *L) {
-    /* JSON through lua-cjson, kept in the registry for the C side. */
-    lua_getglobal(L, "require");
-    lua_pushliteral(L, "cjson");
-    lua_call(L, 1, 1);
-    lua_getfield(L, -1, "encode");
-    lua_setfield(L, LUA_REGISTRYINDEX, "pupsourcing.json_encode");
-    lua_getfield(L, -1, "decode");
-    lua_setfield(L, LUA_REGISTRYINDEX, "pupsourcing.json_decode");
-
     lua_newtable(L);
-    lua_insert(L, -2);
-    lua_setfield(L, -2, "json");
+    pup_lua_open_json(L);
     pup_lua_open_db(L);
     pup_lua_open_store(L);
     pup_lua_open_processor(L);

@@ -33,6 +33,8 @@ void pup_lua_open_db(lua_State *L);
 void pup_lua_open_store(lua_State *L);
 void pup_lua_open_processor(lua_State *L);
 void pup_lua_open_runner(lua_State *L);
+/* pup.json (lua_json.c); also registers the encoder and decoder the C side calls. */
+void pup_lua_open_json(lua_State *L);
 
 /* Registers metatable `name` with __index = a table of methods, __gc and __close =
  * close, __tostring; leaves the methods table on the stack. */
@@ -69,7 +71,7 @@ void pup_lua_tx_detach(lua_State *L, int idx);
  * non-zero with "message\ntraceback" (or the error object's text) copied into err. */
 int pup_lua_pcall(lua_State *L, int nargs, int nresults, pup_error *err);
 
-/* JSON encode of the value at idx through lua-cjson (raises on failure). */
+/* JSON encode of the value at idx through pup.json (raises on failure). */
 const char *pup_lua_json_encode(lua_State *L, int idx, size_t *len);
 
 #endif
