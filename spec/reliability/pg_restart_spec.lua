@@ -76,6 +76,12 @@ describe("reliability: PostgreSQL restarts", function()
         local _, n = run:stderr():gsub("reconnected", "")
         return n >= i and cp_of(url, T, "rel_restart") > cp_before
       end, 0.1)
+      -- a batch committed after the reconnect (that is what resets the backoff to 100 ms)
+      local cp_reconnected = cp_of(url, T, "rel_restart")
+      R.wait_until("a batch after the reconnect", 30, function()
+        assert.is_nil(run:code(), run:stderr())
+        return cp_of(url, T, "rel_restart") > cp_reconnected
+      end, 0.05)
     end
     db = H.connect(url)
     R.wait_until("the run to catch up", 120, function()
