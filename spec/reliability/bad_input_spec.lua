@@ -154,9 +154,8 @@ local CASES = {
   -- hostile table names
   { name = "table name with a quote", kind = "cli", args = { "migrate", "--events-table", 'ev"; DROP TABLE t_rel_bad_rm; --' }, code = 2, expect = { "invalid events_table", "use letters, digits and _" } },
   { name = "table name with a semicolon", kind = "cli", args = { "status", "--checkpoints-table", "cp; DELETE FROM x" }, code = 2, expect = { "invalid checkpoints_table" } },
-  -- (`run` connects before it checks the table names: so does this case)
-  { name = "table name $1", kind = "run", connects = true, files = { "good" }, args = { "--aggregate-heads-table", "$1" }, code = 1,
-    line = 'pupsourcing: invalid_projection: invalid aggregate_heads_table "$1": use letters, digits and _ (optionally schema.table), at most 39 characters a part' },
+    { name = "table name $1", kind = "run", files = { "good" }, args = { "--aggregate-heads-table", "$1" }, code = 2,
+    line = 'pupsourcing: invalid aggregate_heads_table "$1": use letters, digits and _ (optionally schema.table), at most 39 characters a part' },
   -- database URLs (the password is never printed)
   { name = "unreachable database (status)", kind = "cli", args = { "status", "--database-url", "postgresql://bob:" .. PW .. "@127.0.0.1:1/db" }, code = 2,
     expect = { "cannot connect to", "127.0.0.1" }, absent = { PW } },
