@@ -146,6 +146,50 @@ describe("pupsourcing (host binary)", function()
     end)
   end)
 
+  describe("repartition", function()
+    -- No worker runs, so nothing settles a change: the refusal is deterministic.
+    local rt = h.tables("cli_rep")
+    local groups = rt.checkpoints_table .. "_groups"
+    local file = h.source_dir .. "/spec/fixtures/run_counter.lua"
+    local db
+    setup(function()
+      db = h.connect()
+      h.drop_tables(db, "cli_rep")
+      assert(db:exec('DROP TABLE IF EXISTS "' .. groups .. '", "' .. rt.checkpoints_table .. '_workers"'))
+      local r = h.run(h.with_tables(rt, { "migrate" }))
+      assert.are.equal(0, r.code, r.output)
+    end)
+    teardown(function()
+      if db then db:close() end
+    end)
+
+    local function group_row()
+      local rows = assert(db:query(('SELECT total_partitions AS t, previous_total AS p FROM "%s" WHERE projection_name = $1')
+        :format(groups), "run_counter"))
+      return rows[1] and { t = rows[1].t, p = rows[1].p ~= pup.null and rows[1].p or nil }
+    end
+
+    it("refuses a second change while the first one settles, and changes nothing", function()
+      local r = h.run(h.with_tables(rt, { "repartition", file, "4" }))
+      assert.are.equal(0, r.code, r.output)
+      assert.are.equal("repartition run_counter: new group of 4 partitions; running --group workers switch at their next heartbeat\n", r.stdout)
+      assert.are.same({ t = 4 }, group_row())
+      r = h.run(h.with_tables(rt, { "repartition", file, "7" }))
+      assert.are.equal(0, r.code, r.output)
+      assert.are.equal("repartition run_counter: 4 -> 7 partitions; running --group workers switch at their next heartbeat\n", r.stdout)
+      assert.are.same({ t = 7, p = 4 }, group_row())
+      -- settling 4 -> 7 (no worker has switched): refused, whatever the new count
+      for _, n in ipairs { "5", "4", "7" } do
+        r = h.run(h.with_tables(rt, { "repartition", file, n }))
+        assert.are.equal(2, r.code, r.output)
+        assert.are.equal("", r.stdout)
+        assert.are.equal("pupsourcing: invalid_argument: projection run_counter is still settling a repartition from 4 to 7"
+          .. " partitions; try again when `pupsourcing status` shows no previous count\n", r.stderr)
+        assert.are.same({ t = 7, p = 4 }, group_row())
+      end
+    end)
+  end)
+
   describe("scripts", function()
     it("runs a script that requires pupsourcing and talks to the database", function()
       local r = h.run_script([[

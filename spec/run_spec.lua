@@ -235,7 +235,7 @@ describe("pupsourcing run", function()
       local rc = wait_exit(p, 20)
       local err = stderr_of(p)
       assert.is_number(rc, "run did not exit after a handler error; stderr:\n" .. err)
-      assert.are_not.equal(0, rc)
+      assert.equal(1, rc, "exit code (a signal is 128 + its number); stderr:\n" .. err)
       assert.is_truthy(err:find("run_fail", 1, true), err)
       assert.is_truthy(err:find("global position " .. ppos, 1, true), err)
       assert.is_truthy(err:find("Poison", 1, true), err)
@@ -250,7 +250,7 @@ describe("pupsourcing run", function()
       populate(2, 3)
       assert(store:append(db, pup.any(), { H.event { aggregate_id = "poison-2", event_type = "Poison" } }))
       local r = pupsourcing { "run", "--once", FAIL }
-      assert.are_not.equal(0, r.code)
+      assert.equal(1, r.code, r.output)
       assert.is_truthy(r.stderr:find("run_fail", 1, true), r.stderr)
       assert.is_truthy(r.stderr:find("global position 7", 1, true), r.stderr)
     end)
@@ -261,7 +261,7 @@ describe("pupsourcing run", function()
       local all = { "run", "--database-url", NO_DB }
       for _, a in ipairs(args) do all[#all + 1] = a end
       local r = H.run(all, { env = env })
-      assert.are_not.equal(0, r.code, r.output)
+      assert.equal(2, r.code, r.output) -- a usage error, never a crash or signal
       assert.is_truthy(r.stderr:find(fragment, 1, true), "expected " .. fragment .. " in:\n" .. r.stderr)
       assert.is_falsy(r.stderr:lower():find("connect", 1, true), r.stderr)
       return r
@@ -318,7 +318,8 @@ describe("pupsourcing run", function()
 
     it("creates nothing on a real database either", function()
       local r = pupsourcing { "run", "--partition-key", "0", "--total-partitions", "0", COUNTER }
-      assert.are_not.equal(0, r.code)
+      assert.equal(2, r.code, r.output)
+      assert.is_truthy(r.stderr:find("--total-partitions must be an integer >= 1", 1, true), r.stderr)
       assert.is_false(table_exists("t_run_counter"))
       assert.equal(0, one(('SELECT count(*) AS n FROM "%s"'):format(T.checkpoints_table)).n)
     end)
@@ -334,7 +335,9 @@ describe("pupsourcing run", function()
         .. " AND ((classid::bigint << 32) | objid::bigint) = hashtextextended($1, 0)",
         "pupsourcing/" .. T.checkpoints_table .. "/run_counter/0/1")
       assert.is_true(#victims >= 1, "no backend of the run found")
-      for _, v in ipairs(victims) do assert(db:query("SELECT pg_terminate_backend($1)", v.pid)) end
+      for _, v in ipairs(victims) do
+        assert.is_true(one("SELECT pg_terminate_backend($1) AS ok", v.pid).ok, "backend " .. v.pid .. " not terminated")
+      end
       local head = populate(2, 4, "after-")
       wait_until("the run to reconnect and catch up", 20, function() return checkpoint("run_counter") == head end)
       assert.is_nil(exit_code(p), stderr_of(p))
@@ -451,10 +454,10 @@ describe("pupsourcing run", function()
 
     it("rejects a bad file before touching the database", function()
       local r = H.run { "reset", "--database-url", NO_DB, BAD .. "no_name.lua" }
-      assert.are_not.equal(0, r.code)
+      assert.equal(2, r.code, r.output)
       assert.is_truthy(r.stderr:find("no_name.lua: missing `name`", 1, true), r.stderr)
       r = H.run { "reset", "--database-url", NO_DB }
-      assert.are_not.equal(0, r.code)
+      assert.equal(2, r.code, r.output)
       assert.is_truthy(r.stderr:find("reset takes one projection file", 1, true), r.stderr)
     end)
   end)

@@ -220,6 +220,7 @@ function commands.run(flags, words)
     end
     names[p.name] = file
   end
+  pup.store(store_opts(flags)) -- and the table names (raises naming the bad one)
   local opts = {
     files = words, workers = workers, partition_key = not workers and key or nil,
     total_partitions = not workers and total or nil, batch_size = batch,

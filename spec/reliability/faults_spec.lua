@@ -57,38 +57,77 @@ describe("reliability: faults", function()
     assert.equal(s.n, s.d, "positions handled twice")
   end
 
-  it("SIGKILL at 10 random moments of a 50,000-event catch-up, restarting each time: exact counts", function()
+  -- The counter of H.COUNTER_TEMPLATE with a gate: at global position REL_GATE, after that
+  -- event's writes, the handler waits for the advisory lock (REL_GATE_KEY, REL_GATE) that
+  -- the spec holds. So the batch is open, has written, and cannot commit until released.
+  local GATED = [[
+local pup = require "pupsourcing"
+local gate, gate_key = math.tointeger(tonumber(os.getenv("REL_GATE") or "")), math.tointeger(tonumber(os.getenv("REL_GATE_KEY") or ""))
+return {
+  name = "%{NAME}",
+  batch_size = 100,
+  setup = function(tx)
+    assert(tx:exec("CREATE TABLE IF NOT EXISTS %{CNT} (agg text PRIMARY KEY, n bigint NOT NULL)"))
+    assert(tx:exec("CREATE TABLE IF NOT EXISTS %{SEEN} (pos bigint NOT NULL, agg text NOT NULL)"))
+  end,
+  handle = function(tx, e)
+    assert(tx:exec("INSERT INTO %{CNT} AS c (agg, n) VALUES ($1, 1) ON CONFLICT (agg) DO UPDATE SET n = c.n + 1",
+      e.aggregate_id))
+    assert(tx:exec("INSERT INTO %{SEEN} (pos, agg) VALUES ($1, $2)", e.global_position, e.aggregate_id))
+    if e.global_position == gate then assert(tx:query("SELECT pg_advisory_xact_lock($1::int, $2::int)", gate_key, gate)) end
+  end,
+}
+]]
+
+  it("SIGKILL mid-batch at 10 random positions of a 50,000-event catch-up, each after progress: exact counts", function()
     local t0 = pup.now()
     local head = R.populate(store, db, 50000, 250, 200)
     assert.equal(50000, head)
-    local file = counter_file("rel_kill")
-    -- 10 kill points spread over the catch-up, each at a random position and a random delay after it
-    local targets = {}
-    for i = 1, 10 do targets[i] = math.random(1, 45000) end
-    table.sort(targets)
-    local kills, cps = 0, {}
-    for i = 1, 10 do
-      local p = R.spawn(run_args({ "--batch-size", "100" }, file))
-      R.wait_until("the checkpoint to pass " .. targets[i], 60, function()
+    local file = R.template(tmp, "rel_kill.lua", GATED, { NAME = "rel_kill", CNT = CNT, SEEN = SEEN })
+    local gate_key = math.random(1, 1 << 30)
+    -- one gate in each tenth of 1..45,000, at least 300 positions into it: every restart has
+    -- whole batches to commit before it reaches the next gate
+    local gates = {}
+    for i = 1, 10 do gates[i] = math.random((i - 1) * 4500 + 301, i * 4500) end
+    local kills, cps, restart_cp = 0, {}, 0
+    for i, gate in ipairs(gates) do
+      assert.is_true(R.one(db, "SELECT pg_try_advisory_lock($1::int, $2::int) AS ok", gate_key, gate).ok)
+      local p = R.spawn(run_args({ "--batch-size", "100" }, file), { REL_GATE = tostring(gate), REL_GATE_KEY = tostring(gate_key) })
+      -- the run's backend waits at the gate inside its batch, which has written (it has an xid)
+      local blocked = R.wait_until(function() return "the run to reach position " .. gate .. "; stderr:\n" .. p:stderr() end, 60, function()
         assert.is_nil(p:code(), "the processor exited early: " .. p:stderr())
-        return R.checkpoint(db, T, "rel_kill") >= targets[i]
-      end, 0.002)
-      pup.sleep(math.random() * 0.05)
+        local rows = assert(db:query([[SELECT a.pid, a.backend_xid::text AS xid FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+            WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objsubid = 2 AND l.classid = $1::int::oid AND l.objid = $2::int::oid]],
+          gate_key, gate))
+        return rows[1]
+      end, 0.01)
+      assert.is_string(blocked.xid, "the gated batch has written nothing")
+      local cp_at_kill = R.checkpoint(db, T, "rel_kill")
+      assert.is_true(cp_at_kill > restart_cp, ("kill %d: no batch committed since the restart (checkpoint %d)"):format(i, cp_at_kill))
+      assert.is_true(cp_at_kill < gate and gate - cp_at_kill <= 100, ("kill %d: checkpoint %d, gate %d"):format(i, cp_at_kill, gate))
       p:kill("KILL")
       assert.equal(128 + 9, p:wait(5), "not killed by SIGKILL: " .. p:stderr())
       kills = kills + 1
-      local cp = assert_matches_checkpoint("rel_kill")
-      assert.is_true(cp < head, "kill " .. i .. " came after the catch-up ended")
-      cps[#cps + 1] = cp
+      -- release the gate: the orphaned backend finds its client gone and rolls the batch back
+      assert.is_true(R.one(db, "SELECT pg_advisory_unlock($1::int, $2::int) AS ok", gate_key, gate).ok)
+      R.wait_until("the killed run's backend to end", 30, function()
+        return R.one(db, "SELECT count(*) AS n FROM pg_stat_activity WHERE pid = $1", blocked.pid).n == 0
+      end)
+      -- the open batch was rolled back, not committed (its xid, widened with the current epoch)
+      assert.equal("aborted", R.one(db, [[SELECT pg_xact_status(((pg_current_xact_id()::text::bigint >> 32 << 32)
+          | $1::bigint)::text::xid8) AS s]], blocked.xid).s)
+      assert.equal(cp_at_kill, assert_matches_checkpoint("rel_kill"))
+      cps[#cps + 1] = cp_at_kill
+      restart_cp = cp_at_kill
     end
     local p = R.spawn(run_args({ "--once", "--batch-size", "100" }, file))
     assert.equal(0, p:wait(120), p:stderr())
     assert.equal(head, R.checkpoint(db, T, "rel_kill"))
     assert_exact()
     assert.equal(50000, R.one(db, ("SELECT sum(n)::bigint AS n FROM %s"):format(CNT)).n)
-    R.report("faults: %d SIGKILLs of `run` during a 50000-event catch-up (checkpoints at the kills: %s);"
-      .. " read model = checkpoint after every kill; final counts exact (50000 over 250 aggregates), %.1f s",
-      kills, table.concat(cps, " "), pup.now() - t0)
+    R.report("faults: %d SIGKILLs of `run` mid-batch during a 50000-event catch-up (checkpoints at the kills: %s),"
+      .. " each after a commit since its restart, each open batch aborted; read model = checkpoint after every kill;"
+      .. " final counts exact (50000 over 250 aggregates), %.1f s", kills, table.concat(cps, " "), pup.now() - t0)
   end)
 
   it("connections killed mid-batch (pg_terminate_backend, 5 times): no partial batch, reconnects, exact", function()
@@ -108,7 +147,7 @@ describe("reliability: faults", function()
               AND a.xact_start IS NOT NULL]], key))
         return rows[1] and rows[1].pid
       end, 0.005)
-      assert(db:query("SELECT pg_terminate_backend($1)", victim))
+      assert.is_true(R.one(db, "SELECT pg_terminate_backend($1) AS ok", victim).ok, "backend " .. victim .. " not terminated")
       terminated = terminated + 1
       assert_matches_checkpoint("rel_term")
       R.wait_until(function() return "the run to reconnect (" .. i .. "); stderr:\n" .. p:stderr() end, 30, function()
@@ -141,7 +180,7 @@ describe("reliability: faults", function()
             AND a.query LIKE '%rel_setup_sleep%' AND a.state = 'active']], key))
       return rows[1] and rows[1].pid
     end, 0.01)
-    assert(db:query("SELECT pg_terminate_backend($1)", victim))
+    assert.is_true(R.one(db, "SELECT pg_terminate_backend($1) AS ok", victim).ok, "backend " .. victim .. " not terminated")
     R.wait_until(function() return "the catch-up after the lost setup connection; stderr:\n" .. p:stderr() end, 30, function()
       return p:code() ~= nil or R.checkpoint(db, T, "rel_setup") == head
     end, 0.05)
@@ -172,6 +211,8 @@ describe("reliability: faults", function()
       return b:stderr():find("took over", 1, true) ~= nil
     end, 0.01)
     local took = pup.now() - killed_at
+    -- a standby tries the lock once a second; its holder's backend ends with the client
+    assert.is_true(took < 2.0, ("the takeover took %.2f s"):format(took))
     R.wait_until("the standby to finish the catch-up", 60, function()
       return R.checkpoint(db, T, "rel_standby", 1, 2) == head
     end, 0.05)

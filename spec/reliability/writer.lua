@@ -5,7 +5,10 @@
 --   ok <agg> <from_version> <to_version> <pos,pos,...> <eid,eid,...>
 --   reject <code> <agg> <expected|any> <eid,eid,...>          (nothing may be stored)
 --   rolledback <agg> <eid,eid,...>                              (rolled back on purpose)
---   unknown <code> <agg> <eid,eid,...> <message>                (connection lost: all or nothing)
+--   nobegin <code> <agg> <eid,eid,...> <message>   (connection lost before BEGIN: nothing sent)
+--   aborted <code> <agg> <eid,eid,...> <message>   (connection lost inside the transaction, before
+--                                                    COMMIT was sent: nothing may be stored)
+--   unknown <code> <agg> <eid,eid,...> <message>   (connection lost at COMMIT: all or nothing)
 --   connect_error <code> <message>
 -- Modes:
 --   exact   --appends N --aggregates A --prefix P: N acknowledged appends of 1..3 events to
@@ -109,14 +112,21 @@ elseif mode == "loop" then
     seq = seq + 1
     local agg = prefix .. math.random(1, naggs)
     local evs, ids = make_events(agg, 3, seq)
-    local res, err
+    -- stage: where it failed. "begin": nothing was sent; "tx": the transaction never got to
+    -- COMMIT, so nothing may be stored; "commit": the outcome is unknown (all or nothing).
+    local res, err, stage
     local tx
     tx, err = db:begin()
+    stage = "begin"
     if tx then
+      stage = "tx"
       res, err = store:append(tx, pup.any(), evs)
       if res then
         local ok, e2 = tx:exec("SELECT pg_sleep($1)", math.random() * max_sleep)
-        if ok then ok, e2 = tx:commit() end
+        if ok then
+          stage = "commit"
+          ok, e2 = tx:commit()
+        end
         if not ok then res, err = nil, e2 end
       end
       if not res then pcall(tx.rollback, tx) end
@@ -124,7 +134,7 @@ elseif mode == "loop" then
     if res then
       log("ok", agg, res.from_version, res.to_version, table.concat(res.global_positions, ","), ids)
     elseif err.code == "connection" then
-      log("unknown", err.code, agg, ids, oneline(err))
+      log(({ begin = "nobegin", tx = "aborted", commit = "unknown" })[stage], err.code, agg, ids, oneline(err))
       pcall(db.close, db)
       pup.sleep(0.05)
       connect()
