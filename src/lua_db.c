@@ -650,7 +650,9 @@ static int sp_close(pup_conn *c, int ok, pup_error *err, int *stmt_failed) {
 
 /* ---- transactions as functions: db:transaction(fn), tx:savepoint(fn) ---- */
 
-enum { SCOPE_TRANSACTION, SCOPE_SAVEPOINT };
+/* What a scope runs: a transaction, a nested db:transaction (a savepoint with a tx of its
+ * own) or tx:savepoint (on the caller's tx). */
+enum { SCOPE_TRANSACTION, SCOPE_NESTED, SCOPE_SAVEPOINT };
 
 /* Message handler of fn: a traceback for a message; an error value intact (as
  * debug.traceback does). */
@@ -694,7 +696,7 @@ static int scope_done(lua_State *L, int status, lua_KContext kind) {
     ltx *t = lua_touserdata(L, 3);
     if (t->db) {
         t->db->pins--;
-        if (kind == SCOPE_SAVEPOINT) t->db->scopes--;
+        if (kind != SCOPE_TRANSACTION) t->db->scopes--;
     }
     int raised = status != LUA_OK && status != LUA_YIELD;
     int nres = lua_gettop(L) - 4, ok = !raised;
@@ -703,7 +705,7 @@ static int scope_done(lua_State *L, int status, lua_KContext kind) {
         lua_remove(L, 5);
     }
     pup_conn *c = tx_conn(t);
-    if (t->kind != TX_OWNED && t->kind != TX_MANAGED) t->state = TX_DONE;
+    if (kind != SCOPE_SAVEPOINT) t->state = TX_DONE; /* the scope's own tx */
     pup_error err;
     if (!c || (kind == SCOPE_TRANSACTION && ok && !in_transaction(c))) {
         pup_error_set(&err, PUP_ERR_DATABASE, "%s: the transaction was ended inside fn by a statement sent "
@@ -735,7 +737,7 @@ static int scope_run(lua_State *L, int kind) {
     lua_settop(L, 3);
     if (t->db) {
         t->db->pins++;
-        if (kind == SCOPE_SAVEPOINT) t->db->scopes++;
+        if (kind != SCOPE_TRANSACTION) t->db->scopes++;
     }
     lua_pushcfunction(L, scope_msgh);
     lua_pushvalue(L, 2);
@@ -756,7 +758,7 @@ static int db_transaction(lua_State *L) {
         if (sp_open(d->conn, &err) < 0) return pup_lua_push_error(L, &err);
         t->gen = d->gen;
         t->state = TX_OPEN;
-        return scope_run(L, SCOPE_SAVEPOINT);
+        return scope_run(L, SCOPE_NESTED);
     }
     ltx *t = push_tx(L, d, 1, NULL, &d->params, TX_SCOPED);
     if (begin_tx(d, t, &err) < 0) return pup_lua_push_error(L, &err);
