@@ -161,6 +161,24 @@ return {
       p:close()
     end)
 
+    it("the skip-duplicates projection of docs/lua-api.md runs as written", function()
+      local doc = H.read_file(H.source_dir .. "/docs/lua-api.md")
+      local code = doc:match("```lua\n(%-%- a projection that skips events whose key.-)```")
+      assert.is_string(code)
+      local projection = assert(load(code, "=docs/lua-api.md"))()
+      assert(db:exec("DROP TABLE IF EXISTS unique_keys"))
+      assert(db:exec("CREATE TABLE unique_keys (k int PRIMARY KEY, pos bigint NOT NULL)"))
+      local pos = append_keys()
+      local p = pup.processor(db, projection, { store = store })
+      assert.equal(20, assert(p:run_once()))
+      local got = {}
+      for _, r in ipairs(q("SELECT k, pos FROM unique_keys ORDER BY pos")) do got[#got + 1] = r.pos end
+      assert.same({ table.unpack(pos, 1, 7) }, got)
+      assert.equal(pos[20], checkpoint("unique_keys"))
+      p:close()
+      assert(db:exec("DROP TABLE unique_keys"))
+    end)
+
     it("a handler that ignores a failed savepoint's error still commits its other writes", function()
       local pos = append("ign", 5)
       local p = pup.processor(db, {
