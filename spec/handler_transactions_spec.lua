@@ -11,7 +11,8 @@ describe("transactions in handlers", function()
   local function q(sql, ...) return assert(db:query(sql, ...)) end
   local function one(sql, ...) return q(sql, ...)[1] end
   local function checkpoint(name)
-    local r = one(('SELECT last_global_position AS p FROM "%s" WHERE projection_name = $1'):format(T.checkpoints_table), name)
+    local r = one(('SELECT last_global_position AS p FROM "%s" WHERE projection_name = $1')
+      :format(T.checkpoints_table), name)
     return r and r.p or 0
   end
   local function append(id, n, payload)
@@ -93,7 +94,9 @@ return {
       assert.same(want_skipped, skipped)
       -- the rolled-back savepoints left no log row; the released ones one each
       local logged = {}
-      for _, r in ipairs(q("SELECT pos FROM t_htx_log WHERE what = 'inserted' ORDER BY pos")) do logged[#logged + 1] = r.pos end
+      for _, r in ipairs(q("SELECT pos FROM t_htx_log WHERE what = 'inserted' ORDER BY pos")) do
+        logged[#logged + 1] = r.pos
+      end
       assert.same({ table.unpack(pos, 1, 7) }, logged)
     end
 
@@ -177,6 +180,32 @@ return {
       assert.equal(pos[20], checkpoint("unique_keys"))
       p:close()
       assert(db:exec("DROP TABLE unique_keys"))
+    end)
+
+    it("db:transaction on the processor's db inside a handler is a savepoint of the batch", function()
+      local pos = append("viadb", 6)
+      local begin_err
+      local p = pup.processor(db, {
+        name = "htx_viadb",
+        handle = function(tx, e)
+          assert(tx:exec("INSERT INTO t_htx_rm (pos) VALUES ($1)", e.global_position))
+          local ok = pcall(db.begin, db)
+          begin_err = begin_err or ok
+          local r, err = db:transaction(function(t2)
+            assert(t2:exec("INSERT INTO t_htx_log (pos, what) VALUES ($1, 'nested')", e.global_position))
+            if e.aggregate_version % 2 == 0 then error("even") end
+          end)
+          assert(r or err.message:find("even", 1, true))
+        end,
+      }, { store = store })
+      assert.equal(6, assert(p:run_once()))
+      assert.is_false(begin_err)
+      assert.equal(6, one("SELECT count(*) AS n FROM t_htx_rm").n)
+      local logged = {}
+      for _, r in ipairs(q("SELECT pos FROM t_htx_log ORDER BY pos")) do logged[#logged + 1] = r.pos end
+      assert.same({ pos[1], pos[3], pos[5] }, logged)
+      assert.equal(pos[6], checkpoint("htx_viadb"))
+      p:close()
     end)
 
     it("a handler that ignores a failed savepoint's error still commits its other writes", function()

@@ -220,7 +220,8 @@ describe("transactions", function()
       "SELECT 'COMMIT' AS c", 'SELECT 1 AS "begin"', "SELECT $$ROLLBACK$$ AS r", "SELECT $t$ ; COMMIT $t$ AS r",
       "-- COMMIT\nSELECT 1 AS one", "/* ROLLBACK */ SELECT 1 AS one", "SELECT E'\\'; commit' AS r",
       "SELECT 1 AS one; SELECT 2 AS two",
-      "CREATE OR REPLACE FUNCTION pg_temp.txn_f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT CASE WHEN true THEN 2 END; END",
+      "CREATE OR REPLACE FUNCTION pg_temp.txn_f() RETURNS int LANGUAGE sql"
+        .. " BEGIN ATOMIC SELECT 1; SELECT CASE WHEN true THEN 2 END; END",
     }
 
     it("refuses it on a db:begin and a db:transaction tx (exec and query), pointing at tx:savepoint", function()

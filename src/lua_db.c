@@ -29,7 +29,7 @@
 typedef struct ldb {
     pup_conn *conn;
     pup_params params;
-    unsigned gen;
+    unsigned long long gen;
     int pins;
     int scopes;
 } ldb;
@@ -47,7 +47,7 @@ typedef struct ltx {
     ldb *db;        /* the owning db (NULL for a managed tx) */
     pup_conn *conn; /* a managed tx's connection */
     pup_params *params;
-    unsigned gen; /* the db's transaction this tx stands for */
+    unsigned long long gen; /* the db's transaction this tx stands for */
     int state;
     int kind;
 } ltx;
