@@ -708,11 +708,13 @@ static int scope_done(lua_State *L, int status, lua_KContext kind) {
     if (kind != SCOPE_SAVEPOINT) t->state = TX_DONE; /* the scope's own tx */
     pup_error err;
     if (!c || (kind == SCOPE_TRANSACTION && ok && !in_transaction(c))) {
-        pup_error_set(&err, PUP_ERR_DATABASE, "%s: the transaction was ended inside fn by a statement sent "
-                      "another way: what it committed is unknown", kind == SCOPE_TRANSACTION ? "db:transaction" : "savepoint");
+        pup_error_set(&err, PUP_ERR_DATABASE,
+                      "%s: the transaction was ended inside fn by a statement sent another way: "
+                      "what it committed is unknown", kind == SCOPE_TRANSACTION ? "db:transaction" : "savepoint");
         return pup_lua_push_error(L, &err);
     }
     if (kind == SCOPE_TRANSACTION) {
+        if (!ok && !in_transaction(c)) return scope_error(L, raised); /* nothing left to roll back */
         if (!ok) {
             pup_conn_rollback(c);
             return scope_error(L, raised);
