@@ -1,5 +1,5 @@
 -- pupsourcing: event sourcing on PostgreSQL. The C core (pupsourcing.core) does the
--- database work; this file adds what is simplest in Lua: transactions as functions,
+-- database work (db:transaction included); this file adds what is simplest in Lua:
 -- projection files, flags, status and reset. Reference: docs/lua-api.md.
 local core = require "pupsourcing.core"
 
@@ -16,30 +16,6 @@ local function new_error(code, message, sqlstate)
   return setmetatable({ code = code, message = message, sqlstate = sqlstate }, error_mt)
 end
 M.new_error = new_error
-
--- db:transaction(fn): fn(tx) runs in a transaction that commits when fn returns and
--- rolls back when fn raises or returns nil, err. Returns fn's results (true when it
--- returned none), or nil, err.
-function core._db_methods.transaction(db, fn)
-  assert(type(fn) == "function", "bad argument #1 to 'transaction' (function expected)")
-  local tx <close>, err = db:begin()
-  if not tx then return nil, err end
-  local res = table.pack(xpcall(fn, debug.traceback, tx))
-  if not res[1] then
-    tx:rollback()
-    local e = res[2]
-    if getmetatable(e) == error_mt then return nil, e end
-    return nil, new_error("error", tostring(e))
-  end
-  if res[2] == nil and res.n >= 3 then
-    tx:rollback()
-    return nil, res[3]
-  end
-  local ok, cerr = tx:commit()
-  if not ok then return nil, cerr end
-  if res.n == 1 then return true end -- fn returned nothing: assert(db:transaction(fn)) works
-  return table.unpack(res, 2, res.n)
-end
 
 local function is_string_list(v)
   if type(v) ~= "table" then return false end

@@ -290,6 +290,8 @@ static void note_failure(pup_conn *c, const pup_error *err, long tag) {
 
 void pup_conn_clear_failure(pup_conn *c) { c->failed = 0; }
 
+void pup_conn_note_failure(pup_conn *c, const pup_error *err) { note_failure(c, err, c->tag); }
+
 const pup_error *pup_conn_failure(const pup_conn *c, long *tag) {
     if (!c->failed) return NULL;
     if (tag) *tag = c->failed_tag;
@@ -393,6 +395,18 @@ int pup_conn_send(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_erro
         return -1;
     }
     return push_pending(c, err);
+}
+
+int pup_conn_pipeline_sync(pup_conn *c, pup_error *err) {
+    if (!c->pipeline) return 0;
+    if (!PQpipelineSync(c->pg)) {
+        pup_error_from_pg(err, c->pg, NULL);
+        note_failure(c, err, c->tag);
+        return -1;
+    }
+    if (read_pending(c, err) < 0) return -1;
+    read_sync_point(c);
+    return 0;
 }
 
 int pup_conn_pipeline_end(pup_conn *c, pup_error *err, long *failed_tag) {

@@ -4,10 +4,12 @@
  */
 #include "pup_lua.h"
 
+#include <ctype.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define BOOLOID 16
 #define BYTEAOID 17
@@ -18,22 +20,36 @@
 #define FLOAT4OID 700
 #define FLOAT8OID 701
 
-/* A db owns its connection and the reusable parameter arrays. */
+/* A db owns its connection and the reusable parameter arrays. `gen` numbers the
+ * transactions begun through it: only the tx of the latest one may use or end it, so a
+ * stale tx object (and its __gc) cannot touch a later transaction. `pins` counts users
+ * that need the connection to stay (db:transaction, tx:savepoint, a processor): close
+ * raises meanwhile. `scopes` counts the savepoints running, which the transaction
+ * cannot end under. */
 typedef struct ldb {
     pup_conn *conn;
     pup_params params;
+    unsigned long long gen;
+    int pins;
+    int scopes;
 } ldb;
 
 enum { TX_OPEN, TX_DONE };
 
+/* Who ends a tx's transaction: the tx itself (db:begin), db:transaction when fn returns,
+ * the enclosing transaction (a nested db:transaction: a savepoint of it), or the
+ * processor (the handler's tx). */
+enum { TX_OWNED, TX_SCOPED, TX_NESTED, TX_MANAGED };
+
 /* A tx borrows its db's connection (the db is its user value, so it stays alive). A
- * managed tx is the processor's: the batch commits, the handler may not. */
+ * managed tx has no db: it borrows the processor's connection. */
 typedef struct ltx {
     ldb *db;        /* the owning db (NULL for a managed tx) */
     pup_conn *conn; /* a managed tx's connection */
     pup_params *params;
+    unsigned long long gen; /* the db's transaction this tx stands for */
     int state;
-    int managed;
+    int kind;
 } ltx;
 
 /* ---- errors ---- */
@@ -220,10 +236,12 @@ static void push_rows(lua_State *L, const PGresult *r) {
 
 /* ---- db / tx access ---- */
 
-/* A tx reaches its connection through its db, so db:close() cannot leave it dangling. */
+/* A tx reaches its connection through its db, so db:close() cannot leave it dangling;
+ * a tx whose transaction is not the db's latest reaches nothing. */
 static pup_conn *tx_conn(const ltx *t) {
     if (t->state != TX_OPEN) return NULL;
-    return t->db ? t->db->conn : t->conn;
+    if (!t->db) return t->conn;
+    return t->gen == t->db->gen ? t->db->conn : NULL;
 }
 
 static ldb *todb(lua_State *L, int idx) { return luaL_testudata(L, idx, PUP_DB_MT); }
@@ -243,6 +261,30 @@ pup_conn *pup_lua_checkconn(lua_State *L, int idx) {
     }
     luaL_typeerror(L, idx, "pupsourcing db or tx");
     return NULL;
+}
+
+/* The db behind a db or tx argument (NULL for a managed tx or another value). */
+static ldb *db_behind(lua_State *L, int idx) {
+    ldb *d = todb(L, idx);
+    if (d) return d;
+    ltx *t = totx(L, idx);
+    return t ? t->db : NULL;
+}
+
+void pup_lua_db_pin(lua_State *L, int idx) {
+    ldb *d = db_behind(L, idx);
+    if (d) d->pins++;
+}
+
+void pup_lua_db_unpin(lua_State *L, int idx) {
+    ldb *d = db_behind(L, idx);
+    if (d && d->pins > 0) d->pins--;
+}
+
+/* True while a transaction is open on c (or, in pipeline mode, a batch runs). */
+static int in_transaction(pup_conn *c) {
+    PGTransactionStatusType st = PQtransactionStatus(pup_conn_pg(c));
+    return st == PQTRANS_INTRANS || st == PQTRANS_INERROR || st == PQTRANS_ACTIVE;
 }
 
 pup_params *pup_lua_params(lua_State *L, int idx) {
@@ -296,6 +338,99 @@ static void bind_params(lua_State *L, int first, int n, const pup_stmt *st, pup_
     }
 }
 
+/* ---- transaction control on a tx ---- */
+
+static int word_char(int ch) { return ch == '_' || ch == '$' || isalnum(ch) || ch >= 0x80; }
+
+static int word_is(const char *w, size_t n, const char *kw) {
+    return strlen(kw) == n && strncasecmp(w, kw, n) == 0;
+}
+
+/* Skips whitespace and comments (-- to the end of the line; slash-star, nested). */
+static const char *skip_blank(const char *s) {
+    for (;;) {
+        while (isspace((unsigned char)*s)) s++;
+        if (s[0] == '-' && s[1] == '-') {
+            while (*s && *s != '\n') s++;
+        } else if (s[0] == '/' && s[1] == '*') {
+            int depth = 1;
+            for (s += 2; *s && depth > 0; s++) {
+                if (s[0] == '/' && s[1] == '*') depth++, s++;
+                else if (s[0] == '*' && s[1] == '/') depth--, s++;
+            }
+        } else
+            return s;
+    }
+}
+
+/* Skips a quoted string or identifier starting at s (doubled quotes; backslash escapes
+ * in E'' strings). */
+static const char *skip_quoted(const char *s, int backslash) {
+    char q = *s++;
+    for (; *s; s++) {
+        if (backslash && *s == '\\' && s[1]) s++;
+        else if (*s == q && s[1] == q) s++;
+        else if (*s == q) return s + 1;
+    }
+    return s;
+}
+
+/* Skips a dollar-quoted body ($tag$ ... $tag$); a $ that opens none ($1) alone. */
+static const char *skip_dollar(const char *s) {
+    const char *t = s + 1;
+    if (isdigit((unsigned char)*t)) return t;
+    while (*t != '$' && word_char((unsigned char)*t)) t++;
+    if (*t != '$') return s + 1;
+    size_t taglen = (size_t)(t - s) + 1;
+    for (const char *p = t + 1; (p = strchr(p, '$')) != NULL; p++)
+        if (strncmp(p, s, taglen) == 0) return p + taglen;
+    return s + strlen(s);
+}
+
+/* The transaction control statement in sql ("ROLLBACK", "START TRANSACTION", ...) or
+ * NULL: the first words of every statement, past comments and quoted text. The body of
+ * a CREATE FUNCTION ... BEGIN ATOMIC ... END holds no statement starts. */
+static const char *tx_control(const char *sql) {
+    static const char *const words[] = {"BEGIN", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE"};
+    int start = 1, create = 0, depth = 0;
+    for (const char *s = skip_blank(sql); *s; s = skip_blank(s)) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == ';') {
+            if (depth == 0) start = 1, create = 0;
+            s++;
+            continue;
+        }
+        if (ch == '\'' || ch == '"' || ch == '$' || !word_char(ch) || isdigit(ch)) {
+            s = ch == '\'' || ch == '"' ? skip_quoted(s, 0) : ch == '$' ? skip_dollar(s) : s + 1;
+            start = 0;
+            continue;
+        }
+        const char *w = s;
+        while (word_char((unsigned char)*s)) s++;
+        size_t n = (size_t)(s - w);
+        if (n == 1 && (*w == 'e' || *w == 'E') && *s == '\'') {
+            s = skip_quoted(s, 1);
+            start = 0;
+        } else if (start) {
+            start = 0;
+            for (size_t i = 0; i < sizeof words / sizeof words[0]; i++)
+                if (word_is(w, n, words[i])) return words[i];
+            if (word_is(w, n, "START") || word_is(w, n, "PREPARE")) {
+                const char *t = skip_blank(s), *u = t;
+                while (word_char((unsigned char)*u)) u++;
+                if (word_is(t, (size_t)(u - t), "TRANSACTION"))
+                    return toupper((unsigned char)*w) == 'S' ? "START TRANSACTION" : "PREPARE TRANSACTION";
+            }
+            create = word_is(w, n, "CREATE");
+        } else if (create) {
+            if (word_is(w, n, "BEGIN")) depth++;
+            else if (depth > 0 && word_is(w, n, "CASE")) depth++;
+            else if (depth > 0 && word_is(w, n, "END")) depth--;
+        }
+    }
+    return NULL;
+}
+
 /* Shared body of exec and query on a db or tx: args are (self, sql, ...). A statement
  * without parameters goes through the simple protocol, so setup scripts may hold
  * several commands. */
@@ -304,6 +439,11 @@ static int run_sql(lua_State *L, int want_rows) {
     const char *sql = luaL_checkstring(L, 2);
     int n = lua_gettop(L) - 2;
     ltx *t = totx(L, 1);
+    const char *control = t ? tx_control(sql) : NULL;
+    if (control)
+        return luaL_error(L, "tx:%s: %s is not allowed on a tx: its transaction ends with tx:commit() or "
+                          "tx:rollback(), when db:transaction's function returns, or with the processor's "
+                          "batch; to undo part of it use tx:savepoint(fn)", want_rows ? "query" : "exec", control);
     pup_error err;
     PGresult **box = pup_lua_result_box(L); /* at top; params stay below it */
     if (n == 0) {
@@ -317,6 +457,7 @@ static int run_sql(lua_State *L, int want_rows) {
             ExecStatusType s = PQresultStatus(*box);
             if (s != PGRES_COMMAND_OK && s != PGRES_TUPLES_OK) {
                 pup_error_from_pg(&err, pup_conn_pg(c), *box);
+                pup_conn_note_failure(c, &err);
                 pup_lua_result_clear(box);
             }
         }
@@ -324,7 +465,7 @@ static int run_sql(lua_State *L, int want_rows) {
         const pup_stmt *st = pup_conn_prepare(c, sql, &err);
         if (!st) return pup_lua_push_error(L, &err);
         bind_params(L, 3, n, st, pup_lua_params(L, 1));
-        if (!want_rows && t && t->managed && pup_conn_in_pipeline(c)) {
+        if (!want_rows && t && t->kind == TX_MANAGED && pup_conn_in_pipeline(c)) {
             /* Pipelined handler write: its error surfaces at the end of the batch. */
             if (pup_conn_send(c, st, pup_lua_params(L, 1), &err) < 0) return pup_lua_push_error(L, &err);
             lua_pushboolean(L, 1);
@@ -364,11 +505,25 @@ static ldb *checkdb(lua_State *L) {
     return d;
 }
 
-static int db_close(lua_State *L) {
-    ldb *d = luaL_checkudata(L, 1, PUP_DB_MT);
+static void db_free(ldb *d) {
     pup_conn_close(d->conn);
     d->conn = NULL;
     pup_params_free(&d->params);
+}
+
+/* db:close() and __close: refused while the connection is in use. */
+static int db_close(lua_State *L) {
+    ldb *d = luaL_checkudata(L, 1, PUP_DB_MT);
+    if (d->pins > 0)
+        return luaL_error(L, "db:close: the connection is in use (inside db:transaction, tx:savepoint or "
+                          "a processor's batch): close it after that returns");
+    db_free(d);
+    return 0;
+}
+
+/* __gc: nothing can be using a db that is collected. */
+static int db_gc(lua_State *L) {
+    db_free(luaL_checkudata(L, 1, PUP_DB_MT));
     return 0;
 }
 
@@ -378,38 +533,238 @@ static int db_tostring(lua_State *L) {
     return 1;
 }
 
-static void push_tx(lua_State *L, ldb *d, int dbidx, pup_conn *c, pup_params *params,
-                    int managed) {
+/* Pushes a closed tx of the db at dbidx (0: managed); the caller opens it. */
+static ltx *push_tx(lua_State *L, ldb *d, int dbidx, pup_conn *c, pup_params *params, int kind) {
     ltx *t = lua_newuserdatauv(L, sizeof *t, 1);
+    memset(t, 0, sizeof *t);
     t->db = d;
     t->conn = d ? NULL : c;
     t->params = params;
-    t->state = TX_OPEN;
-    t->managed = managed;
+    t->state = TX_DONE;
+    t->kind = kind;
     luaL_setmetatable(L, PUP_TX_MT);
     if (dbidx) {
         lua_pushvalue(L, dbidx);
         lua_setiuservalue(L, -2, 1);
     }
+    return t;
+}
+
+/* BEGINs a transaction on d for the tx t (pushed already). */
+static int begin_tx(ldb *d, ltx *t, pup_error *err) {
+    if (pup_conn_command(d->conn, "BEGIN", err) < 0) return -1;
+    pup_conn_clear_failure(d->conn);
+    t->gen = ++d->gen; /* every earlier tx of d is stale from now on */
+    t->state = TX_OPEN;
+    return 0;
 }
 
 static int db_begin(lua_State *L) {
     ldb *d = checkdb(L);
+    if (in_transaction(d->conn))
+        return luaL_error(L, "db:begin: a transaction is already open on this connection (nest one with "
+                          "db:transaction(fn) or tx:savepoint(fn))");
+    ltx *t = push_tx(L, d, 1, NULL, &d->params, TX_OWNED);
     pup_error err;
-    if (pup_conn_command(d->conn, "BEGIN", &err) < 0) return pup_lua_push_error(L, &err);
-    pup_conn_clear_failure(d->conn);
-    push_tx(L, d, 1, NULL, &d->params, 0);
+    if (begin_tx(d, t, &err) < 0) return pup_lua_push_error(L, &err);
     return 1;
 }
 
 void pup_lua_push_managed_tx(lua_State *L, pup_conn *conn, pup_params *params) {
-    push_tx(L, NULL, 0, conn, params, 1);
+    push_tx(L, NULL, 0, conn, params, TX_MANAGED)->state = TX_OPEN;
 }
 
 void pup_lua_tx_detach(lua_State *L, int idx) {
     ltx *t = luaL_checkudata(L, idx, PUP_TX_MT);
     t->state = TX_DONE;
     t->conn = NULL;
+}
+
+/* ---- savepoints ---- */
+
+/* One name for all: savepoints nest strictly (each ends before its caller goes on), and
+ * PostgreSQL's RELEASE and ROLLBACK TO address the innermost of a name. */
+#define SAVEPOINT "pup_savepoint"
+
+/* Runs a savepoint command, or queues it in pipeline mode. */
+static int sp_command(pup_conn *c, const char *sql, pup_error *err) {
+    const pup_stmt *st = pup_conn_prepare(c, sql, err);
+    return st && pup_conn_send(c, st, NULL, err) == 0 ? 0 : -1;
+}
+
+/* The failure of the open transaction, if a statement failed: the one recorded (first)
+ * or, outside pipeline mode, what libpq's transaction status shows. Only call with the
+ * pipeline synced. */
+static const pup_error *tx_failure(pup_conn *c, pup_error *buf) {
+    if (pup_conn_in_pipeline(c)) return pup_conn_failure(c, NULL);
+    if (PQtransactionStatus(pup_conn_pg(c)) != PQTRANS_INERROR) return NULL;
+    const pup_error *f = pup_conn_failure(c, NULL);
+    if (f) return f;
+    pup_error_set(buf, PUP_ERR_DATABASE, "the transaction is aborted (a statement failed)");
+    return buf;
+}
+
+/* Opens a savepoint. Pipelined statements sent before it are settled first: a failure
+ * among them is not the savepoint's to undo, so it stays recorded and is returned. */
+static int sp_open(pup_conn *c, pup_error *err) {
+    if (pup_conn_pipeline_sync(c, err) < 0) return -1;
+    pup_error buf;
+    const pup_error *f = tx_failure(c, &buf);
+    if (f) {
+        *err = *f;
+        pup_error_prefix(err, "savepoint: the transaction had failed before it: ");
+        return -1;
+    }
+    pup_conn_clear_failure(c); /* nothing failed in this transaction: a stale record */
+    return sp_command(c, "SAVEPOINT " SAVEPOINT, err);
+}
+
+/* Ends the savepoint sp_open made. Released when ok and no statement inside failed:
+ * returns 1. Else rolled back to, and the failure from inside (in *err, *stmt_failed
+ * set) is forgotten, since it was undone: returns 0. Returns -1 with err set when the
+ * rollback failed too (the failure stays recorded: the transaction fails). */
+static int sp_close(pup_conn *c, int ok, pup_error *err, int *stmt_failed) {
+    pup_error buf;
+    const pup_error *f;
+    *stmt_failed = 0;
+    if (ok) {
+        int sent = sp_command(c, "RELEASE SAVEPOINT " SAVEPOINT, err) == 0;
+        if (pup_conn_pipeline_sync(c, err) < 0) return -1;
+        if (sent && !tx_failure(c, &buf)) return 1;
+    } else if (pup_conn_pipeline_sync(c, err) < 0)
+        return -1;
+    if ((f = tx_failure(c, &buf)) != NULL) {
+        *err = *f;
+        *stmt_failed = 1;
+    }
+    pup_conn_clear_failure(c);
+    pup_error e2;
+    if (sp_command(c, "ROLLBACK TO SAVEPOINT " SAVEPOINT, &e2) < 0 ||
+        sp_command(c, "RELEASE SAVEPOINT " SAVEPOINT, &e2) < 0 || pup_conn_pipeline_sync(c, &e2) < 0 ||
+        (f = tx_failure(c, &buf)) != NULL) {
+        *err = f ? *f : e2;
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- transactions as functions: db:transaction(fn), tx:savepoint(fn) ---- */
+
+/* What a scope runs: a transaction, a nested db:transaction (a savepoint with a tx of its
+ * own) or tx:savepoint (on the caller's tx). */
+enum { SCOPE_TRANSACTION, SCOPE_NESTED, SCOPE_SAVEPOINT };
+
+/* Message handler of fn: a traceback for a message; an error value intact (as
+ * debug.traceback does). */
+static int scope_msgh(lua_State *L) {
+    if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER)
+        luaL_traceback(L, L, lua_tostring(L, 1), 1);
+    else
+        lua_settop(L, 1);
+    return 1;
+}
+
+static int is_error_object(lua_State *L, int idx) {
+    if (!lua_getmetatable(L, idx)) return 0;
+    luaL_getmetatable(L, PUP_ERROR_MT);
+    int ours = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+    return ours;
+}
+
+/* Returns nil and the error value at 5 (fn's own, or an error object of code "error"
+ * for anything else it raised). */
+static int scope_error(lua_State *L, int raised) {
+    lua_settop(L, 5);
+    if (raised && !is_error_object(L, 5)) {
+        const char *msg = luaL_tolstring(L, 5, NULL);
+        lua_createtable(L, 0, 2);
+        lua_pushliteral(L, "error");
+        lua_setfield(L, -2, "code");
+        lua_pushstring(L, msg);
+        lua_setfield(L, -2, "message");
+        luaL_setmetatable(L, PUP_ERROR_MT);
+    }
+    lua_pushnil(L);
+    lua_insert(L, -2);
+    return 2;
+}
+
+/* After fn (at 2) ran with the tx at 3: its results or error value from 5 on. Ends the
+ * transaction or savepoint and returns fn's results (true when none) or nil, err. */
+static int scope_done(lua_State *L, int status, lua_KContext kind) {
+    ltx *t = lua_touserdata(L, 3);
+    if (t->db) {
+        t->db->pins--;
+        if (kind != SCOPE_TRANSACTION) t->db->scopes--;
+    }
+    int raised = status != LUA_OK && status != LUA_YIELD;
+    int nres = lua_gettop(L) - 4, ok = !raised;
+    if (ok && nres >= 2 && lua_isnil(L, 5)) { /* fn returned nil, err */
+        ok = 0;
+        lua_remove(L, 5);
+    }
+    pup_conn *c = tx_conn(t);
+    if (kind != SCOPE_SAVEPOINT) t->state = TX_DONE; /* the scope's own tx */
+    pup_error err;
+    if (!c || (kind == SCOPE_TRANSACTION && ok && !in_transaction(c))) {
+        pup_error_set(&err, PUP_ERR_DATABASE,
+                      "%s: the transaction was ended inside fn by a statement sent another way: "
+                      "what it committed is unknown", kind == SCOPE_TRANSACTION ? "db:transaction" : "savepoint");
+        return pup_lua_push_error(L, &err);
+    }
+    if (kind == SCOPE_TRANSACTION) {
+        if (!ok && !in_transaction(c)) return scope_error(L, raised); /* nothing left to roll back */
+        if (!ok) {
+            pup_conn_rollback(c);
+            return scope_error(L, raised);
+        }
+        if (pup_conn_commit(c, &err) < 0) return pup_lua_push_error(L, &err);
+    } else {
+        int stmt_failed, r = sp_close(c, ok, &err, &stmt_failed);
+        if (r < 0 || (r == 0 && stmt_failed)) return pup_lua_push_error(L, &err);
+        if (r == 0) return scope_error(L, raised);
+    }
+    if (nres == 0) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    return nres;
+}
+
+/* Calls fn (at 2) with the tx at 3 in one protected call (yieldable), with the db in
+ * use meanwhile. */
+static int scope_run(lua_State *L, int kind) {
+    ltx *t = lua_touserdata(L, 3);
+    lua_settop(L, 3);
+    if (t->db) {
+        t->db->pins++;
+        if (kind != SCOPE_TRANSACTION) t->db->scopes++;
+    }
+    lua_pushcfunction(L, scope_msgh);
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, 3);
+    return scope_done(L, lua_pcallk(L, 1, LUA_MULTRET, 4, kind, scope_done), kind);
+}
+
+/* db:transaction(fn): fn(tx) in a transaction that commits when fn returns and rolls
+ * back when it raises or returns nil, err. Inside an open transaction, fn runs in a
+ * savepoint of it instead (rolled back to on failure; the enclosing one goes on). */
+static int db_transaction(lua_State *L) {
+    ldb *d = checkdb(L);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_settop(L, 2);
+    pup_error err;
+    if (in_transaction(d->conn)) {
+        ltx *t = push_tx(L, d, 1, NULL, &d->params, TX_NESTED);
+        if (sp_open(d->conn, &err) < 0) return pup_lua_push_error(L, &err);
+        t->gen = d->gen;
+        t->state = TX_OPEN;
+        return scope_run(L, SCOPE_NESTED);
+    }
+    ltx *t = push_tx(L, d, 1, NULL, &d->params, TX_SCOPED);
+    if (begin_tx(d, t, &err) < 0) return pup_lua_push_error(L, &err);
+    return scope_run(L, SCOPE_TRANSACTION);
 }
 
 /* ---- tx ---- */
@@ -421,14 +776,43 @@ static ltx *checktx(lua_State *L, pup_conn **c) {
     return t;
 }
 
-/* Ends the transaction; returns true, or nil, err (the statement that failed first
- * when a commit turned into a rollback). */
+/* tx:savepoint(fn): fn(tx) in a savepoint; see db_transaction and docs/lua-api.md. */
+static int tx_savepoint(lua_State *L) {
+    pup_conn *c;
+    checktx(L, &c);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_settop(L, 2);
+    lua_pushvalue(L, 1);
+    pup_error err;
+    if (sp_open(c, &err) < 0) return pup_lua_push_error(L, &err);
+    return scope_run(L, SCOPE_SAVEPOINT);
+}
+
+/* Ends a db:begin transaction; returns true, or nil, err (the statement that failed
+ * first when a commit turned into a rollback). */
 static int tx_finish(lua_State *L, int commit) {
     pup_conn *c;
     ltx *t = checktx(L, &c);
-    if (t->managed) luaL_error(L, "the processor commits this transaction; a handler cannot %s it", commit ? "commit" : "roll back");
+    const char *what = commit ? "commit" : "roll back";
+    if (t->kind == TX_MANAGED)
+        return luaL_error(L, "the processor commits this transaction; a handler cannot %s it", what);
+    if (t->kind != TX_OWNED)
+        return luaL_error(L, "%s ends when its function returns (return nil, err or raise to roll it back); "
+                          "fn cannot %s it", t->kind == TX_SCOPED ? "db:transaction" : "a nested db:transaction", what);
+    if (t->db->scopes > 0)
+        return luaL_error(L, "cannot %s the transaction while a savepoint of it runs (tx:savepoint or a nested "
+                          "db:transaction)", what);
     pup_error err;
     t->state = TX_DONE;
+    if (!in_transaction(c)) {
+        if (!commit) {
+            lua_pushboolean(L, 1);
+            return 1;
+        }
+        pup_error_set(&err, PUP_ERR_DATABASE, "tx:commit: the transaction was already ended by a statement sent "
+                      "another way (e.g. db:exec(\"COMMIT\"))");
+        return pup_lua_push_error(L, &err);
+    }
     if (commit) {
         if (pup_conn_commit(c, &err) < 0) return pup_lua_push_error(L, &err);
     } else if (pup_conn_command(c, "ROLLBACK", &err) < 0)
@@ -440,18 +824,22 @@ static int tx_finish(lua_State *L, int commit) {
 static int tx_commit(lua_State *L) { return tx_finish(L, 1); }
 static int tx_rollback(lua_State *L) { return tx_finish(L, 0); }
 
-/* __close/__gc: an open, unmanaged transaction rolls back. */
+/* __close/__gc: the open transaction of a db:begin tx rolls back; the other kinds are
+ * ended by their owner. */
 static int tx_close(lua_State *L) {
     ltx *t = luaL_checkudata(L, 1, PUP_TX_MT);
     pup_conn *c = tx_conn(t);
-    if (c && !t->managed) pup_conn_rollback(c);
+    if (!c || t->kind != TX_OWNED) return 0;
+    if (t->db->scopes > 0)
+        return luaL_error(L, "cannot close the transaction while a savepoint of it runs");
     t->state = TX_DONE;
+    pup_conn_rollback(c);
     return 0;
 }
 
 static int tx_tostring(lua_State *L) {
     ltx *t = luaL_checkudata(L, 1, PUP_TX_MT);
-    lua_pushfstring(L, "pupsourcing.tx (%s)", t->state == TX_OPEN ? "open" : "closed");
+    lua_pushfstring(L, "pupsourcing.tx (%s)", tx_conn(t) ? "open" : "closed");
     return 1;
 }
 
@@ -477,12 +865,18 @@ void pup_lua_class(lua_State *L, const char *name, const luaL_Reg *methods,
 
 void pup_lua_open_db(lua_State *L) {
     static const luaL_Reg db_methods[] = {
-        {"exec", l_exec}, {"query", l_query}, {"begin", db_begin}, {"close", db_close}, {NULL, NULL}};
+        {"exec", l_exec}, {"query", l_query}, {"begin", db_begin}, {"transaction", db_transaction},
+        {"close", db_close}, {NULL, NULL}};
     static const luaL_Reg tx_methods[] = {
-        {"exec", l_exec}, {"query", l_query}, {"commit", tx_commit}, {"rollback", tx_rollback}, {NULL, NULL}};
+        {"exec", l_exec}, {"query", l_query}, {"savepoint", tx_savepoint}, {"commit", tx_commit},
+        {"rollback", tx_rollback}, {NULL, NULL}};
 
     pup_lua_class(L, PUP_DB_MT, db_methods, db_close, db_tostring);
-    lua_setfield(L, -2, "_db_methods"); /* the Lua part adds db:transaction */
+    lua_pop(L, 1);
+    luaL_getmetatable(L, PUP_DB_MT);
+    lua_pushcfunction(L, db_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
     pup_lua_class(L, PUP_TX_MT, tx_methods, tx_close, tx_tostring);
     lua_pop(L, 1);
 

@@ -4,6 +4,7 @@
  */
 #include "pup_lua.h"
 
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <uuid/uuid.h>
@@ -145,109 +146,124 @@ static long long check_expected(lua_State *L, int idx) {
     return v;
 }
 
-/* Reads field k of the event at the top into *out. Strings only (or a table encoded to
- * JSON when json is set; the encoded text is anchored in `keep`). Returns an error
- * message or NULL. */
-static const char *get_field(lua_State *L, int keep, int *nkeep, const char *k, pup_str *out,
-                             int required, int json) {
-    out->p = NULL;
-    out->len = 0;
-    int t = lua_getfield(L, -1, k);
+/* The fields an event to append may have, in the order they are read and checked. */
+enum { F_TYPE, F_ID, F_EVENT_TYPE, F_PAYLOAD, F_METADATA, F_EVENT_ID, F_CAUSATION,
+       F_CORRELATION, F_TRACE, F_CREATED, F_VERSION, NFIELDS };
+static const struct { const char *name; int required, json; } event_fields[NFIELDS] = {
+    {"aggregate_type", 1, 0}, {"aggregate_id", 1, 0}, {"event_type", 1, 0}, {"payload", 1, 1},
+    {"metadata", 0, 1}, {"event_id", 0, 0}, {"causation_id", 0, 0}, {"correlation_id", 0, 0},
+    {"trace_id", 0, 0}, {"created_at", 0, 0}, {"event_version", 0, 0}};
+
+/* Checks field f of the event at -2 whose value is at -1 and leaves the value to keep
+ * (nil when absent; a table encoded to JSON). Returns why it is bad, or NULL. */
+static const char *check_field(lua_State *L, int f) {
+    int t = lua_type(L, -1);
     if (t == LUA_TNIL || (t == LUA_TLIGHTUSERDATA && !lua_touserdata(L, -1))) {
         lua_pop(L, 1);
-        return required ? "is required" : NULL;
+        lua_pushnil(L);
+        return event_fields[f].required ? "is required" : NULL;
     }
-    if (t == LUA_TTABLE && json) {
-        pup_lua_json_encode(L, -1, &out->len);
-        lua_pushvalue(L, -1);
-        lua_rawseti(L, keep, ++*nkeep);
-    } else if (t != LUA_TSTRING) {
-        lua_pop(L, 1);
-        return json ? "must be a string or a table" : "must be a string";
+    if (f == F_VERSION) {
+        lua_Integer v = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : 0;
+        return v < 1 || v > 2147483647 ? "must be a positive integer" : NULL;
     }
-    out->p = lua_tolstring(L, -1, &out->len); /* anchored by the event table or `keep` */
-    lua_pop(L, 1);
+    size_t len;
+    if (t == LUA_TTABLE && event_fields[f].json) pup_lua_json_encode(L, -1, &len);
+    else if (t != LUA_TSTRING) return event_fields[f].json ? "must be a string or a table" : "must be a string";
+    const char *p = lua_tolstring(L, -1, &len);
     /* Only the payload is bytes; text columns cannot hold NUL. */
-    if (strcmp(k, "payload") != 0 && memchr(out->p, '\0', out->len)) return "contains a NUL byte";
+    if (f != F_PAYLOAD && memchr(p, '\0', len)) return "contains a NUL byte";
+    if (f == F_EVENT_ID) {
+        uuid_t u;
+        char text[37];
+        if (len != 36) return "is not a UUID";
+        memcpy(text, p, 36);
+        text[36] = '\0';
+        if (uuid_parse(text, u) != 0) return "is not a UUID";
+    }
     return NULL;
 }
 
-/* store:append(db_or_tx, expected, events) */
+/* The string kept at slot i of the table at idx (NULL for nil). The table keeps it
+ * alive, and a Lua string never moves. */
+static pup_str kept(lua_State *L, int idx, lua_Integer i) {
+    pup_str s = {NULL, 0};
+    if (lua_rawgeti(L, idx, i) == LUA_TSTRING) s.p = lua_tolstring(L, -1, &s.len);
+    lua_pop(L, 1);
+    return s;
+}
+
+/* store:append(db_or_tx, expected, events). The events are read in two passes: the first
+ * reads every field into a table that keeps the values alive (__index, __len and JSON
+ * encoding may run Lua, which may collect garbage or even append again); the second,
+ * after the last Lua code has run, points the C events at the kept strings. */
 static int store_append(lua_State *L) {
-    lstore *s = checkstore(L);
-    pup_conn *c = pup_lua_checkconn(L, 2);
+    checkstore(L);
+    pup_lua_checkconn(L, 2);
     long long expected = check_expected(L, 3);
     luaL_checktype(L, 4, LUA_TTABLE);
     pup_error err;
-    int n = (int)luaL_len(L, 4);
-    if (n == 0) {
+    lua_Integer len = luaL_len(L, 4);
+    if (len == 0) {
         pup_error_set(&err, PUP_ERR_NO_EVENTS, "append: the events list is empty");
         return pup_lua_push_error(L, &err);
     }
+    if (len < 0 || len > INT_MAX / NFIELDS) return luaL_error(L, "append: too many events (%I)", len);
+    int n = (int)len;
+    lua_createtable(L, n * NFIELDS, 0);
+    int keep = lua_gettop(L);
+    for (int i = 0; i < n; i++) {
+        if (lua_geti(L, 4, i + 1) != LUA_TTABLE) {
+            pup_error_set(&err, PUP_ERR_INVALID_EVENT, "event %d: must be a table, got %s", i + 1,
+                          luaL_typename(L, -1));
+            return pup_lua_push_error(L, &err);
+        }
+        for (int f = 0; f < NFIELDS; f++) {
+            lua_getfield(L, -1, event_fields[f].name);
+            const char *why = check_field(L, f);
+            if (why) {
+                pup_error_set(&err, PUP_ERR_INVALID_EVENT, "event %d: %s %s", i + 1, event_fields[f].name, why);
+                return pup_lua_push_error(L, &err);
+            }
+            lua_rawseti(L, keep, (lua_Integer)i * NFIELDS + f + 1);
+        }
+        lua_pop(L, 1);
+        for (int f = F_TYPE; i > 0 && f <= F_ID; f++) {
+            pup_str a = kept(L, keep, f + 1), b = kept(L, keep, (lua_Integer)i * NFIELDS + f + 1);
+            if (a.len != b.len || memcmp(a.p, b.p, a.len) != 0) {
+                pup_error_set(&err, PUP_ERR_INVALID_EVENT,
+                              "event %d: %s differs from event 1 (one append writes one aggregate)",
+                              i + 1, event_fields[f].name);
+                return pup_lua_push_error(L, &err);
+            }
+        }
+    }
+    /* No Lua runs from here on: the store and connection are looked up again, as the
+     * code above may have closed them. */
+    lstore *s = checkstore(L);
+    pup_conn *c = pup_lua_checkconn(L, 2);
     if (n > s->cap) {
         pup_event_in *e = realloc(s->events, n * sizeof *e);
         if (!e) return luaL_error(L, "out of memory");
         s->events = e;
         s->cap = n;
     }
-    lua_createtable(L, 0, 0); /* anchors JSON texts */
-    int keep = lua_gettop(L), nkeep = 0;
-    pup_str atype = {0}, aid = {0};
     for (int i = 0; i < n; i++) {
         pup_event_in *ev = &s->events[i];
-        memset(ev, 0, sizeof *ev);
-        if (lua_geti(L, 4, i + 1) != LUA_TTABLE) {
-            pup_error_set(&err, PUP_ERR_INVALID_EVENT, "event %d: must be a table, got %s", i + 1,
-                          luaL_typename(L, -1));
-            return pup_lua_push_error(L, &err);
-        }
-        struct { const char *name; pup_str *dst; int required, json; } fields[] = {
-            {"aggregate_type", NULL, 1, 0}, {"aggregate_id", NULL, 1, 0},
-            {"event_type", &ev->event_type, 1, 0}, {"payload", &ev->payload, 1, 1},
-            {"metadata", &ev->metadata, 0, 1}, {"event_id", &ev->event_id, 0, 0},
-            {"causation_id", &ev->causation_id, 0, 0}, {"correlation_id", &ev->correlation_id, 0, 0},
-            {"trace_id", &ev->trace_id, 0, 0}, {"created_at", &ev->created_at, 0, 0}};
-        pup_str type_i, id_i;
-        fields[0].dst = &type_i;
-        fields[1].dst = &id_i;
-        for (size_t f = 0; f < sizeof fields / sizeof fields[0]; f++) {
-            const char *why = get_field(L, keep, &nkeep, fields[f].name, fields[f].dst,
-                                        fields[f].required, fields[f].json);
-            if (why) {
-                pup_error_set(&err, PUP_ERR_INVALID_EVENT, "event %d: %s %s", i + 1, fields[f].name, why);
-                return pup_lua_push_error(L, &err);
-            }
-        }
-        if (i == 0) {
-            atype = type_i;
-            aid = id_i;
-        } else {
-            int type_differs = type_i.len != atype.len || memcmp(type_i.p, atype.p, atype.len) != 0;
-            if (type_differs || id_i.len != aid.len || memcmp(id_i.p, aid.p, aid.len) != 0) {
-                pup_error_set(&err, PUP_ERR_INVALID_EVENT,
-                              "event %d: %s differs from event 1 (one append writes one aggregate)",
-                              i + 1, type_differs ? "aggregate_type" : "aggregate_id");
-                return pup_lua_push_error(L, &err);
-            }
-        }
-        if (ev->event_id.p) {
-            uuid_t u;
-            char text[37];
-            if (ev->event_id.len != 36 || (memcpy(text, ev->event_id.p, 36), text[36] = 0, uuid_parse(text, u) != 0)) {
-                pup_error_set(&err, PUP_ERR_INVALID_EVENT, "event %d: event_id is not a UUID", i + 1);
-                return pup_lua_push_error(L, &err);
-            }
-        }
-        ev->event_version = 1;
-        if (lua_getfield(L, -1, "event_version") != LUA_TNIL) {
-            if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1 || lua_tointeger(L, -1) > 2147483647) {
-                pup_error_set(&err, PUP_ERR_INVALID_EVENT, "event %d: event_version must be a positive integer", i + 1);
-                return pup_lua_push_error(L, &err);
-            }
-            ev->event_version = (int)lua_tointeger(L, -1);
-        }
-        lua_pop(L, 2); /* event_version, the event table (still referenced by `events`) */
+        lua_Integer base = (lua_Integer)i * NFIELDS + 1;
+        ev->event_type = kept(L, keep, base + F_EVENT_TYPE);
+        ev->payload = kept(L, keep, base + F_PAYLOAD);
+        ev->metadata = kept(L, keep, base + F_METADATA);
+        ev->event_id = kept(L, keep, base + F_EVENT_ID);
+        ev->causation_id = kept(L, keep, base + F_CAUSATION);
+        ev->correlation_id = kept(L, keep, base + F_CORRELATION);
+        ev->trace_id = kept(L, keep, base + F_TRACE);
+        ev->created_at = kept(L, keep, base + F_CREATED);
+        lua_rawgeti(L, keep, base + F_VERSION);
+        ev->event_version = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 1;
+        lua_pop(L, 1);
     }
+    pup_str atype = kept(L, keep, F_TYPE + 1), aid = kept(L, keep, F_ID + 1);
     pup_append_result res;
     if (pup_store_append(&s->store, c, &s->buf, atype.p, atype.len, aid.p, aid.len, expected,
                          s->events, n, &res, &err) < 0)

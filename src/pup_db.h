@@ -134,6 +134,10 @@ int pup_conn_pipeline_begin(pup_conn *c, pup_error *err);
 void pup_conn_set_tag(pup_conn *c, long tag);
 int pup_conn_in_pipeline(const pup_conn *c);
 int pup_conn_send(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_error *err);
+/* Syncs and reads every pending result, staying in pipeline mode (tx:savepoint settles
+ * the statements before it). Failures are recorded as usual (pup_conn_failure); returns
+ * -1 with err set only when the connection broke. */
+int pup_conn_pipeline_sync(pup_conn *c, pup_error *err);
 /* Syncs, reads every pending result and leaves pipeline mode. Returns 0 when all
  * succeeded; else -1 with err set to the first failure and *failed_tag to its tag. */
 int pup_conn_pipeline_end(pup_conn *c, pup_error *err, long *failed_tag);
@@ -142,6 +146,9 @@ int pup_conn_pipeline_end(pup_conn *c, pup_error *err, long *failed_tag);
  * transaction is remembered (with its tag), so a handler that ignored a failed
  * statement still fails its batch. */
 void pup_conn_clear_failure(pup_conn *c);
+/* Records err as the failure unless one is recorded (statements sent around pup_conn_exec,
+ * e.g. a script through the simple protocol). */
+void pup_conn_note_failure(pup_conn *c, const pup_error *err);
 const pup_error *pup_conn_failure(const pup_conn *c, long *tag);
 
 #endif

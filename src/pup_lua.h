@@ -48,6 +48,11 @@ void pup_lua_new_error(lua_State *L, const pup_error *err);
 
 /* The connection behind a db or tx argument; raises if it is neither or closed. */
 pup_conn *pup_lua_checkconn(lua_State *L, int idx);
+/* Marks the db behind a db or tx argument in use (a processor running a batch on its
+ * connection): db:close() raises until the matching unpin. A managed tx has no db: a
+ * no-op. */
+void pup_lua_db_pin(lua_State *L, int idx);
+void pup_lua_db_unpin(lua_State *L, int idx);
 /* Params scratch of the db behind a db or tx argument. */
 pup_params *pup_lua_params(lua_State *L, int idx);
 
