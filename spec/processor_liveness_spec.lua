@@ -131,7 +131,7 @@ return {
       return st[1] and st[1].waiting_position == dead
     end)
     assert(tx:rollback())
-    H.wait_until("the events after the rolled-back hole", 10, function()
+    H.wait_until("the events after the rolled-back hole", 20, function() -- older transactions of parallel tests may delay it
       return handled("t_live_hole", later[#later]) == 1
     end, 0.01)
     local r = one("SELECT count(*) AS n, count(DISTINCT pos) AS d, count(*) FILTER (WHERE pos = $1) AS dead FROM t_live_hole", dead)
