@@ -53,7 +53,8 @@ describe("worker group batches and resets", function()
     g = H.group("grp_rreset", { ttl = 1000, partitions = 4 })
     g:append("r-", 20, 5)
     local w = g:worker()
-    H.wait_until(function() return "the group to catch up: " .. g:describe() end, 20, function() return g:caught_up() end, 0.05)
+    H.wait_until(function() return "the group to catch up: " .. g:describe() end, 20,
+      function() return g:caught_up() end, 0.05)
     stop(w)
 
     local r = g:cli { "repartition", g.file, "2" }
@@ -64,7 +65,9 @@ describe("worker group batches and resets", function()
     assert.equal(0, g:one("SELECT count(*) AS n FROM " .. g.counter).n, "reset(tx) emptied the read model")
 
     w = g:worker()
-    H.wait_until(function() return "the group to settle and catch up after the reset: " .. g:describe() .. "\n  " .. g:procs_text() end,
+    H.wait_until(function()
+      return "the group to settle and catch up after the reset: " .. g:describe() .. "\n  " .. g:procs_text()
+    end,
       20, function() return g:caught_up() end, 0.05)
     assert_exact()
     assert.same({ 2 }, { g:total() })

@@ -58,7 +58,8 @@ return {
 
   -- Rows of the events table fetched by index scans and read by sequential scans so far.
   local function fetched()
-    local r = one("SELECT COALESCE(idx_tup_fetch, 0) AS f, seq_scan AS s FROM pg_stat_user_tables WHERE relid = $1::regclass",
+    local r = one("SELECT COALESCE(idx_tup_fetch, 0) AS f, seq_scan AS s FROM pg_stat_user_tables"
+      .. " WHERE relid = $1::regclass",
       T.events_table)
     return r.f, r.s
   end
@@ -131,10 +132,12 @@ return {
       return st[1] and st[1].waiting_position == dead
     end)
     assert(tx:rollback())
-    H.wait_until("the events after the rolled-back hole", 20, function() -- older transactions of parallel tests may delay it
+    -- (older transactions of parallel tests may delay it)
+    H.wait_until("the events after the rolled-back hole", 20, function()
       return handled("t_live_hole", later[#later]) == 1
     end, 0.01)
-    local r = one("SELECT count(*) AS n, count(DISTINCT pos) AS d, count(*) FILTER (WHERE pos = $1) AS dead FROM t_live_hole", dead)
+    local r = one("SELECT count(*) AS n, count(DISTINCT pos) AS d, count(*) FILTER (WHERE pos = $1) AS dead"
+      .. " FROM t_live_hole", dead)
     local total = assert(store:head(db)) - 1 -- every position but the rolled-back one
     assert.same({ n = total, d = total, dead = 0 }, r)
     assert.is_nil(H.exit_code(p), H.stderr_of(p))
@@ -188,7 +191,8 @@ return {
     local fb = projection_file(prefix .. "_b", "t_live_long_b")
     local pa, pb = start { fa }, start { fb }
     append(db, "x", 5)
-    H.wait_until(function() return "both projections to handle 5 events:\n" .. H.stderr_of(pa) .. H.stderr_of(pb) end, 15,
+    H.wait_until(function() return "both projections to handle 5 events:\n" .. H.stderr_of(pa) .. H.stderr_of(pb) end,
+      15,
       function()
         for _, tbl in ipairs { "t_live_long_a", "t_live_long_b" } do
           if one(("SELECT count(*) AS n FROM %s"):format(tbl)).n ~= 5 then return false end
