@@ -17,6 +17,7 @@
 
 #define FIRST_EVENT_COL 3 /* xmin, head, mine, then PUP_EVENT_COLUMNS */
 #define MAX_PARTITIONS 4096
+#define TAG_GUARD (-2) /* pipeline tag of the statement that checks the batch transaction */
 
 /* A run of missing positions [lo, hi] seen below a visible one, and a bound above the
  * transaction id of every writer that could fill it: an xid this processor drew after
@@ -37,7 +38,12 @@ struct pup_processor {
     char *name;
     pup_handler h;
     char *sql_read, *sql_checkpoint, *sql_lease_checkpoint;
-    char lock_key[PUP_NAME_MAX * 2 + 64];
+    /* Queued around the handlers of a batch: open marks the batch transaction (and sets
+     * the handler time limit); guard fails unless that transaction is still the one open;
+     * the time limit is then lifted for the checkpoint write. */
+    char *sql_open;
+    char *sql_hole; /* while waiting at a hole: has it filled, or have its writers ended? */
+    const char *sql_guard, *sql_untimed;
     char owner[160]; /* this worker: host/pid/random */
     pup_params params;
     int setup_done, locked, listening;
@@ -49,7 +55,7 @@ struct pup_processor {
     char *held_list; /* "{1,5,9}" for SQL */
     /* Group mode: next heartbeat, and the checkpoints of the partitioning before a
      * repartition, honoured until every new partition has passed them. */
-    double next_tick;
+    double next_tick, last_tick;
     int old_total;
     long long *old_cp, old_max;
     gap gaps[MAX_GAPS]; /* holes seen, oldest first; several are decided by one batch */
@@ -173,6 +179,14 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
     if (p->cfg.batch_size < 1) p->cfg.batch_size = 100;
     if (p->cfg.poll_interval_ms < 1) p->cfg.poll_interval_ms = 1000;
     if (p->cfg.lease_ttl_ms < 1) p->cfg.lease_ttl_ms = 10000;
+    if (p->cfg.group && p->cfg.statement_timeout_ms * 2 > p->cfg.lease_ttl_ms) {
+        /* A batch always handles its first event; one slower than the lease cannot commit. */
+        pup_error_set(err, PUP_ERR_INVALID_ARGUMENT,
+                      "projection %s: the handler timeout (%d ms) must be at most half the lease TTL (%d ms) in a group",
+                      cfg->name, p->cfg.statement_timeout_ms, p->cfg.lease_ttl_ms);
+        pup_processor_free(p);
+        return NULL;
+    }
     PGconn *pg = pup_conn_pg(conn);
     char *atypes = scope_sql(pg, "aggregate_type", cfg->aggregate_types, cfg->n_aggregate_types);
     char *etypes = scope_sql(pg, "event_type", cfg->event_types, cfg->n_event_types);
@@ -182,8 +196,18 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
     clock_gettime(CLOCK_REALTIME, &ts);
     snprintf(p->owner, sizeof p->owner, "%s/%d/%lx", host, (int)getpid(),
              (unsigned long)(ts.tv_nsec ^ (long)(uintptr_t)p) & 0xffffff);
-    snprintf(p->lock_key, sizeof p->lock_key, "pupsourcing/%s/%s/%d/%d", store->checkpoints,
-             p->name, cfg->partition_key, cfg->total_partitions);
+    if (p->cfg.statement_timeout_ms > 0) {
+        if (asprintf(&p->sql_open, "SELECT set_config('pupsourcing.batch', 'open', true),"
+                     " set_config('statement_timeout', '%dms', true)", p->cfg.statement_timeout_ms) < 0)
+            p->sql_open = NULL;
+        p->sql_untimed = "SET LOCAL statement_timeout TO DEFAULT";
+    } else
+        p->sql_open = strdup("SELECT set_config('pupsourcing.batch', 'open', true)");
+    if (asprintf(&p->sql_hole,
+                 "SELECT EXISTS (SELECT 1 FROM %s WHERE global_position BETWEEN $1 AND $2),"
+                 " pg_snapshot_xmin(pg_current_snapshot())::text", store->q_events) < 0)
+        p->sql_hole = NULL;
+    p->sql_guard = "SELECT 1 / coalesce((current_setting('pupsourcing.batch', true) = 'open')::int, 0)";
     if (atypes && etypes && p->name && set_total(p, cfg->total_partitions) == 0) {
         const char *C = store->q_checkpoints;
         /* The snapshot and the next events in one statement: the gap rule needs both
@@ -228,7 +252,7 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
     }
     free(atypes);
     free(etypes);
-    if (!p->name || !p->sql_read || !p->sql_checkpoint || !p->sql_lease_checkpoint || !p->held) {
+    if (!p->name || !p->sql_read || !p->sql_checkpoint || !p->sql_lease_checkpoint || !p->sql_open || !p->sql_hole || !p->held) {
         pup_processor_free(p);
         pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
         return NULL;
@@ -242,6 +266,8 @@ void pup_processor_free(pup_processor *p) {
     free(p->sql_read);
     free(p->sql_checkpoint);
     free(p->sql_lease_checkpoint);
+    free(p->sql_open);
+    free(p->sql_hole);
     free(p->held);
     free(p->cp);
     free(p->held_list);
@@ -294,14 +320,18 @@ static int listen_once(pup_processor *p, pup_error *err) {
 /* Static partition: the session advisory lock, then its checkpoint. */
 static int acquire_lock(pup_processor *p, pup_error *err) {
     if (p->locked) return 0;
-    PGresult *r = run(p, err, "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", 1, p->lock_key);
+    char total[16], key[16];
+    snprintf(total, sizeof total, "%d", p->cfg.total_partitions);
+    snprintf(key, sizeof key, "%d", p->cfg.partition_key);
+    /* The key hashes the whole name (a text built by the server, never truncated). */
+    PGresult *r = run(p, err,
+                      "SELECT pg_try_advisory_lock(hashtextextended("
+                      "'pupsourcing/' || $1::text || '/' || $2::text || '/' || $3::text || '/' || $4::text, 0))",
+                      4, p->store->checkpoints, p->name, key, total);
     if (!r) return -1;
     p->locked = PQgetvalue(r, 0, 0)[0] == 't';
     PQclear(r);
     if (!p->locked) return 0;
-    char total[16], key[16];
-    snprintf(total, sizeof total, "%d", p->cfg.total_partitions);
-    snprintf(key, sizeof key, "%d", p->cfg.partition_key);
     char sql[PUP_NAME_MAX + 200];
     snprintf(sql, sizeof sql,
              "SELECT last_global_position FROM %s WHERE projection_name = $1"
@@ -415,7 +445,17 @@ static int group_tick(pup_processor *p, pup_error *err) {
             drop_all(p);
             return pup_conn_commit(p->conn, err);
         }
-        if (!p->old_cp && PQntuples(r) > 0) {
+        if (PQntuples(r) == 0) {
+            /* The old checkpoints are gone (a reset): nothing to honour, settled. */
+            PQclear(r);
+            free(p->old_cp);
+            p->old_cp = NULL;
+            p->old_total = 0;
+            snprintf(sql, sizeof sql,
+                     "UPDATE %s SET previous_total = NULL WHERE projection_name = $1 AND previous_total = $2",
+                     S->q_groups);
+            if (!(r = run(p, err, sql, 2, p->name, prevs))) goto fail;
+        } else if (!p->old_cp) {
             p->old_cp = calloc((size_t)prev, sizeof *p->old_cp);
             if (!p->old_cp) {
                 PQclear(r);
@@ -432,7 +472,7 @@ static int group_tick(pup_processor *p, pup_error *err) {
                 if (pos > p->old_max) p->old_max = pos;
                 if (start < 0 || pos < start) start = pos;
             }
-        } else if (p->old_cp) {
+        } else {
             start = p->old_max;
             for (int k = 0; k < p->old_total; k++)
                 if (p->old_cp[k] < start) start = p->old_cp[k];
@@ -526,7 +566,9 @@ int pup_processor_acquire(pup_processor *p, int *acquired, pup_error *err) {
             snprintf(sql, sizeof sql, "SET lock_timeout = '%dms'", p->cfg.lease_ttl_ms / 2);
             rc = pup_conn_command(p->conn, sql, err);
         }
+        double t0 = mono_s();
         if (rc == 0) rc = group_tick(p, err);
+        if (rc == 0) p->last_tick = t0; /* the leases run until at least t0 + ttl */
         p->next_tick = mono_s() + p->cfg.lease_ttl_ms / 1000.0 / 5;
         if (rc < 0 && strcmp(err->sqlstate, "55P03") == 0) rc = 0; /* lock timeout: next tick */
     }
@@ -656,6 +698,24 @@ static int has_pending_gap(const pup_processor *p) {
     return 0;
 }
 
+/* Queues a statement prepared before the batch began (preparing inside the pipeline
+ * would sync it) behind the handlers' statements. */
+static int queue(pup_processor *p, const char *sql, long tag, pup_error *err) {
+    const pup_stmt *st = pup_conn_prepare(p->conn, sql, err);
+    if (!st) return -1;
+    pup_conn_set_tag(p->conn, tag);
+    return pup_conn_send(p->conn, st, NULL, err);
+}
+
+/* A handler ended the batch transaction (ROLLBACK, COMMIT, BEGIN after either): the
+ * writes of earlier events are gone or were committed apart from the checkpoint. */
+static int ended_error(pup_processor *p, pup_error *err) {
+    pup_error_set(err, PUP_ERR_HANDLER,
+                  "a handler ended or broke the batch transaction (did it send ROLLBACK, COMMIT or BEGIN?);"
+                  " batch rolled back, checkpoint not moved");
+    return with_context(p, err);
+}
+
 int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int *waiting,
                         pup_error *err) {
     *handled = 0;
@@ -664,16 +724,27 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     if (p->nheld == 0) return 0;
     if (!p->setup_done && p->h.setup && run_setup(p, err) < 0) return -1;
     p->setup_done = 1;
+    /* Prepared outside the pipeline (a cache lookup once warm); the read last, as later
+     * prepares may move the cache. */
+    if (!pup_conn_prepare(p->conn, p->sql_open, err) || !pup_conn_prepare(p->conn, p->sql_guard, err) ||
+        (p->sql_untimed && !pup_conn_prepare(p->conn, p->sql_untimed, err)))
+        return with_context(p, err);
     const pup_stmt *st = pup_conn_prepare(p->conn, p->sql_read, err);
     if (!st) return with_context(p, err);
     long long from = -1;
     for (int k = 0; k < p->total; k++)
         if (p->held[k] && (from < 0 || p->cp[k] < from)) from = p->cp[k];
-    char begin[96] = "BEGIN";
-    if (p->cfg.statement_timeout_ms > 0)
-        snprintf(begin, sizeof begin, "BEGIN; SET LOCAL statement_timeout = '%dms'", p->cfg.statement_timeout_ms);
-    if (pup_conn_command(p->conn, begin, err) < 0) return with_context(p, err);
+    /* The handler time limit is set after the read and lifted before the checkpoint. */
+    if (pup_conn_command(p->conn, "BEGIN", err) < 0) return with_context(p, err);
     pup_conn_clear_failure(p->conn);
+    /* A group worker's batch stops in time to commit under its leases: after a third of
+     * the TTL, or half of it since the last heartbeat. */
+    double deadline = 0;
+    if (p->cfg.group) {
+        double ttl = p->cfg.lease_ttl_ms / 1000.0;
+        deadline = mono_s() + ttl / 3;
+        if (p->last_tick + ttl / 2 < deadline) deadline = p->last_tick + ttl / 2;
+    }
     pup_params *q = &p->params;
     if (pup_params_reset(q, 4) < 0) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
     pup_params_int(q, 0, from);
@@ -695,7 +766,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     /* Walk the positions: contiguous ones are processed; a hole stops the batch unless
      * the snapshot proves it dead. */
     long long last = from;
-    int nhandle = 0, rc = 0;
+    int nhandle = 0, rc = 0, opened = 0;
     if (pup_conn_pipeline_begin(p->conn, err) < 0) {
         PQclear(r);
         pup_conn_rollback(p->conn);
@@ -703,6 +774,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     }
     long long seen = from, wait_lo = 0;
     for (int i = 0; i < nrows; i++) {
+        if (deadline > 0 && nhandle > 0 && mono_s() > deadline) break; /* commit what is done */
         long long pos = pup_be_int(PQgetvalue(r, i, FIRST_EVENT_COL), 8);
         if (pos != seen + 1) {
             /* A hole: dead once a snapshot's xmin is above its bound, else wait. Holes
@@ -727,6 +799,11 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
         if (p->old_cp && pos <= p->old_max &&
             pos <= p->old_cp[pup_partition_of(ev.aggregate_id.p, ev.aggregate_id.len, p->old_total)])
             continue; /* handled under the previous partitioning */
+        if (!opened && queue(p, p->sql_open, i, err) < 0) {
+            rc = with_context(p, err);
+            break;
+        }
+        opened = 1;
         pup_conn_set_tag(p->conn, i);
         long tag;
         if (p->h.handle(p->h.ud, p->conn, &ev, err) < 0) {
@@ -740,10 +817,18 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
         }
         nhandle++;
     }
+    /* Queued before the Sync: after a handler's ROLLBACK or COMMIT, the statements that
+     * follow form an implicit transaction that this failure rolls back at the Sync. */
+    if (rc == 0 && opened &&
+        (queue(p, p->sql_guard, TAG_GUARD, err) < 0 || (p->sql_untimed && queue(p, p->sql_untimed, TAG_GUARD, err) < 0)))
+        rc = with_context(p, err);
     if (rc == 0) {
         long tag = -1;
         if (pup_conn_pipeline_end(p->conn, err, &tag) < 0)
-            rc = tag >= 0 && tag < nrows ? event_error(p, r, (int)tag, err) : with_context(p, err);
+            rc = tag == TAG_GUARD ? ended_error(p, err)
+                 : tag >= 0 && tag < nrows ? event_error(p, r, (int)tag, err) : with_context(p, err);
+        else if (PQtransactionStatus(pup_conn_pg(p->conn)) != PQTRANS_INTRANS)
+            rc = ended_error(p, err);
     }
     if (wait_lo != p->wait_lo) p->wait_since = now_s();
     p->wait_lo = wait_lo;
@@ -831,9 +916,25 @@ static int wait_for(pup_processor *p, const pup_run_opts *o, int ms) {
     return 0;
 }
 
+/* While waiting at a hole: 1 when a position in it has appeared or a snapshot's xmin
+ * has passed its bound (every writer that could fill it has ended), so the window is
+ * worth reading again; 0 when nothing changed. One small query instead of the window. */
+static int hole_changed(pup_processor *p, pup_error *err) {
+    gap *g = find_gap(p, p->wait_lo, p->wait_lo);
+    if (!g || g->bound == BOUND_PENDING) return 1;
+    char lo[24], hi[24];
+    snprintf(lo, sizeof lo, "%lld", g->lo);
+    snprintf(hi, sizeof hi, "%lld", g->hi);
+    PGresult *r = run(p, err, p->sql_hole, 2, lo, hi);
+    if (!r) return with_context(p, err);
+    int changed = PQgetvalue(r, 0, 0)[0] == 't' || strtoull(PQgetvalue(r, 0, 1), NULL, 10) > g->bound;
+    PQclear(r);
+    return changed;
+}
+
 static int run_loop(pup_processor *p, const pup_run_opts *o, pup_error *err) {
     long long target = -1;
-    int backoff_ms = 100, told_standby = 0, hole_ms = 2;
+    int backoff_ms = 100, told_standby = 0;
     for (;;) {
         if (stopped(o)) return 0;
         int acquired;
@@ -866,12 +967,17 @@ static int run_loop(pup_processor *p, const pup_run_opts *o, pup_error *err) {
         if (o->once && p->stats.position >= target) return 0;
         if (waiting) {
             /* In flight below a visible position: its commit notifies; a rollback does
-             * not, so look again soon. */
-            if (wait_for(p, o, hole_ms)) return 0;
-            hole_ms = hole_ms * 2 > 50 ? 50 : hole_ms * 2;
+             * not, so look again soon, cheaply, until the hole may have changed (or a
+             * heartbeat is due). */
+            int hole_ms = 2, changed = 0;
+            while (!changed) {
+                if (wait_for(p, o, hole_ms)) return 0;
+                hole_ms = hole_ms * 2 > 50 ? 50 : hole_ms * 2;
+                if (p->cfg.group && mono_s() >= p->next_tick) break;
+                if ((changed = hole_changed(p, err)) < 0) goto failed;
+            }
             continue;
         }
-        hole_ms = 2;
         if (advanced > 0) continue; /* more may be waiting */
         if (wait_for(p, o, p->cfg.poll_interval_ms)) return 0;
         continue;

@@ -34,8 +34,9 @@ typedef struct pup_projection_cfg {
      * count used when the group is first created). */
     int group;
     int lease_ttl_ms; /* a worker that stops heartbeating loses its leases after this */
-    /* > 0: each SQL statement of a batch is cancelled after this (statement_timeout), so a
-     * handler blocked in the database fails like one stuck in Lua code. */
+    /* > 0: each SQL statement a handler sends is cancelled after this (statement_timeout),
+     * so a handler blocked in the database fails like one stuck in Lua code. The batch read
+     * and the checkpoint write are not limited. In a group, at most lease_ttl_ms / 2. */
     int statement_timeout_ms;
 } pup_projection_cfg;
 
@@ -65,6 +66,8 @@ void pup_processor_release(pup_processor *p);
 
 /* Runs one batch. *handled: events given to the handler; *advanced: positions the
  * checkpoint moved; *waiting: the batch stopped at a hole that may still fill.
+ * A group worker's batch stops after a third of the lease TTL and commits what it
+ * handled. A handler that ends the batch transaction (ROLLBACK, COMMIT) fails the batch.
  * Transient failures come back as errors too (pup_error_is_transient). */
 int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int *waiting,
                         pup_error *err);
