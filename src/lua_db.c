@@ -22,6 +22,7 @@
 typedef struct ldb {
     pup_conn *conn;
     pup_params params;
+    int pins; /* running processors using the connection: close() raises */
 } ldb;
 
 enum { TX_OPEN, TX_DONE };
@@ -366,6 +367,7 @@ static ldb *checkdb(lua_State *L) {
 
 static int db_close(lua_State *L) {
     ldb *d = luaL_checkudata(L, 1, PUP_DB_MT);
+    if (d->pins) luaL_error(L, "database connection is in use by a running processor");
     pup_conn_close(d->conn);
     d->conn = NULL;
     pup_params_free(&d->params);
@@ -400,6 +402,26 @@ static int db_begin(lua_State *L) {
     pup_conn_clear_failure(d->conn);
     push_tx(L, d, 1, NULL, &d->params, 0);
     return 1;
+}
+
+/* The db behind a db or (unmanaged) tx argument, or NULL. */
+static ldb *owner_db(lua_State *L, int idx) {
+    ldb *d = todb(L, idx);
+    if (!d) {
+        ltx *t = totx(L, idx);
+        if (t) d = t->db;
+    }
+    return d;
+}
+
+void pup_lua_db_pin(lua_State *L, int idx) {
+    ldb *d = owner_db(L, idx);
+    if (d) d->pins++;
+}
+
+void pup_lua_db_unpin(lua_State *L, int idx) {
+    ldb *d = owner_db(L, idx);
+    if (d) d->pins--;
 }
 
 void pup_lua_push_managed_tx(lua_State *L, pup_conn *conn, pup_params *params) {
