@@ -455,14 +455,20 @@ static void log_line(void *ud, const char *line) {
     emit(lp->json_log, "info", "", line);
 }
 
-/* Server notices (WARNING, connection terminated) during a run with JSON logs. */
+/* Server notices (NOTICE, WARNING, connection terminated) during a run with JSON logs;
+ * the level is the severity they start with, lower-cased. */
 static void json_notice(void *arg, const char *message) {
     (void)arg;
-    char line[1024];
-    size_t n = strlen(message);
+    char line[1024], level[16] = "warning";
+    size_t n = strlen(message), k = 0;
     while (n > 0 && (message[n - 1] == '\n' || message[n - 1] == ' ')) n--;
     snprintf(line, sizeof line, "%.*s", (int)n, message);
-    emit(1, "warning", "postgres: ", line);
+    while (k < sizeof level - 1 && message[k] >= 'A' && message[k] <= 'Z') k++;
+    if (k > 0 && k < sizeof level - 1 && message[k] == ':') {
+        for (size_t i = 0; i < k; i++) level[i] = (char)(message[i] - 'A' + 'a');
+        level[k] = '\0';
+    }
+    emit(1, level, "postgres: ", line);
 }
 
 /* Runs the loop with stop_fd; pushes handled-in-this-run or nil, err. */
