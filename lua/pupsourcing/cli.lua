@@ -25,7 +25,9 @@ run options:
   --poll-interval MS                       fallback poll when no notification comes (default 1000)
   --once                                   stop when caught up with the log as it was at start
   --handler-timeout MS                     fail a handler that runs longer than MS on one event
-  --log-format text|json
+  --log-format text|json                   json: every line on stderr is one JSON object
+ranges: partitions and workers 1..4096, --batch-size 1..100000, --poll-interval 1..3600000,
+  --handler-timeout 1..86400000, --lease-ttl 100..3600000
 common options:
   --database-url URL     else DATABASE_URL, else libpq defaults (PGHOST, ...)
   --events-table NAME  --aggregate-heads-table NAME  --checkpoints-table NAME
