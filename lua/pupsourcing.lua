@@ -17,10 +17,33 @@ local function new_error(code, message, sqlstate)
 end
 M.new_error = new_error
 
-local function is_string_list(v)
-  if type(v) ~= "table" then return false end
-  for i = 1, #v do if type(v[i]) ~= "string" then return false end end
-  return next(v) == nil or #v > 0
+M.limits = core.limits
+-- Projection names go into checkpoint rows, lock keys and log lines: at most this many
+-- bytes of UTF-8 without control characters.
+M.limits.name_bytes = 200
+
+-- Why a projection name is not usable, or nil.
+local function name_problem(v)
+  if type(v) ~= "string" or v == "" then return "missing `name` (a non-empty string)" end
+  if #v > M.limits.name_bytes then
+    return ("`name` must be at most %d bytes, got %d"):format(M.limits.name_bytes, #v)
+  end
+  if not utf8.len(v) then return "`name` must be valid UTF-8" end
+  local at = v:find("%c")
+  if at then return ("`name` must not contain control characters (byte 0x%02x at %d)"):format(v:byte(at), at) end
+end
+
+-- Why scope field f (aggregate_types, event_types) is not a list of usable strings, or nil.
+local function scope_problem(v, f)
+  if type(v) ~= "table" then return ("`%s` must be a list of strings"):format(f) end
+  if next(v) ~= nil and #v == 0 then return ("`%s` must be a list of strings"):format(f) end
+  for i = 1, #v do
+    local s = v[i]
+    if type(s) ~= "string" then return ("`%s` must be a list of strings"):format(f) end
+    if s == "" then return ("`%s`[%d] must not be empty"):format(f, i) end
+    if not utf8.len(s) then return ("`%s`[%d] must be valid UTF-8"):format(f, i) end
+    if s:find("\0", 1, true) then return ("`%s`[%d] must not contain a NUL byte"):format(f, i) end
+  end
 end
 
 -- Checks a projection table; raises "<where>: <what is wrong>".
@@ -29,9 +52,8 @@ function M.check_projection(p, where)
   if type(p) ~= "table" then
     error(("%s: must return a table, got %s"):format(where, type(p)), 0)
   end
-  if type(p.name) ~= "string" or p.name == "" then
-    error(("%s: missing `name` (a non-empty string)"):format(where), 0)
-  end
+  local bad = name_problem(p.name)
+  if bad then error(("%s: %s"):format(where, bad), 0) end
   if type(p.handle) ~= "function" then
     error(("%s: projection %q: `handle` must be a function, got %s"):format(where, p.name, type(p.handle)), 0)
   end
@@ -41,12 +63,14 @@ function M.check_projection(p, where)
     end
   end
   for _, f in ipairs { "aggregate_types", "event_types" } do
-    if p[f] ~= nil and not is_string_list(p[f]) then
-      error(("%s: projection %q: `%s` must be a list of strings"):format(where, p.name, f), 0)
-    end
+    bad = p[f] ~= nil and scope_problem(p[f], f)
+    if bad then error(("%s: projection %q: %s"):format(where, p.name, bad), 0) end
   end
   if p.batch_size ~= nil and (math.type(p.batch_size) ~= "integer" or p.batch_size < 1) then
     error(("%s: projection %q: `batch_size` must be a positive integer"):format(where, p.name), 0)
+  end
+  if p.batch_size ~= nil and p.batch_size > M.limits.batch_size then
+    error(("%s: projection %q: `batch_size` must be at most %d"):format(where, p.name, M.limits.batch_size), 0)
   end
   return p
 end

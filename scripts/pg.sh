@@ -27,7 +27,7 @@ start)
   fi
   if ! as_pg "$bindir/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
     as_pg "$bindir/pg_ctl" -D "$dir" -w -t 60 -l "$dir/server.log" \
-      -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=200 -c fsync=on" start >/dev/null \
+      -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=200 -c max_prepared_transactions=10 -c fsync=on" start >/dev/null \
       || { tail -n 20 "$dir/server.log" >&2; exit 1; }
   fi
   url="postgresql://postgres@127.0.0.1:$port/pupsourcing"

@@ -24,13 +24,19 @@ static int l_fnv1a32(lua_State *L) {
     return 1;
 }
 
-/* pup.sleep(seconds) */
+/* pup.sleep(seconds). Inside a handler with a time limit it sleeps at most until the
+ * deadline and then raises the time-limit error. */
 static int l_sleep(lua_State *L) {
     lua_Number s = luaL_checknumber(L, 1);
-    if (s <= 0) return 0;
-    struct timespec ts = {(time_t)s, (long)((s - (lua_Number)(time_t)s) * 1e9)};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+    double left;
+    int limit_ms, cut = pup_lua_handler_deadline(L, &left, &limit_ms) && s >= left;
+    if (cut) s = left;
+    if (s > 0) {
+        struct timespec ts = {(time_t)s, (long)((s - (lua_Number)(time_t)s) * 1e9)};
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+        }
     }
+    if (cut) return luaL_error(L, "handler exceeded its time limit of %d ms", limit_ms);
     return 0;
 }
 

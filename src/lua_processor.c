@@ -5,6 +5,7 @@
 #include "pup_lua.h"
 #include "pup_processor.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -14,81 +15,160 @@
 #include <time.h>
 #include <unistd.h>
 
+/* Per-VM state of processor runs, one full userdata in the registry (key: &vm_key). The
+ * count hook reads it, and so do coroutines a handler created (they inherit the hook). */
+typedef struct vmstate {
+    int busy;        /* a processor of this VM is running: no other may run inside it */
+    double deadline; /* CLOCK_MONOTONIC seconds the running handler must end by; 0: none */
+    int limit_ms;
+    lua_Hook prev;   /* the hook installed before the deadline hook (luacov, a debugger) */
+    int prev_mask, prev_count;
+} vmstate;
+
+static const char vm_key = 0; /* its address is the registry key of the vmstate */
+
 /* The processor userdata. References keep the db, the projection table and the
  * handler's tx alive; L is the state running the current call (set on entry). */
 typedef struct lproc {
     pup_processor *p;
     lua_State *L;
+    vmstate *vm; /* anchored in the registry for the VM's lifetime */
     int proj_ref, tx_ref, db_ref, store_ref;
     pup_processor_stats *shared; /* runner's copy of the stats, or NULL */
     int json_log;
+    int running;            /* inside run/run_once: close() and nested runs raise */
     int handler_timeout_ms; /* per-event limit on handler run time; 0 = none */
 } lproc;
 
-/* Count hook of a handler with a time limit: raises once the deadline has passed. */
-static void deadline_hook(lua_State *L, lua_Debug *ar) {
-    (void)ar;
-    lua_getfield(L, LUA_REGISTRYINDEX, "pupsourcing.deadline");
-    double deadline = lua_tonumber(L, -1);
-    lua_pop(L, 1);
+static double mono_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    if (deadline > 0 && (double)ts.tv_sec + ts.tv_nsec / 1e9 > deadline) {
-        lua_getfield(L, LUA_REGISTRYINDEX, "pupsourcing.deadline_ms");
-        luaL_error(L, "handler exceeded its time limit of %d ms", (int)lua_tointeger(L, -1));
-    }
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* Calls projection[fname](tx, extra...) with nargs extra values on the stack. */
-static int call_projection(lproc *lp, const char *fname, int nargs, pup_error *err) {
-    lua_State *L = lp->L;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, lp->proj_ref);
-    lua_getfield(L, -1, fname);
-    lua_remove(L, -2);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, lp->tx_ref);
-    if (nargs) {
-        lua_rotate(L, -(nargs + 2), 2); /* fn, tx, extra... */
+/* The VM's vmstate, created on first use (by pup.processor, so hooks never allocate). */
+static vmstate *vm_state(lua_State *L) {
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &vm_key) == LUA_TUSERDATA) {
+        vmstate *vm = lua_touserdata(L, -1);
+        lua_pop(L, 1);
+        return vm;
     }
-    if (pup_lua_pcall(L, nargs + 1, 2, err) != LUA_OK) return -1;
+    lua_pop(L, 1);
+    vmstate *vm = lua_newuserdatauv(L, sizeof *vm, 0);
+    memset(vm, 0, sizeof *vm);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &vm_key);
+    return vm;
+}
+
+int pup_lua_handler_deadline(lua_State *L, double *left, int *limit_ms) {
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &vm_key) != LUA_TUSERDATA) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    const vmstate *vm = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (vm->deadline <= 0) return 0;
+    *left = vm->deadline - mono_now();
+    *limit_ms = vm->limit_ms;
+    return 1;
+}
+
+/* Hook of a handler with a time limit: passes events on to the hook it replaced, and on
+ * count events raises once the deadline has passed. */
+static void deadline_hook(lua_State *L, lua_Debug *ar) {
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &vm_key) != LUA_TUSERDATA) {
+        lua_pop(L, 1);
+        return;
+    }
+    const vmstate *vm = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    int bit = ar->event == LUA_HOOKTAILCALL ? LUA_MASKCALL : 1 << ar->event;
+    if (vm->prev && (vm->prev_mask & bit)) vm->prev(L, ar);
+    if (ar->event == LUA_HOOKCOUNT && vm->deadline > 0 && mono_now() > vm->deadline)
+        luaL_error(L, "handler exceeded its time limit of %d ms", vm->limit_ms);
+}
+
+/* Starts the deadline of one handler call in thread L, keeping the hook it replaces
+ * running (at that hook's count, if it has one). */
+static void deadline_start(lua_State *L, vmstate *vm, int limit_ms) {
+    lua_Hook cur = lua_gethook(L);
+    if (cur != deadline_hook) { /* else a coroutine that inherited ours: vm->prev stands */
+        vm->prev = cur;
+        vm->prev_mask = cur ? lua_gethookmask(L) : 0;
+        vm->prev_count = lua_gethookcount(L);
+    }
+    vm->limit_ms = limit_ms;
+    vm->deadline = mono_now() + limit_ms / 1000.0;
+    int count = (vm->prev_mask & LUA_MASKCOUNT) ? vm->prev_count : 10000;
+    lua_sethook(L, deadline_hook, vm->prev_mask | LUA_MASKCOUNT, count);
+}
+
+/* Ends it: puts the replaced hook back, unless the handler installed one of its own. */
+static void deadline_stop(lua_State *L, vmstate *vm) {
+    vm->deadline = 0;
+    if (lua_gethook(L) == deadline_hook) lua_sethook(L, vm->prev, vm->prev_mask, vm->prev_count);
+}
+
+/* One call of projection[fname](tx[, event]), run by call_projection in one protected
+ * call: the lookups (a projection table may have an __index), building the event, the
+ * call and the check of its results can all raise, and none may unwind through
+ * processor.c. */
+typedef struct call_ctx {
+    lproc *lp;
+    const char *fname; /* "setup" or "handle" */
+    const pup_event *ev; /* NULL for setup */
+} call_ctx;
+
+/* Returns nothing, or the message of a `return nil, err`. */
+static int projection_call(lua_State *L) {
+    const call_ctx *cx = lua_touserdata(L, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, cx->lp->proj_ref);
+    if (lua_getfield(L, -1, cx->fname) != LUA_TFUNCTION)
+        return luaL_error(L, "projection field %s is not a function anymore (got %s)", cx->fname,
+                          luaL_typename(L, -1));
+    lua_rawgeti(L, LUA_REGISTRYINDEX, cx->lp->tx_ref);
+    if (cx->ev) pup_lua_push_event(L, cx->ev);
+    lua_call(L, cx->ev ? 2 : 1, 2);
     /* `return nil, err` from a handler fails it like a raise would. */
     if (!lua_toboolean(L, -2) && !lua_isnil(L, -1)) {
-        const char *msg = luaL_tolstring(L, -1, NULL);
-        pup_error_set(err, PUP_ERR_HANDLER, "%s returned an error: %s", fname, msg);
-        lua_pop(L, 3);
-        return -1;
+        luaL_tolstring(L, -1, NULL);
+        return 1;
     }
-    lua_pop(L, 2);
     return 0;
+}
+
+static int call_projection(lproc *lp, const char *fname, const pup_event *ev, pup_error *err) {
+    lua_State *L = lp->L;
+    call_ctx cx = {lp, fname, ev};
+    int timed = ev && lp->handler_timeout_ms > 0;
+    if (timed) deadline_start(L, lp->vm, lp->handler_timeout_ms);
+    lua_pushcfunction(L, projection_call);
+    lua_pushlightuserdata(L, &cx);
+    int rc = pup_lua_pcall(L, 1, 1, err);
+    if (timed) deadline_stop(L, lp->vm);
+    if (rc != LUA_OK) return -1;
+    rc = 0;
+    if (lua_type(L, -1) == LUA_TSTRING) {
+        pup_error_set(err, PUP_ERR_HANDLER, "%s returned an error: %s", fname, lua_tostring(L, -1));
+        rc = -1;
+    }
+    lua_pop(L, 1);
+    return rc;
 }
 
 static int cb_setup(void *ud, pup_conn *c, pup_error *err) {
     (void)c;
-    return call_projection(ud, "setup", 0, err);
+    return call_projection(ud, "setup", NULL, err);
 }
 
 static int cb_handle(void *ud, pup_conn *c, const pup_event *ev, pup_error *err) {
     (void)c;
-    lproc *lp = ud;
-    lua_State *L = lp->L;
-    if (lp->handler_timeout_ms <= 0) {
-        pup_lua_push_event(L, ev);
-        return call_projection(lp, "handle", 1, err);
-    }
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    lua_pushnumber(L, (double)ts.tv_sec + ts.tv_nsec / 1e9 + lp->handler_timeout_ms / 1000.0);
-    lua_setfield(L, LUA_REGISTRYINDEX, "pupsourcing.deadline");
-    lua_pushinteger(L, lp->handler_timeout_ms);
-    lua_setfield(L, LUA_REGISTRYINDEX, "pupsourcing.deadline_ms");
-    lua_sethook(L, deadline_hook, LUA_MASKCOUNT, 10000);
-    pup_lua_push_event(L, ev);
-    int rc = call_projection(lp, "handle", 1, err);
-    lua_sethook(L, NULL, 0, 0);
-    return rc;
+    return call_projection(ud, "handle", ev, err);
 }
 
 /* Collects the strings of list field k of the table at idx into an array that is left
- * on the stack (a userdata), so it stays alive until the caller is done with it. */
+ * on the stack (a userdata whose user value anchors the strings: an __index may make
+ * them up), so they stay alive until the caller is done with them. */
 static const char **string_list(lua_State *L, int idx, const char *k, int *n) {
     *n = 0;
     if (lua_getfield(L, idx, k) != LUA_TTABLE) {
@@ -96,37 +176,75 @@ static const char **string_list(lua_State *L, int idx, const char *k, int *n) {
         return NULL;
     }
     int len = (int)luaL_len(L, -1);
-    const char **out = lua_newuserdatauv(L, (len + 1) * sizeof *out, 0); /* freed by the GC */
+    const char **out = lua_newuserdatauv(L, (len + 1) * sizeof *out, 1); /* freed by the GC */
+    lua_createtable(L, len, 0);
+    lua_setiuservalue(L, -2, 1);
+    lua_getiuservalue(L, -1, 1);
     for (int i = 0; i < len; i++) {
-        lua_geti(L, -2, i + 1);
+        lua_geti(L, -3, i + 1);
         if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "projection field %s must be a list of strings", k);
-        out[i] = lua_tostring(L, -1); /* anchored by the projection table */
-        lua_pop(L, 1);
+        out[i] = lua_tostring(L, -1);
+        lua_rawseti(L, -2, i + 1);
     }
+    lua_pop(L, 1);
     lua_remove(L, -2); /* the list; the array stays on the stack */
     *n = len;
     return out;
 }
 
-static lua_Integer opt_int(lua_State *L, int idx, const char *k, lua_Integer def) {
-    if (lua_isnoneornil(L, idx)) return def;
+void pup_lua_check_keys(lua_State *L, int idx, const char *what, const char *const *known) {
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        int ok = 0;
+        for (const char *const *k = known; *k && !ok; k++)
+            ok = lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), *k) == 0;
+        if (!ok) luaL_error(L, "%s: unknown option %s", what, luaL_tolstring(L, -1, NULL));
+    }
+}
+
+/* Integer option k of the table at idx (absent or nil: def), in [min, max]. */
+static int opt_int(lua_State *L, int idx, const char *k, lua_Integer def, lua_Integer min, lua_Integer max) {
+    if (lua_isnoneornil(L, idx)) return (int)def;
     lua_getfield(L, idx, k);
     lua_Integer v = def;
     if (!lua_isnil(L, -1)) {
         if (!lua_isinteger(L, -1)) luaL_error(L, "option %s must be an integer", k);
         v = lua_tointeger(L, -1);
+        if (v < min || v > max)
+            luaL_error(L, "option %s must be an integer from %I to %I, got %I", k, min, max, v);
     }
     lua_pop(L, 1);
-    return v;
+    return (int)v;
+}
+
+int pup_lua_opt_seconds(lua_State *L, int idx, const char *k, int def_ms) {
+    int ms = def_ms;
+    if (lua_getfield(L, idx, k) != LUA_TNIL) {
+        lua_Number s = lua_tonumber(L, -1);
+        if (!lua_isnumber(L, -1) || !(s > 0 && s <= PUP_LUA_MAX_SECONDS))
+            luaL_error(L, "option %s must be a number of seconds above 0 and at most %d", k, PUP_LUA_MAX_SECONDS);
+        ms = (int)(s * 1000);
+        if (ms < 1) ms = 1;
+    }
+    lua_pop(L, 1);
+    return ms;
 }
 
 /* pup.processor(db, projection, {partition_key, total_partitions, batch_size,
- * poll_interval (seconds), store}) */
+ * poll_interval (seconds), handler_timeout_ms, group, lease_ttl (seconds), store}) */
 static int l_processor(lua_State *L) {
+    static const char *const keys[] = {"partition_key", "total_partitions", "batch_size", "poll_interval",
+                                       "handler_timeout_ms", "group", "lease_ttl", "store", NULL};
     pup_conn *c = pup_lua_checkconn(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     if (!lua_isnoneornil(L, 3)) luaL_checktype(L, 3, LUA_TTABLE);
+    else {
+        lua_settop(L, 2);
+        lua_newtable(L);
+    }
     lua_settop(L, 3); /* fixed argument slots; temporaries go above them */
+    pup_lua_check_keys(L, 3, "pup.processor", keys);
     /* Validate through the Lua part's check_projection. */
     lua_getglobal(L, "require");
     lua_pushliteral(L, "pupsourcing");
@@ -138,39 +256,22 @@ static int l_processor(lua_State *L) {
 
     pup_projection_cfg cfg;
     memset(&cfg, 0, sizeof cfg);
-    lua_getfield(L, 2, "name");
+    lua_getfield(L, 2, "name"); /* stays on the stack: an __index may have made it up */
     cfg.name = lua_tostring(L, -1);
-    lua_pop(L, 1);
     cfg.aggregate_types = string_list(L, 2, "aggregate_types", &cfg.n_aggregate_types);
     cfg.event_types = string_list(L, 2, "event_types", &cfg.n_event_types);
-    if (!lua_isnoneornil(L, 3)) {
-        lua_getfield(L, 3, "group");
-        cfg.group = lua_toboolean(L, -1);
+    lua_getfield(L, 3, "group");
+    cfg.group = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    cfg.partition_key = opt_int(L, 3, "partition_key", 0, 0, PUP_LUA_MAX_PARTITIONS - 1);
+    cfg.total_partitions = opt_int(L, 3, "total_partitions", cfg.group ? 16 : 1, 1, PUP_LUA_MAX_PARTITIONS);
+    cfg.lease_ttl_ms = pup_lua_opt_seconds(L, 3, "lease_ttl", 0);
+    cfg.batch_size = opt_int(L, 3, "batch_size", opt_int(L, 2, "batch_size", 100, 1, PUP_LUA_MAX_BATCH), 1,
+                             PUP_LUA_MAX_BATCH);
+    cfg.poll_interval_ms = pup_lua_opt_seconds(L, 3, "poll_interval", 1000);
+    int timeout_ms = opt_int(L, 3, "handler_timeout_ms", 0, 0, PUP_LUA_MAX_TIMEOUT_MS);
+    if (lua_getfield(L, 3, "store") == LUA_TNIL) {
         lua_pop(L, 1);
-    }
-    cfg.partition_key = (int)opt_int(L, 3, "partition_key", 0);
-    cfg.total_partitions = (int)opt_int(L, 3, "total_partitions", cfg.group ? 16 : 1);
-    if (!lua_isnoneornil(L, 3) && lua_getfield(L, 3, "lease_ttl") != LUA_TNIL) {
-        luaL_argcheck(L, lua_isnumber(L, -1) && lua_tonumber(L, -1) > 0, 3, "lease_ttl must be a positive number of seconds");
-        cfg.lease_ttl_ms = (int)(lua_tonumber(L, -1) * 1000);
-    }
-    if (!lua_isnoneornil(L, 3)) lua_pop(L, 1);
-    cfg.batch_size = (int)opt_int(L, 3, "batch_size", opt_int(L, 2, "batch_size", 100));
-    luaL_argcheck(L, cfg.batch_size >= 1, 3, "batch_size must be >= 1");
-    cfg.poll_interval_ms = 1000;
-    if (!lua_isnoneornil(L, 3) && lua_getfield(L, 3, "poll_interval") != LUA_TNIL) {
-        luaL_argcheck(L, lua_isnumber(L, -1) && lua_tonumber(L, -1) > 0, 3, "poll_interval must be a positive number of seconds");
-        cfg.poll_interval_ms = (int)(lua_tonumber(L, -1) * 1000);
-        if (cfg.poll_interval_ms < 1) cfg.poll_interval_ms = 1;
-    }
-    if (!lua_isnoneornil(L, 3)) lua_pop(L, 1);
-
-    int timeout_ms = (int)opt_int(L, 3, "handler_timeout_ms", 0);
-    luaL_argcheck(L, timeout_ms >= 0, 3, "handler_timeout_ms must be >= 0");
-    const pup_store *store;
-    int has_store = !lua_isnoneornil(L, 3) && lua_getfield(L, 3, "store") != LUA_TNIL;
-    if (!has_store) {
-        if (!lua_isnoneornil(L, 3)) lua_pop(L, 1);
         lua_getglobal(L, "require");
         lua_pushliteral(L, "pupsourcing.core");
         lua_call(L, 1, 1);
@@ -178,14 +279,16 @@ static int l_processor(lua_State *L) {
         lua_call(L, 0, 1);
         lua_remove(L, -2);
     }
-    store = pup_lua_checkstore(L, -1);
+    const pup_store *store = pup_lua_checkstore(L, -1);
     int store_idx = lua_gettop(L);
+    vmstate *vm = vm_state(L);
 
     lproc *lp = lua_newuserdatauv(L, sizeof *lp, 0); /* closed until the processor exists */
     memset(lp, 0, sizeof *lp);
     lp->proj_ref = lp->tx_ref = lp->db_ref = lp->store_ref = LUA_NOREF;
     luaL_setmetatable(L, PUP_PROCESSOR_MT);
     lp->L = L;
+    lp->vm = vm;
     lp->handler_timeout_ms = timeout_ms;
     cfg.statement_timeout_ms = timeout_ms;
     pup_handler h = {lp, NULL, cb_handle};
@@ -209,18 +312,41 @@ static int l_processor(lua_State *L) {
     return 1;
 }
 
+/* The open processor at argument 1 whose db is open too. */
 static lproc *checkproc(lua_State *L) {
     lproc *lp = luaL_checkudata(L, 1, PUP_PROCESSOR_MT);
     if (!lp->p) luaL_argerror(L, 1, "processor is closed");
     lua_rawgeti(L, LUA_REGISTRYINDEX, lp->db_ref);
     pup_lua_checkconn(L, lua_gettop(L)); /* raises if the db was closed */
     lua_pop(L, 1);
+    return lp;
+}
+
+/* Enters a run: refuses one inside a handler (this processor's or another's of the VM),
+ * and pins the db so that neither it nor the processor can be closed meanwhile. */
+static lproc *begin_run(lua_State *L) {
+    lproc *lp = checkproc(L);
+    if (lp->running) luaL_error(L, "processor is running: a handler cannot run its own processor");
+    if (lp->vm->busy) luaL_error(L, "a processor cannot run inside another processor's handler");
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lp->db_ref);
+    pup_lua_db_pin(L, -1);
+    lua_pop(L, 1);
+    lp->running = lp->vm->busy = 1;
     lp->L = L;
     return lp;
 }
 
+static void end_run(lua_State *L, lproc *lp) {
+    lp->running = lp->vm->busy = 0;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lp->db_ref);
+    pup_lua_db_unpin(L, -1);
+    lua_pop(L, 1);
+}
+
+/* close/__close/__gc. A running processor refuses (its handler is on the C stack). */
 static int proc_close(lua_State *L) {
     lproc *lp = luaL_checkudata(L, 1, PUP_PROCESSOR_MT);
+    if (lp->running) luaL_error(L, "processor is running: it can be closed once run/run_once returns");
     if (lp->tx_ref != LUA_NOREF) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, lp->tx_ref);
         pup_lua_tx_detach(L, -1);
@@ -248,18 +374,17 @@ static int proc_tostring(lua_State *L) {
 
 /* processor:run_once() -> events handled in one batch | nil, err */
 static int proc_run_once(lua_State *L) {
-    lproc *lp = checkproc(L);
-    int acquired, handled, waiting;
+    lproc *lp = begin_run(L);
+    int acquired, handled = 0, waiting;
     long long advanced;
     pup_error err;
-    if (pup_processor_acquire(lp->p, &acquired, &err) < 0) return pup_lua_push_error(L, &err);
-    if (!acquired) {
-        pup_error_set(&err, PUP_ERR_DATABASE, "projection %s: another processor holds this partition",
-                      pup_processor_cfg(lp->p)->name);
-        return pup_lua_push_error(L, &err);
-    }
-    if (pup_processor_batch(lp->p, &handled, &advanced, &waiting, &err) < 0)
-        return pup_lua_push_error(L, &err);
+    int rc = pup_processor_acquire(lp->p, &acquired, &err);
+    if (rc == 0 && !acquired)
+        rc = pup_error_set(&err, PUP_ERR_DATABASE, "projection %s: another processor holds this partition",
+                           pup_processor_cfg(lp->p)->name);
+    if (rc == 0) rc = pup_processor_batch(lp->p, &handled, &advanced, &waiting, &err);
+    end_run(L, lp);
+    if (rc < 0) return pup_lua_push_error(L, &err);
     lua_pushinteger(L, handled);
     return 1;
 }
@@ -276,27 +401,74 @@ static void share_progress(void *ud, const pup_processor *p) {
     __atomic_store_n(&lp->shared->standby, s.standby, __ATOMIC_RELAXED);
 }
 
-/* Log lines of the loop: text, or one JSON object a line for machines. */
-static void log_line(void *ud, const char *line) {
-    lproc *lp = ud;
-    if (!lp->json_log) {
-        fprintf(stderr, "pupsourcing: %s\n", line);
+/* Writes s as the inside of a JSON string into buf: quotes, backslashes and control
+ * characters escaped, bytes that are not UTF-8 replaced by U+FFFD; stops at a whole
+ * character when buf is full. */
+static void json_escape(char *buf, size_t size, const char *s) {
+    size_t n = 0;
+    while (*s && n + 8 < size) {
+        unsigned char ch = (unsigned char)*s;
+        int len = ch < 0x80 ? 1 : ch >= 0xc2 && ch <= 0xdf ? 2 : ch >= 0xe0 && ch <= 0xef ? 3
+                  : ch >= 0xf0 && ch <= 0xf4 ? 4 : 0;
+        for (int k = 1; k < len; k++)
+            if (((unsigned char)s[k] & 0xc0) != 0x80) len = 0;
+        if (len == 0) {
+            n += (size_t)snprintf(buf + n, size - n, "\\ufffd");
+            s++;
+        } else if (ch == '"' || ch == '\\') {
+            buf[n++] = '\\';
+            buf[n++] = (char)ch;
+            s++;
+        } else if (ch == '\n') {
+            buf[n++] = '\\';
+            buf[n++] = 'n';
+            s++;
+        } else if (ch < 0x20) {
+            n += (size_t)snprintf(buf + n, size - n, "\\u%04x", ch);
+            s++;
+        } else {
+            memcpy(buf + n, s, (size_t)len);
+            n += (size_t)len;
+            s += len;
+        }
+    }
+    buf[n] = '\0';
+}
+
+/* One log line: "pupsourcing: msg", or with json set one JSON object. */
+static void emit(int json, const char *level, const char *prefix, const char *msg) {
+    if (!json) {
+        fprintf(stderr, "pupsourcing: %s%s\n", prefix, msg);
         return;
     }
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     char buf[2600];
-    size_t n = 0;
-    for (const char *s = line; *s && n < sizeof buf - 8; s++) {
-        unsigned char ch = (unsigned char)*s;
-        if (ch == '"' || ch == '\\') buf[n++] = '\\', buf[n++] = (char)ch;
-        else if (ch == '\n') buf[n++] = '\\', buf[n++] = 'n';
-        else if (ch < 0x20) n += (size_t)snprintf(buf + n, sizeof buf - n, "\\u%04x", ch);
-        else buf[n++] = (char)ch;
+    json_escape(buf, sizeof buf, msg);
+    fprintf(stderr, "{\"time\":%.3f,\"level\":\"%s\",\"msg\":\"%s%s\"}\n", (double)ts.tv_sec + ts.tv_nsec / 1e9,
+            level, prefix, buf);
+}
+
+/* Log lines of the loop. */
+static void log_line(void *ud, const char *line) {
+    const lproc *lp = ud;
+    emit(lp->json_log, "info", "", line);
+}
+
+/* Server notices (NOTICE, WARNING, connection terminated) during a run with JSON logs;
+ * the level is the severity they start with, lower-cased. */
+static void json_notice(void *arg, const char *message) {
+    (void)arg;
+    char line[1024], level[16] = "warning";
+    size_t n = strlen(message), k = 0;
+    while (n > 0 && (message[n - 1] == '\n' || message[n - 1] == ' ')) n--;
+    snprintf(line, sizeof line, "%.*s", (int)n, message);
+    while (k < sizeof level - 1 && message[k] >= 'A' && message[k] <= 'Z') k++;
+    if (k > 0 && k < sizeof level - 1 && message[k] == ':') {
+        for (size_t i = 0; i < k; i++) level[i] = (char)(message[i] - 'A' + 'a');
+        level[k] = '\0';
     }
-    buf[n] = '\0';
-    fprintf(stderr, "{\"time\":%.3f,\"level\":\"info\",\"msg\":\"%s\"}\n",
-            (double)ts.tv_sec + ts.tv_nsec / 1e9, buf);
+    emit(1, level, "postgres: ", line);
 }
 
 /* Runs the loop with stop_fd; pushes handled-in-this-run or nil, err. */
@@ -306,8 +478,15 @@ static int run_loop(lua_State *L, lproc *lp, int stop_fd, int once) {
     pup_run_opts o = {.stop_fd = stop_fd, .once = once, .progress = share_progress,
                       .log = log_line, .ud = lp};
     pup_error err;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lp->db_ref);
+    PGconn *pg = pup_conn_pg(pup_lua_checkconn(L, -1));
+    lua_pop(L, 1);
+    /* db.c's notice processor takes no argument; PQreset keeps ours across reconnects. */
+    PQnoticeProcessor text_notice = lp->json_log ? PQsetNoticeProcessor(pg, json_notice, NULL) : NULL;
     int rc = pup_processor_run(lp->p, &o, &err);
+    if (text_notice) PQsetNoticeProcessor(pg, text_notice, NULL);
     share_progress(lp, lp->p);
+    end_run(L, lp);
     if (rc < 0) return pup_lua_push_error(L, &err);
     pup_processor_stats after;
     pup_processor_stats_get(lp->p, &after);
@@ -315,9 +494,21 @@ static int run_loop(lua_State *L, lproc *lp, int stop_fd, int once) {
     return 1;
 }
 
+void pup_lua_unblock_signals(const sigset_t *old) {
+    /* Ignoring a signal discards it when pending (POSIX), so none that arrived since the
+     * last read kills the process on unblocking; then the caller's actions come back. */
+    struct sigaction ign, was[2];
+    memset(&ign, 0, sizeof ign);
+    ign.sa_handler = SIG_IGN;
+    sigaction(SIGINT, &ign, &was[0]);
+    sigaction(SIGTERM, &ign, &was[1]);
+    pthread_sigmask(SIG_SETMASK, old, NULL);
+    sigaction(SIGINT, &was[0], NULL);
+    sigaction(SIGTERM, &was[1], NULL);
+}
+
 /* processor:run{once=false} -> handled | nil, err; SIGINT/SIGTERM stop it cleanly. */
 static int proc_run(lua_State *L) {
-    lproc *lp = checkproc(L);
     int once = 0;
     if (!lua_isnoneornil(L, 2)) {
         luaL_checktype(L, 2, LUA_TTABLE);
@@ -325,31 +516,40 @@ static int proc_run(lua_State *L) {
         once = lua_toboolean(L, -1);
         lua_pop(L, 1);
     }
+    lproc *lp = begin_run(L);
     sigset_t set, old;
     sigemptyset(&set);
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &set, &old);
     int sfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (sfd < 0) {
+        /* No way to watch them: leave them their default action (a killed run rolls its
+         * batch back) rather than blocked for the whole run. */
+        char msg[256];
+        snprintf(msg, sizeof msg, "cannot watch for SIGINT/SIGTERM (signalfd: %s): they end the process at once",
+                 strerror(errno));
+        pup_lua_unblock_signals(&old);
+        log_line(lp, msg);
+    }
     int n = run_loop(L, lp, sfd, once);
     if (sfd >= 0) {
-        struct signalfd_siginfo si;
-        while (read(sfd, &si, sizeof si) == sizeof si) {
-        } /* consume the signal that stopped us, so unblocking does not deliver it */
         close(sfd);
+        pup_lua_unblock_signals(&old);
     }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
     return n;
 }
 
 /* processor:_run_fd(fd, once, shared_stats, json_log) -- the runner's entry (no signal
- * handling). */
+ * handling); shared_stats is nil or the runner's PUP_STATS_MT box. */
 static int proc_run_fd(lua_State *L) {
-    lproc *lp = checkproc(L);
     int fd = (int)luaL_checkinteger(L, 2);
     int once = lua_toboolean(L, 3);
-    lp->shared = lua_touserdata(L, 4);
-    lp->json_log = lua_toboolean(L, 5);
+    pup_processor_stats **box = lua_isnoneornil(L, 4) ? NULL : luaL_checkudata(L, 4, PUP_STATS_MT);
+    int json = lua_toboolean(L, 5);
+    lproc *lp = begin_run(L);
+    lp->shared = box ? *box : NULL;
+    lp->json_log = json;
     return run_loop(L, lp, fd, once);
 }
 
@@ -376,6 +576,19 @@ void pup_lua_open_processor(lua_State *L) {
                                        {"close", proc_close},       {NULL, NULL}};
     pup_lua_class(L, PUP_PROCESSOR_MT, methods, proc_close, proc_tostring);
     lua_pop(L, 1);
+    luaL_newmetatable(L, PUP_STATS_MT);
+    lua_pop(L, 1);
+    /* pup.limits: the ranges of the numeric options (the CLI checks its flags with them). */
+    lua_createtable(L, 0, 5);
+    lua_pushinteger(L, PUP_LUA_MAX_BATCH);
+    lua_setfield(L, -2, "batch_size");
+    lua_pushinteger(L, PUP_LUA_MAX_PARTITIONS);
+    lua_setfield(L, -2, "partitions");
+    lua_pushinteger(L, PUP_LUA_MAX_TIMEOUT_MS);
+    lua_setfield(L, -2, "handler_timeout_ms");
+    lua_pushinteger(L, PUP_LUA_MAX_SECONDS);
+    lua_setfield(L, -2, "seconds");
+    lua_setfield(L, -2, "limits");
     lua_pushcfunction(L, l_processor);
     lua_setfield(L, -2, "processor");
 }

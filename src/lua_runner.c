@@ -24,7 +24,7 @@ typedef struct worker {
     int started;
     const char *file;
     int key, total;
-    char name[128];
+    char name[256]; /* projection names are at most 200 bytes (pupsourcing.lua) */
     pup_processor_stats stats; /* written by the worker's progress callback */
     int done, failed;          /* atomics */
     pup_code code;
@@ -39,7 +39,7 @@ struct runner {
     int nfiles;
     char *url, *events, *heads, *checkpoints, *path, *cpath;
     int batch_size, poll_ms, once, json_log, handler_timeout_ms, group;
-    double lease_ttl;
+    int lease_ttl_ms; /* 0: the processor's default */
     int stop[2];
 };
 
@@ -95,14 +95,17 @@ static void *worker_main(void *arg) {
         lua_pushnumber(L, r->poll_ms / 1000.0);
         lua_pushboolean(L, r->once);
         lua_pushinteger(L, r->stop[0]);
-        lua_pushlightuserdata(L, &w->stats);
+        pup_processor_stats **box = lua_newuserdatauv(L, sizeof *box, 0);
+        *box = &w->stats;
+        luaL_newmetatable(L, PUP_STATS_MT); /* before the module registers it */
+        lua_setmetatable(L, -2);
         push_opt(L, r->events);
         push_opt(L, r->heads);
         push_opt(L, r->checkpoints);
         lua_pushboolean(L, r->json_log);
         lua_pushinteger(L, r->handler_timeout_ms);
         lua_pushboolean(L, r->group);
-        if (r->lease_ttl > 0) lua_pushnumber(L, r->lease_ttl);
+        if (r->lease_ttl_ms > 0) lua_pushnumber(L, r->lease_ttl_ms / 1000.0);
         else lua_pushnil(L);
         /* No traceback: a handler's error already carries its own. */
         if (lua_pcall(L, 16, 3, 0) != LUA_OK) {
@@ -135,11 +138,14 @@ static char *dupfield(lua_State *L, int idx, const char *k) {
     return out;
 }
 
-static int intfield(lua_State *L, int idx, const char *k, int def) {
+/* Integer option k (absent: def), in [min, max]. */
+static int intfield(lua_State *L, int idx, const char *k, int def, lua_Integer min, lua_Integer max) {
     int v = def;
     if (lua_getfield(L, idx, k) != LUA_TNIL) {
-        if (!lua_isinteger(L, -1)) luaL_error(L, "runner option %s must be an integer", k);
-        v = (int)lua_tointeger(L, -1);
+        lua_Integer n = lua_tointeger(L, -1);
+        if (!lua_isinteger(L, -1) || n < min || n > max)
+            luaL_error(L, "runner option %s must be an integer from %I to %I", k, min, max);
+        v = (int)n;
     }
     lua_pop(L, 1);
     return v;
@@ -166,7 +172,12 @@ static int runner_gc(lua_State *L) {
 /* pup.runner{files=, workers= | partition_key=, total_partitions=, batch_size=,
  * poll_interval=, once=, database_url=, store={...}, log_format=} */
 static int l_runner(lua_State *L) {
+    static const char *const keys[] = {"files", "workers", "partition_key", "total_partitions", "batch_size",
+                                       "poll_interval", "once", "database_url", "store", "log_format",
+                                       "handler_timeout_ms", "group", "lease_ttl", NULL};
     luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    pup_lua_check_keys(L, 1, "pup.runner", keys);
     runner *r = lua_newuserdatauv(L, sizeof *r, 0); /* empty until filled below */
     memset(r, 0, sizeof *r);
     r->stop[0] = r->stop[1] = -1;
@@ -188,39 +199,28 @@ static int l_runner(lua_State *L) {
     lua_getfield(L, 1, "group");
     r->group = lua_toboolean(L, -1);
     lua_pop(L, 1);
-    if (lua_getfield(L, 1, "lease_ttl") != LUA_TNIL) {
-        if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) <= 0) luaL_error(L, "lease_ttl must be a positive number of seconds");
-        r->lease_ttl = lua_tonumber(L, -1);
-    }
-    lua_pop(L, 1);
-    int workers = intfield(L, 1, "workers", 0);
-    int key = intfield(L, 1, "partition_key", -1);
-    int total = intfield(L, 1, "total_partitions", 1);
-    if (workers < 0) luaL_error(L, "workers must be >= 1");
+    r->lease_ttl_ms = pup_lua_opt_seconds(L, 1, "lease_ttl", 0);
+    int workers = intfield(L, 1, "workers", 0, 1, PUP_LUA_MAX_PARTITIONS);
+    int key = intfield(L, 1, "partition_key", -1, 0, PUP_LUA_MAX_PARTITIONS - 1);
+    int total = intfield(L, 1, "total_partitions", r->group ? 16 : 1, 1, PUP_LUA_MAX_PARTITIONS);
     if (workers > 0 && key >= 0) luaL_error(L, "use either workers or partition_key/total_partitions, not both");
     if (r->group && (workers > 0 || key >= 0))
         luaL_error(L, "a group worker shares the partitions by leases: no workers or partition_key with group");
-    if (r->group && lua_getfield(L, 1, "total_partitions") == LUA_TNIL) total = 16;
-    if (r->group) lua_pop(L, 1);
-    if (total < 1) luaL_error(L, "total_partitions must be >= 1");
     if (key >= total) luaL_error(L, "partition_key %d must be below total_partitions %d", key, total);
-    r->handler_timeout_ms = intfield(L, 1, "handler_timeout_ms", 0);
-    if (r->handler_timeout_ms < 0) luaL_error(L, "handler_timeout_ms must be >= 0");
-    r->batch_size = intfield(L, 1, "batch_size", 0);
-    if (r->batch_size < 0) luaL_error(L, "batch_size must be >= 1");
-    r->poll_ms = 1000;
-    if (lua_getfield(L, 1, "poll_interval") != LUA_TNIL) {
-        if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) <= 0) luaL_error(L, "poll_interval must be a positive number of seconds");
-        r->poll_ms = (int)(lua_tonumber(L, -1) * 1000);
-    }
-    lua_pop(L, 1);
+    r->handler_timeout_ms = intfield(L, 1, "handler_timeout_ms", 0, 0, PUP_LUA_MAX_TIMEOUT_MS);
+    r->batch_size = intfield(L, 1, "batch_size", 0, 1, PUP_LUA_MAX_BATCH);
+    r->poll_ms = pup_lua_opt_seconds(L, 1, "poll_interval", 1000);
     lua_getfield(L, 1, "once");
     r->once = lua_toboolean(L, -1);
     lua_pop(L, 1);
     r->url = dupfield(L, 1, "database_url");
-    char *fmt = dupfield(L, 1, "log_format");
-    r->json_log = fmt && strcmp(fmt, "json") == 0;
-    free(fmt);
+    if (lua_getfield(L, 1, "log_format") != LUA_TNIL) {
+        const char *fmt = lua_tostring(L, -1);
+        if (!fmt || (strcmp(fmt, "json") != 0 && strcmp(fmt, "text") != 0))
+            luaL_error(L, "runner option log_format must be \"text\" or \"json\"");
+        r->json_log = strcmp(fmt, "json") == 0;
+    }
+    lua_pop(L, 1);
     if (lua_getfield(L, 1, "store") == LUA_TTABLE) {
         int s = lua_gettop(L);
         r->events = dupfield(L, s, "events_table");
@@ -295,8 +295,15 @@ static int runner_run(lua_State *L) {
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &set, &old); /* workers inherit the mask */
-    for (int i = 0; i < r->n; i++)
-        r->w[i].started = pthread_create(&r->w[i].thread, NULL, worker_main, &r->w[i]) == 0;
+    int start_err = 0;
+    worker *unstarted = NULL;
+    for (int i = 0; i < r->n && !start_err; i++) {
+        start_err = pthread_create(&r->w[i].thread, NULL, worker_main, &r->w[i]);
+        r->w[i].started = start_err == 0;
+        if (start_err) unstarted = &r->w[i];
+    }
+    if (start_err && write(r->stop[1], "x", 1) < 0) {
+    } /* the started ones stop; they are joined below */
     double t0 = mono(), last_shown = 0;
     int stopping = 0, interrupted = 0;
     for (;;) {
@@ -316,8 +323,11 @@ static int runner_run(lua_State *L) {
         if (sig > 0 && !stopping) {
             stopping = interrupted = 1;
             const char *name = sig == SIGINT ? "SIGINT" : "SIGTERM";
+            struct timespec now_ts;
+            clock_gettime(CLOCK_REALTIME, &now_ts);
             if (r->json_log)
-                fprintf(stderr, "{\"level\":\"info\",\"msg\":\"%s received, finishing the current batches\"}\n", name);
+                fprintf(stderr, "{\"time\":%.3f,\"level\":\"info\",\"msg\":\"%s received, finishing the current batches\"}\n",
+                        (double)now_ts.tv_sec + now_ts.tv_nsec / 1e9, name);
             else
                 fprintf(stderr, "%spupsourcing: %s received, finishing the current batches\n",
                         isatty(2) ? "\n" : "", name);
@@ -333,18 +343,16 @@ static int runner_run(lua_State *L) {
     for (int i = 0; i < r->n; i++)
         if (r->w[i].started) pthread_join(r->w[i].thread, NULL);
     show_progress(r, mono() - t0, 1);
-    struct timespec zero = {0, 0};
-    while (sigtimedwait(&set, NULL, &zero) > 0) {
-    }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pup_lua_unblock_signals(&old);
 
+    if (unstarted) {
+        pup_error e;
+        pup_error_set(&e, PUP_ERR_HANDLER, "cannot start a thread for %s (worker %d of %d): %s",
+                      unstarted->file, (int)(unstarted - r->w) + 1, r->n, strerror(start_err));
+        return pup_lua_push_error(L, &e);
+    }
     for (int i = 0; i < r->n; i++) {
         worker *w = &r->w[i];
-        if (!w->started) {
-            pup_error e;
-            pup_error_set(&e, PUP_ERR_HANDLER, "cannot start a thread for %s", w->file);
-            return pup_lua_push_error(L, &e);
-        }
         if (w->failed) {
             pup_error e;
             pup_error_set(&e, w->code, "%s", w->error);

@@ -12,6 +12,7 @@
 
 #include <lauxlib.h>
 #include <lua.h>
+#include <signal.h>
 
 #include "pup_db.h"
 #include "pup_store.h"
@@ -24,6 +25,15 @@
 #define PUP_RESULT_MT "pupsourcing.result"
 #define PUP_PROCESSOR_MT "pupsourcing.processor"
 #define PUP_RUNNER_MT "pupsourcing.runner"
+/* A box holding a pup_processor_stats pointer: the runner's shared counters of a worker. */
+#define PUP_STATS_MT "pupsourcing.stats"
+
+/* Ranges of the numeric options of pup.processor and pup.runner (pup.limits in Lua; the
+ * CLI checks its flags against them). PUP_LUA_MAX_PARTITIONS is processor.c's limit. */
+#define PUP_LUA_MAX_BATCH 100000
+#define PUP_LUA_MAX_PARTITIONS 4096
+#define PUP_LUA_MAX_TIMEOUT_MS 86400000 /* handler_timeout_ms: one day */
+#define PUP_LUA_MAX_SECONDS 3600        /* poll_interval and lease_ttl */
 
 /* luaopen for `require "pupsourcing.core"`; the host binary preloads it. */
 int luaopen_pupsourcing_core(lua_State *L);
@@ -67,6 +77,7 @@ const pup_store *pup_lua_checkstore(lua_State *L, int idx);
 /* Pushes a persisted event table (event.data decodes the payload lazily). */
 void pup_lua_push_event(lua_State *L, const pup_event *ev);
 
+
 /* Pushes a transaction handle that the processor owns (commit/rollback raise): the
  * handler's `tx`. The conn must outlive it; pup_lua_tx_detach() closes it. */
 void pup_lua_push_managed_tx(lua_State *L, pup_conn *conn, pup_params *params);
@@ -75,6 +86,23 @@ void pup_lua_tx_detach(lua_State *L, int idx);
 /* Calls the function below nargs arguments with a traceback handler. On error returns
  * non-zero with "message\ntraceback" (or the error object's text) copied into err. */
 int pup_lua_pcall(lua_State *L, int nargs, int nresults, pup_error *err);
+
+/* Raises "<what>: unknown option <key>" unless every key of the table at idx is one of
+ * the NULL-terminated list `known`. */
+void pup_lua_check_keys(lua_State *L, int idx, const char *what, const char *const *known);
+
+/* Option k (seconds, a number above 0 and at most PUP_LUA_MAX_SECONDS) of the options
+ * table at idx, in milliseconds (at least 1); def_ms when absent. Raises otherwise. */
+int pup_lua_opt_seconds(lua_State *L, int idx, const char *k, int def_ms);
+
+/* While a handler with a time limit runs in this VM: returns 1 with the seconds left
+ * (negative once passed) and the limit. Else 0. pup.sleep() sleeps no longer. */
+int pup_lua_handler_deadline(lua_State *L, double *left, int *limit_ms);
+
+/* Ends a run that blocked SIGINT/SIGTERM (to read them from a signalfd): restores the
+ * mask `old`, discarding those that arrived meanwhile instead of letting them kill the
+ * process, and keeps the caller's signal actions. */
+void pup_lua_unblock_signals(const sigset_t *old);
 
 /* JSON encode of the value at idx through pup.json (raises on failure). */
 const char *pup_lua_json_encode(lua_State *L, int idx, size_t *len);

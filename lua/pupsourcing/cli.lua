@@ -25,22 +25,45 @@ run options:
   --poll-interval MS                       fallback poll when no notification comes (default 1000)
   --once                                   stop when caught up with the log as it was at start
   --handler-timeout MS                     fail a handler that runs longer than MS on one event
-  --log-format text|json
+  --log-format text|json                   json: every line on stderr is one JSON object
+ranges: partitions and workers 1..4096, --batch-size 1..100000, --poll-interval 1..3600000,
+  --handler-timeout 1..86400000, --lease-ttl 100..3600000
 common options:
   --database-url URL     else DATABASE_URL, else libpq defaults (PGHOST, ...)
   --events-table NAME  --aggregate-heads-table NAME  --checkpoints-table NAME
 ]]
 
+-- With --log-format json every line the command prints to stderr is a JSON object.
+local json_log = false
+
+local function log(msg, level)
+  if json_log then
+    io.stderr:write(pup.json.encode { time = pup.now(), level = level or "info", msg = msg }, "\n")
+  else
+    io.stderr:write("pupsourcing: ", msg, "\n")
+  end
+end
+
 local function fail(msg)
-  io.stderr:write("pupsourcing: ", msg, "\n")
+  log(msg, "error")
   return 2
 end
 
 -- Flags that take no value.
 local BOOL = { once = true, json = true, help = true, version = true, group = true }
 
--- An integer flag (or its environment variable); returns the value and where it came from.
-local function int_flag(flags, k, env, min)
+local L = pup.limits
+-- Ranges of the integer flags (and their environment variables).
+local RANGE = {
+  workers = { 1, L.partitions }, ["partition-key"] = { 0, L.partitions - 1 },
+  ["total-partitions"] = { 1, L.partitions }, partitions = { 1, L.partitions },
+  ["batch-size"] = { 1, L.batch_size }, ["poll-interval"] = { 1, L.seconds * 1000 },
+  ["handler-timeout"] = { 1, L.handler_timeout_ms }, ["lease-ttl"] = { 100, L.seconds * 1000 },
+}
+
+-- An integer flag (or its environment variable) within RANGE[k]; returns the value and
+-- where it came from.
+local function int_flag(flags, k, env)
   local v = flags[k]
   local from = "--" .. k
   if v == nil and env and os.getenv(env) and os.getenv(env) ~= "" then
@@ -48,8 +71,10 @@ local function int_flag(flags, k, env, min)
   end
   if v == nil then return nil, from end
   local n = math.tointeger(tonumber(v))
-  if not n or n < min then
-    error(("%s must be an integer >= %d, got %q"):format(from, min, tostring(v)), 0)
+  local min, max = RANGE[k][1], RANGE[k][2]
+  if not n or n < min or n > max then
+    error(("%s must be an integer %s, got %q (range %d..%d)"):format(from,
+      n and n > max and "<= " .. max or ">= " .. min, tostring(v), min, max), 0)
   end
   return n, from
 end
@@ -102,15 +127,32 @@ commands["migrate-gen"] = function(flags)
   return 0
 end
 
+-- Warning lines about prepared transactions: until each is committed or rolled back,
+-- every projection stops at the first hole after its xid (xids are cluster-wide), and
+-- `run --once` waits for it (docs/reliability.md).
+local function prepared_warnings(db)
+  local rows = assert(db:query("SELECT gid, database, transaction::text AS xid,"
+    .. " to_char(prepared, 'YYYY-MM-DD\"T\"HH24:MI:SS.MSOF') AS since FROM pg_prepared_xacts ORDER BY prepared"))
+  local out = {}
+  for _, x in ipairs(rows) do
+    out[#out + 1] = ("warning: prepared transaction %q (xid %s, database %s) open since %s: projections"
+      .. " wait at any hole it may fill until COMMIT PREPARED or ROLLBACK PREPARED"):format(
+      x.gid, x.xid, x.database, x.since)
+  end
+  return out
+end
+
 function commands.status(flags)
   local store = pup.store(store_opts(flags))
   local db <close> = connect(flags)
   local rows = assert(pup.status(db, store))
+  local prepared = prepared_warnings(db)
   if flags.json then
     for _, r in ipairs(rows) do
       for k, v in pairs(r) do if v == pup.null then r[k] = nil end end
     end
-    print(pup.json.encode(rows))
+    print(#rows == 0 and "[]" or pup.json.encode(rows)) -- cjson writes an empty table as {}
+    for _, line in ipairs(prepared) do io.stderr:write("pupsourcing: ", line, "\n") end
     return 0
   end
   local names = store:names()
@@ -118,15 +160,18 @@ function commands.status(flags)
     .. " (SELECT string_agg(partition_key::text, ',' ORDER BY partition_key) FROM %s c WHERE c.projection_name = w.projection_name"
     .. " AND c.owner = w.worker_id AND c.lease_expires_at > clock_timestamp()) AS partitions"
     .. " FROM %s w ORDER BY projection_name, worker_id"):format(names.checkpoints_quoted, names.checkpoints_quoted:gsub('"$', '_workers"')))
+  for _, line in ipairs(prepared) do print(line) end
   if #rows == 0 then print("no projection checkpoints yet") return 0 end
   local w = #"projection"
   for _, r in ipairs(rows) do w = math.max(w, #r.projection) end
-  local line = "%-" .. w .. "s %9s %12s %12s %10s  %s"
-  print(line:format("projection", "partition", "position", "head", "lag", "updated / waiting"))
+  -- string.format widths stop at 99: pad the name column (names go up to 200 bytes) by hand
+  local function pad(s) return s .. (" "):rep(w - #s) end
+  local line = "%s %9s %12s %12s %10s  %s"
+  print(line:format(pad("projection"), "partition", "position", "head", "lag", "updated / waiting"))
   for _, r in ipairs(rows) do
     local wait = r.waiting_position ~= pup.null
         and ("  waiting for position %d since %s"):format(r.waiting_position, r.waiting_since) or ""
-    print(line:format(r.projection, r.partition_key .. "/" .. r.total_partitions,
+    print(line:format(pad(r.projection), r.partition_key .. "/" .. r.total_partitions,
       r.position, r.head, r.lag, r.updated_at .. wait))
   end
   if workers and #workers > 0 then
@@ -150,8 +195,10 @@ function commands.reset(flags, words)
 end
 
 function commands.repartition(flags, words)
-  if #words ~= 2 or not math.tointeger(tonumber(words[2])) or math.tointeger(tonumber(words[2])) < 1 then
-    return fail("repartition takes a projection file and a partition count >= 1")
+  local count = #words == 2 and math.tointeger(tonumber(words[2]))
+  if not count or count < 1 or count > pup.limits.partitions then
+    return fail(("repartition takes a projection file and a partition count from 1 to %d%s"):format(
+      pup.limits.partitions, #words == 2 and (", got %q"):format(words[2]) or ""))
   end
   local proj = pup.load_projection(words[1])
   local n = math.tointeger(tonumber(words[2]))
@@ -179,17 +226,17 @@ end
 
 function commands.run(flags, words)
   if #words == 0 then return fail("run needs at least one projection FILE.lua") end
-  local workers = int_flag(flags, "workers", nil, 1)
-  local key, key_from = int_flag(flags, "partition-key", "PARTITION_KEY", 0)
-  local total, total_from = int_flag(flags, "total-partitions", "TOTAL_PARTITIONS", 1)
-  local batch = int_flag(flags, "batch-size", nil, 1)
-  local poll = int_flag(flags, "poll-interval", nil, 1)
-  local limit = int_flag(flags, "handler-timeout", nil, 1)
+  local workers = int_flag(flags, "workers")
+  local key, key_from = int_flag(flags, "partition-key", "PARTITION_KEY")
+  local total, total_from = int_flag(flags, "total-partitions", "TOTAL_PARTITIONS")
+  local batch = int_flag(flags, "batch-size")
+  local poll = int_flag(flags, "poll-interval")
+  local limit = int_flag(flags, "handler-timeout")
   if workers and (flags["partition-key"] or flags["total-partitions"]) then
     return fail("--workers and --partition-key/--total-partitions exclude each other")
   end
-  local partitions = int_flag(flags, "partitions", nil, 1)
-  local ttl = int_flag(flags, "lease-ttl", nil, 100)
+  local partitions = int_flag(flags, "partitions")
+  local ttl = int_flag(flags, "lease-ttl")
   if flags.group then
     if workers or flags["partition-key"] or flags["total-partitions"] then
       return fail("--group shares partitions by leases: drop --workers/--partition-key/--total-partitions (use --partitions)")
@@ -232,13 +279,6 @@ function commands.run(flags, words)
   if flags.group then opts.total_partitions = partitions or 16 end
   local r = pup.runner(opts)
   local res, err = r:run()
-  local function log(msg, level)
-    if fmt == "json" then
-      io.stderr:write(pup.json.encode { time = pup.now(), level = level or "info", msg = msg }, "\n")
-    else
-      io.stderr:write("pupsourcing: ", msg, "\n")
-    end
-  end
   if not res then
     log(tostring(err), "error")
     return 1
@@ -267,6 +307,7 @@ function M.main(argv)
     words[i] = w
     flags[i] = nil
   end
+  json_log = flags["log-format"] == "json"
   if flags.help then io.write(USAGE) return 0 end
   for k in pairs(flags) do
     if not (KNOWN[cmd][k] or COMMON[k]) then return fail(("%s: unknown flag --%s"):format(cmd, k)) end
