@@ -246,14 +246,12 @@ function commands.run(flags, words)
   elseif partitions or ttl then
     return fail("--partitions and --lease-ttl go with --group")
   end
-  if flags.group then
-    -- checked above
-  elseif key and not workers then
+  if not flags.group and key and not workers then -- (a group was checked above)
     total = total or 1
     if key >= total then
       return fail(("%s %d must be below %s %d"):format(key_from, key, total_from, total))
     end
-  elseif total and total > 1 and not workers then
+  elseif not flags.group and total and total > 1 and not workers then
     return fail("--total-partitions needs --partition-key (or PARTITION_KEY)")
   end
   local fmt = flags["log-format"] or "text"

@@ -132,7 +132,7 @@ describe("reliability: PostgreSQL restarts", function()
     local t0 = pup.now()
     local url = server.url
     local db = H.connect(url)
-    local store, _, T = H.fresh_store("rel_restart_w", db)
+    local _, _, T = H.fresh_store("rel_restart_w", db)
     db:close()
     local wlog, stop = tmp .. "/writer.log", tmp .. "/stop"
     local wargs = { WRITER, "--mode", "loop", "--database-url", url, "--log", wlog, "--stop", stop,
