@@ -200,6 +200,27 @@ describe("handler safety", function()
       assert_exact("hs_dbclose", 5)
     end)
 
+    it("a store closed (<close>) while a processor borrows it raises; the processor goes on", function()
+      local r = script [[
+        local p
+        local ok, err = pcall(function()
+          local s <close> = pup.store { events_table = ev, aggregate_heads_table = hd, checkpoints_table = ck }
+          p = pup.processor(db, writer("hs_sclose"), { store = s })
+        end)
+        print("close", tostring(ok), tostring(err):match("store is in use by 1 processor%(s%)"))
+        print("run", assert(p:run_once()))
+        p:close()
+        local s2 <close> = pup.store { events_table = ev, aggregate_heads_table = hd, checkpoints_table = ck }
+        pup.processor(db, writer("hs_sclose2"), { store = s2 }):close()
+        print("unpinned")
+      ]]
+      assert_clean(r, 0)
+      assert.matches("close\tfalse\tstore is in use by 1 processor%(s%)\n", r.stdout)
+      assert.matches("run\t5\n", r.stdout)
+      assert.matches("unpinned\n", r.stdout)
+      assert_exact("hs_sclose", 5)
+    end)
+
     it("a processor cannot run inside a handler (its own or another's)", function()
       local r = script [[
         local p, other

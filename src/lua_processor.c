@@ -305,6 +305,7 @@ static int l_processor(lua_State *L) {
     lp->proj_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pushvalue(L, 1);
     lp->db_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    pup_lua_store_pin(L, store_idx);
     lua_pushvalue(L, store_idx);
     lp->store_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     pup_lua_push_managed_tx(L, c, pup_lua_params(L, 1));
@@ -354,6 +355,11 @@ static int proc_close(lua_State *L) {
     }
     pup_processor_free(lp->p);
     lp->p = NULL;
+    if (lp->store_ref != LUA_NOREF) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, lp->store_ref);
+        pup_lua_store_unpin(L, -1);
+        lua_pop(L, 1);
+    }
     luaL_unref(L, LUA_REGISTRYINDEX, lp->proj_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, lp->tx_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, lp->db_ref);

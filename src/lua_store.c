@@ -16,6 +16,7 @@ typedef struct lstore {
     pup_event_in *events;
     int cap;
     int open;
+    int users; /* processors that borrow the names and SQL: __close raises meanwhile */
 } lstore;
 
 static lstore *checkstore(lua_State *L) {
@@ -54,6 +55,7 @@ static int l_store(lua_State *L) {
     return 1;
 }
 
+/* __gc: nothing can be using a store that is collected. */
 static int store_gc(lua_State *L) {
     lstore *s = luaL_checkudata(L, 1, PUP_STORE_MT);
     if (s->open) {
@@ -64,6 +66,23 @@ static int store_gc(lua_State *L) {
         s->open = 0;
     }
     return 0;
+}
+
+/* __close (`local store <close> = ...`): refused while a processor borrows the store. */
+static int store_close(lua_State *L) {
+    lstore *s = luaL_checkudata(L, 1, PUP_STORE_MT);
+    if (s->users > 0)
+        return luaL_error(L, "store is in use by %d processor(s): close them first", s->users);
+    return store_gc(L);
+}
+
+void pup_lua_store_pin(lua_State *L, int idx) {
+    ((lstore *)luaL_checkudata(L, idx, PUP_STORE_MT))->users++;
+}
+
+void pup_lua_store_unpin(lua_State *L, int idx) {
+    lstore *s = luaL_checkudata(L, idx, PUP_STORE_MT);
+    if (s->users > 0) s->users--;
 }
 
 static int store_tostring(lua_State *L) {
@@ -421,6 +440,10 @@ void pup_lua_open_store(lua_State *L) {
         {"migrate", store_migrate}, {"schema_sql", store_schema_sql},
         {"names", store_names}, {NULL, NULL}};
     pup_lua_class(L, PUP_STORE_MT, methods, store_gc, store_tostring);
+    lua_pop(L, 1);
+    luaL_getmetatable(L, PUP_STORE_MT);
+    lua_pushcfunction(L, store_close);
+    lua_setfield(L, -2, "__close");
     lua_pop(L, 1);
 
     luaL_newmetatable(L, PUP_EVENT_MT);

@@ -71,6 +71,11 @@ pup_params *pup_lua_params(lua_State *L, int idx);
 PGresult **pup_lua_result_box(lua_State *L);
 void pup_lua_result_clear(PGresult **box);
 
+/* A processor borrows the store at idx from creation to close: its __close raises
+ * meanwhile (__gc still frees it). */
+void pup_lua_store_pin(lua_State *L, int idx);
+void pup_lua_store_unpin(lua_State *L, int idx);
+
 /* The pup_store inside a store argument; raises if it is not one. */
 const pup_store *pup_lua_checkstore(lua_State *L, int idx);
 
