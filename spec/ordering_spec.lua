@@ -85,6 +85,113 @@ describe("gap-safe reading", function()
     a:close() b:close()
   end)
 
+  -- The bound of a hole must be above its writer's xid even when that xid is above every
+  -- completed one. Three or more transactions: B and D take xids, A takes a higher one and
+  -- draws the hole's position, B appends above it and commits. When the hole is seen, the
+  -- latest completed xid is B's (below D's and A's), so "latest completed + 1" (a snapshot's
+  -- xmax) is at or below D. Once D ends, every snapshot's xmin is above that while A still
+  -- runs: a bound taken from a snapshot's xmax steps over A's position for ever.
+  local function xid(tx)
+    return assert(tx:query("SELECT pg_current_xact_id()::text AS x"))[1].x
+  end
+
+  local function assert_waits(p, times)
+    for _ = 1, times or 5 do
+      assert.equal(0, p:run_once())
+      pup.sleep(0.01)
+    end
+    assert.same({}, positions())
+  end
+
+  it("does not pass a hole whose writer's xid is above every completed one, after older transactions end", function()
+    local a, b, d = H.connect(), H.connect(), H.connect()
+    local p = pup.processor(db, projection(), { store = store })
+    local txb = assert(b:begin())
+    local xb = xid(txb)
+    local txd = assert(d:begin())
+    local xd = xid(txd)
+    local txa = assert(a:begin())
+    local ra = append(txa, "a")
+    local xa = xid(txa)
+    assert.is_true(tonumber(xb) < tonumber(xd) and tonumber(xd) < tonumber(xa))
+    local rb = append(txb, "b")
+    assert(txb:commit())                 -- latest completed: B, below D and A
+    assert_waits(p, 1)                   -- the hole is seen and given its bound
+    assert(txd:commit())                 -- D ends after the bound: xmin moves to A
+    assert_waits(p)
+    local st = assert(pup.status(db, store))
+    assert.equal(ra.global_positions[1], st[1].waiting_position)
+    assert(txa:commit())
+    assert.equal(2, run_until_handled(p))
+    assert.same({ ra.global_positions[1], rb.global_positions[1] }, positions())
+    a:close() b:close() d:close()
+  end)
+
+  it("does not pass such a hole when the older transactions roll back, one during the batch that saw it", function()
+    -- C holds an event below the hole (so the batch runs a handler between its read and
+    -- its bound); E ends inside that handler, D after the batch: both roll back.
+    local a, b, d, e = H.connect(), H.connect(), H.connect(), H.connect()
+    local first = append(db, "first")
+    local txe = assert(e:begin())
+    xid(txe)
+    local txb = assert(b:begin())
+    xid(txb)
+    local txd = assert(d:begin())
+    xid(txd)
+    local txa = assert(a:begin())
+    local ra = append(txa, "a")
+    local rb = append(txb, "b")
+    assert(txb:commit())
+    local rolled = false
+    local p = pup.processor(db, {
+      name = "ordering",
+      handle = function(_, ev)
+        seen[#seen + 1] = ev
+        if not rolled then rolled = true; assert(txe:rollback()) end
+      end,
+    }, { store = store })
+    assert.equal(1, p:run_once())        -- handles `first`, then stops at A's hole
+    assert.is_true(rolled)
+    assert(txd:rollback())
+    for _ = 1, 5 do
+      assert.equal(0, p:run_once())
+      pup.sleep(0.01)
+    end
+    assert.same({ first.global_positions[1] }, positions())
+    assert(txa:commit())
+    assert.equal(2, run_until_handled(p))
+    assert.same({ first.global_positions[1], ra.global_positions[1], rb.global_positions[1] }, positions())
+    a:close() b:close() d:close() e:close()
+  end)
+
+  it("passes neither of two such holes while one of their writers runs", function()
+    -- Four writers: B and D below, A1 and A2 above every completed xid, each holding a
+    -- hole between B's events. A1 rolls back, D commits, A2 still runs.
+    local a1, a2, b, d = H.connect(), H.connect(), H.connect(), H.connect()
+    local p = pup.processor(db, projection(), { store = store })
+    local txb = assert(b:begin())
+    xid(txb)
+    local txd = assert(d:begin())
+    xid(txd)
+    local tx1 = assert(a1:begin())
+    local r1 = append(tx1, "a1")
+    local rb1 = append(txb, "b")
+    local tx2 = assert(a2:begin())
+    local r2 = append(tx2, "a2")
+    local rb2 = append(txb, "b")
+    assert(txb:commit())
+    assert_waits(p, 1)
+    assert(txd:commit())
+    assert(tx1:rollback())
+    assert_waits(p)
+    local st = assert(pup.status(db, store))
+    assert.equal(r1.global_positions[1], st[1].waiting_position)
+    assert(tx2:commit())
+    assert.equal(3, run_until_handled(p))
+    assert.same({ rb1.global_positions[1], r2.global_positions[1], rb2.global_positions[1] }, positions())
+    a1:close() a2:close() b:close() d:close()
+  end)
+
   it("steps over a rolled-back append without a timer", function()
     local a, b = H.connect(), H.connect()
     local p = pup.processor(db, projection(), { store = store })
