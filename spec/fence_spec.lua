@@ -10,6 +10,12 @@ local N = 20
 
 describe("checkpoint fences, the fenced session alive", function()
   local store, db, names, ctl
+  local conns = {} -- closed after each case, also when it fails (no transaction left open)
+  local function connect()
+    local c = H.connect()
+    conns[#conns + 1] = c
+    return c
+  end
 
   local function q(sql, ...) return assert(ctl:query(sql, ...)) end
   local function counter() return q("SELECT n FROM t_fence_cnt")[1].n end
@@ -42,7 +48,7 @@ describe("checkpoint fences, the fenced session alive", function()
   end
 
   before_each(function()
-    ctl = H.connect()
+    ctl = connect()
     local t = H.tables("fence")
     for _, x in ipairs { "_workers", "_groups" } do
       assert(ctl:exec(('DROP TABLE IF EXISTS "%s%s"'):format(t.checkpoints_table, x)))
@@ -57,12 +63,13 @@ describe("checkpoint fences, the fenced session alive", function()
   end)
 
   after_each(function()
+    for _, c in ipairs(conns) do c:close() end
+    conns = {}
     db:close()
-    ctl:close()
   end)
 
   it("static: a batch whose checkpoint another processor moved rolls back, nothing applied twice", function()
-    local other = H.connect()
+    local other = connect()
     local p2 = pup.processor(other, projection(), { store = store })
     local p1 = pup.processor(db, projection(function(tx)
       -- A second processor of the same partition with the session lock bypassed: p1 gives
@@ -77,11 +84,10 @@ describe("checkpoint fences, the fenced session alive", function()
     assert.equal(N, counter())
     assert.equal(N, checkpoint_rows()[1].pos)
     assert.is_true(alive(pid))
-    other:close()
   end)
 
   it("group: a batch whose lease went to another live worker rolls back, its session alive", function()
-    local other = H.connect()
+    local other = connect()
     local W = names.checkpoints_table .. "_workers"
     local w2 = pup.processor(other, projection(), { store = store, group = true, total_partitions = 1, lease_ttl = 30 })
     local w1 = pup.processor(db, projection(function()
@@ -105,7 +111,6 @@ describe("checkpoint fences, the fenced session alive", function()
     -- the owner is w2: its next batch has nothing left, w1 takes nothing back
     assert.equal(0, w2:run_once())
     assert.equal(N, counter())
-    other:close()
   end)
 
   it("group: a batch whose lease lapsed commits nothing, though nobody took the partition over", function()
