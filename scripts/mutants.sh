@@ -15,8 +15,10 @@
 #   PUP_TEST_JOBS=N          ctest parallelism per mutation (default 2)
 #
 # A mutation is a textual replacement: file, the exact old text (it must occur exactly
-# once, else "NOT APPLIED"), the new text, and a ctest -R regex. A mutation that does not
-# apply or does not build counts as a failure, so the list stays in sync with the code.
+# once, else "NOT APPLIED"), the new text, a ctest -R regex, and optionally a ctest
+# time limit in seconds for mutants that make a test wait for ever (a hang counts as a kill).
+# A mutation that does not apply or does not build counts as a failure, so the list stays
+# in sync with the code.
 # Exit status: 0 only if every mutation applied and was killed.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -99,6 +101,7 @@ file: src/processor.c
 old: forget_gaps(p, last, 0);
 new: forget_gaps(p, last, 1);
 tests: ^lua\.ordering$
+timeout: 25
 
 name: gap-any-containing
 why: a new hole is decided by an older hole's bound when it merely starts after it
@@ -182,7 +185,14 @@ why: a pipelined handler statement's failure is blamed on the batch's first even
 file: src/processor.c
 old: rc = tag >= 0 && tag < nrows ? event_error(p, r, (int)tag, err) : with_context(p, err);
 new: rc = tag >= 0 && tag < nrows ? event_error(p, r, 0, err) : with_context(p, err);
-tests: ^lua\.(errors|processor)$
+tests: ^lua\.(retry|processor)$
+
+name: pipeline-failure-noticing-row
+why: a pipelined statement's failure read during a later handler is blamed on that later event
+file: src/processor.c
+old: rc = event_error(p, r, (int)tag, err);
+new: rc = event_error(p, r, i, err);
+tests: ^lua\.(retry|processor)$
 
 name: handler-nil-err-ignored
 why: a handler's `return nil, err` no longer fails its batch
@@ -225,21 +235,22 @@ for a in "$@"; do
 done
 
 # Parses the list into parallel arrays.
-names=(); whys=(); files=(); olds=(); news=(); tests=()
+names=(); whys=(); files=(); olds=(); news=(); tests=(); timeouts=()
 parse() {
-  local name="" why="" file="" old="" new="" test="" line key val
+  local name="" why="" file="" old="" new="" test="" timeout="" line key val
   flush() {
     if [ -n "$name" ]; then
       names+=("$name"); whys+=("$why"); files+=("$file"); olds+=("$old"); news+=("$new"); tests+=("$test")
+      timeouts+=("$timeout")
     fi
-    name="" why="" file="" old="" new="" test=""
+    name="" why="" file="" old="" new="" test="" timeout=""
   }
   while IFS= read -r line; do
     if [ -z "$line" ]; then flush; continue; fi
     key=${line%%:*}
     val=${line#*: }
     case "$key" in
-      name) name=$val ;; why) why=$val ;; file) file=$val ;; tests) test=$val ;;
+      name) name=$val ;; why) why=$val ;; file) file=$val ;; tests) test=$val ;; timeout) timeout=$val ;;
       old) old=$val ;; old+) old+=$'\n'$val ;;
       new) new=$val ;; new+) new+=$'\n'$val ;;
       *) echo "mutants.sh: bad line in the list: $line" >&2; exit 2 ;;
@@ -320,8 +331,11 @@ export DATABASE_URL
 
 log=$scratch/log
 mkdir -p "$log"
-run_tests() { # regex, log file -> ctest's status
-  ctest --test-dir "$scratch/build" --output-on-failure -j "${PUP_TEST_JOBS:-2}" -R "$1" >"$2" 2>&1
+run_tests() { # regex, log file, [seconds] -> ctest's status
+  local limit=()
+  # (timeout signals its whole process group: ctest and the busted it started)
+  [ -n "${3:-}" ] && limit=(timeout -k 5 "$3")
+  "${limit[@]}" ctest --test-dir "$scratch/build" --output-on-failure -j "${PUP_TEST_JOBS:-2}" -R "$1" >"$2" 2>&1
 }
 build() { cmake --build "$scratch/build" -j2 >"$1" 2>&1; }
 
@@ -356,7 +370,7 @@ for i in "${selected[@]}"; do
   elif ! build "$log/$name.build"; then
     status="BUILD FAILED (see $log/$name.build)"
     failed=$((failed + 1))
-  elif run_tests "${tests[$i]}" "$log/$name.test"; then
+  elif run_tests "${tests[$i]}" "$log/$name.test" "${timeouts[$i]}"; then
     if grep -q "No tests were found" "$log/$name.test"; then
       status="SURVIVED (no test matches ${tests[$i]})"
     else

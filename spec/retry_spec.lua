@@ -102,3 +102,40 @@ describe("processor loop retries", function()
     end
   end)
 end)
+
+describe("a pipelined statement's failure", function()
+  local store, db
+
+  before_each(function()
+    store, db = H.fresh_store("retry_pipe")
+    for i = 1, N do assert(store:append(db, pup.any(), H.events(1, { aggregate_id = "p" .. i }))) end
+  end)
+
+  after_each(function() db:close() end)
+
+  -- Every handler pipelines a statement; event `bad`'s divides by zero. Whether the error
+  -- is read while later handlers run or only at the batch's end, it names event `bad`.
+  for _, bad in ipairs { 1, 3, N } do
+    it(("is blamed on its own event (%d of %d), not on the one that noticed it"):format(bad, N), function()
+      local returned = {}
+      local p = pup.processor(db, {
+        name = "pipe" .. bad,
+        handle = function(tx, e)
+          local d = e.global_position == bad and 0 or 1
+          returned[#returned + 1] = tx:exec("SELECT $1::int / $2::int", e.global_position, d)
+        end,
+      }, { store = store })
+      local n, err = p:run_once()
+      assert.is_nil(n)
+      assert.equal("22012", err.sqlstate)
+      assert.equal("handler", err.code)
+      local ev = assert(store:read_events(db, bad - 1, 1))[1]
+      assert.equal(bad, ev.global_position)
+      local want = ("handler failed at global position %d (event_type %s, event_id %s)"):format(
+        bad, ev.event_type, ev.event_id)
+      assert.is_truthy(err.message:find(want, 1, true), err.message)
+      assert.is_true(returned[1]) -- pipelined: the first exec returned at once
+      assert.equal(0, p:stats().position)
+    end)
+  end
+end)
