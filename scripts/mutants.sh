@@ -19,7 +19,8 @@
 # time limit in seconds for mutants that make a test wait for ever (a hang counts as a kill).
 # A mutation that does not apply or does not build counts as a failure, so the list stays
 # in sync with the code.
-# Exit status: 0 only if every mutation applied and was killed.
+# Exit status: 0 only if every mutation applied and was killed. A full run takes about
+# 4-5 minutes on 2 cores (docs/reliability.md, "Mutation testing").
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
