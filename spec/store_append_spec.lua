@@ -114,6 +114,12 @@ describe("store:append", function()
       assert.are.equal(2, head(id))
     end)
 
+    -- Known defect (src/lua_store.c, check_expected): an expected-version table whose
+    -- `version` was changed afterwards (e.version = -1 or 2.5), or a table with its
+    -- metatable and no version, is read as "any" and appends unconditionally. It should
+    -- raise like pup.exact(-1) does.
+    pending("an expected-version table with a negative, fractional or missing version raises")
+
     it("exact() of a huge version is a conflict, never an append", function()
       local id = h.uid("ehuge")
       assert(append(pup.no_stream(), id, 2))
