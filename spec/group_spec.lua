@@ -249,7 +249,10 @@ describe("worker groups", function()
     if not ok then problems[#problems + 1] = tostring(err) end
     assert.is_true(pup.now() - frozen_at > TTL / 1000 * 0.3, "the frozen worker lost its lease before the TTL") -- leases are renewed TTL/5 apart between batches; never taken before expiry
 
-    -- resumed: its open transaction must not commit (fence), it rejoins with a fair share
+    -- resumed: its open transaction must not commit, it rejoins with a fair share. (b ends
+    -- a's session when it takes over, a's heartbeat having stopped, so here that termination
+    -- stops a; spec/fence_spec.lua shows the lease fence of the checkpoint write itself,
+    -- with the old worker's session alive.)
     H.signal(a, "CONT")
     g:wait_settled({ a, b }, 15, "a to rejoin after SIGCONT")
     g:finish_writers(30)

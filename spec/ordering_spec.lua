@@ -5,6 +5,14 @@ local H = require "spec.helpers"
 
 describe("gap-safe reading", function()
   local store, db, names, seen
+  -- Every connection a case opens is closed after it, also when it fails: an open
+  -- transaction left behind would block the next case's DROP TABLE.
+  local conns = {}
+  local function connect()
+    local c = H.connect()
+    conns[#conns + 1] = c
+    return c
+  end
 
   local function projection()
     return {
@@ -39,10 +47,14 @@ describe("gap-safe reading", function()
     seen = {}
   end)
 
-  after_each(function() db:close() end)
+  after_each(function()
+    for _, c in ipairs(conns) do c:close() end
+    conns = {}
+    db:close()
+  end)
 
   it("does not pass an append that commits after a later one", function()
-    local a, b = H.connect(), H.connect()
+    local a, b = connect(), connect()
     local p = pup.processor(db, projection(), { store = store })
     local txa = assert(a:begin())
     local ra = append(txa, "a")            -- draws position 1 and holds it
@@ -66,7 +78,7 @@ describe("gap-safe reading", function()
     -- PostgreSQL's snapshot xmax is the latest completed xid + 1, not the next xid: B takes
     -- its xid first, A draws a position (and a higher xid), B appends above it and commits.
     -- Now A's xid is at or above xmax, so it is in no snapshot's running list.
-    local a, b = H.connect(), H.connect()
+    local a, b = connect(), connect()
     local p = pup.processor(db, projection(), { store = store })
     local txb = assert(b:begin())
     assert(txb:query("SELECT pg_current_xact_id()"))
@@ -85,8 +97,142 @@ describe("gap-safe reading", function()
     a:close() b:close()
   end)
 
+  -- The bound of a hole must be above its writer's xid even when that xid is above every
+  -- completed one. Three or more transactions: B and D take xids, A takes a higher one and
+  -- draws the hole's position, B appends above it and commits. When the hole is seen, the
+  -- latest completed xid is B's (below D's and A's), so "latest completed + 1" (a snapshot's
+  -- xmax) is at or below D. Once D ends, every snapshot's xmin is above that while A still
+  -- runs: a bound taken from a snapshot's xmax steps over A's position for ever.
+  local function xid(tx)
+    return assert(tx:query("SELECT pg_current_xact_id()::text AS x"))[1].x
+  end
+
+  local function assert_waits(p, times)
+    for _ = 1, times or 5 do
+      assert.equal(0, p:run_once())
+      pup.sleep(0.01)
+    end
+    assert.same({}, positions())
+  end
+
+  it("does not pass a hole whose writer's xid is above every completed one, after older transactions end", function()
+    local a, b, d = connect(), connect(), connect()
+    local p = pup.processor(db, projection(), { store = store })
+    local txb = assert(b:begin())
+    local xb = xid(txb)
+    local txd = assert(d:begin())
+    local xd = xid(txd)
+    local txa = assert(a:begin())
+    local ra = append(txa, "a")
+    local xa = xid(txa)
+    assert.is_true(tonumber(xb) < tonumber(xd) and tonumber(xd) < tonumber(xa))
+    local rb = append(txb, "b")
+    assert(txb:commit())                 -- latest completed: B, below D and A
+    assert_waits(p, 1)                   -- the hole is seen and given its bound
+    assert(txd:commit())                 -- D ends after the bound: xmin moves to A
+    assert_waits(p)
+    local st = assert(pup.status(db, store))
+    assert.equal(ra.global_positions[1], st[1].waiting_position)
+    assert(txa:commit())
+    assert.equal(2, run_until_handled(p))
+    assert.same({ ra.global_positions[1], rb.global_positions[1] }, positions())
+    a:close() b:close() d:close()
+  end)
+
+  it("does not pass such a hole when the older transactions roll back, one during the batch that saw it", function()
+    -- C holds an event below the hole (so the batch runs a handler between its read and
+    -- its bound); E ends inside that handler, D after the batch: both roll back.
+    local a, b, d, e = connect(), connect(), connect(), connect()
+    local first = append(db, "first")
+    local txe = assert(e:begin())
+    xid(txe)
+    local txb = assert(b:begin())
+    xid(txb)
+    local txd = assert(d:begin())
+    xid(txd)
+    local txa = assert(a:begin())
+    local ra = append(txa, "a")
+    local rb = append(txb, "b")
+    assert(txb:commit())
+    local rolled = false
+    local p = pup.processor(db, {
+      name = "ordering",
+      handle = function(_, ev)
+        seen[#seen + 1] = ev
+        if not rolled then rolled = true; assert(txe:rollback()) end
+      end,
+    }, { store = store })
+    assert.equal(1, p:run_once())        -- handles `first`, then stops at A's hole
+    assert.is_true(rolled)
+    assert(txd:rollback())
+    for _ = 1, 5 do
+      assert.equal(0, p:run_once())
+      pup.sleep(0.01)
+    end
+    assert.same({ first.global_positions[1] }, positions())
+    assert(txa:commit())
+    assert.equal(2, run_until_handled(p))
+    assert.same({ first.global_positions[1], ra.global_positions[1], rb.global_positions[1] }, positions())
+    a:close() b:close() d:close() e:close()
+  end)
+
+  it("passes neither of two such holes while one of their writers runs", function()
+    -- Four writers: B and D below, A1 and A2 above every completed xid, each holding a
+    -- hole between B's events. A1 rolls back, D commits, A2 still runs.
+    local a1, a2, b, d = connect(), connect(), connect(), connect()
+    local p = pup.processor(db, projection(), { store = store })
+    local txb = assert(b:begin())
+    xid(txb)
+    local txd = assert(d:begin())
+    xid(txd)
+    local tx1 = assert(a1:begin())
+    local r1 = append(tx1, "a1")
+    local rb1 = append(txb, "b")
+    local tx2 = assert(a2:begin())
+    local r2 = append(tx2, "a2")
+    local rb2 = append(txb, "b")
+    assert(txb:commit())
+    assert_waits(p, 1)
+    assert(txd:commit())
+    assert(tx1:rollback())
+    assert_waits(p)
+    local st = assert(pup.status(db, store))
+    assert.equal(r1.global_positions[1], st[1].waiting_position)
+    assert(tx2:commit())
+    assert.equal(3, run_until_handled(p))
+    assert.same({ rb1.global_positions[1], r2.global_positions[1], rb2.global_positions[1] }, positions())
+    a1:close() a2:close() b:close() d:close()
+  end)
+
+  it("does not decide a hole seen later by the bound of an older one", function()
+    -- A1's hole is noted with a bound; A2 starts after that bound was drawn and holds a
+    -- hole further up. Once A1 rolls back, A1's hole is dead (xmin is above its bound),
+    -- but that bound says nothing about A2, which still runs.
+    local a1, a2, b = connect(), connect(), connect()
+    local p = pup.processor(db, projection(), { store = store })
+    local tx1 = assert(a1:begin())
+    local r1 = append(tx1, "a1")
+    local rb1 = append(b, "b")
+    assert_waits(p, 1)                   -- notes A1's hole, with a bound
+    local tx2 = assert(a2:begin())
+    local r2 = append(tx2, "a2")
+    local rb2 = append(b, "b")
+    assert(tx1:rollback())
+    assert.equal(1, run_until_handled(p)) -- steps over A1's hole, stops at A2's
+    assert.same({ rb1.global_positions[1] }, positions())
+    for _ = 1, 5 do
+      assert.equal(0, p:run_once())
+      pup.sleep(0.01)
+    end
+    assert.equal(r2.global_positions[1], assert(pup.status(db, store))[1].waiting_position)
+    assert(tx2:commit())
+    assert.equal(2, run_until_handled(p))
+    assert.same({ rb1.global_positions[1], r2.global_positions[1], rb2.global_positions[1] }, positions())
+    assert.is_true(r1.global_positions[1] < rb1.global_positions[1])
+  end)
+
   it("steps over a rolled-back append without a timer", function()
-    local a, b = H.connect(), H.connect()
+    local a, b = connect(), connect()
     local p = pup.processor(db, projection(), { store = store })
     local txa = assert(a:begin())
     local ra = append(txa, "a")
@@ -99,7 +245,7 @@ describe("gap-safe reading", function()
   end)
 
   it("waits at a dead hole while an older transaction runs, reports it, resumes after", function()
-    local a, b, c = H.connect(), H.connect(), H.connect()
+    local a, b, c = connect(), connect(), connect()
     local p = pup.processor(db, projection(), { store = store })
     local txc = assert(c:begin())
     assert(txc:query("SELECT pg_current_xact_id()"))       -- an unrelated transaction with an xid
@@ -118,7 +264,7 @@ describe("gap-safe reading", function()
   end)
 
   it("hands an aggregate's events over in version order in every interleaving", function()
-    local conns = { H.connect(), H.connect(), H.connect() }
+    local conns = { connect(), connect(), connect() }
     local p = pup.processor(db, projection(), { store = store, batch_size = 1000 })
     for round = 1, 20 do
       -- three writers on four aggregates (distinct within a round: one thread cannot wait

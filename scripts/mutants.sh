@@ -1,0 +1,396 @@
+#!/usr/bin/env bash
+# Mutation testing (issue 17): applies each mutation of the list below to a scratch copy
+# of this working tree (never to the tree itself), builds it, runs the ctest tests that
+# should catch it against one throwaway PostgreSQL, and prints killed/survived.
+#
+#   bash scripts/mutants.sh             every mutation
+#   bash scripts/mutants.sh gap lease   only those whose name contains one of the words
+#   bash scripts/mutants.sh -l          list the mutations
+#
+#   PUP_MUTANTS_DIR=DIR      scratch directory (default: a new one under /tmp, removed at
+#                            the end); an existing one is refreshed and its build reused
+#   PUP_MUTANTS_BASELINE=0   skip the baseline run (the unmutated copy must pass every
+#                            test the list names, or every "kill" would mean nothing)
+#   PUP_TEST_DATABASE_URL=…  use that database instead of a throwaway server
+#   PUP_TEST_JOBS=N          ctest parallelism per mutation (default 2)
+#
+# A mutation is a textual replacement: file, the exact old text (it must occur exactly
+# once, else "NOT APPLIED"), the new text, a ctest -R regex, and optionally a ctest
+# time limit in seconds for mutants that make a test wait for ever (a hang counts as a kill).
+# A mutation that does not apply or does not build counts as a failure, so the list stays
+# in sync with the code.
+# Exit status: 0 only if every mutation applied and was killed. A full run takes about
+# 4-5 minutes on 2 cores (docs/reliability.md, "Mutation testing").
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+# The list. Records are separated by blank lines; `old+:`/`new+:` continue the text on a
+# new line; exactly one space follows the colon, the rest of the line is the text.
+mutations() {
+  cat <<'EOF'
+name: gap-bound-snapshot-xmax
+why: issue 17 #1: a hole's bound from the snapshot's xmax, not the reader's own xid
+file: src/processor.c
+old: PGresult *xr = run(p, err, "SELECT pg_current_xact_id()::text", 0);
+new: PGresult *xr = run(p, err, "SELECT pg_snapshot_xmax(pg_current_snapshot())::text", 0);
+tests: ^lua\.ordering$
+
+name: lease-fence-owner-or-lease
+why: issue 17 #2: the group checkpoint write accepts another worker's valid lease
+file: src/processor.c
+old: " AND owner = $7 AND lease_expires_at > clock_timestamp() RETURNING partition_key",
+new: " AND (owner = $7 OR lease_expires_at > clock_timestamp()) RETURNING partition_key",
+tests: ^lua\.fence$
+
+name: checkpoint-fence-ge
+why: issue 17 #3: a checkpoint moved forward under a running batch is overwritten
+file: src/processor.c
+old: " WHERE c.last_global_position = $8 RETURNING 1",
+new: " WHERE c.last_global_position >= $8 RETURNING 1",
+tests: ^lua\.fence$
+
+name: exact-negative-accepted
+why: issue 17 #4: pup.exact(-1) becomes an unconditional append
+file: src/lua_store.c
+old: luaL_argcheck(L, v >= 0, 1, "version must be >= 0");
+new: (void)0;
+tests: ^lua\.store_append$
+
+name: standby-retry-5s
+why: issue 17 #5: a static standby retries its lock every 5 s instead of 1 s (test by h-proc)
+file: src/processor.c
+old: if (wait_for(p, o, p->cfg.group ? 200 : 1000)) return 0;
+new: if (wait_for(p, o, p->cfg.group ? 200 : 5000)) return 0;
+tests: ^lua\.processor_liveness$
+
+name: pqclear-only-on-error
+why: issue 17 #6: a pipelined statement's result leaks unless it failed
+file: src/db.c
+old:                 note_failure(c, &e, tag);
+old+:             }
+old+:             PQclear(r);
+new:                 note_failure(c, &e, tag);
+new+:                 PQclear(r);
+new+:             }
+tests: ^reliability\.resources$
+
+name: notify-wakeup-ignored
+why: issue 17 #7: an idle processor no longer wakes on an append's NOTIFY (test by h-proc)
+file: src/processor.c
+old: int sock = p->listening && pup_conn_ok(p->conn) ? PQsocket(pg) : -1;
+new: int sock = -1;
+tests: ^lua\.processor_liveness$
+
+name: gap-bound-read-xmin
+why: a hole's bound from the reading snapshot's xmin (below a running writer's xid)
+file: src/processor.c
+old: uint64_t bound = strtoull(PQgetvalue(xr, 0, 0), NULL, 10);
+new: uint64_t bound = xmin;
+tests: ^lua\.ordering$
+
+name: gap-new-hole-passed
+why: a hole seen for the first time is stepped over at once
+file: src/processor.c
+old: if (!wait_lo && (!g || xmin <= g->bound)) {
+new: if (!wait_lo && (g && xmin <= g->bound)) {
+tests: ^lua\.ordering$
+
+name: gap-forgotten-before-bound
+why: the holes of a batch are forgotten before they get their bound (never decided)
+file: src/processor.c
+old: forget_gaps(p, last, 0);
+new: forget_gaps(p, last, 1);
+tests: ^lua\.ordering$
+timeout: 25
+
+name: gap-any-containing
+why: a new hole is decided by an older hole's bound when it merely starts after it
+file: src/processor.c
+old: if (p->gaps[k].lo <= lo && p->gaps[k].hi >= hi) return &p->gaps[k];
+new: if (p->gaps[k].lo <= lo && hi >= lo) return &p->gaps[k];
+tests: ^lua\.ordering$
+
+name: checkpoint-unfenced
+why: the static checkpoint write is not fenced at all
+file: src/processor.c
+old: " WHERE c.last_global_position = $8 RETURNING 1",
+new: " WHERE c.last_global_position = $8 OR true RETURNING 1",
+tests: ^lua\.fence$
+
+name: lease-fence-no-expiry
+why: a worker whose lease lapsed still commits
+file: src/processor.c
+old: " AND owner = $7 AND lease_expires_at > clock_timestamp() RETURNING partition_key",
+new: " AND owner = $7 RETURNING partition_key",
+tests: ^lua\.fence$
+
+name: lease-fence-count-ignored
+why: a group batch commits although some of its partitions' leases were lost
+file: src/processor.c
+old: if (group && n != p->nheld) {
+new: if (group && n == 0 && p->nheld == 0) {
+tests: ^lua\.fence$
+
+name: append-expected-ahead
+why: append's expected-version check accepts an expected version ahead of the stream
+file: src/schema.c
+old: " ok AS (SELECT v FROM cur WHERE $3::bigint IS NULL OR v = $3::bigint),"
+new: " ok AS (SELECT v FROM cur WHERE $3::bigint IS NULL OR v <= $3::bigint),"
+tests: ^lua\.store_append$
+
+name: append-expected-off-by-one
+why: append's expected-version check compares with the next version instead of the current
+file: src/schema.c
+old: " ok AS (SELECT v FROM cur WHERE $3::bigint IS NULL OR v = $3::bigint),"
+new: " ok AS (SELECT v FROM cur WHERE $3::bigint IS NULL OR v + 1 = $3::bigint),"
+tests: ^lua\.store_append$
+
+name: append-no-stream-as-any
+why: no_stream/exact(0) travel as "any"
+file: src/append.c
+old: if (expected != PUP_ANY) pup_params_int(p, 2, expected);
+new: if (expected > 0) pup_params_int(p, 2, expected);
+tests: ^lua\.store_append$
+
+name: exact-float-truncated
+why: pup.exact(1.5) is taken as exact(1)
+file: src/lua_store.c
+old: lua_Integer v = luaL_checkinteger(L, 1);
+new: lua_Integer v = (lua_Integer)luaL_checknumber(L, 1);
+tests: ^lua\.store_append$
+
+name: checkpoint-not-advanced-in-memory
+why: a committed batch does not move the processor's own checkpoint
+file: src/processor.c
+old: if (p->held[k] && p->cp[k] < last) p->cp[k] = last;
+new: if (p->held[k] && p->cp[k] < last) p->cp[k] = from;
+tests: ^lua\.(processor|ordering)$
+
+name: transient-deadlock-fatal
+why: a deadlock (40P01) in a handler stops the projection instead of being retried
+file: src/db.c
+old: strcmp(err->sqlstate, "40P01") == 0 || strcmp(err->sqlstate, "55P03")
+new: strcmp(err->sqlstate, "55P03") == 0 || strcmp(err->sqlstate, "55P03")
+tests: ^lua\.retry$
+
+name: transient-connection-fatal
+why: a lost connection stops the projection instead of reconnecting
+file: src/db.c
+old: return err->code == PUP_ERR_CONNECTION || strcmp(err->sqlstate, "40001") == 0 ||
+new: return strcmp(err->sqlstate, "40001") == 0 ||
+tests: ^lua\.retry$
+
+name: pipeline-failure-first-row
+why: a pipelined handler statement's failure is blamed on the batch's first event
+file: src/processor.c
+old: tag >= 0 && tag < nrows ? event_error(p, r, (int)tag, err)
+new: tag >= 0 && tag < nrows ? event_error(p, r, 0, err)
+tests: ^lua\.(retry|processor)$
+
+name: pipeline-failure-noticing-row
+why: a pipelined statement's failure read during a later handler is blamed on that later event
+file: src/processor.c
+old: rc = event_error(p, r, (int)tag, err);
+new: rc = event_error(p, r, i, err);
+tests: ^lua\.(retry|processor)$
+
+name: handler-nil-err-ignored
+why: a handler's `return nil, err` no longer fails its batch
+file: src/lua_processor.c
+old: if (!lua_toboolean(L, -2) && !lua_isnil(L, -1)) {
+new: if (0) {
+tests: ^lua\.(errors|processor)$
+
+name: partition-hash-seed
+why: the FNV-1a offset basis changes: partitions disagree with the stored hash and the Go library
+file: src/partition.c
+old: uint32_t h = 2166136261u;
+new: uint32_t h = 2166136263u;
+tests: ^lua\.partition$|^c\.test_store$
+
+name: partition-modulo-off
+why: an aggregate's partition is taken modulo total - 1
+file: src/partition.c
+old: return total <= 1 ? 0 : (int)(pup_fnv1a32(id, len) % (uint32_t)total);
+new: return total <= 1 ? 0 : (int)(pup_fnv1a32(id, len) % (uint32_t)(total - 1));
+tests: ^lua\.partition$|^c\.test_store$
+
+name: scope-filter-or
+why: an event in scope by aggregate type OR event type is handed to the projection
+file: src/processor.c
+old: "SELECT (%s AND %s) AS mine, "
+new: "SELECT (%s OR %s) AS mine, "
+tests: ^lua\.(processor|projections)$
+EOF
+}
+
+list_only=0
+filters=()
+for a in "$@"; do
+  case "$a" in
+    -l|--list) list_only=1 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) filters+=("$a") ;;
+  esac
+done
+
+# Parses the list into parallel arrays.
+names=(); whys=(); files=(); olds=(); news=(); tests=(); timeouts=()
+parse() {
+  local name="" why="" file="" old="" new="" test="" timeout="" line key val
+  flush() {
+    if [ -n "$name" ]; then
+      names+=("$name"); whys+=("$why"); files+=("$file"); olds+=("$old"); news+=("$new"); tests+=("$test")
+      timeouts+=("$timeout")
+    fi
+    name="" why="" file="" old="" new="" test="" timeout=""
+  }
+  while IFS= read -r line; do
+    if [ -z "$line" ]; then flush; continue; fi
+    key=${line%%:*}
+    val=${line#*: }
+    case "$key" in
+      name) name=$val ;; why) why=$val ;; file) file=$val ;; tests) test=$val ;; timeout) timeout=$val ;;
+      old) old=$val ;; old+) old+=$'\n'$val ;;
+      new) new=$val ;; new+) new+=$'\n'$val ;;
+      *) echo "mutants.sh: bad line in the list: $line" >&2; exit 2 ;;
+    esac
+  done < <(mutations)
+  flush
+}
+parse
+
+selected=()
+for i in "${!names[@]}"; do
+  keep=1
+  if [ ${#filters[@]} -gt 0 ]; then
+    keep=0
+    for f in "${filters[@]}"; do [[ ${names[$i]} == *"$f"* ]] && keep=1; done
+  fi
+  [ $keep = 1 ] && selected+=("$i")
+done
+if [ $list_only = 1 ]; then
+  for i in "${selected[@]}"; do printf '%-34s %-22s %s\n' "${names[$i]}" "${files[$i]}" "${whys[$i]}"; done
+  exit 0
+fi
+[ ${#selected[@]} -gt 0 ] || { echo "mutants.sh: no mutation matches: ${filters[*]}" >&2; exit 2; }
+
+bash scripts/deps.sh
+
+t_start=$(date +%s)
+scratch=${PUP_MUTANTS_DIR:-}
+own_scratch=0
+if [ -z "$scratch" ]; then
+  scratch=$(mktemp -d /tmp/pup-mutants.XXXXXX)
+  own_scratch=1
+fi
+mkdir -p "$scratch"
+chmod 755 "$scratch"
+src=$scratch/src
+pgtmp=""
+cleanup() {
+  if [ -n "$pgtmp" ]; then
+    bash "$root/scripts/pg.sh" stop "$pgtmp/data" || true
+    rm -rf "$pgtmp"
+  fi
+  [ $own_scratch = 1 ] && rm -rf "$scratch"
+  return 0
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# The copy: the tree's tracked and untracked (not ignored) files as they are now.
+mkdir -p "$src"
+git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
+  [ -e "$f" ] && printf '%s\0' "$f"
+done | tar --null -T - -cf - | tar -C "$src" -xf -
+echo "mutants: scratch copy in $src"
+cmake -S "$src" -B "$scratch/build" -DPUP_WERROR=ON >/dev/null
+
+port_in_use() {
+  if command -v ss >/dev/null 2>&1; then
+    ss -Hltn "sport = :$1" 2>/dev/null | grep -q .
+  else
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+  fi
+}
+if [ -n "${PUP_TEST_DATABASE_URL:-}" ]; then
+  DATABASE_URL=$PUP_TEST_DATABASE_URL
+else
+  pgtmp=$(mktemp -d /tmp/pupsourcing-mutants-pg.XXXXXX)
+  chmod 755 "$pgtmp"
+  port=""
+  for p in $(seq 54330 54399); do
+    if ! port_in_use "$p"; then port=$p; break; fi
+  done
+  [ -n "$port" ] || { echo "mutants.sh: no free port in 54330-54399" >&2; exit 1; }
+  DATABASE_URL=$(bash scripts/pg.sh start "$pgtmp/data" "$port")
+fi
+export DATABASE_URL
+
+log=$scratch/log
+mkdir -p "$log"
+run_tests() { # regex, log file, [seconds] -> ctest's status
+  local limit=()
+  # (timeout signals its whole process group: ctest and the busted it started)
+  [ -n "${3:-}" ] && limit=(timeout -k 5 "$3")
+  "${limit[@]}" ctest --test-dir "$scratch/build" --output-on-failure -j "${PUP_TEST_JOBS:-2}" -R "$1" >"$2" 2>&1
+}
+build() { cmake --build "$scratch/build" -j2 >"$1" 2>&1; }
+
+if [ "${PUP_MUTANTS_BASELINE:-1}" != 0 ]; then
+  regex=""
+  for i in "${selected[@]}"; do regex+="${regex:+|}${tests[$i]}"; done
+  echo "mutants: baseline (unmutated) run of $regex"
+  build "$log/baseline.build" || { cat "$log/baseline.build"; echo "mutants: the unmutated copy does not build" >&2; exit 1; }
+  if ! run_tests "$regex" "$log/baseline.test"; then
+    tail -n 40 "$log/baseline.test"
+    echo "mutants: the unmutated copy fails its tests: fix that first" >&2
+    exit 1
+  fi
+  echo "mutants: baseline passed in $(( $(date +%s) - t_start )) s"
+fi
+
+killed=0 survived=0 failed=0
+report=()
+for i in "${selected[@]}"; do
+  name=${names[$i]} file=${files[$i]}
+  t0=$(date +%s)
+  cp "$src/$file" "$scratch/orig"
+  status=""
+  if ! MUT_FILE="$src/$file" MUT_OLD="${olds[$i]}" MUT_NEW="${news[$i]}" lua5.4 -e '
+      local path, old, new = os.getenv("MUT_FILE"), os.getenv("MUT_OLD"), os.getenv("MUT_NEW")
+      local f = assert(io.open(path, "rb")); local s = f:read("a"); f:close()
+      local at, e = s:find(old, 1, true)
+      if not at or s:find(old, e + 1, true) then os.exit(1) end
+      f = assert(io.open(path, "wb")); f:write(s:sub(1, at - 1), new, s:sub(e + 1)); f:close()'; then
+    status="NOT APPLIED (old text not found exactly once in $file)"
+    failed=$((failed + 1))
+  elif ! build "$log/$name.build"; then
+    status="BUILD FAILED (see $log/$name.build)"
+    failed=$((failed + 1))
+  elif run_tests "${tests[$i]}" "$log/$name.test" "${timeouts[$i]}"; then
+    if grep -q "No tests were found" "$log/$name.test"; then
+      status="SURVIVED (no test matches ${tests[$i]})"
+    else
+      status="SURVIVED (${tests[$i]} passed)"
+    fi
+    survived=$((survived + 1))
+  else
+    status="killed"
+    killed=$((killed + 1))
+  fi
+  cp "$scratch/orig" "$src/$file"
+  line=$(printf '%-34s %-8s %4ss  %s' "$name" "${status%% *}" "$(( $(date +%s) - t0 ))" "$status")
+  echo "$line"
+  report+=("$line")
+done
+# leave the copy's build matching its sources
+build "$log/final.build" || true
+
+total=${#selected[@]}
+echo "mutants: $total mutations: $killed killed, $survived survived, $failed not applied or not built;" \
+  "$(( $(date +%s) - t_start )) s"
+[ "$killed" = "$total" ]
