@@ -114,11 +114,30 @@ describe("store:append", function()
       assert.are.equal(2, head(id))
     end)
 
-    -- Known defect (src/lua_store.c, check_expected): an expected-version table whose
-    -- `version` was changed afterwards (e.version = -1 or 2.5), or a table with its
-    -- metatable and no version, is read as "any" and appends unconditionally. It should
-    -- raise like pup.exact(-1) does.
-    pending("an expected-version table with a negative, fractional or missing version raises")
+    it("an expected-version table changed afterwards, or forged without a version, raises", function()
+      local id = h.uid("eforged")
+      assert(append(pup.no_stream(), id, 2))
+      local forged = {}
+      for _, change in ipairs {
+        function(e) e.version = -1 end, function(e) e.version = 2.5 end, function(e) e.version = nil end,
+        function(e) e.version = "2" end, function(e) e.kind = "any" end, function(e) e.kind = nil end,
+      } do
+        local e = pup.exact(2)
+        change(e)
+        forged[#forged + 1] = e
+      end
+      local any = pup.any()
+      any.version = 5
+      forged[#forged + 1] = any
+      forged[#forged + 1] = setmetatable({}, getmetatable(pup.any()))
+      for i, e in ipairs(forged) do
+        local ok, err = pcall(append, e, id, 1)
+        assert.is_false(ok, "case " .. i)
+        assert.matches("expected version was changed after it was made", err, 1, false, "case " .. i)
+      end
+      assert.are.equal(2, count(id))
+      assert.are.equal(2, head(id))
+    end)
 
     it("exact() of a huge version is a conflict, never an append", function()
       local id = h.uid("ehuge")

@@ -159,9 +159,18 @@ static long long check_expected(lua_State *L, int idx) {
         lua_pop(L, 2);
     }
     if (!ok) luaL_typeerror(L, idx, "expected version (pup.any(), pup.no_stream() or pup.exact(n))");
+    /* Read it as it is now: a table changed after pup.exact() must not become "any". */
+    lua_getfield(L, idx, "kind");
     lua_getfield(L, idx, "version");
-    long long v = lua_isinteger(L, -1) ? (long long)lua_tointeger(L, -1) : PUP_ANY;
-    lua_pop(L, 1);
+    const char *kind = lua_tostring(L, -2);
+    long long v = -2;
+    if (kind && strcmp(kind, "any") == 0 && lua_isnil(L, -1)) v = PUP_ANY;
+    else if (kind && strcmp(kind, "no_stream") == 0 && lua_isinteger(L, -1) && lua_tointeger(L, -1) == 0) v = 0;
+    else if (kind && strcmp(kind, "exact") == 0 && lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 0)
+        v = (long long)lua_tointeger(L, -1);
+    lua_pop(L, 2);
+    if (v == -2)
+        luaL_argerror(L, idx, "expected version was changed after it was made: use pup.any(), pup.no_stream() or pup.exact(n)");
     return v;
 }
 
