@@ -4,14 +4,24 @@
  */
 #include "pup_db.h"
 
+#include <ctype.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define BYTEAOID 17
 #define STMT_CACHE_MAX 256    /* beyond this, statements are prepared unnamed each time */
 #define PIPELINE_WINDOW 512   /* read results back before this many are queued */
+
+#define COPY_REFUSED "COPY is not supported on pupsourcing connections (use INSERT, e.g. " \
+                     "INSERT ... SELECT FROM unnest($1::text[]))"
+/* Our text for PostgreSQL's "cached plan must not change result type" (SQLSTATE 0A000,
+ * raised by RevalidateCachedQuery): fixed, so the retry decision survives a trip through
+ * a Lua error and a server whose lc_messages is not English. */
+#define PLAN_CHANGED "cached plan must not change result type: a table changed under a " \
+                     "prepared statement (prepared again on retry)"
 
 struct pup_conn {
     PGconn *pg;
@@ -25,11 +35,13 @@ struct pup_conn {
     int failed; /* first failure of the current transaction */
     long failed_tag;
     pup_error failure;
+    int replan; /* a cached plan went stale: forget the statements once out of the transaction */
 };
 
 static const char *const code_names[] = {
     "ok", "optimistic_concurrency", "no_events", "invalid_event", "database",
     "connection", "not_migrated", "handler", "invalid_projection", "invalid_argument",
+    "out_of_memory",
 };
 
 const char *pup_code_name(pup_code code) {
@@ -42,6 +54,7 @@ int pup_error_set(pup_error *err, pup_code code, const char *fmt, ...) {
     va_list ap;
     err->code = code;
     err->sqlstate[0] = '\0';
+    err->constraint[0] = '\0';
     va_start(ap, fmt);
     vsnprintf(err->message, sizeof err->message, fmt, ap);
     va_end(ap);
@@ -72,10 +85,43 @@ static void copy_trimmed(char *dst, size_t size, const char *s) {
     dst[n] = '\0';
 }
 
+static int is_copy_status(ExecStatusType st) {
+    return st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH;
+}
+
+/* Ends the COPY a statement started (st is its result's status) and any that follow it
+ * in the same query string: COPY IN is failed, COPY OUT drained, then the remaining
+ * results are read, leaving the connection idle again. */
+static void end_copy(PGconn *pg, ExecStatusType st) {
+    while (is_copy_status(st)) {
+        if (st != PGRES_COPY_OUT && PQputCopyEnd(pg, "COPY is not supported by pupsourcing") < 0) return;
+        if (st != PGRES_COPY_IN) {
+            char *buf;
+            int n;
+            while ((n = PQgetCopyData(pg, &buf, 0)) > 0) PQfreemem(buf);
+            if (n == -2) return; /* broken connection */
+        }
+        st = PGRES_COMMAND_OK;
+        PGresult *r;
+        while (!is_copy_status(st) && (r = PQgetResult(pg)) != NULL) {
+            st = PQresultStatus(r);
+            PQclear(r);
+        }
+    }
+}
+
 int pup_error_from_pg(pup_error *err, PGconn *pg, const PGresult *res) {
+    if (res && is_copy_status(PQresultStatus(res))) {
+        if (pg) end_copy(pg, PQresultStatus(res));
+        return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "%s", COPY_REFUSED);
+    }
     if (!err) return -1;
     const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
     const char *msg = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+    const char *where = res ? PQresultErrorField(res, PG_DIAG_SOURCE_FUNCTION) : NULL;
+    const char *constraint = res ? PQresultErrorField(res, PG_DIAG_CONSTRAINT_NAME) : NULL;
+    if (state && strcmp(state, "0A000") == 0 && where && strcmp(where, "RevalidateCachedQuery") == 0)
+        msg = PLAN_CHANGED;
     if (!msg || !*msg) msg = pg ? PQerrorMessage(pg) : "unknown database error";
     if (!msg || !*msg) msg = "unknown database error";
     copy_trimmed(err->message, sizeof err->message, msg);
@@ -85,6 +131,7 @@ int pup_error_from_pg(pup_error *err, PGconn *pg, const PGresult *res) {
         snprintf(err->message + n, sizeof err->message - n, " (%s)", detail);
     }
     snprintf(err->sqlstate, sizeof err->sqlstate, "%s", state ? state : "");
+    snprintf(err->constraint, sizeof err->constraint, "%s", constraint ? constraint : "");
     /* libpq's own errors (a broken connection noticed mid-pipeline) have no SQLSTATE. */
     int client_side = res && (!state || !*state);
     if ((pg && PQstatus(pg) != CONNECTION_OK) || client_side || (state && strncmp(state, "08", 2) == 0) ||
@@ -101,9 +148,15 @@ int pup_error_from_pg(pup_error *err, PGconn *pg, const PGresult *res) {
     return -1;
 }
 
+/* True for the error of a prepared statement whose table changed shape. */
+static int plan_changed(const pup_error *err) {
+    return strcmp(err->sqlstate, "0A000") == 0 && strstr(err->message, PLAN_CHANGED) != NULL;
+}
+
 int pup_error_is_transient(const pup_error *err) {
     return err->code == PUP_ERR_CONNECTION || strcmp(err->sqlstate, "40001") == 0 ||
-           strcmp(err->sqlstate, "40P01") == 0 || strcmp(err->sqlstate, "55P03") == 0;
+           strcmp(err->sqlstate, "40P01") == 0 || strcmp(err->sqlstate, "55P03") == 0 ||
+           plan_changed(err);
 }
 
 /* ---- parameters ---- */
@@ -165,52 +218,37 @@ void pup_params_double(pup_params *p, int i, double v) {
 
 /* ---- connections ---- */
 
-/* Redacts password=... and user:pass@ from a connection string for messages. */
-static void redact_url(char *dst, size_t size, const char *url) {
-    size_t j = 0;
-    for (size_t i = 0; url[i] && j + 1 < size; i++) {
-        dst[j++] = url[i];
-        if (strncmp(url + i, "://", 3) == 0) {
-            const char *at = strchr(url + i + 3, '@');
-            const char *colon = strchr(url + i + 3, ':');
-            const char *slash = strchr(url + i + 3, '/');
-            if (at && colon && colon < at && (!slash || at < slash)) {
-                size_t userlen = (size_t)(colon - (url + i + 3));
-                for (size_t k = 0; k < 2 + userlen && j + 1 < size; k++) dst[j++] = url[i + 1 + k];
-                for (const char *s = ":***"; *s && j + 1 < size; s++) dst[j++] = *s;
-                i = (size_t)(at - url) - 1;
-            }
-        } else if (strncmp(url + i + 1, "password=", 9) == 0) {
-            for (const char *s = "password=***"; *s && j + 1 < size; s++) dst[j++] = *s;
-            i += 9;
-            while (url[i + 1] && url[i + 1] != ' ' && url[i + 1] != '&') i++;
-        }
-    }
-    dst[j] = '\0';
+/* True when a URL has an '@' after its user:password@ part: libpq splits credentials at
+ * the first '@' or '/', so an unencoded '@' or '/' in a password puts the rest of it in
+ * the host, port or database name, which error messages show. */
+static int url_misplaced_at(const char *url) {
+    const char *rest = NULL;
+    if (strncmp(url, "postgresql://", 13) == 0) rest = url + 13;
+    else if (strncmp(url, "postgres://", 11) == 0) rest = url + 11;
+    if (!rest) return 0;
+    rest += strcspn(rest, "@/");
+    if (*rest == '@') rest++;
+    return strchr(rest, '@') != NULL;
 }
 
-/* Replaces every occurrence of the URL's password (user:PASSWORD@ or password=PASSWORD)
- * in msg with ***. */
-static void hide_password(char *msg, const char *url) {
-    const char *p = NULL, *end = NULL;
-    const char *scheme = strstr(url, "://");
-    if (scheme) {
-        const char *at = strchr(scheme + 3, '@');
-        const char *colon = strchr(scheme + 3, ':');
-        if (at && colon && colon < at) p = colon + 1, end = at;
-    }
-    if (!p && (p = strstr(url, "password=")) != NULL) {
-        p += 9;
-        end = p + strcspn(p, " &");
-    }
-    if (!p || end <= p) return;
-    size_t n = (size_t)(end - p);
-    char *hit;
-    while ((hit = memmem(msg, strlen(msg), p, n)) != NULL) {
-        memmove(hit + 3, hit + n, strlen(hit + n) + 1);
-        memcpy(hit, "***", 3);
-        if (n < 3) break; /* "***" could match again */
-    }
+/* "cannot connect: the connection string is malformed", with libpq's reason only when
+ * it quotes nothing of the string (libpq quotes the parts it echoes). */
+static int malformed(pup_error *err, const char *why) {
+    if (!why) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "cannot connect: out of memory");
+    char reason[256];
+    copy_trimmed(reason, sizeof reason, why);
+    if (strchr(why, '"') || strchr(why, '\'') || strlen(why) >= sizeof reason)
+        return pup_error_set(err, PUP_ERR_CONNECTION, "cannot connect: the connection string is malformed");
+    return pup_error_set(err, PUP_ERR_CONNECTION, "cannot connect: the connection string is malformed (%s)",
+                         reason);
+}
+
+/* Describes a connection's target from libpq's own fields, never from the given string. */
+static void describe(char *out, size_t size, PGconn *pg) {
+    const char *host = PQhost(pg), *port = PQport(pg), *db = PQdb(pg), *user = PQuser(pg);
+    snprintf(out, size, "database \"%.63s\" on host %.200s port %.20s as user \"%.63s\"",
+             db && *db ? db : "(default)", host && *host ? host : "(default)",
+             port && *port ? port : "(default)", user && *user ? user : "(default)");
 }
 
 /* Notices (e.g. WARNING: terminating connection) go to stderr as one line of ours. */
@@ -221,28 +259,76 @@ static void notice_line(void *arg, const char *message) {
     fprintf(stderr, "pupsourcing: postgres: %s\n", line);
 }
 
+/* Sets what every session of ours expects. Quiet NOTICEs (CREATE ... IF NOT EXISTS); hex
+ * bytea is what the decoders expect. */
+static void session_defaults(PGconn *pg) {
+    PGresult *r = PQexec(pg, "SET client_min_messages = warning; SET bytea_output = hex");
+    PQclear(r);
+}
+
 pup_conn *pup_conn_open(const char *url, pup_error *err) {
     if (!url || !*url) url = getenv("DATABASE_URL");
     if (!url) url = "";
-    pup_conn *c = calloc(1, sizeof *c);
-    if (!c) {
-        pup_error_set(err, PUP_ERR_CONNECTION, "out of memory");
+    /* Parsed here, so a malformed string is reported without libpq's echo of it, and
+     * connected from the parsed options plus client_encoding: the aggregate_id_hash an
+     * appender stores must be over the same bytes a processor reads back. */
+    char *why = NULL;
+    PQconninfoOption *opts = PQconninfoParse(url, &why);
+    if (!opts) {
+        malformed(err, why);
+        PQfreemem(why);
         return NULL;
     }
-    c->pg = PQconnectdb(url);
-    if (!c->pg || PQstatus(c->pg) != CONNECTION_OK) {
-        char shown[512], msg[1024];
-        redact_url(shown, sizeof shown, *url ? url : "(libpq defaults)");
-        copy_trimmed(msg, sizeof msg, c->pg ? PQerrorMessage(c->pg) : "out of memory");
-        hide_password(msg, url); /* libpq quotes a malformed URI whole */
-        pup_error_set(err, PUP_ERR_CONNECTION, "cannot connect to %s: %s", shown, msg);
+    if (url_misplaced_at(url)) {
+        PQconninfoFree(opts);
+        pup_error_set(err, PUP_ERR_CONNECTION,
+                      "cannot connect: the connection URL is malformed (an '@' after the "
+                      "user:password@ part; write '@' and '/' in a password as %%40 and %%2F)");
+        return NULL;
+    }
+    size_t n = 0;
+    for (PQconninfoOption *o = opts; o->keyword; o++) n++;
+    const char **keys = calloc(n + 2, sizeof *keys), **vals = calloc(n + 2, sizeof *vals);
+    pup_conn *c = calloc(1, sizeof *c);
+    if (!keys || !vals || !c) {
+        free(keys);
+        free(vals);
+        free(c);
+        PQconninfoFree(opts);
+        pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "cannot connect: out of memory");
+        return NULL;
+    }
+    size_t k = 0;
+    for (PQconninfoOption *o = opts; o->keyword; o++)
+        if (o->val && strcmp(o->keyword, "client_encoding") != 0) {
+            keys[k] = o->keyword;
+            vals[k++] = o->val;
+        }
+    keys[k] = "client_encoding";
+    vals[k] = "UTF8";
+    c->pg = PQconnectdbParams(keys, vals, 0);
+    free(keys);
+    free(vals);
+    PQconninfoFree(opts);
+    if (!c->pg) {
+        free(c);
+        pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "cannot connect: out of memory");
+        return NULL;
+    }
+    if (PQstatus(c->pg) != CONNECTION_OK) {
+        /* libpq's reason names the host, port and server's answer, never the password
+         * (the string was parsed, and checked for a split password, above). */
+        char target[512], msg[1024];
+        describe(target, sizeof target, c->pg);
+        copy_trimmed(msg, sizeof msg, PQerrorMessage(c->pg));
+        for (char *q = msg; *q; q++) /* one line: libpq indents its hints on a new line */
+            if (*q == '\n' || *q == '\t') *q = ' ';
+        pup_error_set(err, PUP_ERR_CONNECTION, "cannot connect to %s: %s", target, msg);
         pup_conn_close(c);
         return NULL;
     }
     PQsetNoticeProcessor(c->pg, notice_line, NULL);
-    /* Quiet NOTICEs (CREATE ... IF NOT EXISTS); hex bytea is what the decoders expect. */
-    PGresult *r = PQexec(c->pg, "SET client_min_messages = warning; SET bytea_output = hex");
-    PQclear(r);
+    session_defaults(c->pg);
     return c;
 }
 
@@ -272,9 +358,9 @@ int pup_conn_reset(pup_conn *c, pup_error *err) {
     c->pipeline = 0;
     c->npending = c->pending_head = 0;
     c->failed = 0;
+    c->replan = 0;
     if (PQstatus(c->pg) != CONNECTION_OK) return pup_error_from_pg(err, c->pg, NULL);
-    PGresult *r = PQexec(c->pg, "SET client_min_messages = warning; SET bytea_output = hex");
-    PQclear(r);
+    session_defaults(c->pg);
     return 0;
 }
 
@@ -282,6 +368,7 @@ int pup_conn_ok(pup_conn *c) { return c->pg && PQstatus(c->pg) == CONNECTION_OK;
 
 /* Remembers the first failure of the current transaction. */
 static void note_failure(pup_conn *c, const pup_error *err, long tag) {
+    if (plan_changed(err)) c->replan = 1;
     if (c->failed) return;
     c->failed = 1;
     c->failed_tag = tag;
@@ -317,7 +404,7 @@ static int push_pending(pup_conn *c, pup_error *err) {
         } else {
             int cap = c->cappending ? c->cappending * 2 : 64;
             long *p = realloc(c->pending, cap * sizeof *p);
-            if (!p) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+            if (!p) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
             c->pending = p;
             c->cappending = cap;
         }
@@ -444,7 +531,7 @@ static int prepare_into(pup_conn *c, pup_stmt *s, const char *name, const char *
         free(types);
         free(copy);
         PQclear(r);
-        return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+        return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     }
     for (int i = 0; i < n; i++) types[i] = PQparamtype(r, i);
     PQclear(r);
@@ -456,9 +543,45 @@ static int prepare_into(pup_conn *c, pup_stmt *s, const char *name, const char *
     return 0;
 }
 
+/* True when sql's first word, after blanks and comments, is COPY. */
+static int is_copy(const char *s) {
+    for (;;) {
+        while (isspace((unsigned char)*s)) s++;
+        if (s[0] == '-' && s[1] == '-') {
+            s += strcspn(s, "\n");
+        } else if (s[0] == '/' && s[1] == '*') {
+            int depth = 1; /* PostgreSQL's block comments nest */
+            for (s += 2; *s && depth > 0; s++) {
+                if (s[0] == '/' && s[1] == '*') depth++, s++;
+                else if (s[0] == '*' && s[1] == '/') depth--, s++;
+            }
+        } else
+            break;
+    }
+    unsigned char next = (unsigned char)s[4];
+    return strncasecmp(s, "copy", 4) == 0 && !(isalnum(next) || next == '_' || next == '$' || next >= 0x80);
+}
+
+/* Forgets every cached statement, on the server too (after a plan went stale). Only
+ * outside a transaction: an aborted one refuses DEALLOCATE. */
+static void forget_statements(pup_conn *c) {
+    PGresult *r = PQexec(c->pg, "DEALLOCATE ALL");
+    PQclear(r);
+    for (int i = 0; i < c->nstmts; i++) stmt_free(&c->stmts[i]);
+    stmt_free(&c->unnamed);
+    c->nstmts = 0;
+    c->replan = 0;
+}
+
 const pup_stmt *pup_conn_prepare(pup_conn *c, const char *sql, pup_error *err) {
+    if (c->replan && PQtransactionStatus(c->pg) == PQTRANS_IDLE) forget_statements(c);
     for (int i = 0; i < c->nstmts; i++)
         if (strcmp(c->stmts[i].sql, sql) == 0) return &c->stmts[i];
+    if (is_copy(sql)) {
+        pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "%s", COPY_REFUSED);
+        if (err) note_failure(c, err, c->tag);
+        return NULL;
+    }
     /* Preparing needs a round trip of its own: settle the pipeline first. */
     int was_pipeline = c->pipeline;
     if (was_pipeline) {
@@ -473,7 +596,7 @@ const pup_stmt *pup_conn_prepare(pup_conn *c, const char *sql, pup_error *err) {
             int cap = c->capstmts ? c->capstmts * 2 : 16;
             pup_stmt *s = realloc(c->stmts, cap * sizeof *s);
             if (!s) {
-                pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+                pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
                 goto done;
             }
             c->stmts = s;
