@@ -89,7 +89,7 @@ describe("COPY", function()
           setup = function(tx) %s end,
           handle = function(tx, e) %s end,
         }]]):format(setup or "", body))
-      local words = { "timeout", "30", H.shquote(H.bin) }
+      local words = { "timeout", "-k", "5", "30", H.shquote(H.bin) }
       for _, a in ipairs(H.with_tables(T, { "run", "--once", path })) do words[#words + 1] = H.shquote(a) end
       local t0 = pup.now()
       local r = H.sh(table.concat(words, " "))
@@ -98,7 +98,7 @@ describe("COPY", function()
     end
 
     local function fails_fast(r)
-      assert.are_not.equal(124, r.code, "run hung on COPY (killed by timeout)")
+      assert.is_true(r.code ~= 124 and r.code ~= 137, "run hung on COPY (killed by timeout)")
       assert.are_not.equal(0, r.code, r.output)
       assert.is_true(r.seconds < 20, "took " .. r.seconds .. " s")
       assert.is_truthy(r.stderr:find("COPY is not supported", 1, true), r.stderr)

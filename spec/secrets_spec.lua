@@ -80,11 +80,11 @@ describe("connection errors never show the password", function()
     for _, args in ipairs(commands) do
       it(table.concat(args, " "):gsub(fixture, "FILE") .. " with DATABASE_URL", function()
         for _, case in ipairs(CASES) do
-          local words = { "timeout", "20", H.shquote(H.bin) }
+          local words = { "timeout", "-k", "5", "20", H.shquote(H.bin) }
           for _, a in ipairs(args) do words[#words + 1] = H.shquote(a) end
           local r = H.sh(table.concat(words, " "), { env = { DATABASE_URL = case[1] } })
           assert.are_not.equal(0, r.code, r.output)
-          assert.are_not.equal(124, r.code, "timed out: " .. case[1]:sub(1, 80))
+          assert.is_true(r.code ~= 124 and r.code ~= 137, "timed out: " .. case[1]:sub(1, 80))
           assert.is_truthy(r.output:find("cannot connect", 1, true), r.output)
           assert_hidden(r.output, case)
         end
@@ -93,7 +93,7 @@ describe("connection errors never show the password", function()
 
     it("--database-url as well", function()
       for _, case in ipairs(CASES) do
-        local r = H.sh(("timeout 20 %s status --database-url %s"):format(H.shquote(H.bin), H.shquote(case[1])))
+        local r = H.sh(("timeout -k 5 20 %s status --database-url %s"):format(H.shquote(H.bin), H.shquote(case[1])))
         assert.are_not.equal(0, r.code, r.output)
         assert_hidden(r.output, case)
       end
