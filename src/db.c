@@ -28,7 +28,6 @@ struct pup_conn {
     pup_stmt *stmts;
     int nstmts, capstmts;
     pup_stmt unnamed; /* used when the cache is full */
-    int pipeline;
     long tag;
     long *pending; /* tags of queued statements, oldest first */
     int npending, cappending, pending_head;
@@ -355,7 +354,6 @@ int pup_conn_reset(pup_conn *c, pup_error *err) {
     for (int i = 0; i < c->nstmts; i++) stmt_free(&c->stmts[i]);
     stmt_free(&c->unnamed);
     c->nstmts = 0; /* the server forgot them with the old session */
-    c->pipeline = 0;
     c->npending = c->pending_head = 0;
     c->failed = 0;
     c->replan = 0;
@@ -385,13 +383,13 @@ const pup_error *pup_conn_failure(const pup_conn *c, long *tag) {
 
 /* ---- pipeline ---- */
 
-int pup_conn_in_pipeline(const pup_conn *c) { return c->pipeline; }
+/* libpq's pipeline state is the only one: no flag of ours can disagree with it. */
+int pup_conn_in_pipeline(const pup_conn *c) { return PQpipelineStatus(c->pg) != PQ_PIPELINE_OFF; }
 void pup_conn_set_tag(pup_conn *c, long tag) { c->tag = tag; }
 
 int pup_conn_pipeline_begin(pup_conn *c, pup_error *err) {
-    if (c->pipeline) return 0;
+    if (pup_conn_in_pipeline(c)) return 0;
     if (!PQenterPipelineMode(c->pg)) return pup_error_from_pg(err, c->pg, NULL);
-    c->pipeline = 1;
     c->npending = c->pending_head = 0;
     return 0;
 }
@@ -443,15 +441,38 @@ static int read_pending(pup_conn *c, pup_error *err) {
     return 0;
 }
 
-/* Consumes the result of a sync point (PGRES_PIPELINE_SYNC, possibly after NULLs). */
-static void read_sync_point(pup_conn *c) {
-    for (int guard = 0; guard < 4; guard++) {
-        PGresult *r = PQgetResult(c->pg);
-        if (!r) continue;
-        int done = PQresultStatus(r) == PGRES_PIPELINE_SYNC;
-        PQclear(r);
-        if (done) break;
+/* Syncs the pipeline and reads everything up to the sync point: the queued statements'
+ * results (failures noted with their tags), then whatever else is there, then leaves
+ * pipeline mode. The one way out of pipeline mode, for pipeline end, prepare and
+ * rollback. Returns -1 with err set when the connection broke or libpq stayed in
+ * pipeline mode. */
+static int settle_pipeline(pup_conn *c, pup_error *err) {
+    if (!PQpipelineSync(c->pg)) {
+        pup_error_from_pg(err, c->pg, NULL);
+        note_failure(c, err, c->tag);
+        return -1;
     }
+    if (read_pending(c, err) < 0) return -1;
+    /* Up to the sync point; two NULLs in a row mean nothing is left to read. */
+    int nulls = 0;
+    while (nulls < 2 && pup_conn_ok(c)) {
+        PGresult *r = PQgetResult(c->pg);
+        if (!r) {
+            nulls++;
+            continue;
+        }
+        nulls = 0;
+        ExecStatusType st = PQresultStatus(r);
+        PQclear(r);
+        if (st == PGRES_PIPELINE_SYNC) break;
+    }
+    c->npending = c->pending_head = 0;
+    if (!PQexitPipelineMode(c->pg)) {
+        pup_error_from_pg(err, c->pg, NULL);
+        note_failure(c, err, c->tag);
+        return -1;
+    }
+    return 0;
 }
 
 /* Asks the server to flush what it has and reads back every queued result. */
@@ -466,7 +487,7 @@ static int drain(pup_conn *c, pup_error *err) {
 }
 
 int pup_conn_send(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_error *err) {
-    if (!c->pipeline) {
+    if (!pup_conn_in_pipeline(c)) {
         PGresult *r = pup_conn_exec(c, st, p, 0, err);
         if (!r) return -1;
         PQclear(r);
@@ -483,22 +504,8 @@ int pup_conn_send(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_erro
 }
 
 int pup_conn_pipeline_end(pup_conn *c, pup_error *err, long *failed_tag) {
-    if (!c->pipeline) return 0;
-    int rc = 0;
-    if (!PQpipelineSync(c->pg)) {
-        pup_error_from_pg(err, c->pg, NULL);
-        note_failure(c, err, c->tag);
-        rc = -1;
-    } else if (read_pending(c, err) == 0)
-        read_sync_point(c);
-    else
-        rc = -1;
-    if (!PQexitPipelineMode(c->pg) && rc == 0) {
-        pup_error_from_pg(err, c->pg, NULL);
-        rc = -1;
-    }
-    c->pipeline = 0;
-    c->npending = c->pending_head = 0;
+    if (!pup_conn_in_pipeline(c)) return 0;
+    int rc = settle_pipeline(c, err);
     if (c->failed) {
         if (err) *err = c->failure;
         if (failed_tag) *failed_tag = c->failed_tag;
@@ -583,13 +590,8 @@ const pup_stmt *pup_conn_prepare(pup_conn *c, const char *sql, pup_error *err) {
         return NULL;
     }
     /* Preparing needs a round trip of its own: settle the pipeline first. */
-    int was_pipeline = c->pipeline;
-    if (was_pipeline) {
-        if (PQpipelineSync(c->pg) != 1 || read_pending(c, err) < 0) return NULL;
-        read_sync_point(c);
-        PQexitPipelineMode(c->pg);
-        c->pipeline = 0;
-    }
+    int was_pipeline = pup_conn_in_pipeline(c);
+    if (was_pipeline && settle_pipeline(c, err) < 0) return NULL;
     const pup_stmt *out = NULL;
     if (c->nstmts < STMT_CACHE_MAX) {
         if (c->nstmts == c->capstmts) {
@@ -627,7 +629,7 @@ done:
 PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
                         int binary_result, pup_error *err) {
     PGresult *r;
-    if (c->pipeline) {
+    if (pup_conn_in_pipeline(c)) {
         /* Earlier queued statements first: an error there is the one to report. */
         if (drain(c, err) < 0) return NULL;
         if (c->failed) {
@@ -670,12 +672,10 @@ int pup_conn_command(pup_conn *c, const char *sql, pup_error *err) {
 }
 
 void pup_conn_rollback(pup_conn *c) {
-    if (c->pipeline) {
-        pup_error ignored;
-        long tag;
-        pup_conn_pipeline_end(c, &ignored, &tag);
-    }
-    if (pup_conn_ok(c)) {
+    pup_error ignored;
+    if (pup_conn_in_pipeline(c) && settle_pipeline(c, &ignored) < 0 && pup_conn_ok(c))
+        pup_conn_reset(c, &ignored); /* stuck in pipeline mode: a new session ends it all */
+    if (pup_conn_ok(c) && PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
         PGresult *r = PQexec(c->pg, "ROLLBACK");
         PQclear(r);
     }
