@@ -54,10 +54,17 @@ describe("connection errors never show the password", function()
 
   it("a malformed string says so, with libpq's reason only when it quotes nothing", function()
     local _, err = pup.connect("postgresql://u:Lg5SecretW@[badhost/x")
-    assert.are.equal("cannot connect: the connection string is malformed", err.message)
+    assert.is_truthy(err.message:find("^cannot connect to the database: the connection string is malformed"),
+      err.message)
     _, err = pup.connect("password='Zq9 host=127.0.0.1")
-    assert.are.equal("cannot connect: the connection string is malformed "
+    assert.are.equal("cannot connect to the database: the connection string is malformed "
       .. "(unterminated quoted string in connection info string)", err.message)
+    -- libpq quotes what it echoes: only its own words before the quote are kept
+    _, err = pup.connect("password=Zq9Secret bogus_option=1")
+    assert.are.equal("cannot connect to the database: the connection string is malformed "
+      .. "(invalid connection option)", err.message)
+    _, err = pup.connect("password=Zq9 Zq8Secret=1 host=127.0.0.1")
+    assert.is_falsy(err.message:find("Zq8Secret", 1, true), err.message)
     _, err = pup.connect("postgresql://u:AtPa@ss9Word@127.0.0.1:1/db")
     assert.is_truthy(err.message:find("%40", 1, true), err.message)
   end)

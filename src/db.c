@@ -230,16 +230,22 @@ static int url_misplaced_at(const char *url) {
     return strchr(rest, '@') != NULL;
 }
 
-/* "cannot connect: the connection string is malformed", with libpq's reason only when
- * it quotes nothing of the string (libpq quotes the parts it echoes). */
+/* "the connection string is malformed", with the part of libpq's reason before its first
+ * quote: libpq quotes every piece of the string it echoes (which may be the password),
+ * and what comes before is its own text. A translated reason (not plain ASCII) is left
+ * out, as its quoting is unknown. */
 static int malformed(pup_error *err, const char *why) {
     if (!why) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "cannot connect: out of memory");
-    char reason[256];
-    copy_trimmed(reason, sizeof reason, why);
-    if (strchr(why, '"') || strchr(why, '\'') || strlen(why) >= sizeof reason)
-        return pup_error_set(err, PUP_ERR_CONNECTION, "cannot connect: the connection string is malformed");
-    return pup_error_set(err, PUP_ERR_CONNECTION, "cannot connect: the connection string is malformed (%s)",
-                         reason);
+    size_t n = strcspn(why, "\"'\n");
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)why[i] < 0x20 || (unsigned char)why[i] > 0x7e) n = 0;
+    while (n > 0 && (why[n - 1] == ' ' || why[n - 1] == ':')) n--;
+    if (n < 12 || n > 200)
+        return pup_error_set(err, PUP_ERR_CONNECTION,
+                             "cannot connect to the database: the connection string is malformed");
+    return pup_error_set(err, PUP_ERR_CONNECTION,
+                         "cannot connect to the database: the connection string is malformed (%.*s)",
+                         (int)n, why);
 }
 
 /* Describes a connection's target from libpq's own fields, never from the given string. */
@@ -281,7 +287,7 @@ pup_conn *pup_conn_open(const char *url, pup_error *err) {
     if (url_misplaced_at(url)) {
         PQconninfoFree(opts);
         pup_error_set(err, PUP_ERR_CONNECTION,
-                      "cannot connect: the connection URL is malformed (an '@' after the "
+                      "cannot connect to the database: the connection URL is malformed (an '@' after the "
                       "user:password@ part; write '@' and '/' in a password as %%40 and %%2F)");
         return NULL;
     }
