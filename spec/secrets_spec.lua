@@ -80,7 +80,6 @@ describe("connection errors never show the password", function()
     local commands = {
       { "status" },
       { "run", fixture },
-      { "run", "--once", fixture },
       { "run", "--log-format", "json", fixture },
     }
 
