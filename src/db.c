@@ -109,6 +109,14 @@ static void end_copy(PGconn *pg, ExecStatusType st) {
     }
 }
 
+/* True for the failure of a prepared statement whose table changed shape: SQLSTATE 0A000
+ * from RevalidateCachedQuery (the function name is not translated, the message is). */
+static int stale_plan(const PGresult *res) {
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    const char *where = res ? PQresultErrorField(res, PG_DIAG_SOURCE_FUNCTION) : NULL;
+    return state && where && strcmp(state, "0A000") == 0 && strcmp(where, "RevalidateCachedQuery") == 0;
+}
+
 int pup_error_from_pg(pup_error *err, PGconn *pg, const PGresult *res) {
     if (res && is_copy_status(PQresultStatus(res))) {
         if (pg) end_copy(pg, PQresultStatus(res));
@@ -117,10 +125,8 @@ int pup_error_from_pg(pup_error *err, PGconn *pg, const PGresult *res) {
     if (!err) return -1;
     const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
     const char *msg = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
-    const char *where = res ? PQresultErrorField(res, PG_DIAG_SOURCE_FUNCTION) : NULL;
     const char *constraint = res ? PQresultErrorField(res, PG_DIAG_CONSTRAINT_NAME) : NULL;
-    if (state && strcmp(state, "0A000") == 0 && where && strcmp(where, "RevalidateCachedQuery") == 0)
-        msg = PLAN_CHANGED;
+    if (stale_plan(res)) msg = PLAN_CHANGED;
     if (!msg || !*msg) msg = pg ? PQerrorMessage(pg) : "unknown database error";
     if (!msg || !*msg) msg = "unknown database error";
     copy_trimmed(err->message, sizeof err->message, msg);
@@ -655,6 +661,19 @@ PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
     } else {
         r = PQexecPrepared(c->pg, st->name, p ? p->n : 0, p ? p->values : NULL,
                            p ? p->lengths : NULL, p ? p->formats : NULL, binary_result);
+        /* Outside a transaction the failed statement had no effect: prepare it again
+         * (forgetting the others, which may be stale too) and run it once more. */
+        if (stale_plan(r) && PQtransactionStatus(c->pg) == PQTRANS_IDLE) {
+            char *sql = strdup(st->sql);
+            c->replan = 1;
+            const pup_stmt *fresh = sql ? pup_conn_prepare(c, sql, NULL) : NULL;
+            free(sql);
+            if (fresh) {
+                PQclear(r);
+                r = PQexecPrepared(c->pg, fresh->name, p ? p->n : 0, p ? p->values : NULL,
+                                   p ? p->lengths : NULL, p ? p->formats : NULL, binary_result);
+            }
+        }
     }
     ExecStatusType s = PQresultStatus(r);
     if (s == PGRES_TUPLES_OK || s == PGRES_COMMAND_OK) return r;

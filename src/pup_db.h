@@ -118,7 +118,9 @@ const pup_stmt *pup_conn_prepare(pup_conn *c, const char *sql, pup_error *err);
 /* Runs a prepared statement and returns its result (caller PQclear()s it), or NULL with
  * err set. In pipeline mode the statement is queued behind the pending ones, whose
  * results are checked first, so an earlier failure is reported before this one.
- * binary_result asks for binary column values. */
+ * binary_result asks for binary column values. Outside a transaction, a statement whose
+ * table changed shape since it was prepared is prepared again and rerun once; st is then
+ * no longer valid (nor any other statement of this connection). */
 PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
                         int binary_result, pup_error *err);
 
