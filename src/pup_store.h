@@ -35,7 +35,9 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
 /* Frees the SQL texts. */
 void pup_store_free(pup_store *s);
 
-/* The migration SQL (malloc'd; caller frees): idempotent CREATE ... IF NOT EXISTS. */
+/* The migration SQL (malloc'd; caller frees): idempotent CREATE ... IF NOT EXISTS; the
+ * ALTERs run only when the catalog lacks what they add, so on an up-to-date schema it
+ * takes no strong lock. */
 char *pup_store_schema_sql(const pup_store *s);
 /* Applies the schema in one transaction. */
 int pup_store_migrate(const pup_store *s, pup_conn *c, pup_error *err);
