@@ -459,6 +459,8 @@ static int read_pending(pup_conn *c, pup_error *err) {
  * rollback. Returns -1 with err set when the connection broke or libpq stayed in
  * pipeline mode. */
 static int settle_pipeline(pup_conn *c, pup_error *err) {
+    pup_error local;
+    if (!err) err = &local;
     if (!PQpipelineSync(c->pg)) {
         pup_error_from_pg(err, c->pg, NULL);
         note_failure(c, err, c->tag);
