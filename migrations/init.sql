@@ -34,8 +34,21 @@ CREATE TABLE IF NOT EXISTS "events" (
 );
 -- FNV-1a 32 of aggregate_id, written by pupsourcing's appenders (NULL from other
 -- writers): lets a partition's reader skip the bodies of other partitions' events.
-ALTER TABLE "events" ADD COLUMN IF NOT EXISTS aggregate_id_hash BIGINT;
-ALTER SEQUENCE "events_global_position_seq" OWNED BY "events".global_position;
+-- ALTER TABLE locks the table exclusively even when there is nothing to do, so it
+-- runs only when the catalog says it is needed: an up-to-date schema is left alone.
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '"events"'::regclass
+                   AND attname = 'aggregate_id_hash' AND NOT attisdropped) THEN
+        ALTER TABLE "events" ADD COLUMN aggregate_id_hash BIGINT;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_depend WHERE classid = 'pg_class'::regclass
+                   AND objid = '"events_global_position_seq"'::regclass AND refobjid = '"events"'::regclass
+                   AND deptype = 'a') THEN
+        ALTER SEQUENCE "events_global_position_seq" OWNED BY "events".global_position;
+    END IF;
+END
+$do$;
 
 CREATE TABLE IF NOT EXISTS "aggregate_heads" (
     aggregate_type TEXT NOT NULL,

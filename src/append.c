@@ -115,7 +115,7 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
     const pup_stmt *st = pup_conn_prepare(c, n == 1 ? s->sql_append_one : s->sql_append, err);
     if (!st) return -1;
     if (pup_params_reset(&buf->params, 4 + NARRAYS) < 0)
-        return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+        return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     pup_params *p = &buf->params;
     pup_params_text(p, 0, aggregate_type, type_len);
     pup_params_text(p, 1, aggregate_id, id_len);
@@ -132,15 +132,15 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
             else pup_params_text(p, 3 + a, cols[a]->p, cols[a]->len);
         }
     } else if (bind_arrays(buf, events, n) < 0)
-        return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+        return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
 
     PGresult *r = pup_conn_exec(c, st, p, 1, err);
     if (!r) {
-        if (err && strcmp(err->sqlstate, "23505") == 0) {
-            /* A unique key was taken by a concurrent writer. A duplicate event_id is the
-             * caller's mistake, not a race. */
-            if (strstr(err->message, "event_id") == NULL) err->code = PUP_ERR_CONFLICT;
-        }
+        /* A concurrent writer took the same aggregate version first. Other unique keys
+         * (a duplicate event_id) are the caller's mistake, not a race. */
+        if (err && strcmp(err->sqlstate, "23505") == 0 &&
+            (strcmp(err->constraint, s->version_key) == 0 || strcmp(err->constraint, s->heads_key) == 0))
+            err->code = PUP_ERR_CONFLICT;
         return -1;
     }
     long long current = pup_be_int(PQgetvalue(r, 0, 0), 8);
@@ -157,7 +157,7 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
     out->positions = malloc(n * sizeof *out->positions);
     if (!out->positions) {
         PQclear(r);
-        return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+        return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     }
     out->n = PQntuples(r);
     for (int i = 0; i < out->n && i < n; i++)

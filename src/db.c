@@ -4,32 +4,43 @@
  */
 #include "pup_db.h"
 
+#include <ctype.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define BYTEAOID 17
 #define STMT_CACHE_MAX 256    /* beyond this, statements are prepared unnamed each time */
 #define PIPELINE_WINDOW 512   /* read results back before this many are queued */
+
+#define COPY_REFUSED "COPY is not supported on pupsourcing connections (use INSERT, e.g. " \
+                     "INSERT ... SELECT FROM unnest($1::text[]))"
+/* Our text for PostgreSQL's "cached plan must not change result type" (SQLSTATE 0A000,
+ * raised by RevalidateCachedQuery): fixed, so the retry decision survives a trip through
+ * a Lua error and a server whose lc_messages is not English. */
+#define PLAN_CHANGED "cached plan must not change result type: a table changed under a " \
+                     "prepared statement (prepared again on retry)"
 
 struct pup_conn {
     PGconn *pg;
     pup_stmt *stmts;
     int nstmts, capstmts;
     pup_stmt unnamed; /* used when the cache is full */
-    int pipeline;
     long tag;
     long *pending; /* tags of queued statements, oldest first */
     int npending, cappending, pending_head;
     int failed; /* first failure of the current transaction */
     long failed_tag;
     pup_error failure;
+    int replan; /* a cached plan went stale: forget the statements once out of the transaction */
 };
 
 static const char *const code_names[] = {
     "ok", "optimistic_concurrency", "no_events", "invalid_event", "database",
     "connection", "not_migrated", "handler", "invalid_projection", "invalid_argument",
+    "out_of_memory",
 };
 
 const char *pup_code_name(pup_code code) {
@@ -42,6 +53,7 @@ int pup_error_set(pup_error *err, pup_code code, const char *fmt, ...) {
     va_list ap;
     err->code = code;
     err->sqlstate[0] = '\0';
+    err->constraint[0] = '\0';
     va_start(ap, fmt);
     vsnprintf(err->message, sizeof err->message, fmt, ap);
     va_end(ap);
@@ -72,10 +84,49 @@ static void copy_trimmed(char *dst, size_t size, const char *s) {
     dst[n] = '\0';
 }
 
+static int is_copy_status(ExecStatusType st) {
+    return st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH;
+}
+
+/* Ends the COPY a statement started (st is its result's status) and any that follow it
+ * in the same query string: COPY IN is failed, COPY OUT drained, then the remaining
+ * results are read, leaving the connection idle again. */
+static void end_copy(PGconn *pg, ExecStatusType st) {
+    while (is_copy_status(st)) {
+        if (st != PGRES_COPY_OUT && PQputCopyEnd(pg, "COPY is not supported by pupsourcing") < 0) return;
+        if (st != PGRES_COPY_IN) {
+            char *buf;
+            int n;
+            while ((n = PQgetCopyData(pg, &buf, 0)) > 0) PQfreemem(buf);
+            if (n == -2) return; /* broken connection */
+        }
+        st = PGRES_COMMAND_OK;
+        PGresult *r;
+        while (!is_copy_status(st) && (r = PQgetResult(pg)) != NULL) {
+            st = PQresultStatus(r);
+            PQclear(r);
+        }
+    }
+}
+
+/* True for the failure of a prepared statement whose table changed shape: SQLSTATE 0A000
+ * from RevalidateCachedQuery (the function name is not translated, the message is). */
+static int stale_plan(const PGresult *res) {
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    const char *where = res ? PQresultErrorField(res, PG_DIAG_SOURCE_FUNCTION) : NULL;
+    return state && where && strcmp(state, "0A000") == 0 && strcmp(where, "RevalidateCachedQuery") == 0;
+}
+
 int pup_error_from_pg(pup_error *err, PGconn *pg, const PGresult *res) {
+    if (res && is_copy_status(PQresultStatus(res))) {
+        if (pg) end_copy(pg, PQresultStatus(res));
+        return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "%s", COPY_REFUSED);
+    }
     if (!err) return -1;
     const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
     const char *msg = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+    const char *constraint = res ? PQresultErrorField(res, PG_DIAG_CONSTRAINT_NAME) : NULL;
+    if (stale_plan(res)) msg = PLAN_CHANGED;
     if (!msg || !*msg) msg = pg ? PQerrorMessage(pg) : "unknown database error";
     if (!msg || !*msg) msg = "unknown database error";
     copy_trimmed(err->message, sizeof err->message, msg);
@@ -85,6 +136,7 @@ int pup_error_from_pg(pup_error *err, PGconn *pg, const PGresult *res) {
         snprintf(err->message + n, sizeof err->message - n, " (%s)", detail);
     }
     snprintf(err->sqlstate, sizeof err->sqlstate, "%s", state ? state : "");
+    snprintf(err->constraint, sizeof err->constraint, "%s", constraint ? constraint : "");
     /* libpq's own errors (a broken connection noticed mid-pipeline) have no SQLSTATE. */
     int client_side = res && (!state || !*state);
     if ((pg && PQstatus(pg) != CONNECTION_OK) || client_side || (state && strncmp(state, "08", 2) == 0) ||
@@ -101,9 +153,15 @@ int pup_error_from_pg(pup_error *err, PGconn *pg, const PGresult *res) {
     return -1;
 }
 
+/* True for the error of a prepared statement whose table changed shape. */
+static int plan_changed(const pup_error *err) {
+    return strcmp(err->sqlstate, "0A000") == 0 && strstr(err->message, PLAN_CHANGED) != NULL;
+}
+
 int pup_error_is_transient(const pup_error *err) {
     return err->code == PUP_ERR_CONNECTION || strcmp(err->sqlstate, "40001") == 0 ||
-           strcmp(err->sqlstate, "40P01") == 0 || strcmp(err->sqlstate, "55P03") == 0;
+           strcmp(err->sqlstate, "40P01") == 0 || strcmp(err->sqlstate, "55P03") == 0 ||
+           plan_changed(err);
 }
 
 /* ---- parameters ---- */
@@ -165,52 +223,43 @@ void pup_params_double(pup_params *p, int i, double v) {
 
 /* ---- connections ---- */
 
-/* Redacts password=... and user:pass@ from a connection string for messages. */
-static void redact_url(char *dst, size_t size, const char *url) {
-    size_t j = 0;
-    for (size_t i = 0; url[i] && j + 1 < size; i++) {
-        dst[j++] = url[i];
-        if (strncmp(url + i, "://", 3) == 0) {
-            const char *at = strchr(url + i + 3, '@');
-            const char *colon = strchr(url + i + 3, ':');
-            const char *slash = strchr(url + i + 3, '/');
-            if (at && colon && colon < at && (!slash || at < slash)) {
-                size_t userlen = (size_t)(colon - (url + i + 3));
-                for (size_t k = 0; k < 2 + userlen && j + 1 < size; k++) dst[j++] = url[i + 1 + k];
-                for (const char *s = ":***"; *s && j + 1 < size; s++) dst[j++] = *s;
-                i = (size_t)(at - url) - 1;
-            }
-        } else if (strncmp(url + i + 1, "password=", 9) == 0) {
-            for (const char *s = "password=***"; *s && j + 1 < size; s++) dst[j++] = *s;
-            i += 9;
-            while (url[i + 1] && url[i + 1] != ' ' && url[i + 1] != '&') i++;
-        }
-    }
-    dst[j] = '\0';
+/* True when a URL has an '@' after its user:password@ part: libpq splits credentials at
+ * the first '@' or '/', so an unencoded '@' or '/' in a password puts the rest of it in
+ * the host, port or database name, which error messages show. */
+static int url_misplaced_at(const char *url) {
+    const char *rest = NULL;
+    if (strncmp(url, "postgresql://", 13) == 0) rest = url + 13;
+    else if (strncmp(url, "postgres://", 11) == 0) rest = url + 11;
+    if (!rest) return 0;
+    rest += strcspn(rest, "@/");
+    if (*rest == '@') rest++;
+    return strchr(rest, '@') != NULL;
 }
 
-/* Replaces every occurrence of the URL's password (user:PASSWORD@ or password=PASSWORD)
- * in msg with ***. */
-static void hide_password(char *msg, const char *url) {
-    const char *p = NULL, *end = NULL;
-    const char *scheme = strstr(url, "://");
-    if (scheme) {
-        const char *at = strchr(scheme + 3, '@');
-        const char *colon = strchr(scheme + 3, ':');
-        if (at && colon && colon < at) p = colon + 1, end = at;
-    }
-    if (!p && (p = strstr(url, "password=")) != NULL) {
-        p += 9;
-        end = p + strcspn(p, " &");
-    }
-    if (!p || end <= p) return;
-    size_t n = (size_t)(end - p);
-    char *hit;
-    while ((hit = memmem(msg, strlen(msg), p, n)) != NULL) {
-        memmove(hit + 3, hit + n, strlen(hit + n) + 1);
-        memcpy(hit, "***", 3);
-        if (n < 3) break; /* "***" could match again */
-    }
+/* "the connection string is malformed", with the part of libpq's reason before its first
+ * quote: libpq quotes every piece of the string it echoes (which may be the password),
+ * and what comes before is its own text. A translated reason (not plain ASCII) is left
+ * out, as its quoting is unknown. */
+static int malformed(pup_error *err, const char *why) {
+    if (!why) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "cannot connect: out of memory");
+    size_t n = strcspn(why, "\"'\n");
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)why[i] < 0x20 || (unsigned char)why[i] > 0x7e) n = 0;
+    while (n > 0 && (why[n - 1] == ' ' || why[n - 1] == ':')) n--;
+    if (n < 12 || n > 200)
+        return pup_error_set(err, PUP_ERR_CONNECTION,
+                             "cannot connect to the database: the connection string is malformed");
+    return pup_error_set(err, PUP_ERR_CONNECTION,
+                         "cannot connect to the database: the connection string is malformed (%.*s)",
+                         (int)n, why);
+}
+
+/* Describes a connection's target from libpq's own fields, never from the given string. */
+static void describe(char *out, size_t size, PGconn *pg) {
+    const char *host = PQhost(pg), *port = PQport(pg), *db = PQdb(pg), *user = PQuser(pg);
+    snprintf(out, size, "database \"%.63s\" on host %.200s port %.20s as user \"%.63s\"",
+             db && *db ? db : "(default)", host && *host ? host : "(default)",
+             port && *port ? port : "(default)", user && *user ? user : "(default)");
 }
 
 /* Notices (e.g. WARNING: terminating connection) go to stderr as one line of ours. */
@@ -221,28 +270,76 @@ static void notice_line(void *arg, const char *message) {
     fprintf(stderr, "pupsourcing: postgres: %s\n", line);
 }
 
+/* Sets what every session of ours expects. Quiet NOTICEs (CREATE ... IF NOT EXISTS); hex
+ * bytea is what the decoders expect. */
+static void session_defaults(PGconn *pg) {
+    PGresult *r = PQexec(pg, "SET client_min_messages = warning; SET bytea_output = hex");
+    PQclear(r);
+}
+
 pup_conn *pup_conn_open(const char *url, pup_error *err) {
     if (!url || !*url) url = getenv("DATABASE_URL");
     if (!url) url = "";
-    pup_conn *c = calloc(1, sizeof *c);
-    if (!c) {
-        pup_error_set(err, PUP_ERR_CONNECTION, "out of memory");
+    /* Parsed here, so a malformed string is reported without libpq's echo of it, and
+     * connected from the parsed options plus client_encoding: the aggregate_id_hash an
+     * appender stores must be over the same bytes a processor reads back. */
+    char *why = NULL;
+    PQconninfoOption *opts = PQconninfoParse(url, &why);
+    if (!opts) {
+        malformed(err, why);
+        PQfreemem(why);
         return NULL;
     }
-    c->pg = PQconnectdb(url);
-    if (!c->pg || PQstatus(c->pg) != CONNECTION_OK) {
-        char shown[512], msg[1024];
-        redact_url(shown, sizeof shown, *url ? url : "(libpq defaults)");
-        copy_trimmed(msg, sizeof msg, c->pg ? PQerrorMessage(c->pg) : "out of memory");
-        hide_password(msg, url); /* libpq quotes a malformed URI whole */
-        pup_error_set(err, PUP_ERR_CONNECTION, "cannot connect to %s: %s", shown, msg);
+    if (url_misplaced_at(url)) {
+        PQconninfoFree(opts);
+        pup_error_set(err, PUP_ERR_CONNECTION,
+                      "cannot connect to the database: the connection URL is malformed (an '@' after the "
+                      "user:password@ part; write '@' and '/' in a password as %%40 and %%2F)");
+        return NULL;
+    }
+    size_t n = 0;
+    for (PQconninfoOption *o = opts; o->keyword; o++) n++;
+    const char **keys = calloc(n + 2, sizeof *keys), **vals = calloc(n + 2, sizeof *vals);
+    pup_conn *c = calloc(1, sizeof *c);
+    if (!keys || !vals || !c) {
+        free(keys);
+        free(vals);
+        free(c);
+        PQconninfoFree(opts);
+        pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "cannot connect: out of memory");
+        return NULL;
+    }
+    size_t k = 0;
+    for (PQconninfoOption *o = opts; o->keyword; o++)
+        if (o->val && strcmp(o->keyword, "client_encoding") != 0) {
+            keys[k] = o->keyword;
+            vals[k++] = o->val;
+        }
+    keys[k] = "client_encoding";
+    vals[k] = "UTF8";
+    c->pg = PQconnectdbParams(keys, vals, 0);
+    free(keys);
+    free(vals);
+    PQconninfoFree(opts);
+    if (!c->pg) {
+        free(c);
+        pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "cannot connect: out of memory");
+        return NULL;
+    }
+    if (PQstatus(c->pg) != CONNECTION_OK) {
+        /* libpq's reason names the host, port and server's answer, never the password
+         * (the string was parsed, and checked for a split password, above). */
+        char target[512], msg[1024];
+        describe(target, sizeof target, c->pg);
+        copy_trimmed(msg, sizeof msg, PQerrorMessage(c->pg));
+        for (char *q = msg; *q; q++) /* one line: libpq indents its hints on a new line */
+            if (*q == '\n' || *q == '\t') *q = ' ';
+        pup_error_set(err, PUP_ERR_CONNECTION, "cannot connect to %s: %s", target, msg);
         pup_conn_close(c);
         return NULL;
     }
     PQsetNoticeProcessor(c->pg, notice_line, NULL);
-    /* Quiet NOTICEs (CREATE ... IF NOT EXISTS); hex bytea is what the decoders expect. */
-    PGresult *r = PQexec(c->pg, "SET client_min_messages = warning; SET bytea_output = hex");
-    PQclear(r);
+    session_defaults(c->pg);
     return c;
 }
 
@@ -269,12 +366,11 @@ int pup_conn_reset(pup_conn *c, pup_error *err) {
     for (int i = 0; i < c->nstmts; i++) stmt_free(&c->stmts[i]);
     stmt_free(&c->unnamed);
     c->nstmts = 0; /* the server forgot them with the old session */
-    c->pipeline = 0;
     c->npending = c->pending_head = 0;
     c->failed = 0;
+    c->replan = 0;
     if (PQstatus(c->pg) != CONNECTION_OK) return pup_error_from_pg(err, c->pg, NULL);
-    PGresult *r = PQexec(c->pg, "SET client_min_messages = warning; SET bytea_output = hex");
-    PQclear(r);
+    session_defaults(c->pg);
     return 0;
 }
 
@@ -282,6 +378,7 @@ int pup_conn_ok(pup_conn *c) { return c->pg && PQstatus(c->pg) == CONNECTION_OK;
 
 /* Remembers the first failure of the current transaction. */
 static void note_failure(pup_conn *c, const pup_error *err, long tag) {
+    if (plan_changed(err)) c->replan = 1;
     if (c->failed) return;
     c->failed = 1;
     c->failed_tag = tag;
@@ -300,13 +397,13 @@ const pup_error *pup_conn_failure(const pup_conn *c, long *tag) {
 
 /* ---- pipeline ---- */
 
-int pup_conn_in_pipeline(const pup_conn *c) { return c->pipeline; }
+/* libpq's pipeline state is the only one: no flag of ours can disagree with it. */
+int pup_conn_in_pipeline(const pup_conn *c) { return PQpipelineStatus(c->pg) != PQ_PIPELINE_OFF; }
 void pup_conn_set_tag(pup_conn *c, long tag) { c->tag = tag; }
 
 int pup_conn_pipeline_begin(pup_conn *c, pup_error *err) {
-    if (c->pipeline) return 0;
+    if (pup_conn_in_pipeline(c)) return 0;
     if (!PQenterPipelineMode(c->pg)) return pup_error_from_pg(err, c->pg, NULL);
-    c->pipeline = 1;
     c->npending = c->pending_head = 0;
     return 0;
 }
@@ -319,7 +416,7 @@ static int push_pending(pup_conn *c, pup_error *err) {
         } else {
             int cap = c->cappending ? c->cappending * 2 : 64;
             long *p = realloc(c->pending, cap * sizeof *p);
-            if (!p) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+            if (!p) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
             c->pending = p;
             c->cappending = cap;
         }
@@ -358,15 +455,40 @@ static int read_pending(pup_conn *c, pup_error *err) {
     return 0;
 }
 
-/* Consumes the result of a sync point (PGRES_PIPELINE_SYNC, possibly after NULLs). */
-static void read_sync_point(pup_conn *c) {
-    for (int guard = 0; guard < 4; guard++) {
-        PGresult *r = PQgetResult(c->pg);
-        if (!r) continue;
-        int done = PQresultStatus(r) == PGRES_PIPELINE_SYNC;
-        PQclear(r);
-        if (done) break;
+/* Syncs the pipeline and reads everything up to the sync point: the queued statements'
+ * results (failures noted with their tags), then whatever else is there, then leaves
+ * pipeline mode. The one way out of pipeline mode, for pipeline end, prepare and
+ * rollback. Returns -1 with err set when the connection broke or libpq stayed in
+ * pipeline mode. */
+static int settle_pipeline(pup_conn *c, pup_error *err) {
+    pup_error local;
+    if (!err) err = &local;
+    if (!PQpipelineSync(c->pg)) {
+        pup_error_from_pg(err, c->pg, NULL);
+        note_failure(c, err, c->tag);
+        return -1;
     }
+    if (read_pending(c, err) < 0) return -1;
+    /* Up to the sync point; two NULLs in a row mean nothing is left to read. */
+    int nulls = 0;
+    while (nulls < 2 && pup_conn_ok(c)) {
+        PGresult *r = PQgetResult(c->pg);
+        if (!r) {
+            nulls++;
+            continue;
+        }
+        nulls = 0;
+        ExecStatusType st = PQresultStatus(r);
+        PQclear(r);
+        if (st == PGRES_PIPELINE_SYNC) break;
+    }
+    c->npending = c->pending_head = 0;
+    if (!PQexitPipelineMode(c->pg)) {
+        pup_error_from_pg(err, c->pg, NULL);
+        note_failure(c, err, c->tag);
+        return -1;
+    }
+    return 0;
 }
 
 /* Asks the server to flush what it has and reads back every queued result. */
@@ -381,7 +503,7 @@ static int drain(pup_conn *c, pup_error *err) {
 }
 
 int pup_conn_send(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_error *err) {
-    if (!c->pipeline) {
+    if (!pup_conn_in_pipeline(c)) {
         PGresult *r = pup_conn_exec(c, st, p, 0, err);
         if (!r) return -1;
         PQclear(r);
@@ -410,22 +532,8 @@ int pup_conn_pipeline_sync(pup_conn *c, pup_error *err) {
 }
 
 int pup_conn_pipeline_end(pup_conn *c, pup_error *err, long *failed_tag) {
-    if (!c->pipeline) return 0;
-    int rc = 0;
-    if (!PQpipelineSync(c->pg)) {
-        pup_error_from_pg(err, c->pg, NULL);
-        note_failure(c, err, c->tag);
-        rc = -1;
-    } else if (read_pending(c, err) == 0)
-        read_sync_point(c);
-    else
-        rc = -1;
-    if (!PQexitPipelineMode(c->pg) && rc == 0) {
-        pup_error_from_pg(err, c->pg, NULL);
-        rc = -1;
-    }
-    c->pipeline = 0;
-    c->npending = c->pending_head = 0;
+    if (!pup_conn_in_pipeline(c)) return 0;
+    int rc = settle_pipeline(c, err);
     if (c->failed) {
         if (err) *err = c->failure;
         if (failed_tag) *failed_tag = c->failed_tag;
@@ -458,7 +566,7 @@ static int prepare_into(pup_conn *c, pup_stmt *s, const char *name, const char *
         free(types);
         free(copy);
         PQclear(r);
-        return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+        return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     }
     for (int i = 0; i < n; i++) types[i] = PQparamtype(r, i);
     PQclear(r);
@@ -470,24 +578,55 @@ static int prepare_into(pup_conn *c, pup_stmt *s, const char *name, const char *
     return 0;
 }
 
+/* True when sql's first word, after blanks and comments, is COPY. */
+static int is_copy(const char *s) {
+    for (;;) {
+        while (isspace((unsigned char)*s)) s++;
+        if (s[0] == '-' && s[1] == '-') {
+            s += strcspn(s, "\n");
+        } else if (s[0] == '/' && s[1] == '*') {
+            int depth = 1; /* PostgreSQL's block comments nest */
+            for (s += 2; *s && depth > 0; s++) {
+                if (s[0] == '/' && s[1] == '*') depth++, s++;
+                else if (s[0] == '*' && s[1] == '/') depth--, s++;
+            }
+        } else
+            break;
+    }
+    unsigned char next = (unsigned char)s[4];
+    return strncasecmp(s, "copy", 4) == 0 && !(isalnum(next) || next == '_' || next == '$' || next >= 0x80);
+}
+
+/* Forgets every cached statement, on the server too (after a plan went stale). Only
+ * outside a transaction: an aborted one refuses DEALLOCATE. */
+static void forget_statements(pup_conn *c) {
+    PGresult *r = PQexec(c->pg, "DEALLOCATE ALL");
+    PQclear(r);
+    for (int i = 0; i < c->nstmts; i++) stmt_free(&c->stmts[i]);
+    stmt_free(&c->unnamed);
+    c->nstmts = 0;
+    c->replan = 0;
+}
+
 const pup_stmt *pup_conn_prepare(pup_conn *c, const char *sql, pup_error *err) {
+    if (c->replan && PQtransactionStatus(c->pg) == PQTRANS_IDLE) forget_statements(c);
     for (int i = 0; i < c->nstmts; i++)
         if (strcmp(c->stmts[i].sql, sql) == 0) return &c->stmts[i];
-    /* Preparing needs a round trip of its own: settle the pipeline first. */
-    int was_pipeline = c->pipeline;
-    if (was_pipeline) {
-        if (PQpipelineSync(c->pg) != 1 || read_pending(c, err) < 0) return NULL;
-        read_sync_point(c);
-        PQexitPipelineMode(c->pg);
-        c->pipeline = 0;
+    if (is_copy(sql)) {
+        pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "%s", COPY_REFUSED);
+        if (err) note_failure(c, err, c->tag);
+        return NULL;
     }
+    /* Preparing needs a round trip of its own: settle the pipeline first. */
+    int was_pipeline = pup_conn_in_pipeline(c);
+    if (was_pipeline && settle_pipeline(c, err) < 0) return NULL;
     const pup_stmt *out = NULL;
     if (c->nstmts < STMT_CACHE_MAX) {
         if (c->nstmts == c->capstmts) {
             int cap = c->capstmts ? c->capstmts * 2 : 16;
             pup_stmt *s = realloc(c->stmts, cap * sizeof *s);
             if (!s) {
-                pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+                pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
                 goto done;
             }
             c->stmts = s;
@@ -518,7 +657,7 @@ done:
 PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
                         int binary_result, pup_error *err) {
     PGresult *r;
-    if (c->pipeline) {
+    if (pup_conn_in_pipeline(c)) {
         /* Earlier queued statements first: an error there is the one to report. */
         if (drain(c, err) < 0) return NULL;
         if (c->failed) {
@@ -538,6 +677,19 @@ PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
     } else {
         r = PQexecPrepared(c->pg, st->name, p ? p->n : 0, p ? p->values : NULL,
                            p ? p->lengths : NULL, p ? p->formats : NULL, binary_result);
+        /* Outside a transaction the failed statement had no effect: prepare it again
+         * (forgetting the others, which may be stale too) and run it once more. */
+        if (stale_plan(r) && PQtransactionStatus(c->pg) == PQTRANS_IDLE) {
+            char *sql = strdup(st->sql);
+            c->replan = 1;
+            const pup_stmt *fresh = sql ? pup_conn_prepare(c, sql, NULL) : NULL;
+            free(sql);
+            if (fresh) {
+                PQclear(r);
+                r = PQexecPrepared(c->pg, fresh->name, p ? p->n : 0, p ? p->values : NULL,
+                                   p ? p->lengths : NULL, p ? p->formats : NULL, binary_result);
+            }
+        }
     }
     ExecStatusType s = PQresultStatus(r);
     if (s == PGRES_TUPLES_OK || s == PGRES_COMMAND_OK) return r;
@@ -561,12 +713,10 @@ int pup_conn_command(pup_conn *c, const char *sql, pup_error *err) {
 }
 
 void pup_conn_rollback(pup_conn *c) {
-    if (c->pipeline) {
-        pup_error ignored;
-        long tag;
-        pup_conn_pipeline_end(c, &ignored, &tag);
-    }
-    if (pup_conn_ok(c)) {
+    pup_error ignored;
+    if (pup_conn_in_pipeline(c) && settle_pipeline(c, &ignored) < 0 && pup_conn_ok(c))
+        pup_conn_reset(c, &ignored); /* stuck in pipeline mode: a new session ends it all */
+    if (pup_conn_ok(c) && PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
         PGresult *r = PQexec(c->pg, "ROLLBACK");
         PQclear(r);
     }

@@ -22,22 +22,25 @@ typedef enum pup_code {
     PUP_ERR_NOT_MIGRATED,       /* "not_migrated" */
     PUP_ERR_HANDLER,            /* "handler" */
     PUP_ERR_INVALID_PROJECTION, /* "invalid_projection" */
-    PUP_ERR_INVALID_ARGUMENT    /* "invalid_argument" */
+    PUP_ERR_INVALID_ARGUMENT,   /* "invalid_argument" */
+    PUP_ERR_OUT_OF_MEMORY       /* "out_of_memory" */
 } pup_code;
 
 /* An error as reported by every layer: a code, PostgreSQL's SQLSTATE when it gave one
- * (else ""), and a message that names what was wrong. */
+ * (else ""), the violated constraint's name when the server named one (else ""), and a
+ * message that names what was wrong. */
 typedef struct pup_error {
     pup_code code;
     char sqlstate[6];
+    char constraint[64];
     char message[4096];
 } pup_error;
 
 /* The stable name of a code ("optimistic_concurrency", "database", ...). */
 const char *pup_code_name(pup_code code);
 
-/* Fills err (printf-style message, empty sqlstate). Returns -1 so callers can
- * `return pup_error_set(...)`. err may be NULL. */
+/* Fills err (printf-style message, empty sqlstate and constraint). Returns -1 so callers
+ * can `return pup_error_set(...)`. err may be NULL. */
 int pup_error_set(pup_error *err, pup_code code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
@@ -47,11 +50,14 @@ void pup_error_prefix(pup_error *err, const char *fmt, ...) __attribute__((forma
 /* Fills err from a failed result (or from the connection when res is NULL):
  * connection-class SQLSTATEs and a broken connection give PUP_ERR_CONNECTION,
  * undefined_table gives PUP_ERR_NOT_MIGRATED, everything else PUP_ERR_DATABASE.
- * Returns -1. */
+ * A result that started a COPY is refused (PUP_ERR_INVALID_ARGUMENT): the COPY is ended
+ * on pg first, so the connection stays usable. Returns -1. */
 int pup_error_from_pg(pup_error *err, PGconn *pg, const PGresult *res);
 
 /* True when err is worth retrying after reconnecting or restarting the transaction:
- * lost connection, serialization failure, deadlock, lock timeout. */
+ * lost connection, serialization failure, deadlock, lock timeout, and a table that
+ * changed under a prepared statement ("cached plan must not change result type": the
+ * connection prepares its statements again once the transaction is over). */
 int pup_error_is_transient(const pup_error *err);
 
 /* A prepared statement, cached per connection by SQL text. Parameter types come from
@@ -89,8 +95,10 @@ void pup_params_double(pup_params *p, int i, double v);
 
 typedef struct pup_conn pup_conn;
 
-/* Opens a connection. url NULL or "" means DATABASE_URL, then libpq's defaults.
- * Returns NULL with err set (code "connection"; the message never shows a password). */
+/* Opens a connection. url NULL or "" means DATABASE_URL, then libpq's defaults. The
+ * session always uses client_encoding UTF8 (the bytes the server stores), whatever the
+ * environment says. Returns NULL with err set (code "connection"): the target is described
+ * from libpq's fields and the given string is never shown, so no password is either. */
 pup_conn *pup_conn_open(const char *url, pup_error *err);
 /* Closes the connection and frees every statement it cached. NULL is a no-op. */
 void pup_conn_close(pup_conn *c);
@@ -103,14 +111,16 @@ int pup_conn_reset(pup_conn *c, pup_error *err);
 int pup_conn_ok(pup_conn *c);
 
 /* Returns the cached statement for sql, preparing and describing it on first use.
- * Inside pipeline mode the queue is synced first (see pup_conn_pipeline_*). NULL on
- * error. */
+ * Inside pipeline mode the queue is synced first (see pup_conn_pipeline_*). COPY is
+ * refused (PUP_ERR_INVALID_ARGUMENT). NULL on error. */
 const pup_stmt *pup_conn_prepare(pup_conn *c, const char *sql, pup_error *err);
 
 /* Runs a prepared statement and returns its result (caller PQclear()s it), or NULL with
  * err set. In pipeline mode the statement is queued behind the pending ones, whose
  * results are checked first, so an earlier failure is reported before this one.
- * binary_result asks for binary column values. */
+ * binary_result asks for binary column values. Outside a transaction, a statement whose
+ * table changed shape since it was prepared is prepared again and rerun once; st is then
+ * no longer valid (nor any other statement of this connection). */
 PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
                         int binary_result, pup_error *err);
 

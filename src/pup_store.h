@@ -8,6 +8,8 @@
 #include "pup_db.h"
 
 #define PUP_NAME_MAX 128
+#define PUP_IDENT_MAX 63 /* PostgreSQL's limit for a name, in bytes (NAMEDATALEN - 1) */
+#define PUP_CHANNEL_PREFIX "pupsourcing."
 
 /* Table names, validated and kept both raw and quoted ("schema"."table"). */
 typedef struct pup_store {
@@ -16,19 +18,26 @@ typedef struct pup_store {
     /* Worker groups (leases): <checkpoints>_workers and <checkpoints>_groups. */
     char q_workers[PUP_NAME_MAX + 24], q_groups[PUP_NAME_MAX + 24];
     char channel[PUP_NAME_MAX + 16]; /* LISTEN/NOTIFY channel of the events table */
+    /* The constraints a concurrent writer of the same aggregate version violates: a
+     * unique violation there is a lost race (optimistic_concurrency). */
+    char version_key[PUP_IDENT_MAX + 1], heads_key[PUP_IDENT_MAX + 1];
     /* SQL texts, built once; prepared per connection through the statement cache. */
     char *sql_append, *sql_append_one, *sql_read, *sql_stream, *sql_head;
 } pup_store;
 
 /* Validates the names (NULL = default "events", "aggregate_heads",
  * "projection_checkpoints"): [A-Za-z_][A-Za-z0-9_]* with at most one "schema." prefix,
- * 63 bytes a part. Returns -1 with err (code invalid_argument) naming the bad one. */
+ * and every name derived from them (sequences, functions, constraints, worker tables,
+ * the NOTIFY channel) within PostgreSQL's 63-byte limit. Returns -1 with err (code
+ * invalid_argument) naming the table option and the name that does not fit. */
 int pup_store_init(pup_store *s, const char *events, const char *heads,
                    const char *checkpoints, pup_error *err);
 /* Frees the SQL texts. */
 void pup_store_free(pup_store *s);
 
-/* The migration SQL (malloc'd; caller frees): idempotent CREATE ... IF NOT EXISTS. */
+/* The migration SQL (malloc'd; caller frees): idempotent CREATE ... IF NOT EXISTS; the
+ * ALTERs run only when the catalog lacks what they add, so on an up-to-date schema it
+ * takes no strong lock. */
 char *pup_store_schema_sql(const pup_store *s);
 /* Applies the schema in one transaction. */
 int pup_store_migrate(const pup_store *s, pup_conn *c, pup_error *err);

@@ -34,7 +34,7 @@ PGresult *pup_store_read(const pup_store *s, pup_conn *c, long long after, long 
     if (!st) return NULL;
     pup_params p = {0};
     if (pup_params_reset(&p, 2) < 0) {
-        pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+        pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
         return NULL;
     }
     pup_params_int(&p, 0, after);
@@ -50,7 +50,7 @@ PGresult *pup_store_read_stream(const pup_store *s, pup_conn *c, pup_str type, p
     if (!st) return NULL;
     pup_params p = {0};
     if (pup_params_reset(&p, 4) < 0) {
-        pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+        pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
         return NULL;
     }
     pup_params_text(&p, 0, type.p, type.len);

@@ -9,7 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* [A-Za-z_][A-Za-z0-9_]{0,62}, once or twice joined by a dot (schema.table). */
+/* [A-Za-z_][A-Za-z0-9_]{0,62}, once or twice joined by a dot (schema.table). The names
+ * derived from it are checked against the limit by derived_too_long(). */
 static int valid_name(const char *name) {
     int parts = 0;
     const char *p = name;
@@ -17,7 +18,7 @@ static int valid_name(const char *name) {
         size_t n = 0;
         if (!(isalpha((unsigned char)*p) || *p == '_')) return 0;
         while (isalnum((unsigned char)p[n]) || p[n] == '_') n++;
-        if (n > 63 - 24) return 0; /* room for the derived _global_position_seq names */
+        if (n > PUP_IDENT_MAX) return 0;
         parts++;
         p += n;
         if (*p == '\0') return 1;
@@ -48,11 +49,14 @@ static char *fmt(const char *f, ...) {
 
 /* One statement per append: check the expected version against the head, insert the
  * events (versions from the head, positions in version order), move the head and
- * notify, all or nothing. $3 NULL = any. `source` yields the events' columns: binary
+ * notify, all or nothing. $3 NULL = any. An aggregate whose events were written without
+ * a head row (plain SQL, another tool) is at its highest event version; the head is
+ * created by this append (the events scan runs only when the head is missing). `source` yields the events' columns: binary
  * arrays for many events, plain parameters for one. */
 static char *append_sql(const pup_store *s, const char *source) {
     return fmt(
         "WITH cur AS (SELECT COALESCE((SELECT aggregate_version FROM %s"
+        " WHERE aggregate_type = $1 AND aggregate_id = $2), (SELECT max(aggregate_version) FROM %s"
         " WHERE aggregate_type = $1 AND aggregate_id = $2), 0) AS v),"
         " ok AS (SELECT v FROM cur WHERE $3::bigint IS NULL OR v = $3::bigint),"
         " ins AS (INSERT INTO %s (aggregate_type, aggregate_id, aggregate_id_hash, aggregate_version,"
@@ -73,7 +77,36 @@ static char *append_sql(const pup_store *s, const char *source) {
         " SELECT cur.v, ins.global_position, ins.aggregate_version"
         " FROM cur CROSS JOIN (SELECT count(*) FROM note) n LEFT JOIN ins ON true"
         " ORDER BY ins.aggregate_version",
-        s->q_heads, s->q_events, source, s->q_heads, s->channel);
+        s->q_heads, s->q_events, s->q_events, source, s->q_heads, s->channel);
+}
+
+/* The table name without its schema. */
+static const char *base_name(const char *name) {
+    const char *dot = strchr(name, '.');
+    return dot ? dot + 1 : name;
+}
+
+/* Checks that the names derived from table option `what` = `name` (the prefixed or
+ * suffixed objects migrate creates, the NOTIFY channel) fit PostgreSQL's identifier
+ * limit: beyond it the server truncates (names no longer match) or refuses (NOTIFY). */
+static int derived_too_long(int table, const char *what, const char *name, pup_error *err) {
+    static const char *const suffixes[3][5] = {
+        {"_global_position_seq", "_next_position", "_aggregate_version_key", "_event_id_key", "_pkey"},
+        {"_pkey"},
+        {"_workers_pkey", "_groups_pkey", "_pkey"}};
+    const char *base = base_name(name);
+    for (int i = 0; i < 5 && suffixes[table][i]; i++)
+        if (strlen(base) + strlen(suffixes[table][i]) > PUP_IDENT_MAX)
+            return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT,
+                                 "invalid %s \"%s\": the derived name \"%s%s\" is over PostgreSQL's "
+                                 "%d-byte limit for names (shorten the table name)",
+                                 what, name, base, suffixes[table][i], PUP_IDENT_MAX);
+    if (table == 0 && strlen(PUP_CHANNEL_PREFIX) + strlen(name) > PUP_IDENT_MAX)
+        return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT,
+                             "invalid %s \"%s\": the derived notification channel \"%s%s\" is over "
+                             "PostgreSQL's %d-byte limit for names (shorten the schema or table name)",
+                             what, name, PUP_CHANNEL_PREFIX, name, PUP_IDENT_MAX);
+    return 0;
 }
 
 int pup_store_init(pup_store *s, const char *events, const char *heads,
@@ -82,12 +115,14 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
     const char *names[3] = {events ? events : "events", heads ? heads : "aggregate_heads",
                             checkpoints ? checkpoints : "projection_checkpoints"};
     const char *what[3] = {"events_table", "aggregate_heads_table", "checkpoints_table"};
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 3; i++) {
         if (!valid_name(names[i]))
             return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT,
                                  "invalid %s \"%.80s\": use letters, digits and _ "
-                                 "(optionally schema.table), at most 39 characters a part",
-                                 what[i], names[i]);
+                                 "(optionally schema.table), at most %d characters a part",
+                                 what[i], names[i], PUP_IDENT_MAX);
+        if (derived_too_long(i, what[i], names[i], err) < 0) return -1;
+    }
     snprintf(s->events, sizeof s->events, "%s", names[0]);
     snprintf(s->heads, sizeof s->heads, "%s", names[1]);
     snprintf(s->checkpoints, sizeof s->checkpoints, "%s", names[2]);
@@ -96,7 +131,9 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
     quote_name(s->q_checkpoints, sizeof s->q_checkpoints, s->checkpoints, "");
     quote_name(s->q_workers, sizeof s->q_workers, s->checkpoints, "_workers");
     quote_name(s->q_groups, sizeof s->q_groups, s->checkpoints, "_groups");
-    snprintf(s->channel, sizeof s->channel, "pupsourcing.%s", s->events);
+    snprintf(s->channel, sizeof s->channel, PUP_CHANNEL_PREFIX "%s", s->events);
+    snprintf(s->version_key, sizeof s->version_key, "%s_aggregate_version_key", base_name(s->events));
+    snprintf(s->heads_key, sizeof s->heads_key, "%s_pkey", base_name(s->heads));
 
     const char *E = s->q_events;
     s->sql_append = append_sql(s, "unnest($4::text[], $5::text[], $6::text[], $7::bytea[], $8::text[],"
@@ -112,7 +149,7 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
     s->sql_head = fmt("SELECT COALESCE(max(global_position), 0) FROM %s", E);
     if (!s->sql_append || !s->sql_append_one || !s->sql_read || !s->sql_stream || !s->sql_head) {
         pup_store_free(s);
-        return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "out of memory");
+        return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     }
     return 0;
 }
@@ -132,8 +169,7 @@ char *pup_store_schema_sql(const pup_store *s) {
     quote_name(seq, sizeof seq, s->events, "_global_position_seq");
     quote_name(fn, sizeof fn, s->events, "_next_position");
     /* Constraint and index names are never schema-qualified. */
-    const char *base = strchr(s->events, '.') ? strchr(s->events, '.') + 1 : s->events;
-    snprintf(uq, sizeof uq, "\"%s_aggregate_version_key\"", base);
+    snprintf(uq, sizeof uq, "\"%s\"", s->version_key);
     return fmt(
         "-- pupsourcing schema, generated by `pupsourcing migrate-gen`. Idempotent.\n"
         "BEGIN;\n"
@@ -171,8 +207,21 @@ char *pup_store_schema_sql(const pup_store *s) {
         ");\n"
         "-- FNV-1a 32 of aggregate_id, written by pupsourcing's appenders (NULL from other\n"
         "-- writers): lets a partition's reader skip the bodies of other partitions' events.\n"
-        "ALTER TABLE %s ADD COLUMN IF NOT EXISTS aggregate_id_hash BIGINT;\n"
-        "ALTER SEQUENCE %s OWNED BY %s.global_position;\n"
+        "-- ALTER TABLE locks the table exclusively even when there is nothing to do, so it\n"
+        "-- runs only when the catalog says it is needed: an up-to-date schema is left alone.\n"
+        "DO $do$\n"
+        "BEGIN\n"
+        "    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '%s'::regclass\n"
+        "                   AND attname = 'aggregate_id_hash' AND NOT attisdropped) THEN\n"
+        "        ALTER TABLE %s ADD COLUMN aggregate_id_hash BIGINT;\n"
+        "    END IF;\n"
+        "    IF NOT EXISTS (SELECT 1 FROM pg_depend WHERE classid = 'pg_class'::regclass\n"
+        "                   AND objid = '%s'::regclass AND refobjid = '%s'::regclass\n"
+        "                   AND deptype = 'a') THEN\n"
+        "        ALTER SEQUENCE %s OWNED BY %s.global_position;\n"
+        "    END IF;\n"
+        "END\n"
+        "$do$;\n"
         "\n"
         "CREATE TABLE IF NOT EXISTS %s (\n"
         "    aggregate_type TEXT NOT NULL,\n"
@@ -216,13 +265,14 @@ char *pup_store_schema_sql(const pup_store *s) {
         "    changed_at TIMESTAMPTZ NOT NULL DEFAULT now()\n"
         ");\n"
         "COMMIT;\n",
-        seq, fn, seq, s->q_events, fn, uq, s->q_events, seq, s->q_events, s->q_heads,
+        seq, fn, seq, s->q_events, fn, uq, s->q_events, s->q_events, seq, s->q_events, seq,
+        s->q_events, s->q_heads,
         s->q_checkpoints, s->q_workers, s->q_groups);
 }
 
 int pup_store_migrate(const pup_store *s, pup_conn *c, pup_error *err) {
     char *sql = pup_store_schema_sql(s);
-    if (!sql) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+    if (!sql) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     int rc = pup_conn_command(c, sql, err);
     free(sql);
     if (rc < 0) pup_conn_rollback(c);

@@ -169,7 +169,7 @@ local CASES = {
     expect = { 'database "no_such_db_rel" does not exist' }, absent = { PW } },
   { name = "DATABASE_URL with an invalid keyword", kind = "cli", args = { "status" },
     env = { DATABASE_URL = "host=127.0.0.1 port=1 user=bob password=" .. PW .. " bogus_option=1" }, code = 2,
-    expect = { "cannot connect to", 'invalid connection option "bogus_option"' }, absent = { PW } },
+    expect = { "cannot connect to", "invalid connection option" }, absent = { PW } },
   { name = "DATABASE_URL with a bad sslmode", kind = "cli", args = { "status" },
     env = { DATABASE_URL = "postgresql://bob:" .. PW .. "@127.0.0.1:1/db?sslmode=sometimes" }, code = 2,
     expect = { "cannot connect to", "sslmode" }, absent = { PW } },
