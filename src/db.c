@@ -456,13 +456,9 @@ static int read_pending(pup_conn *c, pup_error *err) {
 }
 
 /* Syncs the pipeline and reads everything up to the sync point: the queued statements'
- * results (failures noted with their tags), then whatever else is there, then leaves
- * pipeline mode. The one way out of pipeline mode, for pipeline end, prepare and
- * rollback. Returns -1 with err set when the connection broke or libpq stayed in
- * pipeline mode. */
-static int settle_pipeline(pup_conn *c, pup_error *err) {
-    pup_error local;
-    if (!err) err = &local;
+ * results (failures noted with their tags), then whatever else is there. Stays in
+ * pipeline mode. Returns -1 with err set when the connection broke. */
+static int sync_pipeline(pup_conn *c, pup_error *err) {
     if (!PQpipelineSync(c->pg)) {
         pup_error_from_pg(err, c->pg, NULL);
         note_failure(c, err, c->tag);
@@ -483,6 +479,16 @@ static int settle_pipeline(pup_conn *c, pup_error *err) {
         if (st == PGRES_PIPELINE_SYNC) break;
     }
     c->npending = c->pending_head = 0;
+    return 0;
+}
+
+/* Syncs, reads everything and leaves pipeline mode: the one way out of it, for pipeline
+ * end, prepare and rollback. Returns -1 with err set when the connection broke or libpq
+ * stayed in pipeline mode. */
+static int settle_pipeline(pup_conn *c, pup_error *err) {
+    pup_error local;
+    if (!err) err = &local;
+    if (sync_pipeline(c, err) < 0) return -1;
     if (!PQexitPipelineMode(c->pg)) {
         pup_error_from_pg(err, c->pg, NULL);
         note_failure(c, err, c->tag);
@@ -520,15 +526,8 @@ int pup_conn_send(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_erro
 }
 
 int pup_conn_pipeline_sync(pup_conn *c, pup_error *err) {
-    if (!c->pipeline) return 0;
-    if (!PQpipelineSync(c->pg)) {
-        pup_error_from_pg(err, c->pg, NULL);
-        note_failure(c, err, c->tag);
-        return -1;
-    }
-    if (read_pending(c, err) < 0) return -1;
-    read_sync_point(c);
-    return 0;
+    if (!pup_conn_in_pipeline(c)) return 0;
+    return sync_pipeline(c, err);
 }
 
 int pup_conn_pipeline_end(pup_conn *c, pup_error *err, long *failed_tag) {

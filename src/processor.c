@@ -166,7 +166,7 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
     }
     pup_processor *p = calloc(1, sizeof *p);
     if (!p) {
-        pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+        pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
         return NULL;
     }
     p->store = store;
@@ -254,7 +254,7 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
     free(etypes);
     if (!p->name || !p->sql_read || !p->sql_checkpoint || !p->sql_lease_checkpoint || !p->sql_open || !p->sql_hole || !p->held) {
         pup_processor_free(p);
-        pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+        pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
         return NULL;
     }
     return p;
@@ -295,7 +295,7 @@ static PGresult *run(pup_processor *p, pup_error *err, const char *sql, int n, .
     const pup_stmt *st = pup_conn_prepare(p->conn, sql, err);
     if (!st) return NULL;
     if (pup_params_reset(&p->params, n) < 0) {
-        pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+        pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
         return NULL;
     }
     va_list ap;
@@ -383,7 +383,7 @@ static int group_tick(pup_processor *p, pup_error *err) {
         if (!(r = run(p, err, sql, 2, p->name, p->owner))) goto fail;
         PQclear(r);
         if (set_total(p, n_total) < 0) {
-            pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+            pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
             goto fail;
         }
         free(p->old_cp);
@@ -459,7 +459,7 @@ static int group_tick(pup_processor *p, pup_error *err) {
             p->old_cp = calloc((size_t)prev, sizeof *p->old_cp);
             if (!p->old_cp) {
                 PQclear(r);
-                pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+                pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
                 goto fail;
             }
             p->old_total = prev;
@@ -491,7 +491,7 @@ static int group_tick(pup_processor *p, pup_error *err) {
     /* Our fair share, as an SQL array. */
     char *target = malloc((size_t)n_total * 6 + 3);
     if (!target) {
-        pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+        pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
         goto fail;
     }
     size_t tn = 0;
@@ -639,7 +639,7 @@ static int write_checkpoint(pup_processor *p, long long from, long long to, pup_
     int group = p->cfg.group;
     const pup_stmt *st = pup_conn_prepare(p->conn, group ? p->sql_lease_checkpoint : p->sql_checkpoint, err);
     if (!st) return -1;
-    if (pup_params_reset(q, group ? 7 : 8) < 0) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+    if (pup_params_reset(q, group ? 7 : 8) < 0) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     pup_params_text(q, 0, p->name, strlen(p->name));
     pup_params_int(q, 1, p->total);
     if (group) pup_params_text(q, 2, p->held_list, strlen(p->held_list));
@@ -746,7 +746,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
         if (p->last_tick + ttl / 2 < deadline) deadline = p->last_tick + ttl / 2;
     }
     pup_params *q = &p->params;
-    if (pup_params_reset(q, 4) < 0) return pup_error_set(err, PUP_ERR_DATABASE, "out of memory");
+    if (pup_params_reset(q, 4) < 0) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     pup_params_int(q, 0, from);
     pup_params_int(q, 2, p->total);
     pup_params_text(q, 3, p->held_list, strlen(p->held_list));
