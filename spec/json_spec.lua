@@ -177,6 +177,16 @@ describe("pup.json", function()
     local rows = assert(db:query("SELECT (metadata->>'n')::numeric::text AS n FROM "
       .. h.tables("json").events_table .. " WHERE aggregate_id = $1", id))
     assert.are.equal("123456789012345678", rows[1].n)
+    -- what JSON cannot hold is a bad event (nil, err), and nothing is written
+    for _, bad in ipairs { { payload = { x = 0 / 0 } }, { payload = { s = "\xff" } }, { metadata = { f = print } } } do
+      local ev = { aggregate_type = "J", aggregate_id = id, event_type = "T", payload = bad.payload or "{}",
+                   metadata = bad.metadata }
+      local ok, err = store:append(db, pup.exact(1), { ev })
+      assert.is_nil(ok)
+      assert.are.equal("invalid_event", err.code)
+      assert.matches("^event 1: %a+ cannot be written as JSON: ", err.message)
+    end
+    assert.are.equal(1, assert(store:read_aggregate_stream(db, "J", id)).version)
     db:close()
   end)
 end)

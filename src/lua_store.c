@@ -196,8 +196,18 @@ static const char *check_field(lua_State *L, int f) {
         return v < 1 || v > 2147483647 ? "must be a positive integer" : NULL;
     }
     size_t len;
-    if (t == LUA_TTABLE && event_fields[f].json) pup_lua_json_encode(L, -1, &len);
-    else if (t != LUA_TSTRING) return event_fields[f].json ? "must be a string or a table" : "must be a string";
+    if (t == LUA_TTABLE && event_fields[f].json) {
+        /* Data that JSON cannot hold (invalid UTF-8, NaN, a cycle) is a bad event, not misuse. */
+        lua_getfield(L, LUA_REGISTRYINDEX, "pupsourcing.json_encode");
+        lua_insert(L, -2);
+        if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+            const char *msg = lua_tostring(L, -1);
+            const char *plain = msg && strncmp(msg, "pup.json.encode: ", 17) == 0 ? msg + 17 : msg;
+            return lua_pushfstring(L, "cannot be written as JSON: %s", plain ? plain : "?");
+        }
+    } else if (t != LUA_TSTRING) {
+        return event_fields[f].json ? "must be a string or a table" : "must be a string";
+    }
     const char *p = lua_tolstring(L, -1, &len);
     /* Only the payload is bytes; text columns cannot hold NUL. */
     if (f != F_PAYLOAD && memchr(p, '\0', len)) return "contains a NUL byte";
