@@ -5,6 +5,14 @@
 -- find_package, run on the test server. (Its luarocks block: spec/luarocks_spec.lua.)
 local H = require "spec.helpers"
 
+-- H.sh runs one command (its environment and redirections bind to the first and last of
+-- a list); a compound command line goes through bash, which also unsets opts.unset
+-- (H.sh cannot mix unset and set variables).
+local function bash(cmdline, opts)
+  if opts and opts.unset then cmdline = "unset " .. table.concat(opts.unset, " ") .. "; " .. cmdline end
+  return H.sh("bash -c " .. H.shquote(cmdline), opts)
+end
+
 -- The fenced blocks of the README's "Install" section, in order: {lang, text}.
 local function install_blocks()
   local readme = H.read_file(H.source_dir .. "/README.md")
@@ -147,7 +155,7 @@ describe("README Install section", function()
     work = H.tmpdir()
     prefix = work .. "/prefix"
     -- a copy of the source tree (no build directories), built as the README says
-    local r = H.sh(("tar -C %s --exclude=./build --exclude='./build-*' --exclude=./build.luarocks --exclude=./.git"
+    local r = bash(("tar -C %s --exclude=./build --exclude='./build-*' --exclude=./build.luarocks --exclude=./.git"
       .. " --exclude=./.pg -cf - . | tar -C %s -xf -"):format(
       H.shquote(H.source_dir), H.shquote(work .. "/")))
     assert.equal(0, r.code, r.output)
@@ -158,7 +166,7 @@ describe("README Install section", function()
   it("builds and installs with its first block, run as written", function()
     assert.equal("bash", blocks[1].lang)
     H.write_file(work .. "/install.sh", blocks[1].text)
-    local r = H.sh("cd " .. H.shquote(work) .. " && bash -eo pipefail install.sh", { env = { PREFIX = prefix } })
+    local r = bash("cd " .. H.shquote(work) .. " && bash -eo pipefail install.sh", { env = { PREFIX = prefix } })
     assert.equal(0, r.code, r.output)
     for _, f in ipairs { "bin/pupsourcing", "lib/libpupsourcing.a", "lib/pkgconfig/pupsourcing.pc",
                          "lib/cmake/pupsourcing/pupsourcingConfig.cmake", "include/pupsourcing/pup_processor.h" } do
@@ -174,10 +182,10 @@ describe("README Install section", function()
   it("builds examples/c/main.c with pkg-config as written, and it runs", function()
     assert.equal("bash", blocks[2].lang)
     local dir = work .. "/app-pc"
-    assert.equal(0, H.sh("mkdir " .. H.shquote(dir) .. " && cp " .. H.shquote(H.source_dir .. "/examples/c/main.c")
+    assert.equal(0, bash("mkdir " .. H.shquote(dir) .. " && cp " .. H.shquote(H.source_dir .. "/examples/c/main.c")
       .. " " .. H.shquote(dir)).code)
     H.write_file(dir .. "/build.sh", blocks[2].text)
-    local r = H.sh("cd " .. H.shquote(dir) .. " && bash -eo pipefail build.sh",
+    local r = bash("cd " .. H.shquote(dir) .. " && bash -eo pipefail build.sh",
                    { env = { PKG_CONFIG_PATH = prefix .. "/lib/pkgconfig" } })
     assert.equal(0, r.code, r.output)
     check_example_c(dir .. "/app", "spec_install_pc")
@@ -186,10 +194,10 @@ describe("README Install section", function()
   it("builds examples/c/main.c with find_package(pupsourcing) as written, and it runs", function()
     assert.equal("cmake", blocks[3].lang)
     local dir = work .. "/app-cmake"
-    assert.equal(0, H.sh("mkdir " .. H.shquote(dir) .. " && cp " .. H.shquote(H.source_dir .. "/examples/c/main.c")
+    assert.equal(0, bash("mkdir " .. H.shquote(dir) .. " && cp " .. H.shquote(H.source_dir .. "/examples/c/main.c")
       .. " " .. H.shquote(dir)).code)
     H.write_file(dir .. "/CMakeLists.txt", blocks[3].text .. "\n")
-    local r = H.sh(("cmake -S %s -B %s/build -DCMAKE_PREFIX_PATH=%s && cmake --build %s/build"):format(
+    local r = bash(("cmake -S %s -B %s/build -DCMAKE_PREFIX_PATH=%s && cmake --build %s/build"):format(
       H.shquote(dir), H.shquote(dir), H.shquote(prefix), H.shquote(dir)))
     assert.equal(0, r.code, r.output)
     check_example_c(dir .. "/build/app", "spec_install_cmake")
