@@ -6,8 +6,9 @@ source "$(dirname "$0")/_lib.sh"
 : "${PUP_EXAMPLE_C:?PUP_EXAMPLE_C must name the built examples/c program}"
 use_fresh_db c
 
-# The program must not depend on Lua (the point of the C core as its own library).
-if ldd "$PUP_EXAMPLE_C" | grep -qi lua; then fail "examples/c links Lua: $(ldd "$PUP_EXAMPLE_C")"; fi
+# The program must need libpq alone: no Lua, no YAJL, no libuuid (those are the binding's).
+if ldd "$PUP_EXAMPLE_C" | grep -Eqi 'lua|yajl|uuid'; then fail "examples/c links more than libpq: $(ldd "$PUP_EXAMPLE_C")"; fi
+ldd "$PUP_EXAMPLE_C" | grep -q libpq || fail "examples/c does not link libpq"
 
 run_c() {
   note "run $1: examples/c"
