@@ -20,6 +20,12 @@ else()
     set_tests_properties(examples.${_name} PROPERTIES
       LABELS "examples"
       TIMEOUT 90
-      ENVIRONMENT "PUP_BIN=$<TARGET_FILE:pupsourcing>;PUP_SOURCE_DIR=${CMAKE_SOURCE_DIR}")
+      ENVIRONMENT "PUP_BIN=$<TARGET_FILE:pupsourcing>;PUP_SOURCE_DIR=${CMAKE_SOURCE_DIR};PUP_EXAMPLE_C=$<TARGET_FILE:example_c>")
   endforeach()
 endif()
+
+# examples/c: the C program, linked to the C core alone (no Lua), run on a database of its
+# own by examples/tests/c.sh (which also checks it is the program docs/c-api.md shows).
+add_executable(example_c examples/c/main.c)
+target_link_libraries(example_c PRIVATE pupsourcing::core)
+set_target_properties(example_c PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/examples)
