@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the build, the examples and the tests need. Idempotent:
-# only missing packages are installed, so a second run costs one dpkg query.
+# Installs the Debian packages a command needs. Idempotent: only missing packages are
+# installed, so a second run costs one dpkg query.
+#   scripts/deps.sh run    what `scripts/run.sh` needs: build, PostgreSQL, Lua, libraries
+#   scripts/deps.sh test   that and what the tests need (default)
 set -euo pipefail
+what=${1:-test}
 pkgs=(build-essential cmake pkg-config libpq-dev postgresql lua5.4 liblua5.4-dev
-      libyajl-dev lua-busted lua-check uuid-dev procps iproute2 valgrind luarocks)
+      libyajl-dev uuid-dev)
+case "$what" in
+run) ;;
+test) pkgs+=(lua-busted lua-check procps iproute2 valgrind luarocks) ;;
+*) echo "usage: $0 [run|test]" >&2; exit 2 ;;
+esac
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -276,7 +276,7 @@ if [ $list_only = 1 ]; then
 fi
 [ ${#selected[@]} -gt 0 ] || { echo "mutants.sh: no mutation matches: ${filters[*]}" >&2; exit 2; }
 
-bash scripts/deps.sh
+bash scripts/deps.sh test
 
 t_start=$(date +%s)
 scratch=${PUP_MUTANTS_DIR:-}
@@ -309,24 +309,12 @@ done | tar --null -T - -cf - | tar -C "$src" -xf -
 echo "mutants: scratch copy in $src"
 cmake -S "$src" -B "$scratch/build" -DPUP_WERROR=ON >/dev/null
 
-port_in_use() {
-  if command -v ss >/dev/null 2>&1; then
-    ss -Hltn "sport = :$1" 2>/dev/null | grep -q .
-  else
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-  fi
-}
 if [ -n "${PUP_TEST_DATABASE_URL:-}" ]; then
   DATABASE_URL=$PUP_TEST_DATABASE_URL
 else
   pgtmp=$(mktemp -d /tmp/pupsourcing-mutants-pg.XXXXXX)
   chmod 755 "$pgtmp"
-  port=""
-  for p in $(seq 54330 54399); do
-    if ! port_in_use "$p"; then port=$p; break; fi
-  done
-  [ -n "$port" ] || { echo "mutants.sh: no free port in 54330-54399" >&2; exit 1; }
-  DATABASE_URL=$(bash scripts/pg.sh start "$pgtmp/data" "$port")
+  DATABASE_URL=$(bash scripts/pg.sh start "$pgtmp/data" 54330)
 fi
 export DATABASE_URL
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Command 1 of the README: installs what is missing, builds, starts a private PostgreSQL
-# in .pg/ of the working tree (port 54329) unless DATABASE_URL is set, migrates and runs
-# examples/basic/main.lua.
+# Command 1 of the README: installs what is missing, builds (Release), starts a private
+# PostgreSQL in .pg/ of the working tree (port 54329, or the next free one) unless
+# DATABASE_URL is set, migrates and runs examples/basic/main.lua.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-bash scripts/deps.sh
-cmake -S . -B build >/dev/null
+bash scripts/deps.sh run
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j2
 
 if [ -z "${DATABASE_URL:-}" ]; then

@@ -8,13 +8,14 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-bash scripts/deps.sh
+bash scripts/deps.sh test
 
+# Release, as run.sh and users build (optimisation also finds warnings -O0 does not).
 build=build
-cmake_args=(-DPUP_WERROR=ON)
+cmake_args=(-DPUP_WERROR=ON -DCMAKE_BUILD_TYPE=Release)
 if [ "${PUP_SANITIZE:-0}" = 1 ]; then
   build=build-asan
-  cmake_args+=(-DPUP_SANITIZE=ON)
+  cmake_args=(-DPUP_WERROR=ON -DPUP_SANITIZE=ON)
 fi
 cmake -S . -B "$build" "${cmake_args[@]}" >/dev/null
 cmake --build "$build" -j2
@@ -30,25 +31,13 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-port_in_use() {
-  if command -v ss >/dev/null 2>&1; then
-    ss -Hltn "sport = :$1" 2>/dev/null | grep -q .
-  else
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-  fi
-}
 
 if [ -n "${PUP_TEST_DATABASE_URL:-}" ]; then
   DATABASE_URL=$PUP_TEST_DATABASE_URL
 else
   tmpdir=$(mktemp -d /tmp/pupsourcing-test.XXXXXX)
   chmod 755 "$tmpdir"
-  port=""
-  for p in $(seq 54330 54399); do
-    if ! port_in_use "$p"; then port=$p; break; fi
-  done
-  [ -n "$port" ] || { echo "test.sh: no free port in 54330-54399" >&2; exit 1; }
-  DATABASE_URL=$(bash scripts/pg.sh start "$tmpdir/data" "$port")
+  DATABASE_URL=$(bash scripts/pg.sh start "$tmpdir/data" 54330)
 fi
 export DATABASE_URL
 

@@ -19,8 +19,10 @@ typedef struct pup_store {
     char q_workers[PUP_NAME_MAX + 24], q_groups[PUP_NAME_MAX + 24];
     char channel[PUP_NAME_MAX + 16]; /* LISTEN/NOTIFY channel of the events table */
     /* The constraints a concurrent writer of the same aggregate version violates: a
-     * unique violation there is a lost race (optimistic_concurrency). */
-    char version_key[PUP_IDENT_MAX + 1], heads_key[PUP_IDENT_MAX + 1];
+     * unique violation there is a lost race (optimistic_concurrency). Sized for any input
+     * (the compiler cannot see the check): pup_store_init refuses names whose constraint
+     * names would be longer than PostgreSQL's 63 bytes. */
+    char version_key[PUP_NAME_MAX + 32], heads_key[PUP_NAME_MAX + 32];
     /* SQL texts, built once; prepared per connection through the statement cache. */
     char *sql_append, *sql_append_one, *sql_read, *sql_stream, *sql_head;
 } pup_store;

@@ -165,7 +165,7 @@ void pup_store_free(pup_store *s) {
 
 char *pup_store_schema_sql(const pup_store *s) {
     char seq[PUP_NAME_MAX + 32], fn[PUP_NAME_MAX + 32];
-    char uq[PUP_NAME_MAX + 32];
+    char uq[sizeof s->version_key + 2];
     quote_name(seq, sizeof seq, s->events, "_global_position_seq");
     quote_name(fn, sizeof fn, s->events, "_next_position");
     /* Constraint and index names are never schema-qualified. */
