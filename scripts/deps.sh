@@ -3,7 +3,7 @@
 # only missing packages are installed, so a second run costs one dpkg query.
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config libpq-dev postgresql lua5.4 liblua5.4-dev
-      libyajl-dev lua-busted lua-check uuid-dev procps iproute2 valgrind)
+      libyajl-dev lua-busted lua-check uuid-dev procps iproute2 valgrind libmicrohttpd-dev prometheus curl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
