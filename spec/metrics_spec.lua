@@ -281,15 +281,12 @@ describe("run --metrics-addr", function()
     local addr = address_of(proc)
     local pdir = dir .. "/prom"
     os.execute("mkdir -p " .. H.shquote(pdir .. "/data"))
-    H.write_file(pdir .. "/prometheus.yml", ([[
-global:
-  scrape_interval: 1s
-  evaluation_interval: 1s
-scrape_configs:
-  - job_name: pupsourcing
-    static_configs:
-      - targets: ['%s']
-]]):format(addr))
+    -- docs/operations.md's scrape configuration, at a 1 s interval and this run's address
+    local config = H.read_file(H.source_dir .. "/docs/operations.md"):match("```yaml\n(.-)```")
+    assert.truthy(config and config:find("'127.0.0.1:9464'", 1, true), "no scrape config in docs/operations.md")
+    config = config:gsub("scrape_interval: %S+", "scrape_interval: 1s\n  evaluation_interval: 1s")
+        :gsub("127%.0%.0%.1:9464", addr)
+    H.write_file(pdir .. "/prometheus.yml", config)
     -- A free port for its web API: try a few; skip when it cannot start at all.
     local server, api
     for _ = 1, 5 do
