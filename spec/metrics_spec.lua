@@ -51,7 +51,7 @@ describe("run --metrics-addr", function()
     for _, a in ipairs(extra or {}) do args[#args + 1] = a end
     for _, a in ipairs(H.table_flags(T)) do args[#args + 1] = a end
     for _, f in ipairs(files) do args[#args + 1] = f end
-    local p = H.spawn(args, { env = { DATABASE_URL = H.url() } })
+    local p = H.spawn(args, { env = { DATABASE_URL = H.url(), ASAN_OPTIONS = "detect_leaks=1" } })
     procs[#procs + 1] = p
     return p
   end
@@ -76,7 +76,10 @@ describe("run --metrics-addr", function()
     for _, p in ipairs(procs) do H.signal(p, "TERM") end
     for _, p in ipairs(procs) do
       H.wait_exit(p, 10)
+      local err = H.stderr_of(p)
       H.reap(p)
+      -- under PUP_SANITIZE=1 the binary reports races on memory, UB and leaks here
+      assert.falsy(err:find("Sanitizer", 1, true) or err:find("runtime error", 1, true), err)
     end
     procs = {}
     H.close_area(db, dir)
@@ -185,7 +188,7 @@ describe("run --metrics-addr", function()
     local args = { H.bin, "run", "--poll-interval", "50", "--metrics-addr", "127.0.0.1:0", "--database-url", url }
     for _, a in ipairs(H.table_flags(T)) do args[#args + 1] = a end
     args[#args + 1] = file
-    local proc = H.spawn(args)
+    local proc = H.spawn(args, { env = { ASAN_OPTIONS = "detect_leaks=1" } })
     procs[#procs + 1] = proc
     local addr = address_of(proc)
     local lbl = 'projection="met_retry",partition="0"'
