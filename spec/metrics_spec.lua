@@ -143,12 +143,28 @@ describe("run --metrics-addr", function()
     local addr_b = address_of(b)
     local text
     H.wait_until(function() return "standby 1 on the second; last scrape:\n" .. tostring(text) end, 20, function()
-      _, text = curl("http://" .. addr_b .. "/metrics")
+      text = select(2, curl("http://" .. addr_b .. "/metrics"))
       return text and sample(text, "pupsourcing_standby", 'projection="met_sb",partition="0"') == 1
     end, 0.1)
     assert.equal(0, sample(text, "pupsourcing_partitions_held", 'projection="met_sb",partition="0"'))
     local _, ta = curl("http://" .. addr_a .. "/metrics")
     assert.equal(0, sample(ta, "pupsourcing_standby", 'projection="met_sb",partition="0"'))
+  end)
+
+  it("labels a group worker partition=\"group\" with the partitions it holds", function()
+    local file = projection("met_grp")
+    local proc = spawn_run({ file }, { "--group", "--partitions", "4", "--metrics-addr", "127.0.0.1:0" })
+    local addr = address_of(proc)
+    assert(store:append(db, pup.any(), H.events(4, { aggregate_id = "g-1" })))
+    local lbl = 'projection="met_grp",partition="group"'
+    local text
+    H.wait_until(function() return "4 held and 4 handled; last scrape:\n" .. tostring(text) end, 30, function()
+      text = select(2, curl("http://" .. addr .. "/metrics"))
+      return text and sample(text, "pupsourcing_partitions_held", lbl) == 4
+          and sample(text, "pupsourcing_events_handled_total", lbl) == 4
+    end, 0.1)
+    assert.equal(0, sample(text, "pupsourcing_standby", lbl))
+    assert.equal(200, (curl("http://" .. addr .. "/healthz")))
   end)
 
   it("shows the hole a partition waits on and for how long, then its passing", function()
@@ -164,7 +180,7 @@ describe("run --metrics-addr", function()
     assert.is_true(rb.global_positions[1] > hole)
     local text
     H.wait_until(function() return "the hole for 1.5 s; last scrape:\n" .. tostring(text) end, 20, function()
-      _, text = curl("http://" .. addr .. "/metrics")
+      text = select(2, curl("http://" .. addr .. "/metrics"))
       return text and sample(text, "pupsourcing_waiting_position", lbl) == hole
           and sample(text, "pupsourcing_waiting_seconds", lbl) >= 1.5
     end, 0.1)
@@ -174,7 +190,7 @@ describe("run --metrics-addr", function()
     assert(txa:commit())
     a:close()
     H.wait_until(function() return "the hole to be passed; last scrape:\n" .. tostring(text) end, 20, function()
-      _, text = curl("http://" .. addr .. "/metrics")
+      text = select(2, curl("http://" .. addr .. "/metrics"))
       return text and sample(text, "pupsourcing_events_handled_total", lbl) == 2
           and sample(text, "pupsourcing_waiting_position", lbl) == 0
     end, 0.1)
@@ -196,7 +212,7 @@ describe("run --metrics-addr", function()
     local text
     local function handled(n)
       return function()
-        _, text = curl("http://" .. addr .. "/metrics")
+        text = select(2, curl("http://" .. addr .. "/metrics"))
         return text and sample(text, "pupsourcing_events_handled_total", lbl) == n
       end
     end
