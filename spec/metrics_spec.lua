@@ -235,12 +235,16 @@ describe("run --metrics-addr", function()
   end)
 
   it("/healthz turns 503 naming the failed projection while the others finish", function()
-    local bad, slow = projection("met_bad"), projection("met_slow", "3")
+    local bad, slow = projection("met_bad"), projection("met_slow", "5")
     assert(store:append(db, pup.any(), { H.event { aggregate_id = "s-1", event_type = "Slow" } }))
     local proc = spawn_run({ slow, bad }, { "--metrics-addr", "127.0.0.1:0" })
     local addr = address_of(proc)
-    local code, body = curl("http://" .. addr .. "/healthz")
-    assert.equal(200, code, body) -- both run: met_slow is inside its slow event
+    local code, body
+    H.wait_until(function() return "200 from /healthz, got " .. tostring(code) .. " " .. tostring(body) end, 10,
+      function()
+        code, body = curl("http://" .. addr .. "/healthz")
+        return code == 200 -- both run: met_slow is inside its slow event
+      end, 0.05)
     assert(store:append(db, pup.any(), { H.event { aggregate_id = "p-1", event_type = "Poison" } }))
     H.wait_until(function() return "503 from /healthz, got " .. tostring(code) .. " " .. tostring(body) end, 10,
       function()
