@@ -405,6 +405,8 @@ static void share_progress(void *ud, const pup_processor *p) {
     __atomic_store_n(&lp->shared->head, s.head, __ATOMIC_RELAXED);
     __atomic_store_n(&lp->shared->waiting_position, s.waiting_position, __ATOMIC_RELAXED);
     __atomic_store_n(&lp->shared->standby, s.standby, __ATOMIC_RELAXED);
+    __atomic_store_n(&lp->shared->held, s.held, __ATOMIC_RELAXED);
+    __atomic_store_n(&lp->shared->retries, s.retries, __ATOMIC_RELAXED);
 }
 
 /* Writes s as the inside of a JSON string into buf: quotes, backslashes and control
@@ -455,9 +457,11 @@ static void emit(int json, const char *level, const char *prefix, const char *ms
             level, prefix, buf);
 }
 
-/* Log lines of the loop. */
+/* Log lines of the loop. They tell of changes no batch reports (standby, took over, a
+ * retry), so the runner's copy of the stats is refreshed too. */
 static void log_line(void *ud, const char *line) {
-    const lproc *lp = ud;
+    lproc *lp = ud;
+    share_progress(lp, lp->p);
     emit(lp->json_log, "info", "", line);
 }
 

@@ -1,9 +1,11 @@
 /*
  * lua_runner.c -- pup.runner{...}: projection files run concurrently, one thread, Lua
  * VM and connection per (file, partition). The calling thread waits for SIGINT/SIGTERM,
- * shows progress on a terminal, and stops every worker when one fails.
+ * shows progress on a terminal, and stops every worker when one fails. With metrics_addr
+ * it serves /metrics and /healthz (metrics.c) from the numbers the workers publish.
  */
 #include "pup_lua.h"
+#include "pup_metrics.h"
 #include "pup_processor.h"
 
 #include <errno.h>
@@ -24,9 +26,12 @@ typedef struct worker {
     int started;
     const char *file;
     int key, total;
-    char name[256]; /* projection names are at most 200 bytes (pupsourcing.lua) */
-    pup_processor_stats stats; /* written by the worker's progress callback */
+    char name[256]; /* projection names are at most 200 bytes (pupsourcing.lua); under r->mu */
+    pup_processor_stats stats; /* written by the worker's progress callback (atomics) */
     int done, failed;          /* atomics */
+    int running;               /* atomic: its processor runs (set just before the loop) */
+    long long hole;            /* under r->mu: the hole last seen waited on, and since when */
+    double hole_since;         /* (CLOCK_REALTIME seconds; the runner looks every 200 ms) */
     pup_code code;
     char error[4096];
 } worker;
@@ -41,25 +46,42 @@ struct runner {
     int batch_size, poll_ms, once, json_log, handler_timeout_ms, group;
     int lease_ttl_ms; /* 0: the processor's default */
     int stop[2];
+    pup_metrics *metrics; /* bound by pup.runner, serving during run() */
+    pthread_mutex_t mu;   /* the workers' names and holes, for the metrics thread */
+    int mu_init;
+    double process_start; /* CLOCK_REALTIME seconds */
 };
 
 /* What each worker thread runs in its own VM. */
 static const char worker_chunk[] =
     "local pup = require 'pupsourcing'\n"
-    "local file, url, key, total, batch, poll, once, fd, stats, ev, hd, ck, json, limit, group, ttl = ...\n"
+    "local file, url, key, total, batch, poll, once, fd, stats, ev, hd, ck, json, limit, group, ttl, publish = ...\n"
     "local proj = pup.load_projection(file)\n"
+    "publish(proj.name, false)\n"
     "local db <close>, cerr = pup.connect(url)\n"
     "if not db then return proj.name, cerr.code, cerr.message end\n"
     "local store = pup.store{events_table = ev, aggregate_heads_table = hd, checkpoints_table = ck}\n"
     "local p <close> = pup.processor(db, proj, {partition_key = key, total_partitions = total,\n"
     "  batch_size = batch or proj.batch_size, poll_interval = poll, store = store,\n"
     "  handler_timeout_ms = limit, group = group, lease_ttl = ttl})\n"
+    "publish(proj.name, true)\n"
     "local n, err = p:_run_fd(fd, once, stats, json)\n"
     "return proj.name, err and err.code, err and err.message\n";
 
 static void push_opt(lua_State *L, const char *s) {
     if (s) lua_pushstring(L, s);
     else lua_pushnil(L);
+}
+
+/* publish(name, running): the worker's projection name, and whether its loop starts now. */
+static int l_publish(lua_State *L) {
+    worker *w = lua_touserdata(L, lua_upvalueindex(1));
+    const char *name = luaL_checkstring(L, 1);
+    pthread_mutex_lock(&w->r->mu);
+    snprintf(w->name, sizeof w->name, "%s", name);
+    pthread_mutex_unlock(&w->r->mu);
+    __atomic_store_n(&w->running, lua_toboolean(L, 2), __ATOMIC_RELEASE);
+    return 0;
 }
 
 static void *worker_main(void *arg) {
@@ -107,13 +129,17 @@ static void *worker_main(void *arg) {
         lua_pushboolean(L, r->group);
         if (r->lease_ttl_ms > 0) lua_pushnumber(L, r->lease_ttl_ms / 1000.0);
         else lua_pushnil(L);
+        lua_pushlightuserdata(L, w);
+        lua_pushcclosure(L, l_publish, 1);
         /* No traceback: a handler's error already carries its own. */
-        if (lua_pcall(L, 16, 3, 0) != LUA_OK) {
+        if (lua_pcall(L, 17, 3, 0) != LUA_OK) {
             snprintf(w->error, sizeof w->error, "%s", luaL_tolstring(L, -1, NULL));
             w->code = PUP_ERR_INVALID_PROJECTION;
             __atomic_store_n(&w->failed, 1, __ATOMIC_RELEASE);
         } else {
+            pthread_mutex_lock(&r->mu);
             snprintf(w->name, sizeof w->name, "%s", lua_tostring(L, -3));
+            pthread_mutex_unlock(&r->mu);
             if (lua_isstring(L, -1)) {
                 snprintf(w->error, sizeof w->error, "%s", lua_tostring(L, -1));
                 w->code = PUP_ERR_HANDLER;
@@ -124,6 +150,7 @@ static void *worker_main(void *arg) {
         }
     }
     lua_close(L);
+    __atomic_store_n(&w->running, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&w->done, 1, __ATOMIC_RELEASE);
     if (w->failed && write(r->stop[1], "x", 1) < 0) {
     } /* a failure stops the others */
@@ -164,17 +191,20 @@ static int runner_gc(lua_State *L) {
     free(r->cpath);
     if (r->stop[0] >= 0) close(r->stop[0]);
     if (r->stop[1] >= 0) close(r->stop[1]);
+    pup_metrics_free(r->metrics);
+    if (r->mu_init) pthread_mutex_destroy(&r->mu);
     memset(r, 0, sizeof *r);
     r->stop[0] = r->stop[1] = -1;
     return 0;
 }
 
 /* pup.runner{files=, workers= | partition_key=, total_partitions=, batch_size=,
- * poll_interval=, once=, database_url=, store={...}, log_format=} */
+ * poll_interval=, once=, database_url=, store={...}, log_format=, metrics_addr=}
+ * -> runner | nil, err (the metrics address cannot be listened on) */
 static int l_runner(lua_State *L) {
     static const char *const keys[] = {"files", "workers", "partition_key", "total_partitions", "batch_size",
                                        "poll_interval", "once", "database_url", "store", "log_format",
-                                       "handler_timeout_ms", "group", "lease_ttl", NULL};
+                                       "handler_timeout_ms", "group", "lease_ttl", "metrics_addr", NULL};
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
     pup_lua_check_keys(L, 1, "pup.runner", keys);
@@ -182,6 +212,8 @@ static int l_runner(lua_State *L) {
     memset(r, 0, sizeof *r);
     r->stop[0] = r->stop[1] = -1;
     luaL_setmetatable(L, PUP_RUNNER_MT);
+    if (pthread_mutex_init(&r->mu, NULL) != 0) luaL_error(L, "cannot create a mutex");
+    r->mu_init = 1;
 
     if (lua_getfield(L, 1, "files") != LUA_TTABLE) luaL_error(L, "runner needs files = {\"projection.lua\", ...}");
     int nfiles = (int)luaL_len(L, -1);
@@ -245,6 +277,15 @@ static int l_runner(lua_State *L) {
             w->key = workers > 0 ? k : (key >= 0 ? key : 0);
             w->total = workers > 0 ? workers : total;
         }
+    /* Last, so that every misuse above raises before the port is taken. */
+    if (lua_getfield(L, 1, "metrics_addr") != LUA_TNIL) {
+        if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "runner option metrics_addr must be a string HOST:PORT");
+        const char *addr = lua_tostring(L, -1);
+        pup_error e;
+        r->metrics = pup_metrics_bind(addr, &e);
+        if (!r->metrics) return pup_lua_push_error(L, &e); /* the runner is freed by its __gc */
+    }
+    lua_pop(L, 1);
     return 1;
 }
 
@@ -283,6 +324,166 @@ static double mono(void) {
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+static double realtime(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* When this process started (CLOCK_REALTIME seconds): /proc/self/stat's start time in
+ * clock ticks after boot, plus the boot time from /proc/stat; 0 when unreadable. */
+static double process_start_time(void) {
+    char buf[1024];
+    double start = 0;
+    FILE *f = fopen("/proc/self/stat", "r");
+    if (f) {
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        buf[n] = '\0';
+        fclose(f);
+        char *p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
+        unsigned long long ticks = 0;
+        /* after ")": state and 18 more fields, then starttime (field 22) */
+        if (p && sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d %*d %*d %llu",
+                        &ticks) == 1)
+            start = (double)ticks / (double)sysconf(_SC_CLK_TCK);
+    }
+    unsigned long long btime = 0;
+    f = fopen("/proc/stat", "r");
+    if (f) {
+        while (fgets(buf, sizeof buf, f))
+            if (sscanf(buf, "btime %llu", &btime) == 1) break;
+        fclose(f);
+    }
+    return btime && start > 0 ? (double)btime + start : 0;
+}
+
+/* Resident set size in bytes (/proc/self/statm); 0 when unreadable. */
+static long long rss_bytes(void) {
+    long long pages = 0;
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (f) {
+        if (fscanf(f, "%*s %lld", &pages) != 1) pages = 0;
+        fclose(f);
+    }
+    return pages * sysconf(_SC_PAGESIZE);
+}
+
+/* One worker's numbers, copied for a scrape. */
+typedef struct worker_view {
+    char name[256], partition[16];
+    pup_processor_stats s;
+    int running, failed, handler_failed;
+    long long hole;
+    double hole_age;
+} worker_view;
+
+static void view_worker(runner *r, worker *w, double now, worker_view *v) {
+    v->s.handled = __atomic_load_n(&w->stats.handled, __ATOMIC_RELAXED);
+    v->s.position = __atomic_load_n(&w->stats.position, __ATOMIC_RELAXED);
+    v->s.head = __atomic_load_n(&w->stats.head, __ATOMIC_RELAXED);
+    v->s.standby = __atomic_load_n(&w->stats.standby, __ATOMIC_RELAXED);
+    v->s.held = __atomic_load_n(&w->stats.held, __ATOMIC_RELAXED);
+    v->s.retries = __atomic_load_n(&w->stats.retries, __ATOMIC_RELAXED);
+    v->running = __atomic_load_n(&w->running, __ATOMIC_ACQUIRE);
+    v->failed = __atomic_load_n(&w->failed, __ATOMIC_ACQUIRE); /* then code and error are set */
+    v->handler_failed = v->failed && w->code == PUP_ERR_HANDLER;
+    pthread_mutex_lock(&r->mu);
+    snprintf(v->name, sizeof v->name, "%s", w->name[0] ? w->name : w->file);
+    v->hole = w->hole;
+    v->hole_age = w->hole ? now - w->hole_since : 0;
+    pthread_mutex_unlock(&r->mu);
+    if (r->group) snprintf(v->partition, sizeof v->partition, "group");
+    else snprintf(v->partition, sizeof v->partition, "%d", w->key);
+}
+
+/* The families of /metrics, in the order shown. */
+enum { M_POSITION, M_HEAD, M_LAG, M_HANDLED, M_ERRORS, M_RETRIES, M_HOLE, M_HOLE_AGE, M_STANDBY, M_HELD, M_RUNNING,
+       M_COUNT };
+static const struct {
+    const char *name, *type, *help;
+} families[M_COUNT] = {
+    {"pupsourcing_position", "gauge", "Checkpoint: the last log position this partition has passed."},
+    {"pupsourcing_head", "gauge", "The log head seen by the partition's last batch."},
+    {"pupsourcing_lag_events", "gauge", "Log positions between the checkpoint and the head seen (head - position)."},
+    {"pupsourcing_events_handled_total", "counter", "Events given to the handler since the process started."},
+    {"pupsourcing_handler_errors_total", "counter", "Handler failures (one stops the worker and the process)."},
+    {"pupsourcing_retries_total", "counter", "Transient failures retried (lost connection, serialization failure, ...)."},
+    {"pupsourcing_waiting_position", "gauge", "The first hole in the positions the partition waits on (0: none)."},
+    {"pupsourcing_waiting_seconds", "gauge", "How long the partition has waited on that hole (0: none)."},
+    {"pupsourcing_standby", "gauge", "1 while another processor holds the partition and this one waits to take over."},
+    {"pupsourcing_partitions_held", "gauge", "Partitions this worker holds (a group worker may hold several)."},
+    {"pupsourcing_running", "gauge", "1 while the worker's processor runs; 0 before it starts, after it stopped or failed."},
+};
+
+static void render_metrics(void *ud, pup_metrics_buf *b) {
+    runner *r = ud;
+    double now = realtime();
+    worker_view *v = calloc((size_t)r->n, sizeof *v);
+    if (!v) {
+        b->failed = 1;
+        return;
+    }
+    int connections = 0;
+    for (int i = 0; i < r->n; i++) {
+        view_worker(r, &r->w[i], now, &v[i]);
+        connections += v[i].running;
+    }
+    for (int f = 0; f < M_COUNT; f++) {
+        pup_metrics_family(b, families[f].name, families[f].type, families[f].help);
+        for (int i = 0; i < r->n; i++) {
+            const worker_view *x = &v[i];
+            pup_metrics_printf(b, "%s{", families[f].name);
+            pup_metrics_label(b, 1, "projection", x->name);
+            pup_metrics_label(b, 0, "partition", x->partition);
+            long long lag = x->s.head > x->s.position ? x->s.head - x->s.position : 0;
+            long long val[M_COUNT] = {x->s.position, x->s.head, lag, x->s.handled, x->handler_failed, x->s.retries,
+                                      x->hole, 0, x->s.standby, x->s.held, x->running};
+            if (f == M_HOLE_AGE) pup_metrics_printf(b, "} %.3f\n", x->hole_age);
+            else pup_metrics_printf(b, "} %lld\n", val[f]);
+        }
+    }
+    free(v);
+    pup_metrics_family(b, "pupsourcing_connections", "gauge", "Database connections of running workers (one each).");
+    pup_metrics_printf(b, "pupsourcing_connections %d\n", connections);
+    pup_metrics_family(b, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
+    pup_metrics_printf(b, "process_resident_memory_bytes %lld\n", rss_bytes());
+    pup_metrics_family(b, "process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch in seconds.");
+    pup_metrics_printf(b, "process_start_time_seconds %.2f\n", r->process_start);
+}
+
+/* Healthy when every worker's processor runs and none failed; else one reason a line. */
+static int render_health(void *ud, pup_metrics_buf *b) {
+    runner *r = ud;
+    int ok = 1;
+    for (int i = 0; i < r->n; i++) {
+        worker *w = &r->w[i];
+        worker_view v;
+        view_worker(r, w, 0, &v);
+        if (v.running && !v.failed) continue;
+        ok = 0;
+        pup_metrics_printf(b, "projection %s partition %s: ", v.name, v.partition);
+        if (v.failed) pup_metrics_printf(b, "failed: %s\n", w->error);
+        else if (__atomic_load_n(&w->done, __ATOMIC_ACQUIRE)) pup_metrics_printf(b, "stopped\n");
+        else pup_metrics_printf(b, "starting\n");
+    }
+    return ok;
+}
+
+/* Notes when each worker's hole changed, for its age (the loop below calls it every 200 ms). */
+static void track_holes(runner *r) {
+    double now = realtime();
+    for (int i = 0; i < r->n; i++) {
+        worker *w = &r->w[i];
+        long long hole = __atomic_load_n(&w->stats.waiting_position, __ATOMIC_RELAXED);
+        pthread_mutex_lock(&r->mu);
+        if (hole != w->hole) {
+            w->hole = hole;
+            w->hole_since = now;
+        }
+        pthread_mutex_unlock(&r->mu);
+    }
+}
+
 /* runner:run() -> {[name] = {handled=, partitions=}} | nil, err */
 static int runner_run(lua_State *L) {
     runner *r = luaL_checkudata(L, 1, PUP_RUNNER_MT);
@@ -294,7 +495,21 @@ static int runner_run(lua_State *L) {
     sigemptyset(&set);
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &set, &old); /* workers inherit the mask */
+    pthread_sigmask(SIG_BLOCK, &set, &old); /* workers and the metrics thread inherit the mask */
+    if (r->metrics) {
+        r->process_start = process_start_time();
+        pup_metrics_source src = {.ud = r, .render = render_metrics, .health = render_health};
+        pup_error e;
+        if (pup_metrics_start(r->metrics, &src, &e) < 0) {
+            pup_lua_unblock_signals(&old);
+            return pup_lua_push_error(L, &e);
+        }
+        if (r->json_log)
+            fprintf(stderr, "{\"time\":%.3f,\"level\":\"info\",\"msg\":\"metrics on http://%s/metrics and /healthz\"}\n",
+                    realtime(), pup_metrics_address(r->metrics));
+        else
+            fprintf(stderr, "pupsourcing: metrics on http://%s/metrics and /healthz\n", pup_metrics_address(r->metrics));
+    }
     int start_err = 0;
     worker *unstarted = NULL;
     for (int i = 0; i < r->n && !start_err; i++) {
@@ -334,6 +549,7 @@ static int runner_run(lua_State *L) {
             if (write(r->stop[1], "x", 1) < 0) {
             }
         }
+        if (r->metrics) track_holes(r);
         double now = mono();
         if (now - last_shown >= 0.5) {
             show_progress(r, now - t0, 0);
@@ -342,6 +558,8 @@ static int runner_run(lua_State *L) {
     }
     for (int i = 0; i < r->n; i++)
         if (r->w[i].started) pthread_join(r->w[i].thread, NULL);
+    pup_metrics_free(r->metrics); /* serves until every worker has stopped */
+    r->metrics = NULL;
     show_progress(r, mono() - t0, 1);
     pup_lua_unblock_signals(&old);
 

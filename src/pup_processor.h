@@ -93,6 +93,7 @@ typedef struct pup_processor_stats {
     long long waiting_position; /* hole waited at, 0 if none */
     int standby;
     int held;            /* partitions held */
+    long long retries;   /* transient failures retried by pup_processor_run */
 } pup_processor_stats;
 void pup_processor_stats_get(const pup_processor *p, pup_processor_stats *s);
 const pup_projection_cfg *pup_processor_cfg(const pup_processor *p);

@@ -26,6 +26,7 @@ run options:
   --once                                   stop when caught up with the log as it was at start
   --handler-timeout MS                     fail a handler that runs longer than MS on one event
   --log-format text|json                   json: every line on stderr is one JSON object
+  --metrics-addr HOST:PORT                 serve Prometheus /metrics and /healthz there
 ranges: partitions and workers 1..4096, --batch-size 1..100000, --poll-interval 1..3600000,
   --handler-timeout 1..86400000, --lease-ttl 100..3600000
 common options:
@@ -82,7 +83,7 @@ end
 local KNOWN = {
   run = { ["partition-key"] = 1, ["total-partitions"] = 1, workers = 1, ["batch-size"] = 1,
     ["poll-interval"] = 1, once = 1, ["log-format"] = 1, ["handler-timeout"] = 1, group = 1,
-    partitions = 1, ["lease-ttl"] = 1 },
+    partitions = 1, ["lease-ttl"] = 1, ["metrics-addr"] = 1 },
   migrate = {}, ["migrate-gen"] = { output = 1, filename = 1 }, status = { json = 1 }, reset = {},
   repartition = {},
 }
@@ -272,10 +273,11 @@ function commands.run(flags, words)
     poll_interval = poll and poll / 1000 or nil, once = flags.once and true or false,
     database_url = flags["database-url"], store = store_opts(flags), log_format = fmt,
     handler_timeout_ms = limit, group = flags.group and true or nil,
-    lease_ttl = ttl and ttl / 1000 or nil,
+    lease_ttl = ttl and ttl / 1000 or nil, metrics_addr = flags["metrics-addr"],
   }
   if flags.group then opts.total_partitions = partitions or 16 end
-  local r = pup.runner(opts)
+  local r, rerr = pup.runner(opts)
+  if not r then return fail("--metrics-addr " .. rerr.message:gsub("^metrics address ", "")) end
   local res, err = r:run()
   if not res then
     log(tostring(err), "error")
