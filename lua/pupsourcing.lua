@@ -3,6 +3,9 @@
 -- projection files, flags, status and reset. Reference: docs/lua-api.md.
 local core = require "pupsourcing.core"
 
+-- store:load, store:handle, store:upcast (lua/pupsourcing/aggregate.lua).
+require("pupsourcing.aggregate").install()
+
 local M = {}
 for k, v in pairs(core) do
   if k:sub(1, 1) ~= "_" then M[k] = v end
