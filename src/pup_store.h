@@ -130,7 +130,8 @@ char *pup_snapshot_table(const pup_store *s, char *out, size_t size);
 PGresult *pup_snapshot_read(const pup_store *s, pup_conn *c, pup_str type, pup_str id,
                             int snapshot_version, pup_error *err);
 /* Upserts the aggregate's snapshot unless the row holds a higher snapshot_version, or the
- * same one at a version >= version. Returns 1 when written, 0 when kept, -1 with err. */
+ * same one at a version >= version, or another transaction holds it locked (skipped, not
+ * waited for). Returns 1 when written, 0 when not, -1 with err. */
 int pup_snapshot_write(const pup_store *s, pup_conn *c, pup_str type, pup_str id,
                        long long version, int snapshot_version, pup_str state, pup_error *err);
 

@@ -47,17 +47,23 @@ PGresult *pup_snapshot_read(const pup_store *s, pup_conn *c, pup_str type, pup_s
 
 int pup_snapshot_write(const pup_store *s, pup_conn *c, pup_str type, pup_str id,
                        long long version, int snapshot_version, pup_str state, pup_error *err) {
-    char table[PUP_SNAPSHOT_TABLE_MAX], sql[1024];
+    char table[PUP_SNAPSHOT_TABLE_MAX], sql[2048];
     /* A row of a higher snapshot_version, or of the same one at a later version, is kept:
-     * writers racing, or an older deployment still running, never move it back. */
+     * writers racing, or an older deployment still running, never move it back. A row
+     * another transaction holds locked is skipped rather than waited for: a snapshot is
+     * an optimisation and never blocks the command that writes it. */
     snprintf(sql, sizeof sql,
              "INSERT INTO %s AS s (aggregate_type, aggregate_id, version, snapshot_version, state)"
-             " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE"
+             " SELECT $1::text, $2::text, $3::bigint, $4::int, $5::bytea"
+             " WHERE NOT EXISTS (SELECT 1 FROM %s WHERE aggregate_type = $1 AND aggregate_id = $2)"
+             " OR EXISTS (SELECT 1 FROM %s WHERE aggregate_type = $1 AND aggregate_id = $2"
+             " FOR UPDATE SKIP LOCKED)"
+             " ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE"
              " SET version = EXCLUDED.version, snapshot_version = EXCLUDED.snapshot_version,"
              " state = EXCLUDED.state, created_at = now()"
              " WHERE EXCLUDED.snapshot_version > s.snapshot_version"
              " OR (EXCLUDED.snapshot_version = s.snapshot_version AND EXCLUDED.version > s.version)",
-             pup_snapshot_table(s, table, sizeof table));
+             pup_snapshot_table(s, table, sizeof table), table, table);
     const pup_stmt *st = pup_conn_prepare(c, sql, err);
     if (!st) return -1;
     pup_params p = {0};

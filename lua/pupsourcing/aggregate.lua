@@ -135,7 +135,8 @@ function M.check_definition(o, where, extra)
   end
 end
 
-local function initial_state(o)
+-- A new state from initial(); raises when it returns nil.
+function M.initial_state(o)
   local s = o.initial()
   if s == nil then error("initial() returned nil: it must return the state", 0) end
   return s
@@ -180,7 +181,7 @@ local function load(store, db, atype, id, o)
     events, err = raw_read_stream(store, db, atype, id)
     if not events then return nil, err end
   end
-  if state == nil then state, base = initial_state(o), 0 end
+  if state == nil then state, base = M.initial_state(o), 0 end
   M.upcast_events(store, events)
   return M.fold(o, state, events), events.version, base
 end
@@ -306,7 +307,9 @@ local function write_snapshot(store, db, atype, id, version, o, state)
   local written
   local run = getmetatable(db) == tx_mt and db.savepoint or db.transaction
   local done, err = run(db, function(t)
-    written = assert(store:write_snapshot(t, atype, id, version, o.snapshot_version or 1, text))
+    local err
+    written, err = store:write_snapshot(t, atype, id, version, o.snapshot_version or 1, text)
+    if written == nil then error(err) end
   end)
   if not done then return nil, err end
   return written
@@ -343,6 +346,7 @@ function M.handle(store, db, atype, id, decide, o)
       res.attempts = attempt
       if o.snapshot_every and res.to_version - base >= o.snapshot_every then
         local ok, serr = write_snapshot(store, db, atype, id, res.to_version, o, state)
+        res.snapshot = ok or false
         if ok == nil then
           res.snapshot_error = serr
           io.stderr:write(("pupsourcing: snapshot of %s/%s at version %d not written: %s\n")
