@@ -454,20 +454,31 @@ end)
 
 describe("upcasters", function()
   local store, db, T
+  local registered = {}
+  local function upcast(t, v, fn)
+    pup.upcast(t, v, fn)
+    registered[#registered + 1] = { t, v }
+  end
   before_each(function() store, db, T = fresh() end)
-  after_each(function() db:close() end)
+  after_each(function()
+    for _, r in ipairs(registered) do pup.remove_upcaster(r[1], r[2]) end
+    registered = {}
+    db:close()
+  end)
 
-  it("are applied by read_aggregate_stream, load and handle; stored bytes never change", function()
-    -- history in two old shapes: MoneyIn v1 {amt=} and Deposited v1 {amt=}
+  -- history in two old shapes: MoneyIn v1 {amt=} and Deposited v1 {amt=}, then v2
+  local function old_history(id)
     assert(store:append(db, pup.no_stream(), {
-      { aggregate_type = "Account", aggregate_id = "u1", event_type = "MoneyIn", payload = { amt = 5 } },
-      { aggregate_type = "Account", aggregate_id = "u1", event_type = "Deposited", payload = { amt = 7 } },
-      { aggregate_type = "Account", aggregate_id = "u1", event_type = "Deposited", event_version = 2,
+      { aggregate_type = "Account", aggregate_id = id, event_type = "MoneyIn", payload = { amt = 5 } },
+      { aggregate_type = "Account", aggregate_id = id, event_type = "Deposited", payload = { amt = 7 } },
+      { aggregate_type = "Account", aggregate_id = id, event_type = "Deposited", event_version = 2,
         payload = { amount = 1 } } }))
-    local fresh_store = pup.store(T)
-    fresh_store:upcast("MoneyIn", 1, function(data) return data, "Deposited", 1 end)
-    fresh_store:upcast("Deposited", 1, function(data) return { amount = data.amt } end)
-    local events = fresh_store:read_aggregate_stream(db, "Account", "u1")
+  end
+  local function register()
+    upcast("MoneyIn", 1, function(data) return data, "Deposited", 1 end)
+    upcast("Deposited", 1, function(data) return { amount = data.amt } end)
+  end
+  local function check_upcast(events)
     assert.equal(3, #events)
     for i, e in ipairs(events) do
       assert.equal("Deposited", e.event_type, i)
@@ -475,38 +486,73 @@ describe("upcasters", function()
     end
     assert.same({ amount = 5 }, events[1].data)
     assert.same({ amount = 7 }, events[2].data)
+    assert.same({ amount = 1 }, events[3].data)
     assert.equal("MoneyIn", events[1].stored_event_type)
     assert.equal(1, events[1].stored_event_version)
     assert.equal('{"amt":5}', events[1].payload)
     assert.is_nil(events[3].stored_event_type)
-    assert.same({ balance = 13, deposits = 3 }, (fresh_store:load(db, "Account", "u1", Account())))
+  end
+
+  it("are applied by read_aggregate_stream, read_events, load and handle; stored bytes never change", function()
+    old_history("u1")
+    assert.equal("MoneyIn", store:read_aggregate_stream(db, "Account", "u1")[1].event_type)
+    register()
+    check_upcast(store:read_aggregate_stream(db, "Account", "u1"))
+    check_upcast(store:read_events(db, 0))
+    assert.same({ balance = 13, deposits = 3 }, (store:load(db, "Account", "u1", Account())))
     -- new events are written in the current shape (version 2), so no upcaster applies
-    local state = fresh_store:handle(db, "Account", "u1", function(s)
+    local deposit2 = function(s)
       return { { event_type = "Deposited", event_version = 2, payload = { amount = 2, balance_after = s.balance + 2 } } }
-    end, Account { snapshot_every = 2 })
-    assert.same({ balance = 15, deposits = 4 }, state)
-    -- the stored rows are as written; a store without upcasters sees them so
+    end
+    local snap = Account { snapshot_every = 2 }
+    assert.same({ balance = 15, deposits = 4 }, (store:handle(db, "Account", "u1", deposit2, snap)))
+    assert.same({ balance = 17, deposits = 5 }, (store:handle(db, "Account", "u1", deposit2, snap)))
+    assert.same({ balance = 17, deposits = 5 }, (store:load(db, "Account", "u1", snap)))
+    -- an event decided in an old shape is upcast before evolve sees it, as a load would
+    local state = store:handle(db, "Account", "u1", function()
+      return { { event_type = "MoneyIn", payload = { amt = 3 } } }
+    end, Account())
+    assert.same({ balance = 20, deposits = 6 }, state)
+    assert.same(state, (store:load(db, "Account", "u1", Account())))
+    -- the stored rows are as written
     local rows = db:query(('SELECT event_type, event_version, convert_from(payload, \'UTF8\') AS p FROM "%s"'
       .. ' ORDER BY global_position LIMIT 2'):format(T.events_table))
     assert.same({ event_type = "MoneyIn", event_version = 1, p = '{"amt":5}' }, rows[1])
     assert.same({ event_type = "Deposited", event_version = 1, p = '{"amt":7}' }, rows[2])
+    -- removed: the stored shapes again
+    assert.is_true(pup.remove_upcaster("MoneyIn", 1))
+    assert.is_false(pup.remove_upcaster("MoneyIn", 1))
     assert.equal("MoneyIn", store:read_aggregate_stream(db, "Account", "u1")[1].event_type)
   end)
 
+  it("are applied to the events projection handlers get", function()
+    old_history("u2")
+    register()
+    local seen = {}
+    local p = pup.processor(db, {
+      name = "agg_upcast_seen",
+      handle = function(_, e) seen[#seen + 1] = e end,
+    }, { store = store })
+    assert.equal(3, p:run_once())
+    p:close()
+    check_upcast(seen)
+  end)
+
   it("misuse raises: bad arguments, a second registration, a bad result, a cycle", function()
-    local s = pup.store(T)
-    assert.has_error(function() s:upcast("", 1, function() end) end)
-    assert.has_error(function() s:upcast("E", 0, function() end) end)
-    assert.has_error(function() s:upcast("E", 1, "f") end)
-    s:upcast("E", 1, function() return 42 end)
-    assert.has_error(function() s:upcast("E", 1, function() end) end,
+    assert.has_error(function() pup.upcast("", 1, function() end) end)
+    assert.has_error(function() pup.upcast("E", 0, function() end) end)
+    assert.has_error(function() pup.upcast("E", 1, "f") end)
+    assert.has_error(function() pup.remove_upcaster("E", "1") end)
+    upcast("E", 1, function() return 42 end)
+    assert.has_error(function() pup.upcast("E", 1, function() end) end,
       "upcast: an upcaster for E version 1 is already registered")
     assert(store:append(db, pup.no_stream(), { { aggregate_type = "A", aggregate_id = "x", event_type = "E", payload = {} },
                                                { aggregate_type = "A", aggregate_id = "x", event_type = "F", payload = {} } }))
-    assert.has_error(function() s:read_aggregate_stream(db, "A", "x") end)
-    s:upcast("F", 1, function(d) return d, "F", 1 end)
-    assert.has_error(function()
-      pup.store(T):upcast("F", 1, function(d) return d, "F", 1 end):read_aggregate_stream(db, "A", "x")
-    end, "upcasters of F version 1: more than 100 steps (a cycle?)")
+    assert.has_error(function() store:read_aggregate_stream(db, "A", "x") end,
+      "upcaster of E version 1 (event at position 1) returned number, not the payload table")
+    pup.remove_upcaster("E", 1)
+    upcast("F", 1, function(d) return d, "F", 1 end)
+    assert.has_error(function() store:read_aggregate_stream(db, "A", "x") end,
+      "upcasters of F version 1: more than 100 steps (a cycle?)")
   end)
 end)

@@ -71,11 +71,10 @@ describe("pupsourcing.testing", function()
     fails(function() spec:given({}):then_events {} end, "call :when%(decide%) first")
   end)
 
-  it("payloads go through JSON as when stored; the store's upcasters apply to given events", function()
-    local store = pup.store()
-    store:upcast("Added", 1, function(d) return { sku = d.sku, qty = d.count } end)
-    local up = testing.decider {
-      initial = def.initial, evolve = def.evolve, store = store, aggregate_type = "Cart", aggregate_id = "c-1" }
+  it("the upcasters registered with pup.upcast apply to given events", function()
+    pup.upcast("Added", 1, function(d) return { sku = d.sku, qty = d.count } end)
+    finally(function() pup.remove_upcaster("Added", 1) end)
+    local up = testing.decider { initial = def.initial, evolve = def.evolve, aggregate_type = "Cart", aggregate_id = "c-1" }
     up:given({ { event_type = "Added", payload = { sku = "old", count = 3 } } })
       :when(function(s, version)
         assert.equal(1, version)

@@ -118,6 +118,15 @@ void pup_lua_push_event(lua_State *L, const pup_event *ev) {
     set_str(L, "trace_id", ev->trace_id);
     set_str(L, "created_at", ev->created_at);
     luaL_setmetatable(L, PUP_EVENT_MT);
+    /* Upcasters registered in this Lua state (pup.upcast, lua/pupsourcing/aggregate.lua):
+     * the registry holds their function only while there are some. It upcasts in place;
+     * what it raises propagates (inside a handler call's protected call). */
+    if (lua_getfield(L, LUA_REGISTRYINDEX, "pupsourcing.upcast") == LUA_TFUNCTION) {
+        lua_pushvalue(L, -2);
+        lua_call(L, 1, 0);
+    } else {
+        lua_pop(L, 1);
+    }
 }
 
 /* event.data: decode the JSON payload on first use and keep it. */

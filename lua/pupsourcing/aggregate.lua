@@ -1,9 +1,9 @@
 -- pupsourcing.aggregate: the application half over the store: store:load (fold an
 -- aggregate's stream, from its snapshot when there is one), store:handle (load, decide,
--- append with exact(version), retry on conflicts, write snapshots) and store:upcast
--- (payloads of old event versions turned into the current shape on every read this module
--- does). lua/pupsourcing.lua adds these to the store's methods. Reference: docs/lua-api.md
--- "Aggregates and commands".
+-- append with exact(version), retry on conflicts, write snapshots) and pup.upcast
+-- (payloads of old event versions turned into the current shape on every read of this Lua
+-- state). lua/pupsourcing.lua wires them in. Reference: docs/lua-api.md "Aggregates and
+-- commands".
 local core = require "pupsourcing.core"
 
 local json = core.json
@@ -21,40 +21,19 @@ end
 
 -- ---- upcasters --------------------------------------------------------------------
 
--- store -> {[event_type] = {[event_version] = fn}}; weak, so a collected store takes its
--- upcasters with it.
-local upcasters = setmetatable({}, { __mode = "k" })
+-- {[event_type] = {[event_version] = fn}} of this Lua state. The C side (every event it
+-- builds: reads, snapshot loads, projection handlers) calls registry[UPCAST_KEY], which
+-- is set only while some upcaster is registered.
+local UPCAST_KEY = "pupsourcing.upcast"
+local upcasters = {}
+local nupcasters = 0
 M.MAX_UPCAST_STEPS = 100
 
--- Registers fn(data, event) -> data[, event_type[, event_version]] for stored events of
--- (event_type, event_version). Raises on misuse and on a second registration.
-function M.upcast(store, event_type, event_version, fn)
-  if getmetatable(store) ~= registry["pupsourcing.store"] then
-    error("bad argument #1 to 'upcast' (store expected; call it as store:upcast(...))", 2)
-  end
-  if type(event_type) ~= "string" or event_type == "" then
-    error("bad argument #1 to 'upcast' (event_type must be a non-empty string)", 2)
-  end
-  if math.type(event_version) ~= "integer" or event_version < 1 or event_version > 2147483647 then
-    error("bad argument #2 to 'upcast' (event_version must be a positive integer)", 2)
-  end
-  if type(fn) ~= "function" then error("bad argument #3 to 'upcast' (function expected)", 2) end
-  local by_type = upcasters[store]
-  if not by_type then by_type = {} upcasters[store] = by_type end
-  local by_version = by_type[event_type]
-  if not by_version then by_version = {} by_type[event_type] = by_version end
-  if by_version[event_version] then
-    error(("upcast: an upcaster for %s version %d is already registered"):format(event_type, event_version), 2)
-  end
-  by_version[event_version] = fn
-  return store
-end
-
--- Applies the upcasters of `ups` (upcasters[store], or nil) to a persisted event in place:
--- data, event_type and event_version become the current ones; stored_event_type and
--- stored_event_version keep what was stored; payload stays the stored bytes.
-local function apply_upcasters(ups, ev)
-  local by = ups[ev.event_type]
+-- Upcasts a persisted event in place: data, event_type and event_version become the
+-- current ones; stored_event_type and stored_event_version keep what was stored; payload
+-- stays the stored bytes.
+local function apply_upcasters(ev)
+  local by = upcasters[ev.event_type]
   local fn = by and by[ev.event_version]
   if not fn then return ev end
   local stored_type, stored_version = ev.event_type, ev.event_version
@@ -73,7 +52,7 @@ local function apply_upcasters(ups, ev)
     end
     rawset(ev, "data", data)
     ev.event_type, ev.event_version = t, v
-    by = ups[t]
+    by = upcasters[t]
     fn = by and by[v]
     if not fn then
       ev.stored_event_type, ev.stored_event_version = stored_type, stored_version
@@ -84,23 +63,52 @@ local function apply_upcasters(ups, ev)
     :format(stored_type, stored_version, M.MAX_UPCAST_STEPS), 0)
 end
 
--- Upcasts every event of a list read from `store`.
-function M.upcast_events(store, events)
-  local ups = upcasters[store]
-  if ups then
-    for i = 1, #events do apply_upcasters(ups, events[i]) end
+local function check_key(fname, event_type, event_version)
+  if type(event_type) ~= "string" or event_type == "" then
+    error(("bad argument #1 to '%s' (event_type must be a non-empty string)"):format(fname), 3)
+  end
+  if math.type(event_version) ~= "integer" or event_version < 1 or event_version > 2147483647 then
+    error(("bad argument #2 to '%s' (event_version must be a positive integer)"):format(fname), 3)
+  end
+end
+
+-- pup.upcast(event_type, event_version, fn): fn(data, event) -> data[, event_type[,
+-- event_version]] for stored events of (event_type, event_version), in this Lua state.
+-- Raises on misuse and on a second registration.
+function M.upcast(event_type, event_version, fn)
+  check_key("upcast", event_type, event_version)
+  if type(fn) ~= "function" then error("bad argument #3 to 'upcast' (function expected)", 2) end
+  local by_version = upcasters[event_type]
+  if not by_version then by_version = {} upcasters[event_type] = by_version end
+  if by_version[event_version] then
+    error(("upcast: an upcaster for %s version %d is already registered"):format(event_type, event_version), 2)
+  end
+  by_version[event_version] = fn
+  nupcasters = nupcasters + 1
+  registry[UPCAST_KEY] = apply_upcasters
+end
+
+-- pup.remove_upcaster(event_type, event_version) -> true if one was registered.
+function M.remove_upcaster(event_type, event_version)
+  check_key("remove_upcaster", event_type, event_version)
+  local by_version = upcasters[event_type]
+  if not (by_version and by_version[event_version]) then return false end
+  by_version[event_version] = nil
+  if next(by_version) == nil then upcasters[event_type] = nil end
+  nupcasters = nupcasters - 1
+  if nupcasters == 0 then registry[UPCAST_KEY] = nil end
+  return true
+end
+
+-- Upcasts every event of a list built in Lua (the C side upcasts the events it builds).
+function M.upcast_events(events)
+  if nupcasters > 0 then
+    for i = 1, #events do apply_upcasters(events[i]) end
   end
   return events
 end
 
 local raw_read_stream = store_methods.read_aggregate_stream
-
--- store:read_aggregate_stream with the store's upcasters applied.
-function M.read_aggregate_stream(store, db, aggregate_type, aggregate_id, opts)
-  local events, err = raw_read_stream(store, db, aggregate_type, aggregate_id, opts)
-  if not events then return nil, err end
-  return M.upcast_events(store, events)
-end
 
 -- ---- the aggregate definition (options of load and handle) ----------------------------
 
@@ -182,7 +190,6 @@ local function load(store, db, atype, id, o)
     if not events then return nil, err end
   end
   if state == nil then state, base = M.initial_state(o), 0 end
-  M.upcast_events(store, events)
   return M.fold(o, state, events), events.version, base
 end
 
@@ -341,7 +348,7 @@ function M.handle(store, db, atype, id, decide, o)
     local res, err = store:append(db, core.exact(version), list)
     if res then
       for i = 1, #seen do seen[i].global_position = res.global_positions[i] end
-      M.upcast_events(store, seen)
+      M.upcast_events(seen)
       state = M.fold(o, state, seen)
       res.attempts = attempt
       if o.snapshot_every and res.to_version - base >= o.snapshot_every then
@@ -365,13 +372,10 @@ function M.handle(store, db, atype, id, decide, o)
   end
 end
 
--- Adds load, handle and upcast to the store's methods, and upcasting to its
--- read_aggregate_stream.
+-- Adds load and handle to the store's methods.
 function M.install()
   store_methods.load = M.load
   store_methods.handle = M.handle
-  store_methods.upcast = M.upcast
-  store_methods.read_aggregate_stream = M.read_aggregate_stream
 end
 
 return M

@@ -46,11 +46,11 @@ end
 local Spec = {}
 Spec.__index = Spec
 
-local EXTRA = { aggregate_type = true, aggregate_id = true, store = true }
+local EXTRA = { aggregate_type = true, aggregate_id = true }
 
 -- testing.decider(definition): definition is store:handle's (initial, evolve, ...) plus
--- optional aggregate_type and aggregate_id (for the events evolve sees) and store (whose
--- upcasters apply to the given events, as on a load).
+-- optional aggregate_type and aggregate_id (for the events evolve sees). The upcasters
+-- registered with pup.upcast apply to the given events, as on a load.
 function M.decider(def)
   agg.check_definition(def, "testing.decider", EXTRA)
   return setmetatable({ def = def, atype = def.aggregate_type or "Aggregate",
@@ -62,7 +62,7 @@ local function persisted(self, events, version)
   local list, seen = agg.prepare(events, self.atype, self.id, version)
   if not list then error(tostring(seen), 3) end
   for i = 1, #seen do seen[i].global_position = version + i end
-  if self.def.store then agg.upcast_events(self.def.store, seen) end
+  agg.upcast_events(seen)
   return seen
 end
 
