@@ -108,8 +108,6 @@ function M.upcast_events(events)
   return events
 end
 
-local raw_read_stream = store_methods.read_aggregate_stream
-
 -- ---- the aggregate definition (options of load and handle) ----------------------------
 
 local KNOWN = { initial = true, evolve = true, snapshot_every = true, snapshot_version = true,
@@ -181,12 +179,12 @@ local function load(store, db, atype, id, o)
         state, base = decoded, sv
       else
         -- An unreadable snapshot is skipped: the full stream is the truth.
-        events, err = raw_read_stream(store, db, atype, id)
+        events, err = store:read_aggregate_stream(db, atype, id)
         if not events then return nil, err end
       end
     end
   else
-    events, err = raw_read_stream(store, db, atype, id)
+    events, err = store:read_aggregate_stream(db, atype, id)
     if not events then return nil, err end
   end
   if state == nil then state, base = M.initial_state(o), 0 end
