@@ -3,11 +3,17 @@
 -- projection files, flags, status and reset. Reference: docs/lua-api.md.
 local core = require "pupsourcing.core"
 
+-- store:load, store:handle, pup.upcast (lua/pupsourcing/aggregate.lua).
+local aggregate = require "pupsourcing.aggregate"
+aggregate.install()
+
 local M = {}
 for k, v in pairs(core) do
   if k:sub(1, 1) ~= "_" then M[k] = v end
 end
 M.version = "0.1.0"
+M.upcast = aggregate.upcast
+M.remove_upcaster = aggregate.remove_upcaster
 
 local error_mt = debug.getregistry()["pupsourcing.error"]
 

@@ -91,4 +91,16 @@ CREATE TABLE IF NOT EXISTS "projection_checkpoints_groups" (
     previous_total INT,
     changed_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- Aggregate snapshots (store:load, store:handle): at most one per aggregate; a
+-- load uses it when snapshot_version matches and folds the events after it.
+CREATE TABLE IF NOT EXISTS "events_snapshots" (
+    aggregate_type TEXT NOT NULL,
+    aggregate_id TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    snapshot_version INT NOT NULL,
+    state BYTEA NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (aggregate_type, aggregate_id)
+);
 COMMIT;

@@ -118,6 +118,15 @@ void pup_lua_push_event(lua_State *L, const pup_event *ev) {
     set_str(L, "trace_id", ev->trace_id);
     set_str(L, "created_at", ev->created_at);
     luaL_setmetatable(L, PUP_EVENT_MT);
+    /* Upcasters registered in this Lua state (pup.upcast, lua/pupsourcing/aggregate.lua):
+     * the registry holds their function only while there are some. It upcasts in place;
+     * what it raises propagates (inside a handler call's protected call). */
+    if (lua_getfield(L, LUA_REGISTRYINDEX, "pupsourcing.upcast") == LUA_TFUNCTION) {
+        lua_pushvalue(L, -2);
+        lua_call(L, 1, 0);
+    } else {
+        lua_pop(L, 1);
+    }
 }
 
 /* event.data: decode the JSON payload on first use and keep it. */
@@ -416,6 +425,65 @@ static int store_names(lua_State *L) {
     return 1;
 }
 
+/* ---- snapshots (store:load and store:handle: lua/pupsourcing/aggregate.lua) ---- */
+
+static int check_snapshot_version(lua_State *L, int idx) {
+    lua_Integer v = luaL_checkinteger(L, idx);
+    luaL_argcheck(L, v >= 0 && v <= INT_MAX, idx, "snapshot_version must be 0..2147483647");
+    return (int)v;
+}
+
+/* store:read_snapshot_stream(db_or_tx, type, id, snapshot_version) -> events (.version),
+ * state (the snapshot's bytes, nil when none of that snapshot_version), its version (0) */
+static int store_read_snapshot_stream(lua_State *L) {
+    lstore *s = checkstore(L);
+    pup_conn *c = pup_lua_checkconn(L, 2);
+    pup_str type, id;
+    type.p = luaL_checklstring(L, 3, &type.len);
+    id.p = luaL_checklstring(L, 4, &id.len);
+    int sv = check_snapshot_version(L, 5);
+    pup_error err;
+    PGresult **box = pup_lua_result_box(L);
+    *box = pup_snapshot_read(&s->store, c, type, id, sv, &err);
+    if (!*box) return pup_lua_push_error(L, &err);
+    int n = PQntuples(*box);
+    int first = n > 0 && pup_be_int(PQgetvalue(*box, 0, 0), 8) == 0; /* row 0 is the snapshot */
+    long long snap = first ? pup_be_int(PQgetvalue(*box, 0, 3), 8) : 0;
+    lua_createtable(L, n - first, 1);
+    for (int i = first; i < n; i++) {
+        pup_event ev;
+        pup_event_from_row(*box, i, 0, &ev);
+        pup_lua_push_event(L, &ev);
+        lua_rawseti(L, -2, i - first + 1);
+    }
+    lua_pushinteger(L, n > first ? pup_be_int(PQgetvalue(*box, n - 1, 3), 8) : snap);
+    lua_setfield(L, -2, "version");
+    if (first) lua_pushlstring(L, PQgetvalue(*box, 0, 7), (size_t)PQgetlength(*box, 0, 7));
+    else lua_pushnil(L);
+    lua_pushinteger(L, snap);
+    pup_lua_result_clear(box);
+    return 3;
+}
+
+/* store:write_snapshot(db_or_tx, type, id, version, snapshot_version, state) -> true
+ * (written) | false (a newer snapshot kept) | nil, err */
+static int store_write_snapshot(lua_State *L) {
+    lstore *s = checkstore(L);
+    pup_conn *c = pup_lua_checkconn(L, 2);
+    pup_str type, id, state;
+    type.p = luaL_checklstring(L, 3, &type.len);
+    id.p = luaL_checklstring(L, 4, &id.len);
+    lua_Integer version = luaL_checkinteger(L, 5);
+    luaL_argcheck(L, version >= 1, 5, "version must be positive");
+    int sv = check_snapshot_version(L, 6);
+    state.p = luaL_checklstring(L, 7, &state.len);
+    pup_error err;
+    int rc = pup_snapshot_write(&s->store, c, type, id, version, sv, state, &err);
+    if (rc < 0) return pup_lua_push_error(L, &err);
+    lua_pushboolean(L, rc);
+    return 1;
+}
+
 const pup_store *pup_lua_checkstore(lua_State *L, int idx) {
     lstore *s = luaL_checkudata(L, idx, PUP_STORE_MT);
     if (!s->open) luaL_argerror(L, idx, "store is closed");
@@ -457,7 +525,8 @@ void pup_lua_open_store(lua_State *L) {
         {"append", store_append}, {"read_events", store_read_events},
         {"read_aggregate_stream", store_read_stream}, {"head", store_head},
         {"migrate", store_migrate}, {"schema_sql", store_schema_sql},
-        {"names", store_names}, {NULL, NULL}};
+        {"names", store_names}, {"read_snapshot_stream", store_read_snapshot_stream},
+        {"write_snapshot", store_write_snapshot}, {NULL, NULL}};
     pup_lua_class(L, PUP_STORE_MT, methods, store_gc, store_tostring);
     lua_pop(L, 1);
     luaL_getmetatable(L, PUP_STORE_MT);

@@ -119,4 +119,22 @@ long long pup_store_head(const pup_store *s, pup_conn *c, pup_error *err);
 /* Reads a big-endian integer of the given width from a binary column. */
 long long pup_be_int(const char *p, int width);
 
+/* ---- Aggregate snapshots (snapshot.c): at most one row per aggregate in the table
+ * <events_table>_snapshots (same schema), made by migrate. ---- */
+#define PUP_SNAPSHOT_TABLE_MAX (PUP_NAME_MAX + 24)
+/* Writes the quoted snapshots table name of s into out (size PUP_SNAPSHOT_TABLE_MAX) and
+ * returns out. */
+char *pup_snapshot_table(const pup_store *s, char *out, size_t size);
+/* One aggregate's snapshot of snapshot_version (if any) and the events after it, in one
+ * statement. Row 0 is the snapshot when its global_position column is 0 (version in
+ * aggregate_version, state in payload); the other rows are events as
+ * pup_event_from_row reads them, ascending. Returns the binary result, or NULL with err. */
+PGresult *pup_snapshot_read(const pup_store *s, pup_conn *c, pup_str type, pup_str id,
+                            int snapshot_version, pup_error *err);
+/* Upserts the aggregate's snapshot unless the row holds a higher snapshot_version, or the
+ * same one at a version >= version, or another transaction holds it locked (skipped, not
+ * waited for). Returns 1 when written, 0 when not, -1 with err. */
+int pup_snapshot_write(const pup_store *s, pup_conn *c, pup_str type, pup_str id,
+                       long long version, int snapshot_version, pup_str state, pup_error *err);
+
 #endif

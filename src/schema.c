@@ -264,10 +264,24 @@ char *pup_store_schema_sql(const pup_store *s) {
         "    previous_total INT,\n"
         "    changed_at TIMESTAMPTZ NOT NULL DEFAULT now()\n"
         ");\n"
+        "\n"
+        "-- Aggregate snapshots (store:load, store:handle): at most one per aggregate; a\n"
+        "-- load uses it when snapshot_version matches and folds the events after it.\n"
+        "CREATE TABLE IF NOT EXISTS %s (\n"
+        "    aggregate_type TEXT NOT NULL,\n"
+        "    aggregate_id TEXT NOT NULL,\n"
+        "    version BIGINT NOT NULL,\n"
+        "    snapshot_version INT NOT NULL,\n"
+        "    state BYTEA NOT NULL,\n"
+        "    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
+        "    PRIMARY KEY (aggregate_type, aggregate_id)\n"
+        ");\n"
         "COMMIT;\n",
         seq, fn, seq, s->q_events, fn, uq, s->q_events, s->q_events, seq, s->q_events, seq,
         s->q_events, s->q_heads,
-        s->q_checkpoints, s->q_workers, s->q_groups);
+        s->q_checkpoints, s->q_workers, s->q_groups,
+        /* a compound literal keeps the buffer local to this call */
+        pup_snapshot_table(s, (char[PUP_SNAPSHOT_TABLE_MAX]){0}, PUP_SNAPSHOT_TABLE_MAX));
 }
 
 int pup_store_migrate(const pup_store *s, pup_conn *c, pup_error *err) {
