@@ -111,6 +111,7 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
                      pup_append_result *out, pup_error *err) {
     memset(out, 0, sizeof *out);
     if (n <= 0) return pup_error_set(err, PUP_ERR_NO_EVENTS, "append: no events given");
+    if (pup_conn_check_utf8(c, err) < 0) return -1;
     /* One event, the common case, binds plain parameters; more travel as arrays. */
     const pup_stmt *st = pup_conn_prepare(c, n == 1 ? s->sql_append_one : s->sql_append, err);
     if (!st) return -1;

@@ -361,6 +361,14 @@ void pup_conn_close(pup_conn *c) {
 
 PGconn *pup_conn_pg(pup_conn *c) { return c->pg; }
 
+int pup_conn_check_utf8(pup_conn *c, pup_error *err) {
+    const char *enc = PQparameterStatus(c->pg, "client_encoding");
+    if (!enc || strcmp(enc, "UTF8") == 0) return 0;
+    return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT,
+                         "client_encoding is %s: pupsourcing stores and hashes aggregate ids as UTF-8;"
+                         " do not change client_encoding on its connections", enc);
+}
+
 int pup_conn_reset(pup_conn *c, pup_error *err) {
     PQreset(c->pg);
     for (int i = 0; i < c->nstmts; i++) stmt_free(&c->stmts[i]);

@@ -74,7 +74,8 @@ int pup_lua_handler_deadline(lua_State *L, double *left, int *limit_ms) {
 }
 
 /* Hook of a handler with a time limit: passes events on to the hook it replaced, and on
- * count events raises once the deadline has passed. */
+ * count events raises once the deadline has passed, then at every instruction: a pcall
+ * that swallows the error (in a loop) hits it again as soon as it returns. */
 static void deadline_hook(lua_State *L, lua_Debug *ar) {
     if (lua_rawgetp(L, LUA_REGISTRYINDEX, &vm_key) != LUA_TUSERDATA) {
         lua_pop(L, 1);
@@ -84,8 +85,10 @@ static void deadline_hook(lua_State *L, lua_Debug *ar) {
     lua_pop(L, 1);
     int bit = ar->event == LUA_HOOKTAILCALL ? LUA_MASKCALL : 1 << ar->event;
     if (vm->prev && (vm->prev_mask & bit)) vm->prev(L, ar);
-    if (ar->event == LUA_HOOKCOUNT && vm->deadline > 0 && mono_now() > vm->deadline)
+    if (ar->event == LUA_HOOKCOUNT && vm->deadline > 0 && mono_now() > vm->deadline) {
+        if (lua_gethookcount(L) != 1) lua_sethook(L, deadline_hook, lua_gethookmask(L), 1);
         luaL_error(L, "handler exceeded its time limit of %d ms", vm->limit_ms);
+    }
 }
 
 /* Starts the deadline of one handler call in thread L, keeping the hook it replaces

@@ -722,6 +722,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     *advanced = 0;
     *waiting = 0;
     if (p->nheld == 0) return 0;
+    if (pup_conn_check_utf8(p->conn, err) < 0) return with_context(p, err);
     if (!p->setup_done && p->h.setup && run_setup(p, err) < 0) return -1;
     p->setup_done = 1;
     /* Prepared outside the pipeline (a cache lookup once warm); the read last, as later

@@ -104,6 +104,10 @@ pup_conn *pup_conn_open(const char *url, pup_error *err);
 void pup_conn_close(pup_conn *c);
 /* The libpq handle, for callers that wait on its socket or read notifications. */
 PGconn *pup_conn_pg(pup_conn *c);
+/* 0 when the session's client_encoding is UTF8 (as pup_conn_open set it); else -1 with
+ * err set (invalid_argument): ids are hashed over the bytes the caller gives and the
+ * server stores, which differ once a SET client_encoding converts them. No round trip. */
+int pup_conn_check_utf8(pup_conn *c, pup_error *err);
 /* Reconnects in place after a lost connection (same parameters); forgets the
  * statement cache and any pipeline or transaction state. */
 int pup_conn_reset(pup_conn *c, pup_error *err);
