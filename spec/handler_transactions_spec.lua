@@ -65,6 +65,33 @@ return {
     end
   end)
 
+  it("transaction control through the processor's own db in a handler fails the batch; nothing is doubled", function()
+    -- db:exec("COMMIT") on the db the processor runs on used to commit the batch's first
+    -- events; the batch then failed and its retry applied them again.
+    append("dbctl", 10)
+    local script = dir .. "/dbctl.lua"
+    H.write_file(script, ([[
+local pup = require "pupsourcing"
+local db = assert(pup.connect(%q))
+local store = pup.store { events_table = %q, aggregate_heads_table = %q, checkpoints_table = %q }
+local broken = true
+local p = pup.processor(db, { name = "htx_dbctl", handle = function(tx, e)
+  assert(tx:exec("INSERT INTO t_htx_rm (pos) VALUES ($1)", e.global_position))
+  if broken and e.aggregate_version == 6 then db:exec("COMMIT") end
+end }, { store = store, batch_size = 100 })
+local n, err = p:run_once()
+print("first", tostring(n), tostring(err):match("db:exec: COMMIT is not allowed while a processor runs a batch") or tostring(err))
+broken = false
+print("second", assert(p:run_once()))
+]]):format(H.url(), T.events_table, T.aggregate_heads_table, T.checkpoints_table))
+    local r = H.run { script }
+    assert.equal(0, r.code, r.output)
+    assert.equal("first\tnil\tdb:exec: COMMIT is not allowed while a processor runs a batch\nsecond\t10\n", r.stdout)
+    local rm = one("SELECT count(*) AS n, count(DISTINCT pos) AS d FROM t_htx_rm")
+    assert.same({ n = 10, d = 10 }, rm)
+    assert.equal(assert(store:head(db)), checkpoint("htx_dbctl"))
+  end)
+
   describe("tx:savepoint in a handler (pipelined writes)", function()
     -- 20 events with keys i % 7: 7 first occurrences, 13 duplicates to skip.
     local function append_keys()

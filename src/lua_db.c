@@ -25,13 +25,15 @@
  * stale tx object (and its __gc) cannot touch a later transaction. `pins` counts users
  * that need the connection to stay (db:transaction, tx:savepoint, a processor): close
  * raises meanwhile. `scopes` counts the savepoints running, which the transaction
- * cannot end under. */
+ * cannot end under. `runs` counts the processors running a batch on the connection:
+ * transaction control through the db is refused meanwhile, as it is on a tx. */
 typedef struct ldb {
     pup_conn *conn;
     pup_params params;
     unsigned long long gen;
     int pins;
     int scopes;
+    int runs;
 } ldb;
 
 enum { TX_OPEN, TX_DONE };
@@ -273,12 +275,16 @@ static ldb *db_behind(lua_State *L, int idx) {
 
 void pup_lua_db_pin(lua_State *L, int idx) {
     ldb *d = db_behind(L, idx);
-    if (d) d->pins++;
+    if (d) {
+        d->pins++;
+        d->runs++;
+    }
 }
 
 void pup_lua_db_unpin(lua_State *L, int idx) {
     ldb *d = db_behind(L, idx);
     if (d && d->pins > 0) d->pins--;
+    if (d && d->runs > 0) d->runs--;
 }
 
 /* True while a transaction is open on c (or, in pipeline mode, a batch runs). */
@@ -439,11 +445,16 @@ static int run_sql(lua_State *L, int want_rows) {
     const char *sql = luaL_checkstring(L, 2);
     int n = lua_gettop(L) - 2;
     ltx *t = totx(L, 1);
-    const char *control = t ? tx_control(sql) : NULL;
-    if (control)
+    ldb *d = t ? NULL : todb(L, 1);
+    const char *control = t || (d && d->runs > 0) ? tx_control(sql) : NULL;
+    if (control && t)
         return luaL_error(L, "tx:%s: %s is not allowed on a tx: its transaction ends with tx:commit() or "
                           "tx:rollback(), when db:transaction's function returns, or with the processor's "
                           "batch; to undo part of it use tx:savepoint(fn)", want_rows ? "query" : "exec", control);
+    if (control)
+        return luaL_error(L, "db:%s: %s is not allowed while a processor runs a batch on this connection: the "
+                          "batch's transaction ends with the batch; to undo part of it use tx:savepoint(fn)",
+                          want_rows ? "query" : "exec", control);
     pup_error err;
     PGresult **box = pup_lua_result_box(L); /* at top; params stay below it */
     if (n == 0) {
