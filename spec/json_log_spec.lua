@@ -74,6 +74,26 @@ describe("--log-format json", function()
     assert.same({ n = 4, d = 4 }, { n = rm.n, d = rm.d })
   end)
 
+  it("Lua warnings (warn) are JSON lines too, and still honour @on/@off", function()
+    H.write_file(dir .. "/w.lua", [[
+      local n = 0
+      return { name = "jlog_warn", handle = function()
+        n = n + 1
+        if n == 1 then warn("not shown: warnings start off") end
+        if n == 2 then warn("@on"); warn("first ", "warning") end
+        if n == 3 then warn("@off"); warn("not shown either") end
+        if n == 4 then warn("@on"); warn("a \"quoted\" one") end
+      end }
+    ]])
+    local r = cli { "run", "--once", "--log-format", "json", dir .. "/w.lua" }
+    assert.equal(0, r.code, r.output)
+    local warnings = {}
+    for _, l in ipairs(json_lines(r)) do
+      if l.level == "warning" then warnings[#warnings + 1] = l.msg end
+    end
+    assert.same({ "Lua warning: first warning", 'Lua warning: a "quoted" one' }, warnings)
+  end)
+
   it("a failing handler and a bad flag", function()
     H.write_file(dir .. "/f.lua", [[
       return { name = "jlog_fail", handle = function() error("broken\n\"handler\"") end }

@@ -446,8 +446,7 @@ static void json_escape(char *buf, size_t size, const char *s) {
     buf[n] = '\0';
 }
 
-/* One log line: "pupsourcing: msg", or with json set one JSON object. */
-static void emit(int json, const char *level, const char *prefix, const char *msg) {
+void pup_lua_log_line(int json, const char *level, const char *prefix, const char *msg) {
     if (!json) {
         fprintf(stderr, "pupsourcing: %s%s\n", prefix, msg);
         return;
@@ -465,7 +464,7 @@ static void emit(int json, const char *level, const char *prefix, const char *ms
 static void log_line(void *ud, const char *line) {
     lproc *lp = ud;
     share_progress(lp, lp->p);
-    emit(lp->json_log, "info", "", line);
+    pup_lua_log_line(lp->json_log, "info", "", line);
 }
 
 /* Server notices (NOTICE, WARNING, connection terminated) during a run with JSON logs;
@@ -481,7 +480,7 @@ static void json_notice(void *arg, const char *message) {
         for (size_t i = 0; i < k; i++) level[i] = (char)(message[i] - 'A' + 'a');
         level[k] = '\0';
     }
-    emit(1, level, "postgres: ", line);
+    pup_lua_log_line(1, level, "postgres: ", line);
 }
 
 /* Runs the loop with stop_fd; pushes handled-in-this-run or nil, err. */

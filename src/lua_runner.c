@@ -34,6 +34,11 @@ typedef struct worker {
     double hole_since;         /* (CLOCK_REALTIME seconds; the runner looks every 200 ms) */
     pup_code code;
     char error[4096];
+    /* warn() of its VM under --log-format json: the pieces of the warning being written,
+     * and whether warnings are on ("@on"/"@off", off at start as in lua5.4). */
+    char warning[1024];
+    size_t warning_len;
+    int warnings_on, warning_open;
 } worker;
 
 /* The runner userdata: every string is copied, so threads never touch the caller's VM. */
@@ -84,6 +89,26 @@ static int l_publish(lua_State *L) {
     return 0;
 }
 
+/* lua_WarnFunction for a worker VM under --log-format json: the warning as one JSON line
+ * (Lua's own would write plain "Lua warning: ..." text into the JSON stream). */
+static void json_warn(void *ud, const char *msg, int tocont) {
+    worker *w = ud;
+    if (!w->warning_open && *msg == '@') { /* a control message */
+        if (strcmp(msg, "@on") == 0) w->warnings_on = 1;
+        else if (strcmp(msg, "@off") == 0) w->warnings_on = 0;
+        return;
+    }
+    size_t n = strlen(msg), room = sizeof w->warning - 1 - w->warning_len;
+    if (n > room) n = room;
+    memcpy(w->warning + w->warning_len, msg, n);
+    w->warning_len += n;
+    w->warning[w->warning_len] = '\0';
+    w->warning_open = tocont;
+    if (tocont) return;
+    if (w->warnings_on) pup_lua_log_line(1, "warning", "Lua warning: ", w->warning);
+    w->warning_len = 0;
+}
+
 static void *worker_main(void *arg) {
     worker *w = arg;
     runner *r = w->r;
@@ -94,6 +119,7 @@ static void *worker_main(void *arg) {
         __atomic_store_n(&w->done, 1, __ATOMIC_RELEASE);
         return NULL;
     }
+    if (r->json_log) lua_setwarnf(L, json_warn, w); /* w outlives L (closed below) */
     luaL_openlibs(L);
     lua_getglobal(L, "package");
     lua_pushstring(L, r->path);

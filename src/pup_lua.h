@@ -109,6 +109,10 @@ int pup_lua_handler_deadline(lua_State *L, double *left, int *limit_ms);
  * process, and keeps the caller's signal actions. */
 void pup_lua_unblock_signals(const sigset_t *old);
 
+/* One log line on stderr: "pupsourcing: <prefix><msg>", or with json set one JSON object
+ * {"time", "level", "msg"}. */
+void pup_lua_log_line(int json, const char *level, const char *prefix, const char *msg);
+
 /* JSON encode of the value at idx through pup.json (raises on failure). */
 const char *pup_lua_json_encode(lua_State *L, int idx, size_t *len);
 
