@@ -1,6 +1,7 @@
 /*
- * pup_processor.h -- projections run in transactional batches (processor.c) and the
- * partition function (partition.c).
+ * pup_processor.h -- projections run in transactional batches and the partition function
+ * (partition.c). The processor is split by concern: processor.c (the object), batch.c
+ * (one batch), gap.c (the gap rule), lease.c (locks and leases), run_loop.c (the loop).
  *
  * One batch is one transaction: read the checkpoint, the snapshot and up to batch_size
  * events after it in one statement; hand this partition's events to the handler
