@@ -133,10 +133,13 @@ static double batch_deadline(const pup_processor *p) {
 /* Step 1: the snapshot's xmin, the log head and the window after `from`. */
 static PGresult *read_window(pup_processor *p, const pup_stmt *st, long long from, pup_error *err) {
     pup_params *q = &p->params;
-    if (pup_params_reset(q, 4) < 0) {
+    int n = 4;
+    if (pup_params_reset(q, 4 + (p->scope[0] != NULL) + (p->scope[1] != NULL)) < 0) {
         pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
         return NULL;
     }
+    for (int k = 0; k < 2; k++)
+        if (p->scope[k]) pup_params_text(q, n++, p->scope[k], strlen(p->scope[k]));
     pup_params_int(q, 0, from);
     pup_params_int(q, 2, p->total);
     pup_params_text(q, 3, p->held_list, strlen(p->held_list));

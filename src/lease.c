@@ -324,3 +324,49 @@ void pup_processor_release(pup_processor *p) {
     run_void(p, &err, p->lease.unregister, 2, p->name, p->owner, NULL);
     pup_proc_drop_all(p);
 }
+
+int pup_group_repartition(const pup_store *s, pup_conn *c, const char *projection, int total,
+                          int *previous, pup_error *err) {
+    *previous = 0;
+    if (total < 1 || total > PUP_MAX_PARTITIONS)
+        return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "partition count %d is not in 1..%d", total,
+                             PUP_MAX_PARTITIONS);
+    if (PQtransactionStatus(pup_conn_pg(c)) != PQTRANS_IDLE)
+        return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "repartition runs in its own transaction: the connection is in one");
+    pup_params q = {0};
+    const pup_stmt *st;
+    PGresult *r = NULL;
+    int rc = -1;
+    if (pup_conn_command(c, "BEGIN", err) < 0) return -1;
+    if (!(st = pup_conn_prepare(c, s->sql_group_get, err))) goto out;
+    if (pup_params_reset(&q, 1) < 0) goto oom;
+    pup_params_text(&q, 0, projection, strlen(projection));
+    if (!(r = pup_conn_exec(c, st, &q, 0, err))) goto out;
+    int cur = PQntuples(r) ? atoi(PQgetvalue(r, 0, 0)) : 0;
+    if (PQntuples(r) && !PQgetisnull(r, 0, 1)) {
+        pup_error_set(err, PUP_ERR_INVALID_ARGUMENT,
+                      "projection %s is still settling a repartition from %s to %d partitions;"
+                      " try again when `pupsourcing status` shows no previous count",
+                      projection, PQgetvalue(r, 0, 1), cur);
+        goto out;
+    }
+    *previous = cur;
+    if (cur != total) {
+        if (!(st = pup_conn_prepare(c, s->sql_group_set, err))) goto out;
+        if (pup_params_reset(&q, 3) < 0) goto oom;
+        pup_params_text(&q, 0, projection, strlen(projection));
+        pup_params_int(&q, 1, total);
+        if (cur) pup_params_int(&q, 2, cur);
+        PQclear(r);
+        if (!(r = pup_conn_exec(c, st, &q, 0, err))) goto out;
+    }
+    rc = pup_conn_commit(c, err);
+    goto out;
+oom:
+    pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
+out:
+    if (r) PQclear(r);
+    if (rc < 0) pup_conn_rollback(c);
+    pup_params_free(&q);
+    return rc;
+}

@@ -26,35 +26,29 @@ double pup_proc_mono(void) {
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* "col IN ('a','b')" with escaped literals, or "true" for no scope. */
-static char *scope_sql(PGconn *pg, const char *col, const char *const *vals, int n) {
-    if (n == 0 || !vals) return strdup("true");
-    size_t cap = strlen(col) + 16, len = 0;
-    char *out = malloc(cap);
-    if (!out) return NULL;
-    len = (size_t)sprintf(out, "%s IN (", col);
+/* The text[] literal of a scope, {"a","b"} (NULL with *out for none); -1 out of memory.
+ * Bound as a parameter: nothing of the user's is pasted into SQL. */
+static int scope_array(const char *const *vals, int n, char **out) {
+    *out = NULL;
+    if (n == 0 || !vals) return 0;
+    size_t cap = 3;
+    for (int i = 0; i < n; i++) cap += 2 * strlen(vals[i]) + 3;
+    char *a = malloc(cap), *w = a;
+    if (!a) return -1;
+    *w++ = '{';
     for (int i = 0; i < n; i++) {
-        char *lit = PQescapeLiteral(pg, vals[i], strlen(vals[i]));
-        if (!lit) {
-            free(out);
-            return NULL;
+        if (i) *w++ = ',';
+        *w++ = '"';
+        for (const char *c = vals[i]; *c; c++) {
+            if (*c == '"' || *c == '\\') *w++ = '\\';
+            *w++ = *c;
         }
-        size_t need = len + strlen(lit) + 4;
-        if (need > cap) {
-            cap = need * 2;
-            char *o = realloc(out, cap);
-            if (!o) {
-                PQfreemem(lit);
-                free(out);
-                return NULL;
-            }
-            out = o;
-        }
-        len += (size_t)sprintf(out + len, "%s%s", i ? "," : "", lit);
-        PQfreemem(lit);
+        *w++ = '"';
     }
-    strcpy(out + len, ")");
-    return out;
+    *w++ = '}';
+    *w = '\0';
+    *out = a;
+    return 0;
 }
 
 int pup_proc_set_total(pup_processor *p, int total) {
@@ -150,8 +144,13 @@ static int build_batch_sql(pup_processor *p) {
 /* The snapshot and the next events in one statement: the gap rule needs both from one
  * snapshot. Events outside the scope, or (by the hash the appender stored) of
  * partitions not held, come without payload: only their positions matter. */
-static int build_read_sql(pup_processor *p, const char *atypes, const char *etypes) {
+static int build_read_sql(pup_processor *p) {
     const char *E = p->store->q_events;
+    /* The scopes are parameters $5 (and $6) after the window's four. */
+    char atypes[48] = "true", etypes[48] = "true";
+    int next = 5;
+    if (p->scope[0]) snprintf(atypes, sizeof atypes, "aggregate_type = ANY($%d::text[])", next++);
+    if (p->scope[1]) snprintf(etypes, sizeof etypes, "event_type = ANY($%d::text[])", next++);
     const char *ours = "(aggregate_id_hash IS NULL OR $3::int <= 1"
                        " OR (aggregate_id_hash % $3::int)::int = ANY($4::int[]))";
     if (asprintf(&p->sql_read,
@@ -210,7 +209,7 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
     p->h = *h;
     p->name = strdup(cfg->name);
     p->cfg.name = p->name;
-    p->cfg.aggregate_types = p->cfg.event_types = NULL; /* baked into the SQL below */
+    p->cfg.aggregate_types = p->cfg.event_types = NULL; /* kept as p->scope */
     if (p->cfg.batch_size < 1) p->cfg.batch_size = 100;
     if (p->cfg.poll_interval_ms < 1) p->cfg.poll_interval_ms = 1000;
     if (p->cfg.lease_ttl_ms < 1) p->cfg.lease_ttl_ms = 10000;
@@ -223,14 +222,10 @@ pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
         return NULL;
     }
     name_owner(p);
-    PGconn *pg = pup_conn_pg(conn);
-    char *atypes = scope_sql(pg, "aggregate_type", cfg->aggregate_types, cfg->n_aggregate_types);
-    char *etypes = scope_sql(pg, "event_type", cfg->event_types, cfg->n_event_types);
-    int ok = p->name && atypes && etypes && build_batch_sql(p) == 0 &&
-             build_read_sql(p, atypes, etypes) == 0 && build_checkpoint_sql(p) == 0 &&
+    int ok = p->name && scope_array(cfg->aggregate_types, cfg->n_aggregate_types, &p->scope[0]) == 0 &&
+             scope_array(cfg->event_types, cfg->n_event_types, &p->scope[1]) == 0 &&
+             build_batch_sql(p) == 0 && build_read_sql(p) == 0 && build_checkpoint_sql(p) == 0 &&
              pup_proc_lease_sql_init(p) == 0 && pup_proc_set_total(p, cfg->total_partitions) == 0;
-    free(atypes);
-    free(etypes);
     if (!ok) {
         pup_processor_free(p);
         pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
@@ -247,6 +242,8 @@ void pup_processor_free(pup_processor *p) {
     free(p->sql_lease_checkpoint);
     free(p->sql_open);
     free(p->sql_hole);
+    free(p->scope[0]);
+    free(p->scope[1]);
     pup_proc_lease_sql_free(p);
     free(p->held);
     free(p->cp);

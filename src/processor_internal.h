@@ -37,6 +37,7 @@ struct pup_processor {
     char *sql_open;
     char *sql_hole; /* while waiting at a hole: has it filled, or have its writers ended? */
     const char *sql_guard, *sql_untimed;
+    char *scope[2]; /* aggregate and event types as text[] literals; NULL: any */
     pup_lease_sql lease;
     char owner[160]; /* this worker: host/pid/random */
     pup_params params;

@@ -62,6 +62,14 @@ void pup_processor_free(pup_processor *p);
  * *acquired is 0 when it holds none: it is a standby and should try again later. */
 int pup_processor_acquire(pup_processor *p, int *acquired, pup_error *err);
 
+/* Sets a projection's group partition count (`pupsourcing repartition`), in its own
+ * transaction on c (which must be idle): running --group workers switch at their next
+ * heartbeat and honour the old layout's checkpoints (lease.c). *previous: the count
+ * before (0: a new group; = total: unchanged). Fails with invalid_argument while a
+ * repartition still settles. */
+int pup_group_repartition(const pup_store *s, pup_conn *c, const char *projection, int total,
+                          int *previous, pup_error *err);
+
 /* A group worker leaving: hands its leases over at once. Best effort. */
 void pup_processor_release(pup_processor *p);
 
