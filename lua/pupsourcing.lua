@@ -9,7 +9,7 @@ for k, v in pairs(core) do
 end
 M.version = "0.1.0"
 
-local error_mt = debug.getregistry()["pupsourcing.error"]
+local error_mt = core.error_mt
 
 -- An error object like the ones the core returns, for errors raised in Lua code.
 local function new_error(code, message, sqlstate)

@@ -1,6 +1,6 @@
 /*
- * pup_processor.h -- projections run in transactional batches and the partition function
- * (partition.c). The processor is split by concern: processor.c (the object), batch.c
+ * pup_processor.h -- projections run in transactional batches (the partition function is
+ * in pup_partition.h). The processor is split by concern: processor.c (the object), batch.c
  * (one batch), gap.c (the gap rule), lease.c (locks and leases), run_loop.c (the loop).
  *
  * One batch is one transaction: read the checkpoint, the snapshot and up to batch_size
@@ -13,12 +13,8 @@
 #define PUP_PROCESSOR_H
 
 #include "pup_db.h"
+#include "pup_partition.h"
 #include "pup_store.h"
-
-/* FNV-1a 32-bit hash of len bytes. */
-uint32_t pup_fnv1a32(const char *p, size_t len);
-/* The partition of an aggregate id: FNV-1a 32 mod total (0 when total <= 1). */
-int pup_partition_of(const char *id, size_t len, int total);
 
 /* What a projection is, as far as the processor cares. Strings are copied. */
 typedef struct pup_projection_cfg {
