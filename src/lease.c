@@ -25,13 +25,27 @@
 #include <stdlib.h>
 #include <string.h>
 
-int pup_proc_lease_sql_init(pup_processor *p) {
-    const char *C = p->store->q_checkpoints, *W = p->store->q_workers, *G = p->store->q_groups;
-    pup_lease_sql *s = &p->lease;
 #define SQL(field, ...) if (asprintf(&s->field, __VA_ARGS__) < 0) s->field = NULL
+
+/* The statements of a static partition and of the batch's lock timeout. */
+static void static_sql(pup_processor *p) {
+    pup_lease_sql *s = &p->lease;
     /* A batch stuck behind a lock (a dead worker's rows) gives up and retries after the
      * next heartbeat, instead of letting its own leases lapse. */
     SQL(lock_timeout, "SET lock_timeout = '%dms'", p->cfg.lease_ttl_ms / 2);
+    /* The key hashes the whole name (a text built by the server, never truncated). */
+    SQL(static_lock, "%s",
+        "SELECT pg_try_advisory_lock(hashtextextended("
+        "'pupsourcing/' || $1::text || '/' || $2::text || '/' || $3::text || '/' || $4::text, 0))");
+    SQL(static_checkpoint,
+        "SELECT last_global_position FROM %s WHERE projection_name = $1"
+        " AND total_partitions = $2 AND partition_key = $3", p->store->q_checkpoints);
+}
+
+/* The statements of the heartbeat's steps, in order, and of leaving. */
+static void group_sql(pup_processor *p) {
+    const char *C = p->store->q_checkpoints, *W = p->store->q_workers, *G = p->store->q_groups;
+    pup_lease_sql *s = &p->lease;
     SQL(group_row,
         "WITH ins AS (INSERT INTO %s (projection_name, total_partitions) VALUES ($1, $2)"
         " ON CONFLICT (projection_name) DO NOTHING RETURNING total_partitions, previous_total)"
@@ -84,14 +98,13 @@ int pup_proc_lease_sql_init(pup_processor *p) {
         " RETURNING 1",
         C, C, G);
     SQL(unregister, "DELETE FROM %s WHERE projection_name = $1 AND worker_id = $2", W);
-    /* The key hashes the whole name (a text built by the server, never truncated). */
-    SQL(static_lock, "%s",
-        "SELECT pg_try_advisory_lock(hashtextextended("
-        "'pupsourcing/' || $1::text || '/' || $2::text || '/' || $3::text || '/' || $4::text, 0))");
-    SQL(static_checkpoint,
-        "SELECT last_global_position FROM %s WHERE projection_name = $1"
-        " AND total_partitions = $2 AND partition_key = $3", C);
+}
 #undef SQL
+
+int pup_proc_lease_sql_init(pup_processor *p) {
+    static_sql(p);
+    group_sql(p);
+    pup_lease_sql *s = &p->lease;
     char **f = &s->lock_timeout;
     for (size_t i = 0; i < sizeof *s / sizeof *f; i++)
         if (!f[i]) return -1;

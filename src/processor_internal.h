@@ -16,8 +16,9 @@
 
 #define PUP_MAX_PARTITIONS 4096
 
-/* The group protocol's statements (lease.c), built once per processor; prepared per
- * connection through the statement cache. */
+/* The lease protocol's statements (lease.c), built once per processor; prepared per
+ * connection through the statement cache. Only char * fields: lease.c checks and frees
+ * them as an array. */
 typedef struct pup_lease_sql {
     char *lock_timeout, *group_row, *unlease_mine, *end_dead, *register_me, *forget_dead,
         *live, *old_checkpoints, *settle_reset, *init_rows, *release_others, *lease,
