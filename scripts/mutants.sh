@@ -229,6 +229,13 @@ file: src/processor.c
 old: "SELECT (%s AND %s) AS mine, "
 new: "SELECT (%s OR %s) AS mine, "
 tests: ^lua\.(processor|projections)$
+
+name: scope-array-unescaped
+why: issue 11: a scope's type names go into the text[] parameter without escaping quotes and backslashes
+file: src/processor.c
+old: if (*c == '"' || *c == '\\') *w++ = '\\';
+new: (void)0;
+tests: ^lua\.store_names$
 EOF
 }
 
