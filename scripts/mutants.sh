@@ -85,8 +85,8 @@ tests: ^lua\.processor_liveness$
 name: gap-bound-read-xmin
 why: a hole's bound from the reading snapshot's xmin (below a running writer's xid)
 file: src/batch.c
-old: uint64_t bound = strtoull(PQgetvalue(xr, 0, 0), NULL, 10);
-new: uint64_t bound = xmin;
+old: pup_gaps_set_bound(&p->gaps, bound);
+new: pup_gaps_set_bound(&p->gaps, xmin);
 tests: ^lua\.ordering$
 
 name: gap-new-hole-passed

@@ -215,15 +215,13 @@ static int end_pipeline(pup_processor *p, walk *w, pup_error *err) {
     return 0;
 }
 
-/* Step 5: the holes noted by this batch get their bound: an xid drawn after the
- * snapshot that saw them, so above every xid that could fill them; decided by a later
- * batch's snapshot. */
-static int draw_bound(pup_processor *p, pup_error *err) {
-    if (!pup_gaps_pending(&p->gaps)) return 0;
+/* Step 5: the bound for the holes noted by this batch: an xid drawn after the snapshot
+ * that saw them, so above every xid that could fill them; decided by a later batch's
+ * snapshot. */
+static int draw_bound(pup_processor *p, uint64_t *out, pup_error *err) {
     PGresult *xr = pup_proc_run(p, err, "SELECT pg_current_xact_id()::text", 0);
     if (!xr) return pup_proc_context(p, err);
-    uint64_t bound = strtoull(PQgetvalue(xr, 0, 0), NULL, 10);
-    pup_gaps_set_bound(&p->gaps, bound);
+    *out = strtoull(PQgetvalue(xr, 0, 0), NULL, 10);
     PQclear(xr);
     return 0;
 }
@@ -238,7 +236,9 @@ static int batch_body(pup_processor *p, walk *w, uint64_t xmin, double deadline,
     if (w->wait_lo != p->wait_lo) p->wait_since = pup_proc_now();
     p->wait_lo = w->wait_lo;
     pup_gaps_forget(&p->gaps, w->last, 0);
-    if (rc == 0) rc = draw_bound(p, err);
+    uint64_t bound;
+    if (rc == 0 && pup_gaps_pending(&p->gaps) && (rc = draw_bound(p, &bound, err)) == 0)
+        pup_gaps_set_bound(&p->gaps, bound);
     if (rc == 0 && (w->last != w->from || p->wait_lo != p->recorded_wait))
         rc = write_checkpoint(p, w->from, w->last, err) < 0 ? pup_proc_context(p, err) : 0;
     return rc;
