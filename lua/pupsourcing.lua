@@ -15,7 +15,7 @@ M.version = "0.1.0"
 M.upcast = aggregate.upcast
 M.remove_upcaster = aggregate.remove_upcaster
 
-local error_mt = debug.getregistry()["pupsourcing.error"]
+local error_mt = core.error_mt
 
 -- An error object like the ones the core returns, for errors raised in Lua code.
 local function new_error(code, message, sqlstate)
@@ -124,32 +124,31 @@ function M.args(argv, opts)
   return out
 end
 
--- Checkpoints of every projection partition with the head and lag.
+-- Checkpoints of every projection partition with the head and lag (the store's SQL).
 function M.status(db, store)
   store = store or M.store()
-  local n = store:names()
-  return db:query(([[
-    SELECT c.projection_name AS projection, c.partition_key, c.total_partitions,
-           c.last_global_position AS position, h.head, h.head - c.last_global_position AS lag,
-           to_char(c.updated_at, 'YYYY-MM-DD"T"HH24:MI:SS.MSOF') AS updated_at,
-           c.waiting_position,
-           to_char(c.waiting_since, 'YYYY-MM-DD"T"HH24:MI:SS.MSOF') AS waiting_since, c.owner
-      FROM %s c CROSS JOIN (SELECT COALESCE(max(global_position), 0) AS head FROM %s) h
-     ORDER BY c.projection_name, c.total_partitions, c.partition_key]]):format(
-    n.checkpoints_quoted, n.events_quoted))
+  return db:query(store:names().sql.status)
 end
 
 -- Deletes a projection's checkpoints and runs its reset(tx), in one transaction.
 function M.reset(db, projection, store)
   store = store or M.store()
   M.check_projection(projection)
-  local n = store:names()
+  local sql = store:names().sql.reset
   return db:transaction(function(tx)
-    local deleted = assert(tx:exec(("DELETE FROM %s WHERE projection_name = $1"):format(n.checkpoints_quoted),
-      projection.name))
+    local deleted = assert(tx:exec(sql, projection.name))
     if projection.reset then projection.reset(tx) end
     return deleted
   end)
+end
+
+-- Sets a worker group's partition count (`pupsourcing repartition`): returns the count
+-- before (0 for a new group, the same count when unchanged), or nil, err while an earlier
+-- repartition still settles.
+function M.repartition(db, projection, count, store)
+  store = store or M.store()
+  M.check_projection(projection)
+  return core._repartition(db, store, projection.name, count)
 end
 
 return M

@@ -31,9 +31,9 @@ mutations() {
   cat <<'EOF'
 name: gap-bound-snapshot-xmax
 why: issue 17 #1: a hole's bound from the snapshot's xmax, not the reader's own xid
-file: src/processor.c
-old: PGresult *xr = run(p, err, "SELECT pg_current_xact_id()::text", 0);
-new: PGresult *xr = run(p, err, "SELECT pg_snapshot_xmax(pg_current_snapshot())::text", 0);
+file: src/batch.c
+old: PGresult *xr = pup_proc_run(p, err, "SELECT pg_current_xact_id()::text", 0);
+new: PGresult *xr = pup_proc_run(p, err, "SELECT pg_snapshot_xmax(pg_current_snapshot())::text", 0);
 tests: ^lua\.ordering$
 
 name: lease-fence-owner-or-lease
@@ -59,9 +59,9 @@ tests: ^lua\.store_append$
 
 name: standby-retry-5s
 why: issue 17 #5: a static standby retries its lock every 5 s instead of 1 s (test by h-proc)
-file: src/processor.c
-old: if (wait_for(p, o, p->cfg.group ? 200 : 1000)) return 0;
-new: if (wait_for(p, o, p->cfg.group ? 200 : 5000)) return 0;
+file: src/run_loop.c
+old: if (!acquired) return wait_for(p, o, p->cfg.group ? 200 : 1000);
+new: if (!acquired) return wait_for(p, o, p->cfg.group ? 200 : 5000);
 tests: ^lua\.processor_liveness$
 
 name: pqclear-only-on-error
@@ -77,39 +77,46 @@ tests: ^reliability\.resources$
 
 name: notify-wakeup-ignored
 why: issue 17 #7: an idle processor no longer wakes on an append's NOTIFY (test by h-proc)
-file: src/processor.c
+file: src/run_loop.c
 old: int sock = p->listening && pup_conn_ok(p->conn) ? PQsocket(pg) : -1;
 new: int sock = -1;
 tests: ^lua\.processor_liveness$
 
 name: gap-bound-read-xmin
 why: a hole's bound from the reading snapshot's xmin (below a running writer's xid)
-file: src/processor.c
-old: uint64_t bound = strtoull(PQgetvalue(xr, 0, 0), NULL, 10);
-new: uint64_t bound = xmin;
+file: src/batch.c
+old: pup_gaps_set_bound(&p->gaps, bound);
+new: pup_gaps_set_bound(&p->gaps, xmin);
 tests: ^lua\.ordering$
 
 name: gap-new-hole-passed
 why: a hole seen for the first time is stepped over at once
-file: src/processor.c
-old: if (!wait_lo && (!g || xmin <= g->bound)) {
-new: if (!wait_lo && (g && xmin <= g->bound)) {
-tests: ^lua\.ordering$
+file: src/gap.c
+old: if (!wait_lo && (!g || xmin <= g->bound)) return seen + 1;
+new: if (!wait_lo && (g && xmin <= g->bound)) return seen + 1;
+tests: ^lua\.ordering$|^c\.test_gap$
 
 name: gap-forgotten-before-bound
 why: the holes of a batch are forgotten before they get their bound (never decided)
-file: src/processor.c
-old: forget_gaps(p, last, 0);
-new: forget_gaps(p, last, 1);
+file: src/batch.c
+old: pup_gaps_forget(&p->gaps, w->last, 0);
+new: pup_gaps_forget(&p->gaps, w->last, 1);
 tests: ^lua\.ordering$
 timeout: 25
 
 name: gap-any-containing
 why: a new hole is decided by an older hole's bound when it merely starts after it
-file: src/processor.c
-old: if (p->gaps[k].lo <= lo && p->gaps[k].hi >= hi) return &p->gaps[k];
-new: if (p->gaps[k].lo <= lo && hi >= lo) return &p->gaps[k];
-tests: ^lua\.ordering$
+file: src/gap.c
+old: if (s->g[k].lo <= lo && s->g[k].hi >= hi) return &s->g[k];
+new: if (s->g[k].lo <= lo && hi >= lo) return &s->g[k];
+tests: ^lua\.ordering$|^c\.test_gap$
+
+name: gap-bound-equal-passes
+why: a hole passes when xmin equals its bound (equivalent on a live database; the rule itself says wait)
+file: src/gap.c
+old: return g->bound != PUP_GAP_PENDING && xmin > g->bound;
+new: return g->bound != PUP_GAP_PENDING && xmin >= g->bound;
+tests: ^c\.test_gap$
 
 name: checkpoint-unfenced
 why: the static checkpoint write is not fenced at all
@@ -127,7 +134,7 @@ tests: ^lua\.fence$
 
 name: lease-fence-count-ignored
 why: a group batch commits although some of its partitions' leases were lost
-file: src/processor.c
+file: src/batch.c
 old: if (group && n != p->nheld) {
 new: if (group && n == 0 && p->nheld == 0) {
 tests: ^lua\.fence$
@@ -162,9 +169,9 @@ tests: ^lua\.store_append$
 
 name: checkpoint-not-advanced-in-memory
 why: a committed batch does not move the processor's own checkpoint
-file: src/processor.c
-old: if (p->held[k] && p->cp[k] < last) p->cp[k] = last;
-new: if (p->held[k] && p->cp[k] < last) p->cp[k] = from;
+file: src/batch.c
+old: if (p->held[k] && p->cp[k] < w.last) p->cp[k] = w.last;
+new: if (p->held[k] && p->cp[k] < w.last) p->cp[k] = w.from;
 tests: ^lua\.(processor|ordering)$
 
 name: transient-deadlock-fatal
@@ -183,16 +190,16 @@ tests: ^lua\.retry$
 
 name: pipeline-failure-first-row
 why: a pipelined handler statement's failure is blamed on the batch's first event
-file: src/processor.c
-old: tag >= 0 && tag < nrows ? event_error(p, r, (int)tag, err)
-new: tag >= 0 && tag < nrows ? event_error(p, r, 0, err)
+file: src/batch.c
+old: tag >= 0 && tag < w->nrows ? event_error(p, w->r, (int)tag, err)
+new: tag >= 0 && tag < w->nrows ? event_error(p, w->r, 0, err)
 tests: ^lua\.(retry|processor)$
 
 name: pipeline-failure-noticing-row
 why: a pipelined statement's failure read during a later handler is blamed on that later event
-file: src/processor.c
-old: rc = event_error(p, r, (int)tag, err);
-new: rc = event_error(p, r, i, err);
+file: src/batch.c
+old: return event_error(p, r, (int)tag, err);
+new: return event_error(p, r, i, err);
 tests: ^lua\.(retry|processor)$
 
 name: handler-nil-err-ignored
@@ -222,6 +229,13 @@ file: src/processor.c
 old: "SELECT (%s AND %s) AS mine, "
 new: "SELECT (%s OR %s) AS mine, "
 tests: ^lua\.(processor|projections)$
+
+name: scope-array-unescaped
+why: issue 11: a scope's type names go into the text[] parameter without escaping quotes and backslashes
+file: src/processor.c
+old: if (*c == '"' || *c == '\\') *w++ = '\\';
+new: (void)0;
+tests: ^lua\.store_names$
 EOF
 }
 

@@ -4,7 +4,7 @@
  * The events travel as nine binary arrays (text[] and bytea[]), so payload bytes go as
  * they are (NULs included) and no value is escaped or quoted on the way.
  */
-#include "pup_processor.h"
+#include "pup_partition.h"
 #include "pup_store.h"
 
 #include <arpa/inet.h>

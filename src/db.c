@@ -37,15 +37,38 @@ struct pup_conn {
     int replan; /* a cached plan went stale: forget the statements once out of the transaction */
 };
 
-static const char *const code_names[] = {
-    "ok", "optimistic_concurrency", "no_events", "invalid_event", "database",
-    "connection", "not_migrated", "handler", "invalid_projection", "invalid_argument",
-    "out_of_memory",
+/* Every error code with the stable name Lua sees in err.code: the one table of them. */
+static const struct {
+    pup_code code;
+    const char *name;
+} codes[] = {
+    {PUP_OK, "ok"},
+    {PUP_ERR_CONFLICT, "optimistic_concurrency"},
+    {PUP_ERR_NO_EVENTS, "no_events"},
+    {PUP_ERR_INVALID_EVENT, "invalid_event"},
+    {PUP_ERR_DATABASE, "database"},
+    {PUP_ERR_CONNECTION, "connection"},
+    {PUP_ERR_NOT_MIGRATED, "not_migrated"},
+    {PUP_ERR_HANDLER, "handler"},
+    {PUP_ERR_INVALID_PROJECTION, "invalid_projection"},
+    {PUP_ERR_INVALID_ARGUMENT, "invalid_argument"},
+    {PUP_ERR_OUT_OF_MEMORY, "out_of_memory"},
 };
+#define NCODES (sizeof codes / sizeof codes[0])
 
 const char *pup_code_name(pup_code code) {
-    if ((unsigned)code < sizeof code_names / sizeof code_names[0]) return code_names[code];
+    for (size_t i = 0; i < NCODES; i++)
+        if (codes[i].code == code) return codes[i].name;
     return "unknown";
+}
+
+int pup_code_from_name(const char *name, pup_code *code) {
+    for (size_t i = 0; i < NCODES; i++)
+        if (strcmp(codes[i].name, name) == 0) {
+            *code = codes[i].code;
+            return 0;
+        }
+    return -1;
 }
 
 int pup_error_set(pup_error *err, pup_code code, const char *fmt, ...) {

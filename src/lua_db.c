@@ -111,7 +111,7 @@ static int traceback(lua_State *L) {
     lua_insert(L, -2);
     lua_setfield(L, -2, "text");
     if (t == LUA_TTABLE && luaL_getmetafield(L, 1, "__name") != LUA_TNIL) {
-        int ours = strcmp(lua_tostring(L, -1), "pupsourcing.error") == 0;
+        int ours = strcmp(lua_tostring(L, -1), PUP_ERROR_MT) == 0;
         lua_pop(L, 1);
         if (ours) {
             lua_getfield(L, 1, "code");
@@ -894,9 +894,9 @@ void pup_lua_open_db(lua_State *L) {
     luaL_newmetatable(L, PUP_ERROR_MT);
     lua_pushcfunction(L, error_tostring);
     lua_setfield(L, -2, "__tostring");
-    lua_pushliteral(L, "pupsourcing.error");
+    lua_pushliteral(L, PUP_ERROR_MT);
     lua_setfield(L, -2, "__name");
-    lua_pop(L, 1);
+    lua_setfield(L, -2, "error_mt"); /* pup.error_mt: the metatable of every error object */
 
     pup_lua_class(L, PUP_RESULT_MT, NULL, result_gc, NULL);
     lua_pop(L, 1);

@@ -40,6 +40,21 @@ static int l_sleep(lua_State *L) {
     return 0;
 }
 
+/* core._repartition(db, store, projection_name, count) -> previous count (0: new group)
+ * | nil, err. Sets a worker group's partition count in its own transaction. */
+static int l_repartition(lua_State *L) {
+    pup_conn *c = pup_lua_checkconn(L, 1);
+    const pup_store *s = pup_lua_checkstore(L, 2);
+    const char *name = luaL_checkstring(L, 3);
+    lua_Integer n = luaL_checkinteger(L, 4);
+    luaL_argcheck(L, n >= 1 && n <= PUP_LUA_MAX_PARTITIONS, 4, "partition count out of range");
+    pup_error err;
+    int previous;
+    if (pup_group_repartition(s, c, name, (int)n, &previous, &err) < 0) return pup_lua_push_error(L, &err);
+    lua_pushinteger(L, previous);
+    return 1;
+}
+
 /* pup.now(): wall clock in seconds with sub-second precision. */
 static int l_now(lua_State *L) {
     struct timespec ts;
@@ -56,7 +71,8 @@ int luaopen_pupsourcing_core(lua_State *L) {
     pup_lua_open_processor(L);
     pup_lua_open_runner(L);
     static const luaL_Reg funcs[] = {{"partition_of", l_partition_of}, {"fnv1a32", l_fnv1a32},
-                                     {"sleep", l_sleep}, {"now", l_now}, {NULL, NULL}};
+                                     {"sleep", l_sleep}, {"now", l_now},
+                                     {"_repartition", l_repartition}, {NULL, NULL}};
     luaL_setfuncs(L, funcs, 0);
     return 1;
 }

@@ -169,8 +169,7 @@ static void *worker_main(void *arg) {
             if (lua_isstring(L, -1)) {
                 snprintf(w->error, sizeof w->error, "%s", lua_tostring(L, -1));
                 w->code = PUP_ERR_HANDLER;
-                for (int c = 0; c <= PUP_ERR_INVALID_ARGUMENT; c++)
-                    if (strcmp(pup_code_name((pup_code)c), lua_tostring(L, -2)) == 0) w->code = (pup_code)c;
+                if (lua_isstring(L, -2)) pup_code_from_name(lua_tostring(L, -2), &w->code);
                 __atomic_store_n(&w->failed, 1, __ATOMIC_RELEASE);
             }
         }

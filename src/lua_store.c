@@ -408,20 +408,32 @@ static int store_schema_sql(lua_State *L) {
     return 1;
 }
 
-/* store:names() -> events, heads, checkpoints table names (unquoted) */
+/* store:names() -> every name the store derives (tables raw and quoted, the worker
+ * group's tables, the position sequence, the NOTIFY channel) and, under `sql`, the
+ * operator's statements (status, reset, group_workers): the one home of both. */
 static int store_names(lua_State *L) {
     lstore *s = checkstore(L);
-    lua_createtable(L, 0, 4);
-    lua_pushstring(L, s->store.events);
-    lua_setfield(L, -2, "events_table");
-    lua_pushstring(L, s->store.heads);
-    lua_setfield(L, -2, "aggregate_heads_table");
-    lua_pushstring(L, s->store.checkpoints);
-    lua_setfield(L, -2, "checkpoints_table");
-    lua_pushstring(L, s->store.q_checkpoints);
-    lua_setfield(L, -2, "checkpoints_quoted");
-    lua_pushstring(L, s->store.q_events);
-    lua_setfield(L, -2, "events_quoted");
+    const pup_store *S = &s->store;
+    const char *const fields[][2] = {
+        {"events_table", S->events}, {"aggregate_heads_table", S->heads},
+        {"checkpoints_table", S->checkpoints}, {"workers_table", S->workers},
+        {"groups_table", S->groups}, {"events_quoted", S->q_events},
+        {"aggregate_heads_quoted", S->q_heads}, {"checkpoints_quoted", S->q_checkpoints},
+        {"workers_quoted", S->q_workers}, {"groups_quoted", S->q_groups},
+        {"sequence_quoted", S->q_sequence}, {"channel", S->channel}};
+    lua_createtable(L, 0, (int)(sizeof fields / sizeof fields[0]) + 1);
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+        lua_pushstring(L, fields[i][1]);
+        lua_setfield(L, -2, fields[i][0]);
+    }
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, S->sql_status);
+    lua_setfield(L, -2, "status");
+    lua_pushstring(L, S->sql_reset);
+    lua_setfield(L, -2, "reset");
+    lua_pushstring(L, S->sql_group_workers);
+    lua_setfield(L, -2, "group_workers");
+    lua_setfield(L, -2, "sql");
     return 1;
 }
 

@@ -1,8 +1,7 @@
 /*
- * partition.c -- which partition an aggregate belongs to: FNV-1a 32-bit over the id's
- * bytes, modulo the partition count. Identical to the Go library, so mixed fleets agree.
+ * partition.c -- which partition an aggregate belongs to. See pup_partition.h.
  */
-#include "pup_processor.h"
+#include "pup_partition.h"
 
 uint32_t pup_fnv1a32(const char *p, size_t len) {
     uint32_t h = 2166136261u;

@@ -11,19 +11,20 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Error codes; pup_code_name() gives the string Lua sees in err.code. */
+/* Error codes. Their names (the string Lua sees in err.code) are in one table in db.c:
+ * pup_code_name() and pup_code_from_name() read it. */
 typedef enum pup_code {
     PUP_OK = 0,
-    PUP_ERR_CONFLICT,           /* "optimistic_concurrency" */
-    PUP_ERR_NO_EVENTS,          /* "no_events" */
-    PUP_ERR_INVALID_EVENT,      /* "invalid_event" */
-    PUP_ERR_DATABASE,           /* "database" (sqlstate set) */
-    PUP_ERR_CONNECTION,         /* "connection" */
-    PUP_ERR_NOT_MIGRATED,       /* "not_migrated" */
-    PUP_ERR_HANDLER,            /* "handler" */
-    PUP_ERR_INVALID_PROJECTION, /* "invalid_projection" */
-    PUP_ERR_INVALID_ARGUMENT,   /* "invalid_argument" */
-    PUP_ERR_OUT_OF_MEMORY       /* "out_of_memory" */
+    PUP_ERR_CONFLICT,
+    PUP_ERR_NO_EVENTS,
+    PUP_ERR_INVALID_EVENT,
+    PUP_ERR_DATABASE, /* sqlstate set */
+    PUP_ERR_CONNECTION,
+    PUP_ERR_NOT_MIGRATED,
+    PUP_ERR_HANDLER,
+    PUP_ERR_INVALID_PROJECTION,
+    PUP_ERR_INVALID_ARGUMENT,
+    PUP_ERR_OUT_OF_MEMORY
 } pup_code;
 
 /* An error as reported by every layer: a code, PostgreSQL's SQLSTATE when it gave one
@@ -38,6 +39,8 @@ typedef struct pup_error {
 
 /* The stable name of a code ("optimistic_concurrency", "database", ...). */
 const char *pup_code_name(pup_code code);
+/* The code of a stable name: 0 with *code, or -1 when no code has that name. */
+int pup_code_from_name(const char *name, pup_code *code);
 
 /* Fills err (printf-style message, empty sqlstate and constraint). Returns -1 so callers
  * can `return pup_error_set(...)`. err may be NULL. */

@@ -1,6 +1,7 @@
 /*
- * pup_processor.h -- projections run in transactional batches (processor.c) and the
- * partition function (partition.c).
+ * pup_processor.h -- projections run in transactional batches (the partition function is
+ * in pup_partition.h). The processor is split by concern: processor.c (the object), batch.c
+ * (one batch), gap.c (the gap rule), lease.c (locks and leases), run_loop.c (the loop).
  *
  * One batch is one transaction: read the checkpoint, the snapshot and up to batch_size
  * events after it in one statement; hand this partition's events to the handler
@@ -12,12 +13,8 @@
 #define PUP_PROCESSOR_H
 
 #include "pup_db.h"
+#include "pup_partition.h"
 #include "pup_store.h"
-
-/* FNV-1a 32-bit hash of len bytes. */
-uint32_t pup_fnv1a32(const char *p, size_t len);
-/* The partition of an aggregate id: FNV-1a 32 mod total (0 when total <= 1). */
-int pup_partition_of(const char *id, size_t len, int total);
 
 /* What a projection is, as far as the processor cares. Strings are copied. */
 typedef struct pup_projection_cfg {
@@ -60,6 +57,14 @@ void pup_processor_free(pup_processor *p);
  * processor per partition), or in a group, heartbeats and leases on a fair share.
  * *acquired is 0 when it holds none: it is a standby and should try again later. */
 int pup_processor_acquire(pup_processor *p, int *acquired, pup_error *err);
+
+/* Sets a projection's group partition count (`pupsourcing repartition`), in its own
+ * transaction on c (which must be idle): running --group workers switch at their next
+ * heartbeat and honour the old layout's checkpoints (lease.c). *previous: the count
+ * before (0: a new group; = total: unchanged). Fails with invalid_argument while a
+ * repartition still settles. */
+int pup_group_repartition(const pup_store *s, pup_conn *c, const char *projection, int total,
+                          int *previous, pup_error *err);
 
 /* A group worker leaving: hands its leases over at once. Best effort. */
 void pup_processor_release(pup_processor *p);

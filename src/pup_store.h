@@ -16,15 +16,20 @@ typedef struct pup_store {
     char events[PUP_NAME_MAX], heads[PUP_NAME_MAX], checkpoints[PUP_NAME_MAX];
     char q_events[PUP_NAME_MAX + 8], q_heads[PUP_NAME_MAX + 8], q_checkpoints[PUP_NAME_MAX + 8];
     /* Worker groups (leases): <checkpoints>_workers and <checkpoints>_groups. */
+    char workers[PUP_NAME_MAX + 16], groups[PUP_NAME_MAX + 16];
     char q_workers[PUP_NAME_MAX + 24], q_groups[PUP_NAME_MAX + 24];
+    char q_sequence[PUP_NAME_MAX + 32]; /* <events>_global_position_seq, quoted */
     char channel[PUP_NAME_MAX + 16]; /* LISTEN/NOTIFY channel of the events table */
     /* The constraints a concurrent writer of the same aggregate version violates: a
      * unique violation there is a lost race (optimistic_concurrency). Sized for any input
      * (the compiler cannot see the check): pup_store_init refuses names whose constraint
      * names would be longer than PostgreSQL's 63 bytes. */
     char version_key[PUP_NAME_MAX + 32], heads_key[PUP_NAME_MAX + 32];
-    /* SQL texts, built once; prepared per connection through the statement cache. */
+    /* SQL texts, built once; prepared per connection through the statement cache. The
+     * operator's (status, reset, group status, repartition) are here too, so no caller
+     * derives a table name: the Lua side gets them from store:names(). */
     char *sql_append, *sql_append_one, *sql_read, *sql_stream, *sql_head;
+    char *sql_status, *sql_reset, *sql_group_workers, *sql_group_get, *sql_group_set;
 } pup_store;
 
 /* Validates the names (NULL = default "events", "aggregate_heads",

@@ -109,6 +109,35 @@ static int derived_too_long(int table, const char *what, const char *name, pup_e
     return 0;
 }
 
+/* The operator's statements: status, reset and the worker group's. */
+static int operator_sql(pup_store *s) {
+    /* Checkpoints of every projection partition with the head and lag. */
+    s->sql_status = fmt(
+        "SELECT c.projection_name AS projection, c.partition_key, c.total_partitions,"
+        " c.last_global_position AS position, h.head, h.head - c.last_global_position AS lag,"
+        " to_char(c.updated_at, 'YYYY-MM-DD\"T\"HH24:MI:SS.MSOF') AS updated_at, c.waiting_position,"
+        " to_char(c.waiting_since, 'YYYY-MM-DD\"T\"HH24:MI:SS.MSOF') AS waiting_since, c.owner"
+        " FROM %s c CROSS JOIN (SELECT COALESCE(max(global_position), 0) AS head FROM %s) h"
+        " ORDER BY c.projection_name, c.total_partitions, c.partition_key",
+        s->q_checkpoints, s->q_events);
+    s->sql_reset = fmt("DELETE FROM %s WHERE projection_name = $1", s->q_checkpoints);
+    /* Live group workers with the partitions they lease. */
+    s->sql_group_workers = fmt(
+        "SELECT projection_name, worker_id,"
+        " round(extract(epoch FROM clock_timestamp() - heartbeat_at)::numeric, 1)::text AS age,"
+        " (SELECT string_agg(partition_key::text, ',' ORDER BY partition_key) FROM %s c"
+        " WHERE c.projection_name = w.projection_name AND c.owner = w.worker_id"
+        " AND c.lease_expires_at > clock_timestamp()) AS partitions"
+        " FROM %s w ORDER BY projection_name, worker_id",
+        s->q_checkpoints, s->q_workers);
+    s->sql_group_get = fmt("SELECT total_partitions, previous_total FROM %s WHERE projection_name = $1"
+                           " FOR UPDATE", s->q_groups);
+    s->sql_group_set = fmt("INSERT INTO %s (projection_name, total_partitions, previous_total) VALUES ($1, $2, $3)"
+                           " ON CONFLICT (projection_name) DO UPDATE SET total_partitions = EXCLUDED.total_partitions,"
+                           " previous_total = EXCLUDED.previous_total, changed_at = now()", s->q_groups);
+    return s->sql_status && s->sql_reset && s->sql_group_workers && s->sql_group_get && s->sql_group_set ? 0 : -1;
+}
+
 int pup_store_init(pup_store *s, const char *events, const char *heads,
                    const char *checkpoints, pup_error *err) {
     memset(s, 0, sizeof *s);
@@ -129,8 +158,11 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
     quote_name(s->q_events, sizeof s->q_events, s->events, "");
     quote_name(s->q_heads, sizeof s->q_heads, s->heads, "");
     quote_name(s->q_checkpoints, sizeof s->q_checkpoints, s->checkpoints, "");
+    snprintf(s->workers, sizeof s->workers, "%s_workers", s->checkpoints);
+    snprintf(s->groups, sizeof s->groups, "%s_groups", s->checkpoints);
     quote_name(s->q_workers, sizeof s->q_workers, s->checkpoints, "_workers");
     quote_name(s->q_groups, sizeof s->q_groups, s->checkpoints, "_groups");
+    quote_name(s->q_sequence, sizeof s->q_sequence, s->events, "_global_position_seq");
     snprintf(s->channel, sizeof s->channel, PUP_CHANNEL_PREFIX "%s", s->events);
     snprintf(s->version_key, sizeof s->version_key, "%s_aggregate_version_key", base_name(s->events));
     snprintf(s->heads_key, sizeof s->heads_key, "%s_pkey", base_name(s->heads));
@@ -147,7 +179,8 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
                         " AND ($4::bigint < 0 OR aggregate_version <= $4::bigint)"
                         " ORDER BY aggregate_version", E);
     s->sql_head = fmt("SELECT COALESCE(max(global_position), 0) FROM %s", E);
-    if (!s->sql_append || !s->sql_append_one || !s->sql_read || !s->sql_stream || !s->sql_head) {
+    if (!s->sql_append || !s->sql_append_one || !s->sql_read || !s->sql_stream || !s->sql_head ||
+        operator_sql(s) < 0) {
         pup_store_free(s);
         return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     }
@@ -155,18 +188,19 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
 }
 
 void pup_store_free(pup_store *s) {
-    free(s->sql_append);
-    free(s->sql_append_one);
-    free(s->sql_read);
-    free(s->sql_stream);
-    free(s->sql_head);
-    s->sql_append = s->sql_append_one = s->sql_read = s->sql_stream = s->sql_head = NULL;
+    char **texts[] = {&s->sql_append, &s->sql_append_one, &s->sql_read, &s->sql_stream, &s->sql_head,
+                      &s->sql_status, &s->sql_reset, &s->sql_group_workers, &s->sql_group_get,
+                      &s->sql_group_set};
+    for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
+        free(*texts[i]);
+        *texts[i] = NULL;
+    }
 }
 
 char *pup_store_schema_sql(const pup_store *s) {
-    char seq[PUP_NAME_MAX + 32], fn[PUP_NAME_MAX + 32];
+    const char *seq = s->q_sequence;
+    char fn[PUP_NAME_MAX + 32];
     char uq[sizeof s->version_key + 2];
-    quote_name(seq, sizeof seq, s->events, "_global_position_seq");
     quote_name(fn, sizeof fn, s->events, "_next_position");
     /* Constraint and index names are never schema-qualified. */
     snprintf(uq, sizeof uq, "\"%s\"", s->version_key);

@@ -156,11 +156,7 @@ function commands.status(flags)
     for _, line in ipairs(prepared) do io.stderr:write("pupsourcing: ", line, "\n") end
     return 0
   end
-  local names = store:names()
-  local workers = db:query(("SELECT projection_name, worker_id, round(extract(epoch FROM clock_timestamp() - heartbeat_at)::numeric, 1)::text AS age,"
-    .. " (SELECT string_agg(partition_key::text, ',' ORDER BY partition_key) FROM %s c WHERE c.projection_name = w.projection_name"
-    .. " AND c.owner = w.worker_id AND c.lease_expires_at > clock_timestamp()) AS partitions"
-    .. " FROM %s w ORDER BY projection_name, worker_id"):format(names.checkpoints_quoted, names.checkpoints_quoted:gsub('"$', '_workers"')))
+  local workers = db:query(store:names().sql.group_workers)
   for _, line in ipairs(prepared) do print(line) end
   if #rows == 0 then print("no projection checkpoints yet") return 0 end
   local w = #"projection"
@@ -205,22 +201,9 @@ function commands.repartition(flags, words)
   local n = math.tointeger(tonumber(words[2]))
   local store = pup.store(store_opts(flags))
   local db <close> = connect(flags)
-  local names = store:names()
-  local groups = names.checkpoints_quoted:gsub('"$', '_groups"')
-  local res = assert(db:transaction(function(tx)
-    local rows = assert(tx:query(("SELECT total_partitions, previous_total FROM %s WHERE projection_name = $1 FOR UPDATE"):format(groups), proj.name))
-    local cur = rows[1]
-    if cur and cur.previous_total ~= pup.null then
-      return nil, pup.new_error("invalid_argument", ("projection %s is still settling a repartition from %d to %d partitions; try again when `pupsourcing status` shows no previous count")
-        :format(proj.name, cur.previous_total, cur.total_partitions))
-    end
-    if cur and cur.total_partitions == n then return "unchanged" end
-    assert(tx:exec(("INSERT INTO %s (projection_name, total_partitions, previous_total) VALUES ($1, $2, $3)"
-      .. " ON CONFLICT (projection_name) DO UPDATE SET total_partitions = EXCLUDED.total_partitions,"
-      .. " previous_total = EXCLUDED.previous_total, changed_at = now()"):format(groups),
-      proj.name, n, cur and cur.total_partitions or pup.null))
-    return cur and ("%d -> %d"):format(cur.total_partitions, n) or ("new group of %d"):format(n)
-  end))
+  local before = assert(pup.repartition(db, proj, n, store))
+  local res = before == n and "unchanged" or before == 0 and ("new group of %d"):format(n)
+    or ("%d -> %d"):format(before, n)
   print(("repartition %s: %s partitions; running --group workers switch at their next heartbeat"):format(proj.name, res))
   return 0
 end

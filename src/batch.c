@@ -1,0 +1,291 @@
+/*
+ * batch.c -- one batch of a projection: one transaction that
+ *   1. reads the snapshot and the next window of the log in one statement (read_window),
+ *   2. walks the positions by the gap rule (gap.c): contiguous ones are processed, a hole
+ *      stops the batch unless a snapshot proved it dead (walk),
+ *   3. hands each of our partitions' events to the handler, whose statements are
+ *      pipelined behind a marker of the batch transaction (handle_event),
+ *   4. checks the handlers left that transaction open (end_pipeline),
+ *   5. draws the bound of the holes it noted (draw_bound),
+ *   6. writes the checkpoint, fenced by the start position or the leases
+ *      (write_checkpoint), and commits.
+ * A failure rolls everything back: the checkpoint and the handlers' writes move together.
+ */
+#include "processor_internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define FIRST_EVENT_COL 3 /* xmin, head, mine, then PUP_EVENT_COLUMNS */
+#define TAG_GUARD (-2)    /* pipeline tag of the statement that checks the batch transaction */
+
+/* Names the event a handler failure belongs to. */
+static int event_error(pup_processor *p, const PGresult *r, int row, pup_error *err) {
+    pup_event ev;
+    pup_event_from_row(r, row, FIRST_EVENT_COL, &ev);
+    if (strcmp(err->sqlstate, "57014") == 0 && p->cfg.statement_timeout_ms > 0)
+        pup_error_prefix(err, "handler exceeded its time limit of %d ms: ", p->cfg.statement_timeout_ms);
+    int part = pup_partition_of(ev.aggregate_id.p, ev.aggregate_id.len, p->total);
+    pup_error_prefix(err,
+                     "projection %s partition %d/%d: handler failed at global position %lld "
+                     "(event_type %.*s, event_id %.*s): ",
+                     p->name, part, p->total, ev.global_position,
+                     (int)(ev.event_type.len > 200 ? 200 : ev.event_type.len), ev.event_type.p,
+                     (int)ev.event_id.len, ev.event_id.p);
+    /* Deadlocks, serialization failures and lost connections are retried; the rest
+     * stops the projection. */
+    if (!pup_error_is_transient(err)) err->code = PUP_ERR_HANDLER;
+    return -1;
+}
+
+/* A handler ended the batch transaction (ROLLBACK, COMMIT, BEGIN after either): the
+ * writes of earlier events are gone or were committed apart from the checkpoint. */
+static int ended_error(pup_processor *p, pup_error *err) {
+    pup_error_set(err, PUP_ERR_HANDLER,
+                  "a handler ended or broke the batch transaction (did it send ROLLBACK, COMMIT or BEGIN?);"
+                  " batch rolled back, checkpoint not moved");
+    return pup_proc_context(p, err);
+}
+
+static int run_setup(pup_processor *p, pup_error *err) {
+    /* Setups of concurrent processors (partitions, projections sharing tables) run one
+     * at a time: CREATE ... IF NOT EXISTS is not safe against itself. */
+    if (pup_conn_command(p->conn, "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('pupsourcing.setup', 0))", err) < 0)
+        return pup_proc_context(p, err);
+    pup_conn_clear_failure(p->conn);
+    if (p->h.setup(p->h.ud, p->conn, err) < 0 || pup_conn_failure(p->conn, NULL)) {
+        const pup_error *f = pup_conn_failure(p->conn, NULL);
+        if (f && err->code != PUP_ERR_HANDLER) *err = *f;
+        pup_conn_rollback(p->conn);
+        pup_error_prefix(err, "setup failed: ");
+        return pup_proc_context(p, err);
+    }
+    if (pup_conn_commit(p->conn, err) < 0) return pup_proc_context(p, err);
+    p->setup_done = 1;
+    return 0;
+}
+
+/* Writes the checkpoint(s) of a batch that moved from `from` to `to`; fails when a row
+ * moved under us (static) or a lease was lost (group). */
+static int write_checkpoint(pup_processor *p, long long from, long long to, pup_error *err) {
+    pup_params *q = &p->params;
+    int group = p->cfg.group;
+    const pup_stmt *st = pup_conn_prepare(p->conn, group ? p->sql_lease_checkpoint : p->sql_checkpoint, err);
+    if (!st) return -1;
+    if (pup_params_reset(q, group ? 7 : 8) < 0) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
+    pup_params_text(q, 0, p->name, strlen(p->name));
+    pup_params_int(q, 1, p->total);
+    if (group) pup_params_text(q, 2, p->held_list, strlen(p->held_list));
+    else pup_params_int(q, 2, p->cfg.partition_key);
+    pup_params_int(q, 3, to);
+    if (p->wait_lo) {
+        pup_params_int(q, 4, p->wait_lo);
+        pup_params_double(q, 5, p->wait_since);
+    }
+    pup_params_text(q, 6, p->owner, strlen(p->owner));
+    if (!group) pup_params_int(q, 7, from);
+    PGresult *r = pup_conn_exec(p->conn, st, q, 0, err);
+    if (!r) return -1;
+    int n = PQntuples(r);
+    PQclear(r);
+    if (!group && n == 0)
+        return pup_error_set(err, PUP_ERR_DATABASE,
+                             "checkpoint moved from %lld by another processor; batch rolled back", from);
+    if (group && n != p->nheld) {
+        /* Retried like a lost connection: the next heartbeat sorts out what we hold. */
+        pup_error_set(err, PUP_ERR_CONNECTION, "lost the lease on %d partition(s); batch rolled back",
+                      p->nheld - n);
+        p->next_tick = 0;
+        return -1;
+    }
+    p->recorded_wait = p->wait_lo;
+    return 0;
+}
+
+/* Queues a statement prepared before the batch began (preparing inside the pipeline
+ * would sync it) behind the handlers' statements. */
+static int queue(pup_processor *p, const char *sql, long tag, pup_error *err) {
+    const pup_stmt *st = pup_conn_prepare(p->conn, sql, err);
+    if (!st) return -1;
+    pup_conn_set_tag(p->conn, tag);
+    return pup_conn_send(p->conn, st, NULL, err);
+}
+
+/* Prepares the batch's statements outside the pipeline (a cache lookup once warm); the
+ * read last, as later prepares may move the cache. */
+static const pup_stmt *prepare_batch(pup_processor *p, pup_error *err) {
+    if (!pup_conn_prepare(p->conn, p->sql_open, err) || !pup_conn_prepare(p->conn, p->sql_guard, err) ||
+        (p->sql_untimed && !pup_conn_prepare(p->conn, p->sql_untimed, err)))
+        return NULL;
+    return pup_conn_prepare(p->conn, p->sql_read, err);
+}
+
+/* A group worker's batch stops in time to commit under its leases: after a third of the
+ * TTL, or half of it since the last heartbeat. 0: no deadline. */
+static double batch_deadline(const pup_processor *p) {
+    if (!p->cfg.group) return 0;
+    double ttl = p->cfg.lease_ttl_ms / 1000.0;
+    double deadline = pup_proc_mono() + ttl / 3;
+    if (p->last_tick + ttl / 2 < deadline) deadline = p->last_tick + ttl / 2;
+    return deadline;
+}
+
+/* Step 1: the snapshot's xmin, the log head and the window after `from`. */
+static PGresult *read_window(pup_processor *p, const pup_stmt *st, long long from, pup_error *err) {
+    pup_params *q = &p->params;
+    int n = 4;
+    if (pup_params_reset(q, 4 + (p->scope[0] != NULL) + (p->scope[1] != NULL)) < 0) {
+        pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
+        return NULL;
+    }
+    for (int k = 0; k < 2; k++)
+        if (p->scope[k]) pup_params_text(q, n++, p->scope[k], strlen(p->scope[k]));
+    pup_params_int(q, 0, from);
+    pup_params_int(q, 2, p->total);
+    pup_params_text(q, 3, p->held_list, strlen(p->held_list));
+    /* Other partitions' events only advance the position: read enough rows that about
+     * batch_size of them are ours, so N partitions commit as often as one. */
+    long long window = (long long)p->cfg.batch_size * p->total / (p->nheld ? p->nheld : 1);
+    pup_params_int(q, 1, window > 100000 ? 100000 : window);
+    return pup_conn_exec(p->conn, st, q, 1, err);
+}
+
+/* A batch in progress. */
+typedef struct walk {
+    const PGresult *r;
+    int nrows;
+    long long from, last; /* checkpoint before, and the position processed up to */
+    long long wait_lo;    /* the first undecided hole (0: none) */
+    int nhandle, opened;
+} walk;
+
+/* Step 3: one event of the window that passed the gap rule: to the handler if it is
+ * ours and new. */
+static int handle_event(pup_processor *p, walk *w, int i, long long pos, pup_error *err) {
+    const PGresult *r = w->r;
+    if (PQgetisnull(r, i, FIRST_EVENT_COL - 1) || !PQgetvalue(r, i, FIRST_EVENT_COL - 1)[0])
+        return 0; /* out of scope */
+    pup_event ev;
+    pup_event_from_row(r, i, FIRST_EVENT_COL, &ev);
+    int part = pup_partition_of(ev.aggregate_id.p, ev.aggregate_id.len, p->total);
+    if (!p->held[part] || pos <= p->cp[part]) return 0; /* not ours, or done before */
+    if (p->old_cp && pos <= p->old_max &&
+        pos <= p->old_cp[pup_partition_of(ev.aggregate_id.p, ev.aggregate_id.len, p->old_total)])
+        return 0; /* handled under the previous partitioning */
+    if (!w->opened && queue(p, p->sql_open, i, err) < 0) return pup_proc_context(p, err);
+    w->opened = 1;
+    pup_conn_set_tag(p->conn, i);
+    long tag;
+    if (p->h.handle(p->h.ud, p->conn, &ev, err) < 0) return event_error(p, r, i, err);
+    if (pup_conn_failure(p->conn, &tag)) {
+        *err = *pup_conn_failure(p->conn, NULL);
+        return event_error(p, r, (int)tag, err);
+    }
+    w->nhandle++;
+    return 0;
+}
+
+/* Step 2: walks the window's positions by the gap rule, handling what passes. */
+static int walk_window(pup_processor *p, walk *w, uint64_t xmin, double deadline, pup_error *err) {
+    long long seen = w->from;
+    for (int i = 0; i < w->nrows; i++) {
+        if (deadline > 0 && w->nhandle > 0 && pup_proc_mono() > deadline) break; /* commit what is done */
+        long long pos = pup_be_int(PQgetvalue(w->r, i, FIRST_EVENT_COL), 8);
+        w->wait_lo = pup_gaps_step(&p->gaps, seen, pos, xmin, w->wait_lo);
+        seen = pos;
+        if (w->wait_lo) continue; /* a transaction that may fill the hole may still be running */
+        w->last = pos;
+        if (handle_event(p, w, i, pos, err) < 0) return -1;
+    }
+    return 0;
+}
+
+/* Step 4: the guard, queued before the Sync (after a handler's ROLLBACK or COMMIT, the
+ * statements that follow form an implicit transaction that this failure rolls back at
+ * the Sync), then the pipeline's end, failures attributed to their event. */
+static int end_pipeline(pup_processor *p, walk *w, pup_error *err) {
+    if (w->opened &&
+        (queue(p, p->sql_guard, TAG_GUARD, err) < 0 || (p->sql_untimed && queue(p, p->sql_untimed, TAG_GUARD, err) < 0)))
+        return pup_proc_context(p, err);
+    long tag = -1;
+    if (pup_conn_pipeline_end(p->conn, err, &tag) < 0)
+        return tag == TAG_GUARD ? ended_error(p, err)
+               : tag >= 0 && tag < w->nrows ? event_error(p, w->r, (int)tag, err) : pup_proc_context(p, err);
+    if (PQtransactionStatus(pup_conn_pg(p->conn)) != PQTRANS_INTRANS) return ended_error(p, err);
+    return 0;
+}
+
+/* Step 5: the bound for the holes noted by this batch: an xid drawn after the snapshot
+ * that saw them, so above every xid that could fill them; decided by a later batch's
+ * snapshot. */
+static int draw_bound(pup_processor *p, uint64_t *out, pup_error *err) {
+    PGresult *xr = pup_proc_run(p, err, "SELECT pg_current_xact_id()::text", 0);
+    if (!xr) return pup_proc_context(p, err);
+    *out = strtoull(PQgetvalue(xr, 0, 0), NULL, 10);
+    PQclear(xr);
+    return 0;
+}
+
+/* Steps 2-6 inside the open transaction, with the window read. */
+static int batch_body(pup_processor *p, walk *w, uint64_t xmin, double deadline, int *waiting,
+                      pup_error *err) {
+    if (pup_conn_pipeline_begin(p->conn, err) < 0) return pup_proc_context(p, err);
+    int rc = walk_window(p, w, xmin, deadline, err);
+    if (rc == 0) rc = end_pipeline(p, w, err);
+    *waiting = w->wait_lo != 0;
+    if (w->wait_lo != p->wait_lo) p->wait_since = pup_proc_now();
+    p->wait_lo = w->wait_lo;
+    pup_gaps_forget(&p->gaps, w->last, 0);
+    uint64_t bound = 0; /* set by draw_bound before use */
+    if (rc == 0 && pup_gaps_pending(&p->gaps) && (rc = draw_bound(p, &bound, err)) == 0)
+        pup_gaps_set_bound(&p->gaps, bound);
+    if (rc == 0 && (w->last != w->from || p->wait_lo != p->recorded_wait))
+        rc = write_checkpoint(p, w->from, w->last, err) < 0 ? pup_proc_context(p, err) : 0;
+    return rc;
+}
+
+int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int *waiting,
+                        pup_error *err) {
+    *handled = 0;
+    *advanced = 0;
+    *waiting = 0;
+    if (p->nheld == 0) return 0;
+    if (pup_conn_check_utf8(p->conn, err) < 0) return pup_proc_context(p, err);
+    if (!p->setup_done && p->h.setup && run_setup(p, err) < 0) return -1;
+    p->setup_done = 1;
+    const pup_stmt *st = prepare_batch(p, err);
+    if (!st) return pup_proc_context(p, err);
+    walk w = {.from = -1};
+    for (int k = 0; k < p->total; k++)
+        if (p->held[k] && (w.from < 0 || p->cp[k] < w.from)) w.from = p->cp[k];
+    w.last = w.from;
+    /* The handler time limit is set after the read and lifted before the checkpoint. */
+    if (pup_conn_command(p->conn, "BEGIN", err) < 0) return pup_proc_context(p, err);
+    pup_conn_clear_failure(p->conn);
+    double deadline = batch_deadline(p);
+    PGresult *r = read_window(p, st, w.from, err);
+    if (!r) {
+        pup_conn_rollback(p->conn);
+        return pup_proc_context(p, err);
+    }
+    uint64_t xmin = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
+    p->stats.head = strtoll(PQgetvalue(r, 0, 1), NULL, 10);
+    w.r = r;
+    w.nrows = PQgetisnull(r, 0, FIRST_EVENT_COL) ? 0 : PQntuples(r);
+    int rc = batch_body(p, &w, xmin, deadline, waiting, err);
+    PQclear(r);
+    if (rc == 0 && pup_conn_commit(p->conn, err) < 0) rc = pup_proc_context(p, err);
+    if (rc < 0) {
+        pup_conn_rollback(p->conn);
+        pup_gaps_forget(&p->gaps, 0, 1); /* holes noted by this batch are noted again next time */
+        return -1;
+    }
+    for (int k = 0; k < p->total; k++)
+        if (p->held[k] && p->cp[k] < w.last) p->cp[k] = w.last;
+    *handled = w.nhandle;
+    *advanced = w.last - w.from;
+    p->stats.handled += w.nhandle;
+    p->stats.position = w.last;
+    p->stats.waiting_position = p->wait_lo;
+    return 0;
+}

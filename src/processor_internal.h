@@ -1,0 +1,87 @@
+/*
+ * processor_internal.h -- what the processor's files share (not installed). A processor
+ * is split by concern:
+ *   processor.c  the object: configuration, the SQL texts it owns, the partitions held
+ *   batch.c      one batch: read, walk by the gap rule, handlers, checkpoint, commit
+ *   gap.c        the gap rule itself, pure (pup_gap.h)
+ *   lease.c      taking partitions: the static lock, the worker group's lease protocol
+ *   run_loop.c   the loop around batches: standby, waiting for NOTIFY, retries
+ * Names here are pup_proc_*: internal to the library, not part of its API.
+ */
+#ifndef PUP_PROCESSOR_INTERNAL_H
+#define PUP_PROCESSOR_INTERNAL_H
+
+#include "pup_gap.h"
+#include "pup_processor.h"
+
+#define PUP_MAX_PARTITIONS 4096
+
+/* The lease protocol's statements (lease.c), built once per processor; prepared per
+ * connection through the statement cache. Only char * fields: lease.c checks and frees
+ * them as an array. */
+typedef struct pup_lease_sql {
+    char *lock_timeout, *group_row, *unlease_mine, *end_dead, *register_me, *forget_dead,
+        *live, *old_checkpoints, *settle_reset, *init_rows, *release_others, *lease,
+        *drop_old, *unregister, *static_lock, *static_checkpoint;
+} pup_lease_sql;
+
+struct pup_processor {
+    const pup_store *store;
+    pup_conn *conn;
+    pup_projection_cfg cfg;
+    char *name;
+    pup_handler h;
+    char *sql_read, *sql_checkpoint, *sql_lease_checkpoint;
+    /* Queued around the handlers of a batch: open marks the batch transaction (and sets
+     * the handler time limit); guard fails unless that transaction is still the one open;
+     * the time limit is then lifted for the checkpoint write. */
+    char *sql_open;
+    char *sql_hole; /* while waiting at a hole: has it filled, or have its writers ended? */
+    const char *sql_guard, *sql_untimed;
+    char *scope[2]; /* aggregate and event types as text[] literals; NULL: any */
+    pup_lease_sql lease;
+    char owner[160]; /* this worker: host/pid/random */
+    pup_params params;
+    int setup_done, locked, listening;
+    /* The partitions held, with their checkpoints (valid where held). */
+    int total;
+    unsigned char *held;
+    long long *cp;
+    int nheld;
+    char *held_list; /* "{1,5,9}" for SQL */
+    /* Group mode: next heartbeat, and the checkpoints of the partitioning before a
+     * repartition, honoured until every new partition has passed them. */
+    double next_tick, last_tick;
+    int old_total;
+    long long *old_cp, old_max;
+    pup_gaps gaps;
+    long long wait_lo; /* the first undecided hole (0: none), and since when */
+    double wait_since;
+    long long recorded_wait; /* waiting_position last written to the checkpoint row */
+    pup_processor_stats stats;
+};
+
+/* processor.c */
+double pup_proc_now(void);  /* wall clock, seconds */
+double pup_proc_mono(void); /* monotonic clock, seconds */
+/* Prefixes err's message with the projection and what it holds; returns -1. */
+int pup_proc_context(pup_processor *p, pup_error *err);
+/* Runs sql with n text parameters (NULL = SQL NULL); the result, or NULL with err. */
+PGresult *pup_proc_run(pup_processor *p, pup_error *err, const char *sql, int n, ...);
+/* Sizes the per-partition arrays for total partitions, none held; -1 out of memory. */
+int pup_proc_set_total(pup_processor *p, int total);
+/* Marks partition k held with checkpoint pos (call pup_proc_held_done after). */
+void pup_proc_hold(pup_processor *p, int k, long long pos);
+void pup_proc_held_done(pup_processor *p); /* rebuilds held_list */
+void pup_proc_drop_all(pup_processor *p);
+/* Forgets the previous partitioning's checkpoints (repartition settled). */
+void pup_proc_forget_old(pup_processor *p);
+
+/* lease.c */
+int pup_proc_lease_sql_init(pup_processor *p);
+void pup_proc_lease_sql_free(pup_processor *p);
+
+/* run_loop.c */
+int pup_proc_listen(pup_processor *p, pup_error *err);
+
+#endif

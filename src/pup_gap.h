@@ -1,0 +1,63 @@
+/*
+ * pup_gap.h -- the gap rule (gap.c), pure code: no database, no I/O. docs/ordering.md
+ * explains it; processors apply it to each batch they read (batch.c).
+ *
+ * Positions come from a sequence drawn before commit, so a transaction still running
+ * leaves a hole below positions that are already visible. A batch may pass a hole only
+ * once no transaction that could fill it can still commit. Each hole [lo, hi] is noted
+ * with a bound: an xid the processor drew after the snapshot that saw the hole, so above
+ * the xid of every writer that could fill it. Once a later snapshot's xmin is above the
+ * bound, those writers have all ended and the hole is dead (rolled back) or filled.
+ *
+ * The xmax trap: a snapshot's own xmax is NOT such a bound. PostgreSQL computes it as
+ * the latest completed xid + 1, so a running writer's xid can be at or above it.
+ */
+#ifndef PUP_GAP_H
+#define PUP_GAP_H
+
+#include <stdint.h>
+
+#define PUP_GAP_PENDING UINT64_MAX /* bound not drawn yet */
+#define PUP_MAX_GAPS 64            /* holes noted at once; more are noted later */
+
+typedef struct pup_gap {
+    long long lo, hi;
+    uint64_t bound; /* PUP_GAP_PENDING until the batch that noted it draws its xid */
+} pup_gap;
+
+/* The noted holes, oldest first; several are decided by one batch. Zero-initialised. */
+typedef struct pup_gaps {
+    pup_gap g[PUP_MAX_GAPS];
+    int n;
+} pup_gaps;
+
+/* The noted hole that contains [lo, hi], or NULL. */
+pup_gap *pup_gaps_find(pup_gaps *s, long long lo, long long hi);
+
+/* Notes the hole [lo, hi] with a pending bound; ignored when PUP_MAX_GAPS are noted (it
+ * is noted again by a later batch, once earlier ones are gone). */
+void pup_gaps_note(pup_gaps *s, long long lo, long long hi);
+
+/* One step of a batch's walk over the visible positions: the batch has seen up to
+ * `seen`, the next visible position is `pos`, read under a snapshot whose xmin is
+ * `xmin`; wait_lo is the first undecided hole so far (0: none). Notes a new hole and
+ * returns the new wait_lo: seen + 1 when this is the first hole that may still fill
+ * (new, or its bound not passed by xmin), else wait_lo unchanged. Holes past the first
+ * undecided one are only noted, so the next batch can step over all that died at once. */
+long long pup_gaps_step(pup_gaps *s, long long seen, long long pos, uint64_t xmin,
+                        long long wait_lo);
+
+/* 1 when a hole with a drawn bound is decided by a snapshot with this xmin. */
+int pup_gap_dead(const pup_gap *g, uint64_t xmin);
+
+/* Drops the holes at or below `passed` (the checkpoint moved past them); with
+ * pending_only, drops instead those still without a bound (their batch rolled back). */
+void pup_gaps_forget(pup_gaps *s, long long passed, int pending_only);
+
+/* 1 when a noted hole still waits for its bound. */
+int pup_gaps_pending(const pup_gaps *s);
+
+/* Gives every pending hole the bound `xid`, drawn after the snapshot that saw them. */
+void pup_gaps_set_bound(pup_gaps *s, uint64_t xid);
+
+#endif
