@@ -40,6 +40,23 @@ describe("worker group batches and resets", function()
     stop(w)
   end)
 
+  it("one event slower than the lease TTL (no handler timeout) stops the worker, naming the event", function()
+    g = H.group("grp_overlong", { ttl = 1000, partitions = 1, batch_size = 100 })
+    g:append("o-", 1, 2)
+    local t0 = pup.now()
+    local w = g:worker { env = { FX_SLEEP = "1.3" } }
+    local rc = H.wait_exit(w, 20)
+    local err = H.stderr_of(w)
+    assert.equal(1, rc, err)
+    assert.truthy(err:find("handler failed at global position 1 ", 1, true), err)
+    assert.truthy(err:find("longer than the lease TTL (1000 ms), twice: it can never commit under the lease;"
+      .. " raise --lease-ttl or make the handler faster", 1, true), err)
+    -- once was retried (a stall may pass), the second time stopped it: not a retry loop
+    local _, retries = err:gsub("lost the lease", "")
+    assert.equal(1, retries, err)
+    assert.is_true(pup.now() - t0 < 15)
+  end)
+
   it("refuses a handler timeout above half the lease TTL", function()
     g = H.group("grp_budget", { ttl = 1000, partitions = 2 })
     local w = g:worker { args = { "--handler-timeout", "600" } }

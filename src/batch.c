@@ -157,6 +157,8 @@ typedef struct walk {
     long long from, last; /* checkpoint before, and the position processed up to */
     long long wait_lo;    /* the first undecided hole (0: none) */
     int nhandle, opened;
+    int first_row;        /* the row of the first event handled */
+    double started;       /* when the batch began (monotonic seconds) */
 } walk;
 
 /* Step 3: one event of the window that passed the gap rule: to the handler if it is
@@ -181,7 +183,7 @@ static int handle_event(pup_processor *p, walk *w, int i, long long pos, pup_err
         *err = *pup_conn_failure(p->conn, NULL);
         return event_error(p, r, (int)tag, err);
     }
-    w->nhandle++;
+    if (w->nhandle++ == 0) w->first_row = i;
     return 0;
 }
 
@@ -226,6 +228,25 @@ static int draw_bound(pup_processor *p, uint64_t *out, pup_error *err) {
     return 0;
 }
 
+/* A group checkpoint write refused: a lost lease is retried after a heartbeat, unless the
+ * batch held one event and outlasted the lease TTL for the second time in a row on that
+ * event: the batch can only shrink to one event, so it would never commit. */
+static int overlong(pup_processor *p, walk *w, pup_error *err) {
+    double ms = (pup_proc_mono() - w->started) * 1000;
+    if (!p->cfg.group || w->nhandle != 1 || ms < p->cfg.lease_ttl_ms || !pup_conn_ok(p->conn))
+        return pup_proc_context(p, err);
+    long long pos = pup_be_int(PQgetvalue(w->r, w->first_row, FIRST_EVENT_COL), 8);
+    if (p->overlong_pos != pos) {
+        p->overlong_pos = pos; /* once may be a stall: retried */
+        return pup_proc_context(p, err);
+    }
+    pup_error_set(err, PUP_ERR_HANDLER,
+                  "its batch of this one event took %.0f ms, longer than the lease TTL (%d ms), twice: it can "
+                  "never commit under the lease; raise --lease-ttl or make the handler faster",
+                  ms, p->cfg.lease_ttl_ms);
+    return event_error(p, w->r, w->first_row, err);
+}
+
 /* Steps 2-6 inside the open transaction, with the window read. */
 static int batch_body(pup_processor *p, walk *w, uint64_t xmin, double deadline, int *waiting,
                       pup_error *err) {
@@ -240,7 +261,7 @@ static int batch_body(pup_processor *p, walk *w, uint64_t xmin, double deadline,
     if (rc == 0 && pup_gaps_pending(&p->gaps) && (rc = draw_bound(p, &bound, err)) == 0)
         pup_gaps_set_bound(&p->gaps, bound);
     if (rc == 0 && (w->last != w->from || p->wait_lo != p->recorded_wait))
-        rc = write_checkpoint(p, w->from, w->last, err) < 0 ? pup_proc_context(p, err) : 0;
+        rc = write_checkpoint(p, w->from, w->last, err) < 0 ? overlong(p, w, err) : 0;
     return rc;
 }
 
@@ -255,7 +276,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     p->setup_done = 1;
     const pup_stmt *st = prepare_batch(p, err);
     if (!st) return pup_proc_context(p, err);
-    walk w = {.from = -1};
+    walk w = {.from = -1, .started = pup_proc_mono()};
     for (int k = 0; k < p->total; k++)
         if (p->held[k] && (w.from < 0 || p->cp[k] < w.from)) w.from = p->cp[k];
     w.last = w.from;
