@@ -139,6 +139,13 @@ old: if (group && n != p->nheld) {
 new: if (group && n == 0 && p->nheld == 0) {
 tests: ^lua\.fence$
 
+name: append-head-only
+why: the current version comes from the head row when there is one, though events went past it
+file: src/schema.c
+old: "WITH cur AS (SELECT GREATEST((SELECT aggregate_version FROM %s"
+new: "WITH cur AS (SELECT COALESCE((SELECT aggregate_version FROM %s"
+tests: ^lua\.append_conflict$
+
 name: append-expected-ahead
 why: append's expected-version check accepts an expected version ahead of the stream
 file: src/schema.c

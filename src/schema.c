@@ -47,15 +47,15 @@ static char *fmt(const char *f, ...) {
     return s;
 }
 
-/* One statement per append: check the expected version against the head, insert the
- * events (versions from the head, positions in version order), move the head and
- * notify, all or nothing. $3 NULL = any. An aggregate whose events were written without
- * a head row (plain SQL, another tool) is at its highest event version; the head is
- * created by this append (the events scan runs only when the head is missing). `source` yields the events' columns: binary
- * arrays for many events, plain parameters for one. */
+/* One statement per append: check the expected version, insert the events (versions
+ * from the current one, positions in version order), move the head and notify, all or
+ * nothing. $3 NULL = any. The current version is the greater of the head row and the
+ * highest event version (one index probe): events written by another tool without a head
+ * row, or without moving it, do not block the aggregate. `source` yields the events'
+ * columns: binary arrays for many events, plain parameters for one. */
 static char *append_sql(const pup_store *s, const char *source) {
     return fmt(
-        "WITH cur AS (SELECT COALESCE((SELECT aggregate_version FROM %s"
+        "WITH cur AS (SELECT GREATEST((SELECT aggregate_version FROM %s"
         " WHERE aggregate_type = $1 AND aggregate_id = $2), (SELECT max(aggregate_version) FROM %s"
         " WHERE aggregate_type = $1 AND aggregate_id = $2), 0) AS v),"
         " ok AS (SELECT v FROM cur WHERE $3::bigint IS NULL OR v = $3::bigint),"
