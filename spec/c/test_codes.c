@@ -7,14 +7,9 @@
 #include <string.h>
 
 #include "pup_db.h"
+#include "tap.h"
 
-static int n_tests, n_failed;
-
-static void ok(int cond, const char *what) {
-    n_tests++;
-    if (!cond) n_failed++;
-    printf("%s %d - %s\n", cond ? "ok" : "not ok", n_tests, what);
-}
+static void ok(int cond, const char *what) { tap_ok(cond, what, NULL); }
 
 int main(void) {
     static const char *const expected[] = {
@@ -37,6 +32,5 @@ int main(void) {
     pup_error e;
     pup_error_set(&e, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     ok(strcmp(pup_code_name(e.code), "out_of_memory") == 0, "out of memory is one code");
-    printf("1..%d\n", n_tests);
-    return n_failed ? 1 : 0;
+    return tap_done();
 }

@@ -9,41 +9,29 @@
 #include <string.h>
 
 #include "pup_db.h"
+#include "tap.h"
 
-static int n_tests, n_failed;
-
-static void ok(int cond, const char *what, const pup_error *err) {
-    n_tests++;
-    if (cond) {
-        printf("ok %d - %s\n", n_tests, what);
-    } else {
-        n_failed++;
-        printf("not ok %d - %s\n", n_tests, what);
-        if (err) printf("#   error: code=%s message=%s\n", pup_code_name(err->code), err->message);
-    }
-    fflush(stdout);
-}
 
 /* Connects to url, which must fail without showing `secret`. */
 static void refused_without(const char *url, const char *secret, const char *what) {
     pup_error err;
     memset(&err, 0, sizeof err);
     pup_conn *c = pup_conn_open(url, &err);
-    ok(c == NULL && err.code == PUP_ERR_CONNECTION && strstr(err.message, "cannot connect") &&
+    tap_ok(c == NULL && err.code == PUP_ERR_CONNECTION && strstr(err.message, "cannot connect") &&
            !strstr(err.message, secret),
        what, &err);
     pup_conn_close(c);
 }
 
 static void test_codes(void) {
-    ok(strcmp(pup_code_name(PUP_ERR_OUT_OF_MEMORY), "out_of_memory") == 0, "out_of_memory has its name", NULL);
+    tap_ok(strcmp(pup_code_name(PUP_ERR_OUT_OF_MEMORY), "out_of_memory") == 0, "out_of_memory has its name", NULL);
     int named = 1;
     for (int k = PUP_OK; k <= PUP_ERR_OUT_OF_MEMORY; k++)
         for (int j = PUP_OK; j < k; j++)
             if (strcmp(pup_code_name((pup_code)k), "unknown") == 0 ||
                 strcmp(pup_code_name((pup_code)k), pup_code_name((pup_code)j)) == 0)
                 named = 0;
-    ok(named, "every code has a name of its own", NULL);
+    tap_ok(named, "every code has a name of its own", NULL);
 }
 
 static void test_secrets(void) {
@@ -65,24 +53,24 @@ static void test_session(void) {
     setenv("PGCLIENTENCODING", "LATIN1", 1);
     pup_conn *c = pup_conn_open(NULL, &err);
     unsetenv("PGCLIENTENCODING");
-    ok(c != NULL, "connect", c ? NULL : &err);
+    tap_ok(c != NULL, "connect", c ? NULL : &err);
     if (!c) return;
     PGresult *r = PQexec(pup_conn_pg(c), "SHOW client_encoding");
-    ok(PQresultStatus(r) == PGRES_TUPLES_OK && strcmp(PQgetvalue(r, 0, 0), "UTF8") == 0,
+    tap_ok(PQresultStatus(r) == PGRES_TUPLES_OK && strcmp(PQgetvalue(r, 0, 0), "UTF8") == 0,
        "client_encoding is UTF8 whatever PGCLIENTENCODING says", NULL);
     PQclear(r);
 
-    ok(pup_conn_prepare(c, "  -- x\n /* y /* z */ */ copy pg_class TO STDOUT", &err) == NULL &&
+    tap_ok(pup_conn_prepare(c, "  -- x\n /* y /* z */ */ copy pg_class TO STDOUT", &err) == NULL &&
            err.code == PUP_ERR_INVALID_ARGUMENT && strstr(err.message, "COPY is not supported"),
        "prepare refuses COPY", &err);
-    ok(pup_conn_command(c, "COPY (SELECT generate_series(1, 10000)) TO STDOUT", &err) < 0 &&
+    tap_ok(pup_conn_command(c, "COPY (SELECT generate_series(1, 10000)) TO STDOUT", &err) < 0 &&
            err.code == PUP_ERR_INVALID_ARGUMENT && strstr(err.message, "COPY is not supported"),
        "a COPY TO STDOUT command is refused", &err);
-    ok(pup_conn_command(c, "CREATE TEMP TABLE t_c_copy (n int); COPY t_c_copy FROM STDIN", &err) < 0 &&
+    tap_ok(pup_conn_command(c, "CREATE TEMP TABLE t_c_copy (n int); COPY t_c_copy FROM STDIN", &err) < 0 &&
            err.code == PUP_ERR_INVALID_ARGUMENT,
        "a COPY FROM STDIN command is refused", &err);
-    ok(pup_conn_command(c, "SELECT 1", &err) == 0, "the connection stays usable", &err);
-    ok(pup_conn_prepare(c, "SELECT 1 AS copy", &err) != NULL, "a column named copy is fine", &err);
+    tap_ok(pup_conn_command(c, "SELECT 1", &err) == 0, "the connection stays usable", &err);
+    tap_ok(pup_conn_prepare(c, "SELECT 1 AS copy", &err) != NULL, "a column named copy is fine", &err);
     pup_conn_close(c);
 }
 
@@ -90,6 +78,5 @@ int main(void) {
     test_codes();
     test_secrets();
     test_session();
-    printf("1..%d\n", n_tests);
-    return n_failed ? 1 : 0;
+    return tap_done();
 }

@@ -8,14 +8,9 @@
 #include <string.h>
 
 #include "pup_gap.h"
+#include "tap.h"
 
-static int n_tests, n_failed;
-
-static void ok(int cond, const char *what) {
-    n_tests++;
-    if (!cond) n_failed++;
-    printf("%s %d - %s\n", cond ? "ok" : "not ok", n_tests, what);
-}
+static void ok(int cond, const char *what) { tap_ok(cond, what, NULL); }
 
 /* Walks the visible positions vis[0..n) after `from` as a batch does; returns the first
  * undecided hole (0: none) and sets *last to the position processed up to. */
@@ -150,6 +145,5 @@ int main(void) {
     xmax_trap();
     many_holes();
     overflow();
-    printf("1..%d\n", n_tests);
-    return n_failed ? 1 : 0;
+    return tap_done();
 }

@@ -15,22 +15,8 @@
 #include <time.h>
 
 #include "pup_processor.h"
+#include "tap.h"
 
-static int n_tests, n_failed;
-
-static void ok(int cond, const char *what, const pup_error *err) {
-    n_tests++;
-    if (cond) {
-        printf("ok %d - %s\n", n_tests, what);
-    } else {
-        n_failed++;
-        printf("not ok %d - %s\n", n_tests, what);
-        if (err && err->code != PUP_OK)
-            printf("#   error: code=%s sqlstate=%s message=%s\n", pup_code_name(err->code), err->sqlstate,
-                   err->message);
-    }
-    fflush(stdout);
-}
 
 /* What the test handler does besides recording the event's position. */
 enum mode { PLAIN, ROLLBACK_AT, COMMIT_AT, ROLLBACK_BEGIN_AT, ROLLBACK_LAST, SLEEP };
@@ -180,16 +166,16 @@ static void ended_case(const pup_store *st, pup_conn *pc, pup_conn *c, enum mode
     int rc = p ? pup_processor_batch(p, &handled, &advanced, &waiting, &err) : 0;
     char line[256];
     snprintf(line, sizeof line, "%s: the batch fails as a handler error naming the transaction", what);
-    ok(p && rc < 0 && err.code == PUP_ERR_HANDLER && strstr(err.message, "ended or broke the batch transaction"),
+    tap_ok(p && rc < 0 && err.code == PUP_ERR_HANDLER && strstr(err.message, "ended or broke the batch transaction"),
        line, &err);
     snprintf(line, sizeof line, "%s: the checkpoint did not move", what);
-    ok(checkpoint(c) == 0, line, NULL);
+    tap_ok(checkpoint(c) == 0, line, NULL);
     long long after = one_int(c, "SELECT count(*) FROM t_c_ptx_rows");
     snprintf(line, sizeof line, "%s: no write after the handler's statement survived (%lld rows, at most %lld)",
              what, after, rows_max);
-    ok(after >= 0 && after <= rows_max, line, NULL);
+    tap_ok(after >= 0 && after <= rows_max, line, NULL);
     snprintf(line, sizeof line, "%s: the connection is usable and outside any transaction", what);
-    ok(PQtransactionStatus(pup_conn_pg(pc)) == PQTRANS_IDLE && one_int(pc, "SELECT 1") == 1, line, NULL);
+    tap_ok(PQtransactionStatus(pup_conn_pg(pc)) == PQTRANS_IDLE && one_int(pc, "SELECT 1") == 1, line, NULL);
     pup_processor_free(p);
 }
 
@@ -202,17 +188,17 @@ int main(void) {
     pup_error err;
     memset(&err, 0, sizeof err);
     pup_conn *c = pup_conn_open(url, &err), *pc = pup_conn_open(url, &err), *locker = pup_conn_open(url, &err);
-    ok(c && pc && locker, "three connections", &err);
+    tap_ok(c && pc && locker, "three connections", &err);
     if (!c || !pc || !locker) return 1;
     exec_ok(c, "DROP TABLE IF EXISTS t_c_ptx_events, t_c_ptx_heads, t_c_ptx_checkpoints,"
                " t_c_ptx_checkpoints_workers, t_c_ptx_checkpoints_groups, t_c_ptx_rows CASCADE");
     exec_ok(c, "CREATE TABLE t_c_ptx_rows (pos bigint NOT NULL)");
     pup_store st;
-    ok(pup_store_init(&st, "t_c_ptx_events", "t_c_ptx_heads", "t_c_ptx_checkpoints", &err) == 0 &&
+    tap_ok(pup_store_init(&st, "t_c_ptx_events", "t_c_ptx_heads", "t_c_ptx_checkpoints", &err) == 0 &&
            pup_store_migrate(&st, c, &err) == 0,
        "store migrated", &err);
     long long head = append(&st, c, "a-1", 10);
-    ok(head == 10, "10 events appended (positions 1..10)", NULL);
+    tap_ok(head == 10, "10 events appended (positions 1..10)", NULL);
 
     /* Sanity: a well-behaved handler commits everything. */
     {
@@ -221,7 +207,7 @@ int main(void) {
         int handled = 0, waiting = 0;
         long long advanced = 0;
         int rc = p ? pup_processor_batch(p, &handled, &advanced, &waiting, &err) : -1;
-        ok(rc == 0 && handled == 10 && checkpoint(c) == 10 && one_int(c, "SELECT count(*) FROM t_c_ptx_rows") == 10,
+        tap_ok(rc == 0 && handled == 10 && checkpoint(c) == 10 && one_int(c, "SELECT count(*) FROM t_c_ptx_rows") == 10,
            "a plain handler: 10 handled, 10 rows, checkpoint 10", &err);
         pup_processor_free(p);
     }
@@ -242,7 +228,7 @@ int main(void) {
         int handled = 0, waiting = 0;
         long long advanced = 0;
         /* The batch read waits 1 s behind an exclusive lock on the events table. */
-        ok(PQsendQuery(pup_conn_pg(locker), "BEGIN; LOCK TABLE t_c_ptx_events IN ACCESS EXCLUSIVE MODE;"
+        tap_ok(PQsendQuery(pup_conn_pg(locker), "BEGIN; LOCK TABLE t_c_ptx_events IN ACCESS EXCLUSIVE MODE;"
                                             " SELECT pg_sleep(1); COMMIT") == 1,
            "another session locks the events table for 1 s", NULL);
         double t0 = now_s();
@@ -253,13 +239,13 @@ int main(void) {
         double dt = now_s() - t0;
         char line[200];
         snprintf(line, sizeof line, "a batch read stuck %.2f s behind a lock is not cut by the 300 ms handler limit", dt);
-        ok(rc == 0 && handled == 10 && checkpoint(c) == 10 && dt > 0.5, line, &err);
+        tap_ok(rc == 0 && handled == 10 && checkpoint(c) == 10 && dt > 0.5, line, &err);
         PGresult *r;
         while ((r = PQgetResult(pup_conn_pg(locker))) != NULL) PQclear(r);
 
         /* The checkpoint write waits 1 s behind a lock on the checkpoint row. */
         head = append(&st, c, "a-2", 3);
-        ok(PQsendQuery(pup_conn_pg(locker), "BEGIN; SELECT 1 FROM t_c_ptx_checkpoints WHERE projection_name = 'ptx'"
+        tap_ok(PQsendQuery(pup_conn_pg(locker), "BEGIN; SELECT 1 FROM t_c_ptx_checkpoints WHERE projection_name = 'ptx'"
                                             " FOR UPDATE; SELECT pg_sleep(1); COMMIT") == 1,
            "another session locks the checkpoint row for 1 s", NULL);
         t0 = now_s();
@@ -269,7 +255,7 @@ int main(void) {
         rc = pup_processor_batch(p, &handled, &advanced, &waiting, &err);
         dt = now_s() - t0;
         snprintf(line, sizeof line, "a checkpoint write stuck %.2f s behind a row lock is not cut by the handler limit", dt);
-        ok(rc == 0 && handled == 3 && checkpoint(c) == head && dt > 0.5, line, &err);
+        tap_ok(rc == 0 && handled == 3 && checkpoint(c) == head && dt > 0.5, line, &err);
         while ((r = PQgetResult(pup_conn_pg(locker))) != NULL) PQclear(r);
         pup_processor_free(p);
 
@@ -277,11 +263,11 @@ int main(void) {
         fixture fs = {SLEEP, head, head, 0};
         p = fresh(&st, pc, c, &fs, 300);
         rc = p ? pup_processor_batch(p, &handled, &advanced, &waiting, &err) : 0;
-        ok(rc < 0 && err.code == PUP_ERR_HANDLER && strstr(err.message, "handler exceeded its time limit of 300 ms") &&
+        tap_ok(rc < 0 && err.code == PUP_ERR_HANDLER && strstr(err.message, "handler exceeded its time limit of 300 ms") &&
                checkpoint(c) == 0,
            "a handler in pg_sleep(1) fails with the 300 ms time limit, nothing committed", &err);
         /* The limit does not outlive the batch: the session runs statements untimed. */
-        ok(one_int(pc, "SELECT count(*) FROM (SELECT pg_sleep(0.4)) s") == 1,
+        tap_ok(one_int(pc, "SELECT count(*) FROM (SELECT pg_sleep(0.4)) s") == 1,
            "after the batch, the processor's session has no time limit left", NULL);
         pup_processor_free(p);
     }
@@ -290,6 +276,5 @@ int main(void) {
     pup_conn_close(pc);
     pup_conn_close(c);
     pup_store_free(&st);
-    printf("1..%d\n", n_tests);
-    return n_failed ? 1 : 0;
+    return tap_done();
 }

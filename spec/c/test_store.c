@@ -9,22 +9,8 @@
 
 #include "pup_db.h"
 #include "pup_store.h"
+#include "tap.h"
 
-static int n_tests, n_failed;
-
-static void ok(int cond, const char *what, const pup_error *err) {
-    n_tests++;
-    if (cond) {
-        printf("ok %d - %s\n", n_tests, what);
-    } else {
-        n_failed++;
-        printf("not ok %d - %s\n", n_tests, what);
-        if (err && err->code != PUP_OK)
-            printf("#   error: code=%s sqlstate=%s message=%s\n", pup_code_name(err->code),
-                   err->sqlstate, err->message);
-    }
-    fflush(stdout);
-}
 
 static pup_str S(const char *s) {
     pup_str r = {s, s ? strlen(s) : 0};
@@ -52,22 +38,22 @@ int main(void) {
 
     /* names */
     pup_store bad;
-    ok(pup_store_init(&bad, "bad name", NULL, NULL, &err) < 0 &&
+    tap_ok(pup_store_init(&bad, "bad name", NULL, NULL, &err) < 0 &&
            err.code == PUP_ERR_INVALID_ARGUMENT && strstr(err.message, "events_table"),
        "pup_store_init rejects an invalid name, naming the option", NULL);
-    ok(strcmp(pup_code_name(PUP_ERR_CONFLICT), "optimistic_concurrency") == 0 &&
+    tap_ok(strcmp(pup_code_name(PUP_ERR_CONFLICT), "optimistic_concurrency") == 0 &&
            strcmp(pup_code_name(PUP_ERR_NOT_MIGRATED), "not_migrated") == 0 &&
            strcmp(pup_code_name(PUP_ERR_DATABASE), "database") == 0,
        "pup_code_name gives the Lua codes", NULL);
 
     /* connection errors never show the password */
     pup_conn *badc = pup_conn_open("postgresql://u:Secr3tPw@127.0.0.1:1/x?connect_timeout=5", &err);
-    ok(badc == NULL && err.code == PUP_ERR_CONNECTION && !strstr(err.message, "Secr3tPw"),
+    tap_ok(badc == NULL && err.code == PUP_ERR_CONNECTION && !strstr(err.message, "Secr3tPw"),
        "pup_conn_open on a refused port: connection error without the password", &err);
     pup_conn_close(badc);
 
     pup_conn *c = pup_conn_open(url, &err);
-    ok(c != NULL && pup_conn_ok(c), "pup_conn_open(DATABASE_URL)", &err);
+    tap_ok(c != NULL && pup_conn_ok(c), "pup_conn_open(DATABASE_URL)", &err);
     if (!c) {
         printf("1..%d\n", n_tests);
         return 1;
@@ -75,7 +61,7 @@ int main(void) {
 
     pup_store st;
     int rc = pup_store_init(&st, "t_c_store_events", "t_c_store_heads", "t_c_store_checkpoints", &err);
-    ok(rc == 0, "pup_store_init with custom names", &err);
+    tap_ok(rc == 0, "pup_store_init with custom names", &err);
     if (rc != 0) {
         printf("1..%d\n", n_tests);
         return 1;
@@ -85,18 +71,18 @@ int main(void) {
     pup_conn_command(c, "DROP TABLE IF EXISTS t_c_store_events, t_c_store_heads, t_c_store_checkpoints CASCADE",
                      &err);
     PGresult *nr = pup_store_read(&st, c, 0, 10, &err);
-    ok(nr == NULL && err.code == PUP_ERR_NOT_MIGRATED, "reading unmigrated tables: not_migrated", &err);
+    tap_ok(nr == NULL && err.code == PUP_ERR_NOT_MIGRATED, "reading unmigrated tables: not_migrated", &err);
     if (nr) PQclear(nr);
 
-    ok(pup_store_migrate(&st, c, &err) == 0, "pup_store_migrate", &err);
-    ok(pup_store_migrate(&st, c, &err) == 0, "pup_store_migrate is idempotent", &err);
+    tap_ok(pup_store_migrate(&st, c, &err) == 0, "pup_store_migrate", &err);
+    tap_ok(pup_store_migrate(&st, c, &err) == 0, "pup_store_migrate is idempotent", &err);
 
     char *sql = pup_store_schema_sql(&st);
-    ok(sql && strstr(sql, "t_c_store_events") && strstr(sql, "t_c_store_heads"),
+    tap_ok(sql && strstr(sql, "t_c_store_events") && strstr(sql, "t_c_store_heads"),
        "pup_store_schema_sql names the tables", NULL);
     free(sql);
 
-    ok(pup_store_head(&st, c, &err) == 0, "an empty log has head 0", &err);
+    tap_ok(pup_store_head(&st, c, &err) == 0, "an empty log has head 0", &err);
 
     pup_append_buf buf;
     memset(&buf, 0, sizeof buf);
@@ -109,50 +95,50 @@ int main(void) {
     const char *T = "User", *ID = "c-user-1";
 
     rc = pup_store_append(&st, c, &buf, T, strlen(T), ID, strlen(ID), 0, evs, 3, &res, &err);
-    ok(rc == 0 && res.n == 3 && res.from_version == 1 && res.to_version == 3,
+    tap_ok(rc == 0 && res.n == 3 && res.from_version == 1 && res.to_version == 3,
        "append 3 events with no stream (expected 0)", &err);
     long long first_pos = rc == 0 && res.n > 0 ? res.positions[0] : -1;
-    ok(rc == 0 && res.n == 3 && res.positions[0] < res.positions[1] && res.positions[1] < res.positions[2],
+    tap_ok(rc == 0 && res.n == 3 && res.positions[0] < res.positions[1] && res.positions[1] < res.positions[2],
        "positions ascend", NULL);
     free(res.positions);
 
     rc = pup_store_append(&st, c, &buf, T, strlen(T), ID, strlen(ID), 0, evs, 1, &res, &err);
-    ok(rc < 0 && err.code == PUP_ERR_CONFLICT, "no stream on an existing aggregate: conflict", &err);
+    tap_ok(rc < 0 && err.code == PUP_ERR_CONFLICT, "no stream on an existing aggregate: conflict", &err);
     free(res.positions);
     rc = pup_store_append(&st, c, &buf, T, strlen(T), ID, strlen(ID), 2, evs, 1, &res, &err);
-    ok(rc < 0 && err.code == PUP_ERR_CONFLICT, "exact(2) at version 3: conflict", &err);
+    tap_ok(rc < 0 && err.code == PUP_ERR_CONFLICT, "exact(2) at version 3: conflict", &err);
     free(res.positions);
     rc = pup_store_append(&st, c, &buf, T, strlen(T), ID, strlen(ID), 3, evs, 2, &res, &err);
-    ok(rc == 0 && res.from_version == 4 && res.to_version == 5, "exact(3) at version 3 appends 4..5", &err);
+    tap_ok(rc == 0 && res.from_version == 4 && res.to_version == 5, "exact(3) at version 3 appends 4..5", &err);
     free(res.positions);
     rc = pup_store_append(&st, c, &buf, T, strlen(T), ID, strlen(ID), PUP_ANY, evs, 1, &res, &err);
-    ok(rc == 0 && res.from_version == 6 && res.to_version == 6, "any appends 6", &err);
+    tap_ok(rc == 0 && res.from_version == 6 && res.to_version == 6, "any appends 6", &err);
     free(res.positions);
     rc = pup_store_append(&st, c, &buf, T, strlen(T), ID, strlen(ID), PUP_ANY, evs, 0, &res, &err);
-    ok(rc < 0 && err.code == PUP_ERR_NO_EVENTS, "no events: no_events", &err);
+    tap_ok(rc < 0 && err.code == PUP_ERR_NO_EVENTS, "no events: no_events", &err);
     free(res.positions);
 
-    ok(pup_store_head(&st, c, &err) > 0, "head is the last position", &err);
+    tap_ok(pup_store_head(&st, c, &err) > 0, "head is the last position", &err);
 
     /* read the log */
     PGresult *r = pup_store_read(&st, c, 0, 100, &err);
-    ok(r != NULL && PQntuples(r) == 6, "pup_store_read returns the 6 events", &err);
+    tap_ok(r != NULL && PQntuples(r) == 6, "pup_store_read returns the 6 events", &err);
     if (r && PQntuples(r) == 6) {
         pup_event ev;
         pup_event_from_row(r, 0, 0, &ev);
-        ok(ev.global_position == first_pos && ev.aggregate_version == 1 &&
+        tap_ok(ev.global_position == first_pos && ev.aggregate_version == 1 &&
                ev.event_type.len == 7 && memcmp(ev.event_type.p, "Created", 7) == 0 &&
                ev.payload.len == 7 && memcmp(ev.payload.p, "{\"n\":1}", 7) == 0 &&
                ev.metadata.p != NULL && strstr(ev.metadata.p, "source") &&
                ev.causation_id.len == 5 && ev.correlation_id.p == NULL && ev.event_version == 1,
            "first event's fields", NULL);
-        ok(ev.event_id.len == 36 && ev.created_at.len > 19 && ev.created_at.p[ev.created_at.len - 1] == 'Z',
+        tap_ok(ev.event_id.len == 36 && ev.created_at.len > 19 && ev.created_at.p[ev.created_at.len - 1] == 'Z',
            "event_id is a UUID; created_at is ISO 8601 UTC", NULL);
         pup_event_from_row(r, 1, 0, &ev);
-        ok(ev.payload.len == sizeof bytes && memcmp(ev.payload.p, bytes, sizeof bytes) == 0,
+        tap_ok(ev.payload.len == sizeof bytes && memcmp(ev.payload.p, bytes, sizeof bytes) == 0,
            "payload bytes with NULs round-trip", NULL);
         pup_event_from_row(r, 2, 0, &ev);
-        ok(ev.payload.len == 0 && ev.payload.p != NULL, "an empty payload stays empty (not NULL)", NULL);
+        tap_ok(ev.payload.len == 0 && ev.payload.p != NULL, "an empty payload stays empty (not NULL)", NULL);
         long long prev = 0;
         int ascending = 1;
         for (int i = 0; i < PQntuples(r); i++) {
@@ -160,42 +146,42 @@ int main(void) {
             if (ev.global_position <= prev) ascending = 0;
             prev = ev.global_position;
         }
-        ok(ascending, "read is in ascending position order", NULL);
+        tap_ok(ascending, "read is in ascending position order", NULL);
     }
     if (r) PQclear(r);
 
     r = pup_store_read(&st, c, first_pos, 2, &err);
-    ok(r != NULL && PQntuples(r) == 2, "read after a position with a limit", &err);
+    tap_ok(r != NULL && PQntuples(r) == 2, "read after a position with a limit", &err);
     if (r) {
         pup_event ev;
         pup_event_from_row(r, 0, 0, &ev);
-        ok(ev.global_position > first_pos && ev.aggregate_version == 2, "positions > from", NULL);
+        tap_ok(ev.global_position > first_pos && ev.aggregate_version == 2, "positions > from", NULL);
         PQclear(r);
     }
 
     /* one aggregate's stream */
     r = pup_store_read_stream(&st, c, S(T), S(ID), 2, 4, &err);
-    ok(r != NULL && PQntuples(r) == 3, "read_stream with versions 2..4", &err);
+    tap_ok(r != NULL && PQntuples(r) == 3, "read_stream with versions 2..4", &err);
     if (r) {
         pup_event ev;
         pup_event_from_row(r, 0, 0, &ev);
         int v2 = ev.aggregate_version == 2;
         pup_event_from_row(r, PQntuples(r) - 1, 0, &ev);
-        ok(v2 && ev.aggregate_version == 4, "stream bounds are inclusive", NULL);
+        tap_ok(v2 && ev.aggregate_version == 4, "stream bounds are inclusive", NULL);
         PQclear(r);
     }
     r = pup_store_read_stream(&st, c, S(T), S(ID), 1, -1, &err);
-    ok(r != NULL && PQntuples(r) == 6, "read_stream without an upper bound", &err);
+    tap_ok(r != NULL && PQntuples(r) == 6, "read_stream without an upper bound", &err);
     if (r) PQclear(r);
     r = pup_store_read_stream(&st, c, S("Order"), S(ID), 1, -1, &err);
-    ok(r != NULL && PQntuples(r) == 0, "another type with the same id is another aggregate", &err);
+    tap_ok(r != NULL && PQntuples(r) == 0, "another type with the same id is another aggregate", &err);
     if (r) PQclear(r);
 
     /* a database error carries the SQLSTATE */
-    ok(pup_conn_command(c, "SELECT 1/0", &err) < 0 && err.code == PUP_ERR_DATABASE &&
+    tap_ok(pup_conn_command(c, "SELECT 1/0", &err) < 0 && err.code == PUP_ERR_DATABASE &&
            strcmp(err.sqlstate, "22012") == 0,
        "a failed command: database error with sqlstate", &err);
-    ok(pup_conn_ok(c), "the connection survives an error", NULL);
+    tap_ok(pup_conn_ok(c), "the connection survives an error", NULL);
 
     pup_conn_command(c, "DROP TABLE IF EXISTS t_c_store_events, t_c_store_heads, t_c_store_checkpoints CASCADE",
                      &err);
