@@ -426,13 +426,15 @@ static int store_names(lua_State *L) {
         lua_pushstring(L, fields[i][1]);
         lua_setfield(L, -2, fields[i][0]);
     }
-    lua_createtable(L, 0, 3);
+    lua_createtable(L, 0, 4);
     lua_pushstring(L, S->sql_status);
     lua_setfield(L, -2, "status");
     lua_pushstring(L, S->sql_reset);
     lua_setfield(L, -2, "reset");
     lua_pushstring(L, S->sql_group_workers);
     lua_setfield(L, -2, "group_workers");
+    lua_pushstring(L, PUP_SQL_PREPARED_XACTS);
+    lua_setfield(L, -2, "prepared_xacts");
     lua_setfield(L, -2, "sql");
     return 1;
 }

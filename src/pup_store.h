@@ -32,6 +32,13 @@ typedef struct pup_store {
     char *sql_status, *sql_reset, *sql_group_workers, *sql_group_get, *sql_group_set;
 } pup_store;
 
+/* Prepared transactions of the cluster, oldest first: until each ends, every projection
+ * waits at a hole it may fill (`pupsourcing status` warns of them). */
+#define PUP_SQL_PREPARED_XACTS                                                                 \
+    "SELECT gid, database, transaction::text AS xid,"                                          \
+    " to_char(prepared, 'YYYY-MM-DD\"T\"HH24:MI:SS.MSOF') AS since FROM pg_prepared_xacts" \
+    " ORDER BY prepared"
+
 /* Validates the names (NULL = default "events", "aggregate_heads",
  * "projection_checkpoints"): [A-Za-z_][A-Za-z0-9_]* with at most one "schema." prefix,
  * and every name derived from them (sequences, functions, constraints, worker tables,

@@ -131,9 +131,8 @@ end
 -- Warning lines about prepared transactions: until each is committed or rolled back,
 -- every projection stops at the first hole after its xid (xids are cluster-wide), and
 -- `run --once` waits for it (docs/reliability.md).
-local function prepared_warnings(db)
-  local rows = assert(db:query("SELECT gid, database, transaction::text AS xid,"
-    .. " to_char(prepared, 'YYYY-MM-DD\"T\"HH24:MI:SS.MSOF') AS since FROM pg_prepared_xacts ORDER BY prepared"))
+local function prepared_warnings(db, store)
+  local rows = assert(db:query(store:names().sql.prepared_xacts))
   local out = {}
   for _, x in ipairs(rows) do
     out[#out + 1] = ("warning: prepared transaction %q (xid %s, database %s) open since %s: projections"
@@ -147,7 +146,7 @@ function commands.status(flags)
   local store = pup.store(store_opts(flags))
   local db <close> = connect(flags)
   local rows = assert(pup.status(db, store))
-  local prepared = prepared_warnings(db)
+  local prepared = prepared_warnings(db, store)
   if flags.json then
     for _, r in ipairs(rows) do
       for k, v in pairs(r) do if v == pup.null then r[k] = nil end end
