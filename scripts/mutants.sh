@@ -146,6 +146,14 @@ old: "WITH cur AS (SELECT GREATEST((SELECT aggregate_version FROM %s"
 new: "WITH cur AS (SELECT COALESCE((SELECT aggregate_version FROM %s"
 tests: ^lua\.append_conflict$
 
+name: reconnect-keeps-session-state
+why: after a reconnect the processor still believes it holds its lock, LISTEN and leases
+file: src/lease.c
+old: if (p->session != pup_conn_session(p->conn)) { /* reconnected: lock, LISTEN, leases gone */
+new: if (0) {
+tests: ^lua\.processor_liveness$
+timeout: 120
+
 name: append-expected-ahead
 why: append's expected-version check accepts an expected version ahead of the stream
 file: src/schema.c

@@ -118,6 +118,13 @@ describe("pup.json", function()
     assert.are.equal(127, #json.encode(json.decode(string.rep("[", 127) .. string.rep("]", 127))) // 2)
     -- the codec is still usable after every error
     assert.are.same({ 1, 2 }, json.decode("[1,2]"))
+    -- and a reused one (after a success) refuses empty text and a stream of values alike
+    for _, text in ipairs { "", "   ", string.rep("1 ", 500), '{} "x"' } do
+      assert.are.equal(1, json.decode("1"))
+      local ok, err = pcall(json.decode, text)
+      assert.is_false(ok, ("%q decoded"):format(text:sub(1, 20)))
+      assert.matches("pup.json.decode: ", tostring(err))
+    end
   end)
 
   it("round-trips random values exactly (property test)", function()

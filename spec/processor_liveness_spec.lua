@@ -65,7 +65,7 @@ return {
   end
 
   before_each(function()
-    local logs = { "t_live_wake", "t_live_hole", "t_live_standby", "t_live_long_a", "t_live_long_b" }
+    local logs = { "t_live_wake", "t_live_hole", "t_live_standby", "t_live_long_a", "t_live_long_b", "t_live_reconn" }
     store, db, T, dir = H.fresh_area("live", logs)
     for _, tbl in ipairs(logs) do -- as the projections' setup makes them, so the spec can poll at once
       assert(db:exec(("CREATE TABLE %s (pos bigint NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp(),"
@@ -159,6 +159,33 @@ return {
       pup.sleep(0.3)
     end
     assert.is_nil(H.exit_code(p), H.stderr_of(p))
+  end)
+
+  it("after its session is killed it reconnects, listens and holds its partition again", function()
+    local file = projection_file("live_reconn", "t_live_reconn")
+    local a = start { "--poll-interval", "10000", file }
+    append(db, "first")
+    H.wait_until("the first event", 10, function() return handled("t_live_reconn", 1) == 1 end)
+    local pid = one("SELECT pid FROM t_live_reconn").pid
+    assert.is_true(one("SELECT pg_terminate_backend($1) AS t", pid).t)
+    -- the next event makes it notice (its batch fails), reconnect and handle it
+    local second = append(db, "second").global_positions[1]
+    H.wait_until(function() return "a reconnect: " .. H.stderr_of(a) end, 15, function()
+      return handled("t_live_reconn", second) == 1
+    end, 0.01)
+    assert.truthy(H.stderr_of(a):find("reconnected", 1, true), H.stderr_of(a))
+    pup.sleep(0.5) -- idle again: woken by LISTEN on the new session, or only by the 10 s poll
+    local t0 = pup.now()
+    local pos = append(db, "third").global_positions[1]
+    H.wait_until("the event at " .. pos, 11, function() return handled("t_live_reconn", pos) == 1 end, 0.005)
+    local dt = pup.now() - t0
+    assert.is_true(dt < 1, ("after the reconnect an event was handled %.2f s after its append"):format(dt))
+    -- and its lock is back: a second processor of the partition is a standby
+    local b = start { file }
+    H.wait_until(function() return "the second processor to stand by: " .. H.stderr_of(b) end, 10, function()
+      return H.stderr_of(b):find("standby", 1, true)
+    end, 0.05)
+    assert.is_nil(H.exit_code(a), H.stderr_of(a))
   end)
 
   it("a standby handles a new event within 2.5 s of the live processor's SIGKILL", function()

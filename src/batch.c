@@ -61,7 +61,6 @@ static int run_setup(pup_processor *p, pup_error *err) {
         return pup_proc_context(p, err);
     }
     if (pup_conn_commit(p->conn, err) < 0) return pup_proc_context(p, err);
-    p->setup_done = 1;
     return 0;
 }
 

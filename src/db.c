@@ -35,6 +35,7 @@ struct pup_conn {
     long failed_tag;
     pup_error failure;
     int replan; /* a cached plan went stale: forget the statements once out of the transaction */
+    unsigned long session; /* counts reconnects: session state (locks, LISTEN) is gone with each */
 };
 
 /* Every error code with the stable name Lua sees in err.code: the one table of them. */
@@ -394,6 +395,7 @@ int pup_conn_check_utf8(pup_conn *c, pup_error *err) {
 
 int pup_conn_reset(pup_conn *c, pup_error *err) {
     PQreset(c->pg);
+    c->session++;
     for (int i = 0; i < c->nstmts; i++) stmt_free(&c->stmts[i]);
     stmt_free(&c->unnamed);
     c->nstmts = 0; /* the server forgot them with the old session */
@@ -406,6 +408,8 @@ int pup_conn_reset(pup_conn *c, pup_error *err) {
 }
 
 int pup_conn_ok(pup_conn *c) { return c->pg && PQstatus(c->pg) == CONNECTION_OK; }
+
+unsigned long pup_conn_session(const pup_conn *c) { return c->session; }
 
 /* Remembers the first failure of the current transaction. */
 static void note_failure(pup_conn *c, const pup_error *err, long tag) {

@@ -14,7 +14,9 @@ pup_gap *pup_gaps_find(pup_gaps *s, long long lo, long long hi) {
     return NULL;
 }
 
-void pup_gaps_note(pup_gaps *s, long long lo, long long hi) {
+/* Notes the hole [lo, hi] with a pending bound; ignored when PUP_MAX_GAPS are noted (it
+ * is noted again by a later batch, once earlier ones are gone). */
+static void note(pup_gaps *s, long long lo, long long hi) {
     if (s->n == PUP_MAX_GAPS) return; /* noted when the earlier ones are gone */
     s->g[s->n++] = (pup_gap){lo, hi, PUP_GAP_PENDING};
 }
@@ -23,7 +25,7 @@ long long pup_gaps_step(pup_gaps *s, long long seen, long long pos, uint64_t xmi
                         long long wait_lo) {
     if (pos == seen + 1) return wait_lo;
     pup_gap *g = pup_gaps_find(s, seen + 1, pos - 1);
-    if (!g) pup_gaps_note(s, seen + 1, pos - 1);
+    if (!g) note(s, seen + 1, pos - 1);
     /* A new hole may still fill; a noted one until a snapshot's xmin passes its bound. */
     if (!wait_lo && (!g || xmin <= g->bound)) return seen + 1;
     return wait_lo;

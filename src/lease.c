@@ -314,6 +314,12 @@ out:
 
 int pup_processor_acquire(pup_processor *p, int *acquired, pup_error *err) {
     int rc = 0;
+    if (p->session != pup_conn_session(p->conn)) { /* reconnected: lock, LISTEN, leases gone */
+        p->session = pup_conn_session(p->conn);
+        p->locked = p->listening = 0;
+        pup_proc_drop_all(p);
+        p->next_tick = 0;
+    }
     if (!p->cfg.group) rc = acquire_lock(p, err);
     else if (pup_proc_mono() >= p->next_tick) {
         if (!p->listening) rc = pup_conn_command(p->conn, p->lease.lock_timeout, err);

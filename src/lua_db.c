@@ -446,7 +446,9 @@ static int run_sql(lua_State *L, int want_rows) {
     int n = lua_gettop(L) - 2;
     ltx *t = totx(L, 1);
     ldb *d = t ? NULL : todb(L, 1);
-    const char *control = t || (d && d->runs > 0) ? tx_control(sql) : NULL;
+    /* Transaction control takes no parameters (and with parameters one statement only):
+     * the scan is skipped for the handlers' usual parameterized writes. */
+    const char *control = n == 0 && (t || (d && d->runs > 0)) ? tx_control(sql) : NULL;
     if (control && t)
         return luaL_error(L, "tx:%s: %s is not allowed on a tx: its transaction ends with tx:commit() or "
                           "tx:rollback(), when db:transaction's function returns, or with the processor's "

@@ -45,7 +45,11 @@ typedef struct decoder {
 /* Stores the value at the top into the enclosing container, if any. */
 static int store_value(decoder *d) {
     lua_State *L = d->L;
-    if (d->depth == 0) return 1; /* the document itself: stays on the stack */
+    if (d->depth == 0) { /* the document itself: stays on the stack, above text and codec */
+        if (lua_gettop(L) == 3) return 1;
+        d->error = "more than one JSON value"; /* the parser takes a stream; stop at once */
+        return 0;
+    }
     if (d->next[d->depth] > 0) lua_rawseti(L, -2, d->next[d->depth]++);
     else lua_rawset(L, -3); /* object: key at -2, table at -3 */
     return 1;
@@ -209,9 +213,9 @@ static int json_decode(lua_State *L) {
         codec_discard(c); /* the parser's state is of no further use */
         return luaL_error(L, "pup.json.decode: %s", msg);
     }
-    if (lua_gettop(L) > 3) { /* the parser takes a stream of values; a document is one */
+    if (lua_gettop(L) != 3) { /* a reused parser takes an empty text as the end of its stream */
         codec_discard(c);
-        return luaL_error(L, "pup.json.decode: more than one JSON value");
+        return luaL_error(L, "pup.json.decode: no JSON value");
     }
     return 1;
 }
@@ -304,8 +308,8 @@ static int encode_table(encoder *e, int idx) {
         luaL_getmetatable(L, ARRAY_MT);
         is_array = lua_rawequal(L, -1, -2);
         lua_pop(L, 2);
-        if (is_array && array_length(e, idx) == 0) {
-            lua_pushnil(L); /* empty, or keys other than 1..n: not an array after all */
+        if (is_array) { /* n == 0: empty, or keys other than 1..n (then not an array) */
+            lua_pushnil(L);
             is_array = !lua_next(L, idx);
             if (!is_array) lua_pop(L, 2);
         }

@@ -43,6 +43,7 @@ struct pup_processor {
     char owner[160]; /* this worker: host/pid/random */
     pup_params params;
     int setup_done, locked, listening;
+    unsigned long session; /* pup_conn_session() when `locked`/`listening` were taken */
     /* The partitions held, with their checkpoints (valid where held). */
     int total;
     unsigned char *held;

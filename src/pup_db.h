@@ -116,6 +116,10 @@ int pup_conn_check_utf8(pup_conn *c, pup_error *err);
 int pup_conn_reset(pup_conn *c, pup_error *err);
 /* True when the server connection is still usable. */
 int pup_conn_ok(pup_conn *c);
+/* Changes with every reconnect (pup_conn_reset, also from pup_conn_rollback when libpq
+ * stays in pipeline mode): what a caller held in the session (advisory locks, LISTEN,
+ * session settings) is gone when it differs from the value seen when taking it. */
+unsigned long pup_conn_session(const pup_conn *c);
 
 /* Returns the cached statement for sql, preparing and describing it on first use.
  * Inside pipeline mode the queue is synced first (see pup_conn_pipeline_*). COPY is

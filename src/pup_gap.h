@@ -34,10 +34,6 @@ typedef struct pup_gaps {
 /* The noted hole that contains [lo, hi], or NULL. */
 pup_gap *pup_gaps_find(pup_gaps *s, long long lo, long long hi);
 
-/* Notes the hole [lo, hi] with a pending bound; ignored when PUP_MAX_GAPS are noted (it
- * is noted again by a later batch, once earlier ones are gone). */
-void pup_gaps_note(pup_gaps *s, long long lo, long long hi);
-
 /* One step of a batch's walk over the visible positions: the batch has seen up to
  * `seen`, the next visible position is `pos`, read under a snapshot whose xmin is
  * `xmin`; wait_lo is the first undecided hole so far (0: none). Notes a new hole and

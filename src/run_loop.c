@@ -127,11 +127,8 @@ static int retry_after(pup_processor *p, const pup_run_opts *o, pup_error *err, 
     logf_(o, "%s; retrying in %d ms", err->message, *backoff_ms);
     if (wait_for(p, o, *backoff_ms)) return 1;
     *backoff_ms = *backoff_ms * 2 > 5000 ? 5000 : *backoff_ms * 2;
-    if (!pup_conn_ok(p->conn)) {
+    if (!pup_conn_ok(p->conn)) { /* the next acquire sees the new session and starts over */
         pup_error e2;
-        p->locked = p->listening = 0;
-        pup_proc_drop_all(p);
-        p->next_tick = 0;
         if (pup_conn_reset(p->conn, &e2) == 0) logf_(o, "projection %s: reconnected", p->name);
     }
     return 0;
