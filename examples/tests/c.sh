@@ -7,8 +7,10 @@ source "$(dirname "$0")/_lib.sh"
 use_fresh_db c
 
 # The program must need libpq alone: no Lua, no YAJL, no libuuid (those are the binding's).
-if ldd "$PUP_EXAMPLE_C" | grep -Eqi 'lua|yajl|uuid'; then fail "examples/c links more than libpq: $(ldd "$PUP_EXAMPLE_C")"; fi
-ldd "$PUP_EXAMPLE_C" | grep -q libpq || fail "examples/c does not link libpq"
+# (ldd's output read once: with pipefail, `ldd | grep -q` fails when grep stops reading early)
+libs=$(ldd "$PUP_EXAMPLE_C")
+if grep -Eqi 'lua|yajl|uuid' <<<"$libs"; then fail "examples/c links more than libpq: $libs"; fi
+grep -q libpq <<<"$libs" || fail "examples/c does not link libpq"
 
 run_c() {
   note "run $1: examples/c"
