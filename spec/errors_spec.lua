@@ -160,4 +160,36 @@ describe("errors", function()
       assert(db:exec("DROP SCHEMA pup_spec_errors CASCADE"))
     end)
   end)
+
+  -- Out of memory is one code, returned like any expected failure, with nothing written:
+  -- three events sharing one 150 MB payload fit Lua (one string) but not the C side's
+  -- copy of all three (450 MB) under a 440 MB address-space limit.
+  it("out of memory in append is nil, err with code out_of_memory, nothing written", function()
+    if os.getenv("ASAN_OPTIONS") then
+      pending("not under AddressSanitizer: it reserves more address space than any ulimit -v allows")
+      return
+    end
+    local _, odb, T = h.fresh_store("oom")
+    local id = pup.uuid()
+    local dir = h.tmpdir()
+    h.write_file(dir .. "/oom.lua", ([[
+local pup = require "pupsourcing"
+local db = assert(pup.connect())
+local store = pup.store { events_table = %q, aggregate_heads_table = %q, checkpoints_table = %q }
+local big = string.rep("x", 150 * 1024 * 1024)
+local ok, err = store:append(db, pup.any(), {
+  { aggregate_type = "O", aggregate_id = %q, event_type = "Big", payload = big },
+  { aggregate_type = "O", aggregate_id = %q, event_type = "Big", payload = big },
+  { aggregate_type = "O", aggregate_id = %q, event_type = "Big", payload = big } })
+print(tostring(ok), err and err.code, err and err.message)
+]]):format(T.events_table, T.aggregate_heads_table, T.checkpoints_table, id, id, id))
+    local r = h.sh("sh -c " .. h.shquote(("ulimit -v 450000 && exec %s %s"):format(h.shquote(h.bin),
+      h.shquote(dir .. "/oom.lua"))))
+    h.rmdir(dir)
+    assert.are.equal(0, r.code, r.output)
+    assert.are.equal("nil\tout_of_memory\tout of memory\n", r.stdout)
+    assert.are.equal(0, assert(odb:query(("SELECT count(*) AS n FROM %s WHERE aggregate_id = $1")
+      :format(T.events_table), id))[1].n)
+    odb:close()
+  end)
 end)
