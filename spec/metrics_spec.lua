@@ -320,6 +320,7 @@ describe("run --metrics-addr", function()
           return H.exit_code(server) or curl(api .. "/-/ready") == 200
         end, 0.2)
         if ok and not H.exit_code(server) then break end
+        table.remove(procs) -- this attempt's server: reaped here, not by after_each
         H.reap(server)
         server = nil
       end
