@@ -148,7 +148,9 @@ int pup_lua_pcall(lua_State *L, int nargs, int nresults, pup_error *err) {
 
 /* ---- JSON through pup.json (lua_json.c) ---- */
 
-const char *pup_lua_json_encode(lua_State *L, int idx, size_t *len) {
+/* JSON encode of the value at idx through pup.json (raises on failure); the text replaces
+ * the value in its slot, which keeps it alive. */
+static const char *json_encode(lua_State *L, int idx, size_t *len) {
     idx = lua_absindex(L, idx);
     lua_getfield(L, LUA_REGISTRYINDEX, "pupsourcing.json_encode");
     lua_pushvalue(L, idx);
@@ -335,7 +337,7 @@ static void bind_params(lua_State *L, int first, int n, const pup_stmt *st, pup_
             else pup_params_text(p, i, s, len);
             break;
         case LUA_TTABLE:
-            s = pup_lua_json_encode(L, idx, &len);
+            s = json_encode(L, idx, &len);
             pup_params_text(p, i, s, len);
             break;
         default:

@@ -207,15 +207,16 @@ void pup_lua_check_keys(lua_State *L, int idx, const char *what, const char *con
 }
 
 /* Integer option k of the table at idx (absent or nil: def), in [min, max]. */
-static int opt_int(lua_State *L, int idx, const char *k, lua_Integer def, lua_Integer min, lua_Integer max) {
+int pup_lua_opt_int(lua_State *L, int idx, const char *what, const char *k, lua_Integer def, lua_Integer min,
+                    lua_Integer max) {
     if (lua_isnoneornil(L, idx)) return (int)def;
     lua_getfield(L, idx, k);
     lua_Integer v = def;
     if (!lua_isnil(L, -1)) {
-        if (!lua_isinteger(L, -1)) luaL_error(L, "option %s must be an integer", k);
+        if (!lua_isinteger(L, -1)) luaL_error(L, "%s %s must be an integer from %I to %I", what, k, min, max);
         v = lua_tointeger(L, -1);
         if (v < min || v > max)
-            luaL_error(L, "option %s must be an integer from %I to %I, got %I", k, min, max, v);
+            luaL_error(L, "%s %s must be an integer from %I to %I, got %I", what, k, min, max, v);
     }
     lua_pop(L, 1);
     return (int)v;
@@ -266,13 +267,13 @@ static int l_processor(lua_State *L) {
     lua_getfield(L, 3, "group");
     cfg.group = lua_toboolean(L, -1);
     lua_pop(L, 1);
-    cfg.partition_key = opt_int(L, 3, "partition_key", 0, 0, PUP_LUA_MAX_PARTITIONS - 1);
-    cfg.total_partitions = opt_int(L, 3, "total_partitions", cfg.group ? 16 : 1, 1, PUP_LUA_MAX_PARTITIONS);
+    cfg.partition_key = pup_lua_opt_int(L, 3, "option", "partition_key", 0, 0, PUP_LUA_MAX_PARTITIONS - 1);
+    cfg.total_partitions = pup_lua_opt_int(L, 3, "option", "total_partitions", cfg.group ? 16 : 1, 1, PUP_LUA_MAX_PARTITIONS);
     cfg.lease_ttl_ms = pup_lua_opt_seconds(L, 3, "lease_ttl", 0);
-    cfg.batch_size = opt_int(L, 3, "batch_size", opt_int(L, 2, "batch_size", 100, 1, PUP_LUA_MAX_BATCH), 1,
+    cfg.batch_size = pup_lua_opt_int(L, 3, "option", "batch_size", pup_lua_opt_int(L, 2, "option", "batch_size", 100, 1, PUP_LUA_MAX_BATCH), 1,
                              PUP_LUA_MAX_BATCH);
     cfg.poll_interval_ms = pup_lua_opt_seconds(L, 3, "poll_interval", 1000);
-    int timeout_ms = opt_int(L, 3, "handler_timeout_ms", 0, 0, PUP_LUA_MAX_TIMEOUT_MS);
+    int timeout_ms = pup_lua_opt_int(L, 3, "option", "handler_timeout_ms", 0, 0, PUP_LUA_MAX_TIMEOUT_MS);
     if (lua_getfield(L, 3, "store") == LUA_TNIL) {
         lua_pop(L, 1);
         lua_getglobal(L, "require");

@@ -191,18 +191,6 @@ static char *dupfield(lua_State *L, int idx, const char *k) {
 }
 
 /* Integer option k (absent: def), in [min, max]. */
-static int intfield(lua_State *L, int idx, const char *k, int def, lua_Integer min, lua_Integer max) {
-    int v = def;
-    if (lua_getfield(L, idx, k) != LUA_TNIL) {
-        lua_Integer n = lua_tointeger(L, -1);
-        if (!lua_isinteger(L, -1) || n < min || n > max)
-            luaL_error(L, "runner option %s must be an integer from %I to %I", k, min, max);
-        v = (int)n;
-    }
-    lua_pop(L, 1);
-    return v;
-}
-
 static int runner_gc(lua_State *L) {
     runner *r = luaL_checkudata(L, 1, PUP_RUNNER_MT);
     for (int i = 0; i < r->nfiles; i++) free(r->files[i]);
@@ -257,15 +245,15 @@ static int l_runner(lua_State *L) {
     r->group = lua_toboolean(L, -1);
     lua_pop(L, 1);
     r->lease_ttl_ms = pup_lua_opt_seconds(L, 1, "lease_ttl", 0);
-    int workers = intfield(L, 1, "workers", 0, 1, PUP_LUA_MAX_PARTITIONS);
-    int key = intfield(L, 1, "partition_key", -1, 0, PUP_LUA_MAX_PARTITIONS - 1);
-    int total = intfield(L, 1, "total_partitions", r->group ? 16 : 1, 1, PUP_LUA_MAX_PARTITIONS);
+    int workers = pup_lua_opt_int(L, 1, "runner option", "workers", 0, 1, PUP_LUA_MAX_PARTITIONS);
+    int key = pup_lua_opt_int(L, 1, "runner option", "partition_key", -1, 0, PUP_LUA_MAX_PARTITIONS - 1);
+    int total = pup_lua_opt_int(L, 1, "runner option", "total_partitions", r->group ? 16 : 1, 1, PUP_LUA_MAX_PARTITIONS);
     if (workers > 0 && key >= 0) luaL_error(L, "use either workers or partition_key/total_partitions, not both");
     if (r->group && (workers > 0 || key >= 0))
         luaL_error(L, "a group worker shares the partitions by leases: no workers or partition_key with group");
     if (key >= total) luaL_error(L, "partition_key %d must be below total_partitions %d", key, total);
-    r->handler_timeout_ms = intfield(L, 1, "handler_timeout_ms", 0, 0, PUP_LUA_MAX_TIMEOUT_MS);
-    r->batch_size = intfield(L, 1, "batch_size", 0, 1, PUP_LUA_MAX_BATCH);
+    r->handler_timeout_ms = pup_lua_opt_int(L, 1, "runner option", "handler_timeout_ms", 0, 0, PUP_LUA_MAX_TIMEOUT_MS);
+    r->batch_size = pup_lua_opt_int(L, 1, "runner option", "batch_size", 0, 1, PUP_LUA_MAX_BATCH);
     r->poll_ms = pup_lua_opt_seconds(L, 1, "poll_interval", 1000);
     lua_getfield(L, 1, "once");
     r->once = lua_toboolean(L, -1);

@@ -96,6 +96,11 @@ int pup_lua_pcall(lua_State *L, int nargs, int nresults, pup_error *err);
  * the NULL-terminated list `known`. */
 void pup_lua_check_keys(lua_State *L, int idx, const char *what, const char *const *known);
 
+/* Option k (an integer from min to max) of the options table at idx (absent or nil: def);
+ * raises "<what> <k> must be an integer from <min> to <max>" otherwise. */
+int pup_lua_opt_int(lua_State *L, int idx, const char *what, const char *k, lua_Integer def, lua_Integer min,
+                    lua_Integer max);
+
 /* Option k (seconds, a number above 0 and at most PUP_LUA_MAX_SECONDS) of the options
  * table at idx, in milliseconds (at least 1); def_ms when absent. Raises otherwise. */
 int pup_lua_opt_seconds(lua_State *L, int idx, const char *k, int def_ms);
@@ -113,7 +118,5 @@ void pup_lua_unblock_signals(const sigset_t *old);
  * {"time", "level", "msg"}. */
 void pup_lua_log_line(int json, const char *level, const char *prefix, const char *msg);
 
-/* JSON encode of the value at idx through pup.json (raises on failure). */
-const char *pup_lua_json_encode(lua_State *L, int idx, size_t *len);
 
 #endif
