@@ -339,7 +339,10 @@ describe("pupsourcing run", function()
         assert.is_true(one("SELECT pg_terminate_backend($1) AS ok", v.pid).ok, "backend " .. v.pid .. " not terminated")
       end
       local head = populate(2, 4, "after-")
-      wait_until("the run to reconnect and catch up", 20, function() return checkpoint("run_counter") == head end)
+      wait_until(function()
+        return ("the run to reconnect and catch up (checkpoint %s, head %d, exit %s):\n%s"):format(
+          checkpoint("run_counter"), head, exit_code(p), stderr_of(p))
+      end, 45, function() return checkpoint("run_counter") == head end)
       assert.is_nil(exit_code(p), stderr_of(p))
       assert.is_truthy(stderr_of(p):find("reconnected", 1, true), stderr_of(p))
       os.execute("kill -TERM " .. p.pid)
