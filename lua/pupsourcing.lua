@@ -130,6 +130,19 @@ function M.status(db, store)
   return db:query(store:names().sql.status)
 end
 
+-- The warning `status` and `run` print when the events table's global_position does
+-- not default to the xid-first function (the Go library's BIGSERIAL, a hand-made table):
+-- the ordering rule of docs/ordering.md is then not in force. nil when it is, or when
+-- the table does not exist (yet).
+function M.position_warning(db, store)
+  store = store or M.store()
+  local r = assert(db:query(store:names().sql.position_default))[1]
+  if not r.exists or r.xid_first then return nil end
+  return ("warning: %s.global_position does not default to %s: appends that leave it to the default"
+    .. " may commit out of order unseen, so projections can skip events (docs/ordering.md);"
+    .. " run `pupsourcing migrate --upgrade` (docs/go.md)"):format(store:names().events_quoted, r["function"])
+end
+
 -- Deletes a projection's checkpoints and runs its reset(tx), in one transaction.
 function M.reset(db, projection, store)
   store = store or M.store()

@@ -105,6 +105,24 @@ static int bind_arrays(pup_append_buf *buf, const pup_event_in *events, int n) {
     return 0;
 }
 
+/* A UUID in its 8-4-4-4-12 form into out (lower case, NUL-terminated); -1 if it is not. */
+static int canonical_uuid(const char *p, size_t len, char out[37]) {
+    if (len != 36) return -1;
+    for (int i = 0; i < 36; i++) {
+        char ch = p[i];
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (ch != '-') return -1;
+        } else if (ch >= 'A' && ch <= 'F') {
+            ch = (char)(ch - 'A' + 'a');
+        } else if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f'))) {
+            return -1;
+        }
+        out[i] = ch;
+    }
+    out[36] = '\0';
+    return 0;
+}
+
 int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
                      const char *aggregate_type, size_t type_len, const char *aggregate_id,
                      size_t id_len, long long expected, const pup_event_in *events, int n,
@@ -112,8 +130,21 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
     memset(out, 0, sizeof *out);
     if (n <= 0) return pup_error_set(err, PUP_ERR_NO_EVENTS, "append: no events given");
     if (pup_conn_check_utf8(c, err) < 0) return -1;
+    /* uuid id columns (the Go library's tables): the statement casts the ids, and the
+     * aggregate id is hashed in its canonical form, the text every reader gets back. */
+    int uuids = pup_store_id_kind(s, c, err);
+    if (uuids < 0) return -1;
+    char canonical[37];
+    if (uuids) {
+        if (canonical_uuid(aggregate_id, id_len, canonical) < 0)
+            return pup_error_set(err, PUP_ERR_INVALID_EVENT,
+                                 "aggregate_id must be a UUID (8-4-4-4-12 hex digits): the aggregate_id "
+                                 "column of %s is uuid", s->events);
+        aggregate_id = canonical;
+    }
     /* One event, the common case, binds plain parameters; more travel as arrays. */
-    const pup_stmt *st = pup_conn_prepare(c, n == 1 ? s->sql_append_one : s->sql_append, err);
+    const pup_stmt *st = pup_conn_prepare(c, n == 1 ? (uuids ? s->sql_append_one_uuid : s->sql_append_one)
+                                                    : (uuids ? s->sql_append_uuid : s->sql_append), err);
     if (!st) return -1;
     if (pup_params_reset(&buf->params, 4 + NARRAYS) < 0)
         return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");

@@ -390,11 +390,25 @@ static int store_head(lua_State *L) {
     return 1;
 }
 
+/* store:migrate(db, {upgrade = true}?): upgrade converts the Go library's tables in
+ * place (docs/go.md); without it they are refused (nil, err not_migrated). */
 static int store_migrate(lua_State *L) {
     lstore *s = checkstore(L);
     pup_conn *c = pup_lua_checkconn(L, 2);
+    int upgrade = 0;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        lua_pushnil(L);
+        while (lua_next(L, 3)) {
+            if (lua_type(L, -2) != LUA_TSTRING || strcmp(lua_tostring(L, -2), "upgrade") != 0)
+                return luaL_error(L, "migrate: unknown option %s (known: upgrade)", luaL_tolstring(L, -2, NULL));
+            luaL_argexpected(L, lua_isboolean(L, -1), 3, "boolean upgrade");
+            upgrade = lua_toboolean(L, -1);
+            lua_pop(L, 1);
+        }
+    }
     pup_error err;
-    if (pup_store_migrate(&s->store, c, &err) < 0) return pup_lua_push_error(L, &err);
+    if (pup_store_migrate_ex(&s->store, c, upgrade, &err) < 0) return pup_lua_push_error(L, &err);
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -435,6 +449,8 @@ static int store_names(lua_State *L) {
     lua_setfield(L, -2, "group_workers");
     lua_pushstring(L, PUP_SQL_PREPARED_XACTS);
     lua_setfield(L, -2, "prepared_xacts");
+    lua_pushstring(L, S->sql_position_default);
+    lua_setfield(L, -2, "position_default");
     lua_setfield(L, -2, "sql");
     return 1;
 }

@@ -29,6 +29,10 @@ typedef struct pup_store {
      * operator's (status, reset, group status, repartition) are here too, so no caller
      * derives a table name: the Lua side gets them from store:names(). */
     char *sql_append, *sql_append_one, *sql_read, *sql_stream, *sql_head;
+    /* Events tables whose id columns are uuid (the Go library's, docs/go.md): the append
+     * statements with casts, the statement whose parameter types tell the kind, and the
+     * check that global_position defaults to the xid-first function. */
+    char *sql_append_uuid, *sql_append_one_uuid, *sql_id_types, *sql_position_default;
     char *sql_status, *sql_reset, *sql_group_workers, *sql_group_get, *sql_group_set;
 } pup_store;
 
@@ -53,8 +57,21 @@ void pup_store_free(pup_store *s);
  * ALTERs run only when the catalog lacks what they add, so on an up-to-date schema it
  * takes no strong lock. */
 char *pup_store_schema_sql(const pup_store *s);
-/* Applies the schema in one transaction. */
+/* Applies the schema in one transaction. Tables of the Go library's shapes (docs/go.md)
+ * are refused (code not_migrated, SQLSTATE PU001, a message listing the differences and
+ * what an upgrade does) and nothing is changed. */
 int pup_store_migrate(const pup_store *s, pup_conn *c, pup_error *err);
+/* pup_store_migrate; with upgrade != 0 the Go library's tables are converted in place
+ * (`pupsourcing migrate --upgrade`), without rewriting the events table. A shape it
+ * cannot convert (bounded_context) is still refused. */
+int pup_store_migrate_ex(const pup_store *s, pup_conn *c, int upgrade, pup_error *err);
+
+#define PUP_UUIDOID 2950
+/* Whether the events table's id columns (aggregate_id, causation_id, correlation_id,
+ * trace_id) are uuid (1) or text (0) on this connection's database; -1 with err when
+ * they are mixed or the table is missing. One round trip the first time per connection
+ * (a statement prepared and cached), none after. */
+int pup_store_id_kind(const pup_store *s, pup_conn *c, pup_error *err);
 
 /* Expected version for append: PUP_ANY, or n >= 0 (0 = no stream yet). */
 #define PUP_ANY (-1LL)
@@ -111,9 +128,9 @@ typedef struct pup_event {
  * starting at column `first`; _WITH takes other expressions for payload and metadata.
  * Results must be in binary format. */
 #define PUP_EVENT_COLUMNS_WITH(payload, metadata)                                          \
-    "global_position, aggregate_type, aggregate_id, aggregate_version, event_id::text, "   \
-    "event_type, event_version, " payload ", " metadata ", causation_id, correlation_id, " \
-    "trace_id, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+    "global_position, aggregate_type, aggregate_id::text, aggregate_version, event_id::text, " \
+    "event_type, event_version, " payload ", " metadata ", causation_id::text, "                \
+    "correlation_id::text, trace_id::text, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 #define PUP_EVENT_COLUMNS PUP_EVENT_COLUMNS_WITH("payload", "metadata::text")
 void pup_event_from_row(const PGresult *r, int row, int first, pup_event *ev);
 

@@ -53,7 +53,7 @@ static char *fmt(const char *f, ...) {
  * highest event version (one index probe): events written by another tool without a head
  * row, or without moving it, do not block the aggregate. `source` yields the events'
  * columns: binary arrays for many events, plain parameters for one. */
-static char *append_sql(const pup_store *s, const char *source) {
+static char *append_sql(const pup_store *s, const char *source, const char *id_cast) {
     return fmt(
         "WITH cur AS (SELECT GREATEST((SELECT aggregate_version FROM %s"
         " WHERE aggregate_type = $1 AND aggregate_id = $2), (SELECT max(aggregate_version) FROM %s"
@@ -63,8 +63,8 @@ static char *append_sql(const pup_store *s, const char *source) {
         " event_id, event_type, event_version, payload, metadata, causation_id, correlation_id,"
         " trace_id, created_at)"
         " SELECT $1, $2, $13::bigint, ok.v + u.ord, COALESCE(u.event_id::uuid, gen_random_uuid()),"
-        " u.event_type, u.event_version::int, u.payload, u.metadata::jsonb, u.causation_id,"
-        " u.correlation_id, u.trace_id, COALESCE(u.created_at::timestamptz, now())"
+        " u.event_type, u.event_version::int, u.payload, u.metadata::jsonb, u.causation_id%s,"
+        " u.correlation_id%s, u.trace_id%s, COALESCE(u.created_at::timestamptz, now())"
         " FROM ok, %s AS u(event_id, event_type, event_version, payload, metadata, causation_id,"
         " correlation_id, trace_id, created_at, ord) ORDER BY u.ord"
         " RETURNING global_position, aggregate_version),"
@@ -77,7 +77,7 @@ static char *append_sql(const pup_store *s, const char *source) {
         " SELECT cur.v, ins.global_position, ins.aggregate_version"
         " FROM cur CROSS JOIN (SELECT count(*) FROM note) n LEFT JOIN ins ON true"
         " ORDER BY ins.aggregate_version",
-        s->q_heads, s->q_events, s->q_events, source, s->q_heads, s->channel);
+        s->q_heads, s->q_events, s->q_events, id_cast, id_cast, id_cast, source, s->q_heads, s->channel);
 }
 
 /* The table name without its schema. */
@@ -107,6 +107,20 @@ static int derived_too_long(int table, const char *what, const char *name, pup_e
                              "PostgreSQL's %d-byte limit for names (shorten the schema or table name)",
                              what, name, PUP_CHANNEL_PREFIX, name, PUP_IDENT_MAX);
     return 0;
+}
+
+/* One row: whether the events table exists and whether its global_position defaults to
+ * the xid-first function (`status` and `run` warn when not: docs/ordering.md). */
+static char *position_default_sql(const pup_store *s) {
+    char fn[PUP_NAME_MAX + 32];
+    quote_name(fn, sizeof fn, s->events, "_next_position");
+    return fmt("SELECT to_regclass('%s') IS NOT NULL AS exists, EXISTS (SELECT 1 FROM pg_attrdef d"
+               " JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum"
+               " JOIN pg_depend p ON p.classid = 'pg_attrdef'::regclass AND p.objid = d.oid"
+               " AND p.refclassid = 'pg_proc'::regclass WHERE d.adrelid = to_regclass('%s')"
+               " AND a.attname = 'global_position' AND p.refobjid = to_regprocedure('%s()')) AS xid_first,"
+               " '%s()' AS function",
+               s->q_events, s->q_events, fn, fn);
 }
 
 /* The operator's statements: status, reset and the worker group's. */
@@ -168,10 +182,17 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
     snprintf(s->heads_key, sizeof s->heads_key, "%s_pkey", base_name(s->heads));
 
     const char *E = s->q_events;
-    s->sql_append = append_sql(s, "unnest($4::text[], $5::text[], $6::text[], $7::bytea[], $8::text[],"
-                                  " $9::text[], $10::text[], $11::text[], $12::text[]) WITH ORDINALITY");
-    s->sql_append_one = append_sql(s, "(SELECT $4::text, $5::text, $6::text, $7::bytea, $8::text,"
-                                      " $9::text, $10::text, $11::text, $12::text, 1::bigint)");
+    const char *many = "unnest($4::text[], $5::text[], $6::text[], $7::bytea[], $8::text[],"
+                       " $9::text[], $10::text[], $11::text[], $12::text[]) WITH ORDINALITY";
+    const char *one = "(SELECT $4::text, $5::text, $6::text, $7::bytea, $8::text,"
+                      " $9::text, $10::text, $11::text, $12::text, 1::bigint)";
+    s->sql_append = append_sql(s, many, "");
+    s->sql_append_one = append_sql(s, one, "");
+    s->sql_append_uuid = append_sql(s, many, "::uuid");
+    s->sql_append_one_uuid = append_sql(s, one, "::uuid");
+    s->sql_id_types = fmt("SELECT 1 FROM %s WHERE aggregate_id = $1 AND causation_id = $2"
+                          " AND correlation_id = $3 AND trace_id = $4 LIMIT 0", E);
+    s->sql_position_default = position_default_sql(s);
     s->sql_read = fmt("SELECT " PUP_EVENT_COLUMNS " FROM %s WHERE global_position > $1"
                       " ORDER BY global_position LIMIT $2", E);
     s->sql_stream = fmt("SELECT " PUP_EVENT_COLUMNS " FROM %s WHERE aggregate_type = $1"
@@ -179,7 +200,8 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
                         " AND ($4::bigint < 0 OR aggregate_version <= $4::bigint)"
                         " ORDER BY aggregate_version", E);
     s->sql_head = fmt("SELECT COALESCE(max(global_position), 0) FROM %s", E);
-    if (!s->sql_append || !s->sql_append_one || !s->sql_read || !s->sql_stream || !s->sql_head ||
+    if (!s->sql_append || !s->sql_append_one || !s->sql_append_uuid || !s->sql_append_one_uuid ||
+        !s->sql_id_types || !s->sql_position_default || !s->sql_read || !s->sql_stream || !s->sql_head ||
         operator_sql(s) < 0) {
         pup_store_free(s);
         return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
@@ -190,14 +212,110 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
 void pup_store_free(pup_store *s) {
     char **texts[] = {&s->sql_append, &s->sql_append_one, &s->sql_read, &s->sql_stream, &s->sql_head,
                       &s->sql_status, &s->sql_reset, &s->sql_group_workers, &s->sql_group_get,
-                      &s->sql_group_set};
+                      &s->sql_group_set, &s->sql_append_uuid, &s->sql_append_one_uuid, &s->sql_id_types,
+                      &s->sql_position_default};
     for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
         free(*texts[i]);
         *texts[i] = NULL;
     }
 }
 
-char *pup_store_schema_sql(const pup_store *s) {
+/* The body of the guard that pup_store_schema_sql runs before creating anything. It
+ * finds tables this project cannot use as they are (the Go library's shapes: see
+ * docs/go.md) and, unless `upgrade`, refuses with the differences and what an upgrade
+ * does (SQLSTATE PU001, nothing changed: the migration is one transaction). With
+ * `upgrade` it converts them in place without rewriting the events table: no column
+ * changes type (uuid ids stay uuid: the C side reads them as text and writes them
+ * through casts), the position default becomes the xid-first function, the version key
+ * gets the name the append path recognises, and a Go checkpoint table (one row per
+ * projection) becomes partition 0 of 1 of each projection, at the same position.
+ * Declared before it: ev, ck (regclass or NULL), fn, vk, seq (text) and upgrade. */
+static const char guard_body[] =
+    "    diffs text := '';\n"
+    "    todo text := '';\n"
+    "    ids text;\n"
+    "    def text;\n"
+    "    uq name;\n"
+    "    pk name;\n"
+    "BEGIN\n"
+    "    IF ev IS NOT NULL THEN\n"
+    "        IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = ev AND attname = 'bounded_context'\n"
+    "                   AND NOT attisdropped) THEN\n"
+    "            RAISE EXCEPTION USING ERRCODE = 'PU001', MESSAGE = format('migrate: %s has a bounded_context'\n"
+    "                ' column (the newest Go library''s shape): pupsourcing for C and Lua does not support'\n"
+    "                ' bounded contexts, with or without --upgrade; nothing was changed (docs/go.md)', ev);\n"
+    "        END IF;\n"
+    "        SELECT string_agg(attname, ', ' ORDER BY attnum) INTO ids FROM pg_attribute WHERE attrelid = ev\n"
+    "            AND NOT attisdropped AND atttypid = 'uuid'::regtype\n"
+    "            AND attname IN ('aggregate_id', 'causation_id', 'correlation_id', 'trace_id');\n"
+    "        SELECT pg_get_expr(d.adbin, d.adrelid) INTO def FROM pg_attrdef d JOIN pg_attribute a\n"
+    "            ON a.attrelid = d.adrelid AND a.attnum = d.adnum WHERE d.adrelid = ev AND a.attname = 'global_position';\n"
+    "        IF NOT EXISTS (SELECT 1 FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid\n"
+    "                       AND a.attnum = d.adnum JOIN pg_depend p ON p.classid = 'pg_attrdef'::regclass\n"
+    "                       AND p.objid = d.oid AND p.refclassid = 'pg_proc'::regclass\n"
+    "                       WHERE d.adrelid = ev AND a.attname = 'global_position'\n"
+    "                       AND p.refobjid = to_regprocedure(fn || '()')) THEN\n"
+    "            diffs := diffs || format(E'\\n  - %s.global_position defaults to %s, not %s(): writers do not take'\n"
+    "                ' a transaction id before drawing a position, so the ordering rule (docs/ordering.md)'\n"
+    "                ' is not in force', ev, coalesce(def, 'nothing'), fn);\n"
+    "            todo := todo || format(E'\\n  - set the default of global_position to %s() (same sequence,'\n"
+    "                ' every position kept)', fn);\n"
+    "            IF upgrade THEN\n"
+    "                EXECUTE format('SELECT setval(%L, max(global_position)) FROM %s HAVING max(global_position)'\n"
+    "                    ' > (SELECT last_value FROM %s)', seq, ev, seq);\n"
+    "                EXECUTE format('ALTER TABLE %s ALTER COLUMN global_position SET DEFAULT %s()', ev, fn);\n"
+    "            END IF;\n"
+    "        END IF;\n"
+    "        SELECT c.conname INTO uq FROM pg_constraint c WHERE c.conrelid = ev AND c.contype = 'u'\n"
+    "            AND (SELECT array_agg(attname::text ORDER BY attname) FROM pg_attribute WHERE attrelid = ev\n"
+    "                 AND attnum = ANY (c.conkey)) = ARRAY['aggregate_id', 'aggregate_type', 'aggregate_version'];\n"
+    "        IF uq IS NOT NULL AND uq <> vk THEN\n"
+    "            diffs := diffs || format(E'\\n  - the unique key on (aggregate_type, aggregate_id, aggregate_version)'\n"
+    "                ' is named %I: a lost append race would not be reported as optimistic_concurrency', uq);\n"
+    "            todo := todo || format(E'\\n  - rename it to %I', vk);\n"
+    "            IF upgrade THEN\n"
+    "                EXECUTE format('ALTER TABLE %s RENAME CONSTRAINT %I TO %I', ev, uq, vk);\n"
+    "            END IF;\n"
+    "        END IF;\n"
+    "        IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = ev AND attname = 'aggregate_id_hash'\n"
+    "                       AND NOT attisdropped) THEN\n"
+    "            todo := todo || E'\\n  - add the column aggregate_id_hash (NULL for existing rows, no rewrite)';\n"
+    "        END IF;\n"
+    "    END IF;\n"
+    "    IF ck IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = ck\n"
+    "                                      AND attname = 'partition_key' AND NOT attisdropped) THEN\n"
+    "        diffs := diffs || format(E'\\n  - %s keeps one checkpoint per projection (the Go library''s shape),'\n"
+    "            ' not one per projection partition', ck);\n"
+    "        todo := todo || E'\\n  - convert it in place: a projection at position N continues as partition 0'\n"
+    "            ' of 1 at N (Go processors then need a checkpoint table of their own: docs/go.md)';\n"
+    "        IF upgrade THEN\n"
+    "            SELECT conname INTO pk FROM pg_constraint WHERE conrelid = ck AND contype = 'p';\n"
+    "            IF pk IS NOT NULL THEN\n"
+    "                EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', ck, pk);\n"
+    "            END IF;\n"
+    "            EXECUTE format('ALTER TABLE %s ADD COLUMN partition_key INT NOT NULL DEFAULT 0,'\n"
+    "                ' ADD COLUMN total_partitions INT NOT NULL DEFAULT 1,'\n"
+    "                ' ADD COLUMN IF NOT EXISTS waiting_position BIGINT, ADD COLUMN IF NOT EXISTS waiting_since TIMESTAMPTZ,'\n"
+    "                ' ADD COLUMN IF NOT EXISTS owner TEXT, ADD COLUMN IF NOT EXISTS lease_expires_at TIMESTAMPTZ,'\n"
+    "                ' ADD COLUMN IF NOT EXISTS updated_at TIMESTAMPTZ', ck);\n"
+    "            EXECUTE format('UPDATE %s SET updated_at = now() WHERE updated_at IS NULL', ck);\n"
+    "            EXECUTE format('ALTER TABLE %s ALTER COLUMN last_global_position SET NOT NULL,'\n"
+    "                ' ALTER COLUMN updated_at SET NOT NULL, ALTER COLUMN updated_at SET DEFAULT now(),'\n"
+    "                ' ADD PRIMARY KEY (projection_name, total_partitions, partition_key)', ck);\n"
+    "        END IF;\n"
+    "    END IF;\n"
+    "    IF diffs <> '' AND NOT upgrade THEN\n"
+    "        RAISE EXCEPTION USING ERRCODE = 'PU001', MESSAGE = format(E'migrate: the existing tables are not in a'\n"
+    "            ' shape pupsourcing can use; nothing was changed.%s\\n`pupsourcing migrate --upgrade`'\n"
+    "            ' (store:migrate(db, {upgrade = true})) converts them in place, without rewriting the events'\n"
+    "            ' table:%s%s', diffs, todo, CASE WHEN ids IS NULL THEN '' ELSE format(E'\\n  - keep %s of %s'\n"
+    "            ' as uuid (read back as canonical text; aggregate ids must then be UUIDs)', ids, ev) END);\n"
+    "    END IF;\n"
+    "END\n"
+    "$guard$;\n";
+
+/* The migration SQL; `upgrade` lets its guard convert the Go library's tables. */
+static char *schema_sql(const pup_store *s, int upgrade) {
     const char *seq = s->q_sequence;
     char fn[PUP_NAME_MAX + 32];
     char uq[sizeof s->version_key + 2];
@@ -222,6 +340,17 @@ char *pup_store_schema_sql(const pup_store *s) {
         "    RETURN nextval('%s');\n"
         "END\n"
         "$fn$;\n"
+        "\n"
+        "-- Tables of another shape (the Go library's): refused, or converted by --upgrade.\n"
+        "DO $guard$\n"
+        "DECLARE\n"
+        "    ev regclass := to_regclass('%s');\n"
+        "    ck regclass := to_regclass('%s');\n"
+        "    fn text := '%s';\n"
+        "    vk text := '%s';\n"
+        "    seq text := '%s';\n"
+        "    upgrade boolean := %s;\n"
+        "%s"
         "\n"
         "CREATE TABLE IF NOT EXISTS %s (\n"
         "    global_position BIGINT PRIMARY KEY DEFAULT %s(),\n"
@@ -311,20 +440,41 @@ char *pup_store_schema_sql(const pup_store *s) {
         "    PRIMARY KEY (aggregate_type, aggregate_id)\n"
         ");\n"
         "COMMIT;\n",
-        seq, fn, seq, s->q_events, fn, uq, s->q_events, s->q_events, seq, s->q_events, seq,
+        seq, fn, seq, s->q_events, s->q_checkpoints, fn, s->version_key, seq, upgrade ? "true" : "false",
+        guard_body, s->q_events, fn, uq, s->q_events, s->q_events, seq, s->q_events, seq,
         s->q_events, s->q_heads,
         s->q_checkpoints, s->q_workers, s->q_groups,
         /* a compound literal keeps the buffer local to this call */
         pup_snapshot_table(s, (char[PUP_SNAPSHOT_TABLE_MAX]){0}, PUP_SNAPSHOT_TABLE_MAX));
 }
 
-int pup_store_migrate(const pup_store *s, pup_conn *c, pup_error *err) {
-    char *sql = pup_store_schema_sql(s);
+char *pup_store_schema_sql(const pup_store *s) { return schema_sql(s, 0); }
+
+int pup_store_migrate_ex(const pup_store *s, pup_conn *c, int upgrade, pup_error *err) {
+    char *sql = schema_sql(s, upgrade);
     if (!sql) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     int rc = pup_conn_command(c, sql, err);
     free(sql);
-    if (rc < 0) pup_conn_rollback(c);
+    if (rc < 0) {
+        pup_conn_rollback(c);
+        if (err && strcmp(err->sqlstate, "PU001") == 0) err->code = PUP_ERR_NOT_MIGRATED;
+    }
     return rc;
+}
+
+int pup_store_migrate(const pup_store *s, pup_conn *c, pup_error *err) {
+    return pup_store_migrate_ex(s, c, 0, err);
+}
+
+int pup_store_id_kind(const pup_store *s, pup_conn *c, pup_error *err) {
+    const pup_stmt *st = pup_conn_prepare(c, s->sql_id_types, err);
+    if (!st) return -1;
+    int uuids = 0;
+    for (int i = 0; i < st->nparams; i++) uuids += st->param_types[i] == PUP_UUIDOID;
+    if (uuids == 0 || uuids == st->nparams) return uuids > 0;
+    return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT,
+                         "%s: the columns aggregate_id, causation_id, correlation_id and trace_id "
+                         "must be all text or all uuid (docs/go.md)", s->events);
 }
 
 long long pup_be_int(const char *p, int width) {

@@ -7,7 +7,8 @@ local M = {}
 local USAGE = [[
 usage: pupsourcing SCRIPT.lua [args...]        run a Lua script (require "pupsourcing" works)
        pupsourcing run [options] FILE.lua...   run projections until SIGINT/SIGTERM
-       pupsourcing migrate [options]           create the tables (idempotent)
+       pupsourcing migrate [--upgrade] [options]   create the tables (idempotent); --upgrade
+                                           converts the Go library's tables in place (docs/go.md)
        pupsourcing migrate-gen --output DIR [--filename F] [table options]
        pupsourcing status [--json] [options]   checkpoints, head, lag per partition
        pupsourcing reset [options] FILE.lua    delete a projection's checkpoints, run its reset
@@ -51,7 +52,7 @@ local function fail(msg)
 end
 
 -- Flags that take no value.
-local BOOL = { once = true, json = true, help = true, version = true, group = true }
+local BOOL = { once = true, json = true, help = true, version = true, group = true, upgrade = true }
 
 local L = pup.limits
 -- Ranges of the integer flags (and their environment variables).
@@ -84,7 +85,7 @@ local KNOWN = {
   run = { ["partition-key"] = 1, ["total-partitions"] = 1, workers = 1, ["batch-size"] = 1,
     ["poll-interval"] = 1, once = 1, ["log-format"] = 1, ["handler-timeout"] = 1, group = 1,
     partitions = 1, ["lease-ttl"] = 1, ["metrics-addr"] = 1 },
-  migrate = {}, ["migrate-gen"] = { output = 1, filename = 1 }, status = { json = 1 }, reset = {},
+  migrate = { upgrade = 1 }, ["migrate-gen"] = { output = 1, filename = 1 }, status = { json = 1 }, reset = {},
   repartition = {},
 }
 local COMMON = { ["database-url"] = 1, ["events-table"] = 1, ["aggregate-heads-table"] = 1,
@@ -106,9 +107,11 @@ local commands = {}
 function commands.migrate(flags)
   local store = pup.store(store_opts(flags))
   local db <close> = connect(flags)
-  assert(store:migrate(db))
+  local ok, err = store:migrate(db, { upgrade = flags.upgrade and true or false })
+  if not ok then return fail(tostring(err)) end
   local n = store:names()
-  print(("migrated: %s, %s, %s"):format(n.events_table, n.aggregate_heads_table, n.checkpoints_table))
+  print(("%s: %s, %s, %s"):format(flags.upgrade and "migrated (--upgrade)" or "migrated", n.events_table,
+    n.aggregate_heads_table, n.checkpoints_table))
   return 0
 end
 
@@ -147,6 +150,8 @@ function commands.status(flags)
   local db <close> = connect(flags)
   local rows = assert(pup.status(db, store))
   local prepared = prepared_warnings(db, store)
+  local position = pup.position_warning(db, store)
+  if position then table.insert(prepared, 1, position) end
   if flags.json then
     for _, r in ipairs(rows) do
       for k, v in pairs(r) do if v == pup.null then r[k] = nil end end
@@ -258,6 +263,11 @@ function commands.run(flags, words)
     lease_ttl = ttl and ttl / 1000 or nil, metrics_addr = flags["metrics-addr"],
   }
   if flags.group then opts.total_partitions = partitions or 16 end
+  do
+    local db <close> = connect(flags)
+    local warning = pup.position_warning(db, pup.store(opts.store))
+    if warning then log(warning:gsub("^warning: ", ""), "warning") end
+  end
   local r, rerr = pup.runner(opts)
   if not r then return fail("--metrics-addr " .. rerr.message:gsub("^metrics address ", "")) end
   local res, err = r:run()
