@@ -16,6 +16,98 @@ BEGIN
 END
 $fn$;
 
+-- Tables of another shape (the Go library's): refused, or converted by --upgrade.
+DO $guard$
+DECLARE
+    ev regclass := to_regclass('"events"');
+    ck regclass := to_regclass('"projection_checkpoints"');
+    fn text := '"events_next_position"';
+    vk text := 'events_aggregate_version_key';
+    seq text := '"events_global_position_seq"';
+    upgrade boolean := false;
+    diffs text := '';
+    todo text := '';
+    ids text;
+    def text;
+    uq name;
+    pk name;
+BEGIN
+    IF ev IS NOT NULL THEN
+        IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = ev AND attname = 'bounded_context'
+                   AND NOT attisdropped) THEN
+            RAISE EXCEPTION USING ERRCODE = 'PU001', MESSAGE = format('migrate: %s has a bounded_context'
+                ' column (the newest Go library''s shape): pupsourcing for C and Lua does not support'
+                ' bounded contexts, with or without --upgrade; nothing was changed (docs/go.md)', ev);
+        END IF;
+        SELECT string_agg(attname, ', ' ORDER BY attnum) INTO ids FROM pg_attribute WHERE attrelid = ev
+            AND NOT attisdropped AND atttypid = 'uuid'::regtype
+            AND attname IN ('aggregate_id', 'causation_id', 'correlation_id', 'trace_id');
+        SELECT pg_get_expr(d.adbin, d.adrelid) INTO def FROM pg_attrdef d JOIN pg_attribute a
+            ON a.attrelid = d.adrelid AND a.attnum = d.adnum WHERE d.adrelid = ev AND a.attname = 'global_position';
+        IF NOT EXISTS (SELECT 1 FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid
+                       AND a.attnum = d.adnum JOIN pg_depend p ON p.classid = 'pg_attrdef'::regclass
+                       AND p.objid = d.oid AND p.refclassid = 'pg_proc'::regclass
+                       WHERE d.adrelid = ev AND a.attname = 'global_position'
+                       AND p.refobjid = to_regprocedure(fn || '()')) THEN
+            diffs := diffs || format(E'\n  - %s.global_position defaults to %s, not %s(): writers do not take'
+                ' a transaction id before drawing a position, so the ordering rule (docs/ordering.md)'
+                ' is not in force', ev, coalesce(def, 'nothing'), fn);
+            todo := todo || format(E'\n  - set the default of global_position to %s() (same sequence,'
+                ' every position kept)', fn);
+            IF upgrade THEN
+                EXECUTE format('SELECT setval(%L, max(global_position)) FROM %s HAVING max(global_position)'
+                    ' > (SELECT last_value FROM %s)', seq, ev, seq);
+                EXECUTE format('ALTER TABLE %s ALTER COLUMN global_position SET DEFAULT %s()', ev, fn);
+            END IF;
+        END IF;
+        SELECT c.conname INTO uq FROM pg_constraint c WHERE c.conrelid = ev AND c.contype = 'u'
+            AND (SELECT array_agg(attname::text ORDER BY attname) FROM pg_attribute WHERE attrelid = ev
+                 AND attnum = ANY (c.conkey)) = ARRAY['aggregate_id', 'aggregate_type', 'aggregate_version'];
+        IF uq IS NOT NULL AND uq <> vk THEN
+            diffs := diffs || format(E'\n  - the unique key on (aggregate_type, aggregate_id, aggregate_version)'
+                ' is named %I: a lost append race would not be reported as optimistic_concurrency', uq);
+            todo := todo || format(E'\n  - rename it to %I', vk);
+            IF upgrade THEN
+                EXECUTE format('ALTER TABLE %s RENAME CONSTRAINT %I TO %I', ev, uq, vk);
+            END IF;
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = ev AND attname = 'aggregate_id_hash'
+                       AND NOT attisdropped) THEN
+            todo := todo || E'\n  - add the column aggregate_id_hash (NULL for existing rows, no rewrite)';
+        END IF;
+    END IF;
+    IF ck IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = ck
+                                      AND attname = 'partition_key' AND NOT attisdropped) THEN
+        diffs := diffs || format(E'\n  - %s keeps one checkpoint per projection (the Go library''s shape),'
+            ' not one per projection partition', ck);
+        todo := todo || E'\n  - convert it in place: a projection at position N continues as partition 0'
+            ' of 1 at N (Go processors then need a checkpoint table of their own: docs/go.md)';
+        IF upgrade THEN
+            SELECT conname INTO pk FROM pg_constraint WHERE conrelid = ck AND contype = 'p';
+            IF pk IS NOT NULL THEN
+                EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', ck, pk);
+            END IF;
+            EXECUTE format('ALTER TABLE %s ADD COLUMN partition_key INT NOT NULL DEFAULT 0,'
+                ' ADD COLUMN total_partitions INT NOT NULL DEFAULT 1,'
+                ' ADD COLUMN IF NOT EXISTS waiting_position BIGINT, ADD COLUMN IF NOT EXISTS waiting_since TIMESTAMPTZ,'
+                ' ADD COLUMN IF NOT EXISTS owner TEXT, ADD COLUMN IF NOT EXISTS lease_expires_at TIMESTAMPTZ,'
+                ' ADD COLUMN IF NOT EXISTS updated_at TIMESTAMPTZ', ck);
+            EXECUTE format('UPDATE %s SET updated_at = now() WHERE updated_at IS NULL', ck);
+            EXECUTE format('ALTER TABLE %s ALTER COLUMN last_global_position SET NOT NULL,'
+                ' ALTER COLUMN updated_at SET NOT NULL, ALTER COLUMN updated_at SET DEFAULT now(),'
+                ' ADD PRIMARY KEY (projection_name, total_partitions, partition_key)', ck);
+        END IF;
+    END IF;
+    IF diffs <> '' AND NOT upgrade THEN
+        RAISE EXCEPTION USING ERRCODE = 'PU001', MESSAGE = format(E'migrate: the existing tables are not in a'
+            ' shape pupsourcing can use; nothing was changed.%s\n`pupsourcing migrate --upgrade`'
+            ' (store:migrate(db, {upgrade = true})) converts them in place, without rewriting the events'
+            ' table:%s%s', diffs, todo, CASE WHEN ids IS NULL THEN '' ELSE format(E'\n  - keep %s of %s'
+            ' as uuid (read back as canonical text; aggregate ids must then be UUIDs)', ids, ev) END);
+    END IF;
+END
+$guard$;
+
 CREATE TABLE IF NOT EXISTS "events" (
     global_position BIGINT PRIMARY KEY DEFAULT "events_next_position"(),
     aggregate_type TEXT NOT NULL,

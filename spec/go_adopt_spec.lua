@@ -293,6 +293,20 @@ describe("a database made by the Go library (seed shape)", function()
     local handled = q(db, "SELECT min(pos) AS lo, max(pos) AS hi, count(*) AS n, count(DISTINCT pos) AS d FROM " .. goseen)[1]
     assert.same({ lo = 21, hi = head, n = count - 20, d = count - 20 }, handled)
 
+    -- a Go processor still on the converted table fails loudly at its checkpoint write;
+    -- docs/go.md's SQL gives it a table of its own with its position
+    local _, gerr = db:exec(S.checkpoint, "go_counter", 1)
+    assert.equal("42P10", gerr.sqlstate)
+    local block = H.read_file(H.source_dir .. "/docs/go.md"):match("```sql\n(.-)```")
+    block = block:gsub("go_projection_checkpoints", "t_goadopt_gock"):gsub("projection_checkpoints", T.checkpoints_table)
+      :gsub("my_go_projection", "go_counter")
+    assert(db:exec("DROP TABLE IF EXISTS t_goadopt_gock"))
+    assert(db:exec(block))
+    assert.same({ { p = "go_counter", pos = head } }, q(db, "SELECT projection_name AS p, last_global_position AS pos"
+      .. " FROM t_goadopt_gock"))
+    assert(db:exec(S.checkpoint:gsub(T.checkpoints_table, "t_goadopt_gock"), "go_counter", head))
+    assert(db:exec("DROP TABLE t_goadopt_gock"))
+
     -- run with 4 partitions: every event exactly once, aggregates whole
     local file, cnt, seen = projection("adopt_counter")
     r = H.run(H.with_tables(T, { "run", "--once", "--workers", "4", file }))
