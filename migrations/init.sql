@@ -195,4 +195,15 @@ CREATE TABLE IF NOT EXISTS "events_snapshots" (
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (aggregate_type, aggregate_id)
 );
+-- An events table with uuid ids (the Go library's, docs/go.md) has snapshots keyed
+-- by uuid too: a load compares one parameter with both tables' aggregate_id.
+DO $snap$
+BEGIN
+    IF (SELECT atttypid FROM pg_attribute WHERE attrelid = '"events"'::regclass
+        AND attname = 'aggregate_id') = 'uuid'::regtype AND (SELECT atttypid FROM pg_attribute
+        WHERE attrelid = '"events_snapshots"'::regclass AND attname = 'aggregate_id') = 'text'::regtype THEN
+        ALTER TABLE "events_snapshots" ALTER COLUMN aggregate_id TYPE uuid USING aggregate_id::uuid;
+    END IF;
+END
+$snap$;
 COMMIT;

@@ -280,6 +280,20 @@ describe("a database made by the Go library (seed shape)", function()
       for _, f in ipairs(FIELDS) do assert.equal(written[e.global_position][f], e[f]) end
     end
     head = head + 5
+
+    -- commands with snapshots: the snapshots table is keyed by uuid like the events
+    assert.equal("uuid", q(db, "SELECT format_type(atttypid, NULL) AS t FROM pg_attribute WHERE attrelid ="
+      .. " $1::regclass AND attname = 'aggregate_id'", T.events_table .. "_snapshots")[1].t)
+    local acct = { initial = function() return { n = 0 } end, snapshot_every = 2,
+      evolve = function(st, e) st.n = st.n + 1 return st end }
+    local st, v = assert(store:handle(db, "Account", ids[4]:upper(), function() return { { event_type = "Noted",
+      payload = {} } } end, acct))
+    assert.same({ { n = 6 }, 6 }, { st, v })
+    assert.equal(1, q(db, ('SELECT count(*) AS n FROM "%s_snapshots" WHERE aggregate_id = $1 AND version = 6')
+      :format(T.events_table), ids[4])[1].n)
+    local ls, lv = assert(store:load(db, "Account", ids[4], acct))
+    assert.same({ { n = 6 }, 6 }, { ls, lv })
+    head = head + 1 -- (the event Noted is counted by the runs below)
     local count = q(db, ('SELECT count(*) AS n FROM "%s"'):format(T.events_table))[1].n
 
     -- the Go checkpoint continued: go_counter at 20 is partition 0 of 1 at 20

@@ -317,6 +317,8 @@ static const char guard_body[] =
 /* The migration SQL; `upgrade` lets its guard convert the Go library's tables. */
 static char *schema_sql(const pup_store *s, int upgrade) {
     const char *seq = s->q_sequence;
+    char snap[PUP_SNAPSHOT_TABLE_MAX];
+    pup_snapshot_table(s, snap, sizeof snap);
     char fn[PUP_NAME_MAX + 32];
     char uq[sizeof s->version_key + 2];
     quote_name(fn, sizeof fn, s->events, "_next_position");
@@ -439,13 +441,25 @@ static char *schema_sql(const pup_store *s, int upgrade) {
         "    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
         "    PRIMARY KEY (aggregate_type, aggregate_id)\n"
         ");\n"
+        "-- An events table with uuid ids (the Go library's, docs/go.md) has snapshots keyed\n"
+        "-- by uuid too: a load compares one parameter with both tables' aggregate_id.\n"
+        "DO $snap$\n"
+        "BEGIN\n"
+        "    IF (SELECT atttypid FROM pg_attribute WHERE attrelid = '%s'::regclass\n"
+        "        AND attname = 'aggregate_id') = 'uuid'::regtype AND (SELECT atttypid FROM pg_attribute\n"
+        "        WHERE attrelid = '%s'::regclass AND attname = 'aggregate_id') = 'text'::regtype THEN\n"
+        "        ALTER TABLE %s ALTER COLUMN aggregate_id TYPE uuid USING aggregate_id::uuid;\n"
+        "    END IF;\n"
+        "END\n"
+        "$snap$;\n"
         "COMMIT;\n",
         seq, fn, seq, s->q_events, s->q_checkpoints, fn, s->version_key, seq, upgrade ? "true" : "false",
         guard_body, s->q_events, fn, uq, s->q_events, s->q_events, seq, s->q_events, seq,
         s->q_events, s->q_heads,
         s->q_checkpoints, s->q_workers, s->q_groups,
         /* a compound literal keeps the buffer local to this call */
-        pup_snapshot_table(s, (char[PUP_SNAPSHOT_TABLE_MAX]){0}, PUP_SNAPSHOT_TABLE_MAX));
+        pup_snapshot_table(s, (char[PUP_SNAPSHOT_TABLE_MAX]){0}, PUP_SNAPSHOT_TABLE_MAX),
+        s->q_events, snap, snap);
 }
 
 char *pup_store_schema_sql(const pup_store *s) { return schema_sql(s, 0); }

@@ -51,10 +51,11 @@ int pup_snapshot_write(const pup_store *s, pup_conn *c, pup_str type, pup_str id
     /* A row of a higher snapshot_version, or of the same one at a later version, is kept:
      * writers racing, or an older deployment still running, never move it back. A row
      * another transaction holds locked is skipped rather than waited for: a snapshot is
-     * an optimisation and never blocks the command that writes it. */
+     * an optimisation and never blocks the command that writes it. $2 takes the column's
+     * type: text, or uuid next to the Go library's events (docs/go.md). */
     snprintf(sql, sizeof sql,
              "INSERT INTO %s AS s (aggregate_type, aggregate_id, version, snapshot_version, state)"
-             " SELECT $1::text, $2::text, $3::bigint, $4::int, $5::bytea"
+             " SELECT $1::text, $2, $3::bigint, $4::int, $5::bytea"
              " WHERE NOT EXISTS (SELECT 1 FROM %s WHERE aggregate_type = $1 AND aggregate_id = $2)"
              " OR EXISTS (SELECT 1 FROM %s WHERE aggregate_type = $1 AND aggregate_id = $2"
              " FOR UPDATE SKIP LOCKED)"
