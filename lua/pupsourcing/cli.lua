@@ -148,9 +148,10 @@ end
 function commands.status(flags)
   local store = pup.store(store_opts(flags))
   local db <close> = connect(flags)
-  local rows = assert(pup.status(db, store))
-  local prepared = prepared_warnings(db, store)
   local position = pup.position_warning(db, store)
+  local rows, serr = pup.status(db, store)
+  if not rows then return fail(tostring(serr) .. (position and "\n" .. position or "")) end
+  local prepared = prepared_warnings(db, store)
   if position then table.insert(prepared, 1, position) end
   if flags.json then
     for _, r in ipairs(rows) do
