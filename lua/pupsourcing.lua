@@ -133,10 +133,12 @@ end
 -- The warning `status` and `run` print when the events table's global_position does
 -- not default to the xid-first function (the Go library's BIGSERIAL, a hand-made table):
 -- the ordering rule of docs/ordering.md is then not in force. nil when it is, or when
--- the table does not exist (yet).
+-- the table does not exist (yet); nil, err when the catalog cannot be read.
 function M.position_warning(db, store)
   store = store or M.store()
-  local r = assert(db:query(store:names().sql.position_default))[1]
+  local rows, err = db:query(store:names().sql.position_default)
+  if not rows then return nil, err end
+  local r = rows[1]
   if not r.exists or r.xid_first then return nil end
   return ("warning: %s.global_position does not default to %s: appends that leave it to the default"
     .. " may commit out of order unseen, so projections can skip events (docs/ordering.md);"

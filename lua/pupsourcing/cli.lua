@@ -264,9 +264,9 @@ function commands.run(flags, words)
     lease_ttl = ttl and ttl / 1000 or nil, metrics_addr = flags["metrics-addr"],
   }
   if flags.group then opts.total_partitions = partitions or 16 end
-  do
-    local db <close> = connect(flags)
-    local warning = pup.position_warning(db, pup.store(opts.store))
+  do -- best effort: the runner reports a database it cannot reach
+    local db <close> = pup.connect(flags["database-url"])
+    local warning = db and pup.position_warning(db, pup.store(opts.store))
     if warning then log(warning:gsub("^warning: ", ""), "warning") end
   end
   local r, rerr = pup.runner(opts)
