@@ -347,6 +347,48 @@ describe("a database made by the Go library (seed shape)", function()
     assert.matches("adopt_counter%s+3/4%s+" .. head .. "%s+" .. head .. "%s+0", r.stdout)
   end)
 
+  it("is upgraded while Go appenders write: nothing lost, nothing doubled", function()
+    local _, _, S = go_database(db, T, 1, 1, 0)
+    local script = dir .. "/writer.lua"
+    H.write_file(script, ([[
+      local pup = require "pupsourcing"
+      local db = assert(pup.connect(os.getenv("DATABASE_URL")))
+      local ids = {}
+      for a = 1, 8 do ids[a] = pup.uuid() end
+      for i = 1, 400 do
+        local id = ids[i %% 8 + 1]
+        assert(db:transaction(function(tx)
+          local h = assert(tx:query(%q, "Account", id))[1]
+          local v = (h and h.aggregate_version or 0) + 1
+          assert(tx:query(%q, "Account", id, v, pup.uuid(), "W", 1, "{}", nil, nil, nil, nil, "2024-01-01T00:00:00Z"))
+          assert(tx:exec(%q, "Account", id, v))
+        end))
+      end
+      print("done")
+    ]]):format(S.head, S.insert, S.upsert_head))
+    local writer = H.spawn({ H.bin, script })
+    local ok, perr = pcall(function()
+      H.wait_until("the writer to start", 10, function()
+        return q(db, ('SELECT count(*) AS n FROM "%s"'):format(T.events_table))[1].n > 50
+      end)
+      local r = H.run(H.with_tables(T, { "migrate", "--upgrade" }))
+      assert.equal(0, r.code, r.output)
+      local during = q(db, ('SELECT count(*) AS n FROM "%s"'):format(T.events_table))[1].n
+      assert.equal(0, H.wait_exit(writer, 60), H.stderr_of(writer))
+      assert.is_true(during < 401, "the upgrade ran after the writer had finished")
+      local file, cnt, seen = projection("adopt_race")
+      r = H.run(H.with_tables(T, { "run", "--once", "--workers", "4", file }))
+      assert.equal(0, r.code, r.output)
+      local s = q(db, "SELECT count(*) AS n, count(DISTINCT pos) AS d FROM " .. seen)[1]
+      assert.same({ n = 401, d = 401 }, s)
+      local wrong = q(db, ('SELECT count(*) AS n FROM (SELECT aggregate_id::text AS agg, count(*) AS n FROM "%s"'
+        .. ' GROUP BY 1) e FULL JOIN %s c USING (agg) WHERE c.n IS DISTINCT FROM e.n'):format(T.events_table, cnt))[1].n
+      assert.equal(0, wrong)
+    end)
+    H.reap(writer)
+    assert(ok, perr)
+  end)
+
   it("keeps the ordering rule for Go appends: a position drawn before its writer's xid is waited for", function()
     -- A BEFORE INSERT trigger holds the Go writer after its position is drawn and before
     -- the row (and, with a plain nextval default, its transaction id) exists.
