@@ -1,6 +1,7 @@
 -- pupsourcing.aggregate: the application half over the store: store:load (fold an
 -- aggregate's stream, from its snapshot when there is one), store:handle (load, decide,
--- append with exact(version), retry on conflicts, write snapshots) and pup.upcast
+-- append with exact(version), retry on conflicts, write snapshots), store:inline
+-- (projections run inside every append of the store) and pup.upcast
 -- (payloads of old event versions turned into the current shape on every read of this Lua
 -- state). lua/pupsourcing.lua wires them in. Reference: docs/lua-api.md "Aggregates and
 -- commands".
@@ -414,13 +415,6 @@ function M.inline(store, db, proj)
   list[#list + 1] = proj
   inline_of[store] = list
   return true
-end
-
--- The inline projections of store (a copy), in registration order.
-function M.inline_projections(store)
-  local out = {}
-  for i, p in ipairs(inline_of[store] or {}) do out[i] = p end
-  return out
 end
 
 -- Runs every inline projection on the events an append wrote (read back in tx: upcast,
