@@ -63,6 +63,20 @@ function M.check_projection(p, where)
   if type(p.handle) ~= "function" then
     error(("%s: projection %q: `handle` must be a function, got %s"):format(where, p.name, type(p.handle)), 0)
   end
+  -- kind: "projection" (the default: handle(tx, event) in the batch transaction) or
+  -- "reactor" (handle(event): side effects, no transaction).
+  local kind = p.kind
+  if kind ~= nil and kind ~= "projection" and kind ~= "reactor" then
+    error(("%s: projection %q: unknown `kind` %s (\"projection\" or \"reactor\")")
+      :format(where, p.name, type(kind) == "string" and ("%q"):format(kind) or tostring(kind)), 0)
+  end
+  if kind == "reactor" then
+    local info = debug.getinfo(p.handle, "u")
+    if info.nparams > 1 then
+      error(("%s: reactor %q: `handle` takes (event) alone: a reactor gets no transaction (declared with %d parameters)")
+        :format(where, p.name, info.nparams), 0)
+    end
+  end
   for _, f in ipairs { "setup", "reset" } do
     if p[f] ~= nil and type(p[f]) ~= "function" then
       error(("%s: projection %q: `%s` must be a function"):format(where, p.name, f), 0)

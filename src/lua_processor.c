@@ -1,6 +1,7 @@
 /*
  * lua_processor.c -- pup.processor(db, projection, opts): a projection table driven by
- * the C batch loop. The handler gets a managed tx (pipelined exec) and the event.
+ * the C batch loop. The handler gets a managed tx (pipelined exec) and the event; a
+ * reactor's (kind = "reactor") gets the event alone, in the same loop.
  */
 #include "pup_lua.h"
 #include "pup_processor.h"
@@ -38,6 +39,7 @@ typedef struct lproc {
     int json_log;
     int running;            /* inside run/run_once: close() and nested runs raise */
     int handler_timeout_ms; /* per-event limit on handler run time; 0 = none */
+    int reactor;            /* kind = "reactor": handle(event), no tx */
 } lproc;
 
 static double mono_now(void) {
@@ -129,9 +131,11 @@ static int projection_call(lua_State *L) {
     if (lua_getfield(L, -1, cx->fname) != LUA_TFUNCTION)
         return luaL_error(L, "projection field %s is not a function anymore (got %s)", cx->fname,
                           luaL_typename(L, -1));
-    lua_rawgeti(L, LUA_REGISTRYINDEX, cx->lp->tx_ref);
+    /* A reactor's handle(event) gets no tx: its side effects are not the batch's. */
+    int with_tx = !(cx->ev && cx->lp->reactor);
+    if (with_tx) lua_rawgeti(L, LUA_REGISTRYINDEX, cx->lp->tx_ref);
     if (cx->ev) pup_lua_push_event(L, cx->ev);
-    lua_call(L, cx->ev ? 2 : 1, 2);
+    lua_call(L, with_tx + (cx->ev != NULL), 2);
     /* `return nil, err` from a handler fails it like a raise would. */
     if (!lua_toboolean(L, -2) && !lua_isnil(L, -1)) {
         luaL_tolstring(L, -1, NULL);
@@ -270,8 +274,13 @@ static int l_processor(lua_State *L) {
     cfg.partition_key = pup_lua_opt_int(L, 3, "option", "partition_key", 0, 0, PUP_LUA_MAX_PARTITIONS - 1);
     cfg.total_partitions = pup_lua_opt_int(L, 3, "option", "total_partitions", cfg.group ? 16 : 1, 1, PUP_LUA_MAX_PARTITIONS);
     cfg.lease_ttl_ms = pup_lua_opt_seconds(L, 3, "lease_ttl", 0);
-    cfg.batch_size = pup_lua_opt_int(L, 3, "option", "batch_size", pup_lua_opt_int(L, 2, "option", "batch_size", 100, 1, PUP_LUA_MAX_BATCH), 1,
-                             PUP_LUA_MAX_BATCH);
+    lua_getfield(L, 2, "kind");
+    int reactor = lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), "reactor") == 0;
+    lua_pop(L, 1);
+    /* A reactor's batch transaction stays open across its side effects, and a crash
+     * delivers the whole batch again: one event per batch unless asked otherwise. */
+    int def_batch = pup_lua_opt_int(L, 2, "option", "batch_size", reactor ? 1 : 100, 1, PUP_LUA_MAX_BATCH);
+    cfg.batch_size = pup_lua_opt_int(L, 3, "option", "batch_size", def_batch, 1, PUP_LUA_MAX_BATCH);
     cfg.poll_interval_ms = pup_lua_opt_seconds(L, 3, "poll_interval", 1000);
     int timeout_ms = pup_lua_opt_int(L, 3, "option", "handler_timeout_ms", 0, 0, PUP_LUA_MAX_TIMEOUT_MS);
     if (lua_getfield(L, 3, "store") == LUA_TNIL) {
@@ -294,6 +303,7 @@ static int l_processor(lua_State *L) {
     lp->L = L;
     lp->vm = vm;
     lp->handler_timeout_ms = timeout_ms;
+    lp->reactor = reactor;
     cfg.statement_timeout_ms = timeout_ms;
     pup_handler h = {lp, NULL, cb_handle};
     lua_getfield(L, 2, "setup");

@@ -10,7 +10,9 @@
 -- 3. checks every account: the chain of balance_after has no gap (no lost update), and the
 --    state loaded from its snapshot equals the full fold;
 -- 4. shows a rejected command (nothing written);
--- 5. runs the read model (projections/balances.lua) until caught up and compares it.
+-- 5. runs the read model (projections/balances.lua) until caught up and compares it;
+-- 6. runs the reactor (reactors/notifications.lua) until caught up: one notification
+--    recorded as sent per deposit.
 -- (--writer N is the writer process itself.)
 local pup = require "pupsourcing"
 local common = dofile((arg[0]:match("^(.*)/") or ".") .. "/../common.lua")
@@ -102,3 +104,12 @@ for _, row in ipairs(assert(db:query("SELECT account_id, balance FROM bank_balan
   if states[row.account_id] and states[row.account_id].balance == row.balance then matching = matching + 1 end
 end
 say("read model: %d of %d accounts match their aggregates", matching, #ids)
+
+-- 6. The reactor: a notification per deposit ---------------------------------------------
+local r = pup.processor(db, pup.load_projection(common.here .. "/reactors/notifications.lua"))
+local delivered = assert(r:run { once = true })
+r:close()
+local sent = assert(db:query([[SELECT count(DISTINCT n.event_id) AS distinct_events
+  FROM bank_notifications n JOIN events e ON e.event_id::text = n.event_id]]))[1]
+local deposits = assert(db:query("SELECT count(*) AS n FROM events WHERE event_type = 'MoneyDeposited'"))[1].n
+say("reactor: %d deliveries, %d notifications sent for %d deposits", delivered, sent.distinct_events, deposits)

@@ -17,4 +17,16 @@ expect_eq "stored old deposits" "$(q "SELECT count(*) FROM events WHERE event_ve
 expect_eq "snapshots" "$(q 'SELECT count(*) FROM events_snapshots WHERE version >= 20')" 3
 expect_eq "read model total" "$(q 'SELECT sum(balance) FROM bank_balances')" \
   "$(q "SELECT sum(CASE WHEN event_version = 1 THEN (convert_from(payload, 'UTF8')::jsonb->>'cents')::bigint / 100 ELSE (convert_from(payload, 'UTF8')::jsonb->>'amount')::bigint END) FROM events WHERE event_type = 'MoneyDeposited'")"
+# The reactor: one notification recorded as sent per deposit (101: 100 + the old one)
+has_output bank '^reactor: 101 deliveries, 101 notifications sent for 101 deposits$' || fail "the reactor missed deposits"
+expect_eq "notifications" "$(q 'SELECT count(*) FROM bank_notifications')" 101
+expect_eq "notified deposits" "$(q "SELECT count(*) FROM events e JOIN bank_notifications n ON n.event_id = e.event_id::text WHERE e.event_type = 'MoneyDeposited'")" 101
+# More deposits, then the reactor as `pupsourcing run` (a batch per event): the new ones only
+accounts=$(q "SELECT string_agg(DISTINCT aggregate_id, ',') FROM events")
+run more -- examples/bank-account/main.lua --writer 9 --commands 30 --accounts "$accounts"
+run reactor -- run --once examples/bank-account/reactors/notifications.lua
+expect_eq "notifications after run" "$(q 'SELECT count(*) FROM bank_notifications')" 131
+expect_eq "reactor checkpoint" "$(q "SELECT last_global_position FROM projection_checkpoints WHERE projection_name = 'bank_notifications'")" \
+  "$(q 'SELECT max(global_position) FROM events')"
+grep -q '^pupsourcing: bank_notifications: 30 event(s) handled' "$WORK/reactor.err" || fail "the reactor did not handle the 30 new deposits"
 note "ok"

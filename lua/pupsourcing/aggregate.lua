@@ -1,6 +1,7 @@
 -- pupsourcing.aggregate: the application half over the store: store:load (fold an
 -- aggregate's stream, from its snapshot when there is one), store:handle (load, decide,
--- append with exact(version), retry on conflicts, write snapshots) and pup.upcast
+-- append with exact(version), retry on conflicts, write snapshots), store:inline
+-- (projections run inside every append of the store) and pup.upcast
 -- (payloads of old event versions turned into the current shape on every read of this Lua
 -- state). lua/pupsourcing.lua wires them in. Reference: docs/lua-api.md "Aggregates and
 -- commands".
@@ -370,10 +371,109 @@ function M.handle(store, db, atype, id, decide, o)
   end
 end
 
--- Adds load and handle to the store's methods.
+-- ---- inline projections -----------------------------------------------------------
+
+-- {[store] = {projection, ...}} of this Lua state: what store:inline registered.
+local inline_of = setmetatable({}, { __mode = "k" })
+local raw_append = store_methods.append
+
+local function contains(list, v)
+  if list == nil or #list == 0 then return true end
+  for i = 1, #list do
+    if list[i] == v then return true end
+  end
+  return false
+end
+
+-- store:inline(db_or_tx, projection) -> true | nil, err: runs projection's setup(tx) (one
+-- setup at a time, as processors do) and from then on its handle(tx, event) inside every
+-- append of this store in this Lua state. Raises on misuse.
+function M.inline(store, db, proj)
+  local mt = getmetatable(db)
+  if mt ~= tx_mt and mt ~= registry["pupsourcing.db"] then
+    error("bad argument #1 to 'inline' (db or tx expected)", 2)
+  end
+  require("pupsourcing").check_projection(proj, "inline")
+  if proj.kind == "reactor" then
+    error(("inline: reactor %q cannot run inline: its side effects would not roll back with the append")
+      :format(proj.name), 2)
+  end
+  local list = inline_of[store] or {}
+  for i = 1, #list do
+    if list[i].name == proj.name then
+      error(("inline: a projection named %q is already inline in this store"):format(proj.name), 2)
+    end
+  end
+  if proj.setup then
+    local run = mt == tx_mt and db.savepoint or db.transaction
+    local ok, err = run(db, function(tx)
+      assert(tx:query("SELECT pg_advisory_xact_lock(hashtextextended('pupsourcing.setup', 0))"))
+      proj.setup(tx)
+    end)
+    if not ok then return nil, err end
+  end
+  list[#list + 1] = proj
+  inline_of[store] = list
+  return true
+end
+
+-- Runs every inline projection on the events an append wrote (read back in tx: upcast,
+-- with their positions and the server's created_at). Returns true | nil, err (handler).
+local function run_inline(store, tx, list, atype, id, res)
+  local events, err = store:read_aggregate_stream(tx, atype, id,
+    { from_version = res.from_version, to_version = res.to_version })
+  if not events then return nil, err end
+  for _, ev in ipairs(events) do
+    local stored_type = ev.stored_event_type or ev.event_type
+    for _, proj in ipairs(list) do
+      if contains(proj.aggregate_types, atype) and contains(proj.event_types, stored_type) then
+        local ok, r1, r2 = pcall(proj.handle, tx, ev)
+        local why = not ok and r1 or (not r1 and r2 ~= nil and r2) or nil
+        if why ~= nil then
+          -- an error object's text without its SQLSTATE, which the new error carries
+          local text = type(why) == "table" and why.message ~= nil
+            and (why.code and why.code .. ": " or "") .. tostring(why.message) or tostring(why)
+          local e = new_error("handler", ("inline projection %s failed at global position %d (event_type %s, event_id %s): %s")
+            :format(proj.name, ev.global_position, stored_type, ev.event_id, text))
+          if type(why) == "table" then e.sqlstate, e.cause = why.sqlstate, why end
+          return nil, e
+        end
+      end
+    end
+  end
+  return true
+end
+
+-- store:append with inline projections: the append and their handlers in one transaction
+-- (a savepoint inside a caller's), so a failing handler leaves nothing written.
+function M.append(store, db, expected, events, ...)
+  local list = inline_of[store]
+  if not list or #list == 0 or type(events) ~= "table" or type(events[1]) ~= "table" then
+    return raw_append(store, db, expected, events, ...)
+  end
+  local extra = table.pack(...)
+  local res, failure
+  local run = getmetatable(db) == tx_mt and db.savepoint or db.transaction
+  if type(run) ~= "function" then return raw_append(store, db, expected, events, ...) end
+  local ok, err = run(db, function(tx)
+    res, failure = raw_append(store, tx, expected, events, table.unpack(extra, 1, extra.n))
+    if not res then error(failure) end
+    local done, herr = run_inline(store, tx, list, events[1].aggregate_type, events[1].aggregate_id, res)
+    if not done then
+      failure = herr
+      error(herr)
+    end
+  end)
+  if not ok then return nil, failure or err end
+  return res
+end
+
+-- Adds load, handle, inline and the inline-aware append to the store's methods.
 function M.install()
   store_methods.load = M.load
   store_methods.handle = M.handle
+  store_methods.inline = M.inline
+  store_methods.append = M.append
 end
 
 return M
