@@ -46,7 +46,9 @@ end
 -- Drops a spec area's tables (and what migrate created with them).
 function M.drop_tables(db, name)
   local t = M.tables(name)
-  for _, tbl in ipairs { t.events_table, t.aggregate_heads_table, t.checkpoints_table, t.events_table .. "_snapshots" } do
+  local cp = t.checkpoints_table
+  for _, tbl in ipairs { t.events_table, t.aggregate_heads_table, cp, cp .. "_workers", cp .. "_groups",
+                         t.events_table .. "_snapshots" } do
     assert(db:exec('DROP TABLE IF EXISTS "' .. tbl .. '" CASCADE'))
   end
   assert(db:exec('DROP SEQUENCE IF EXISTS "' .. t.events_table .. '_global_position_seq" CASCADE'))

@@ -73,8 +73,10 @@ foreach(_src IN LISTS _pup_ctests)
   target_link_libraries(${_name} PRIVATE pupsourcing_core PkgConfig::LUA m dl)
   set_target_properties(${_name} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/spec)
   add_test(NAME c.${_name} COMMAND ${_name} WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
+  # The plain run and the valgrind run of one C test use the same tables: never together.
   set_tests_properties(c.${_name} PROPERTIES
     LABELS "c"
+    RESOURCE_LOCK ${_name}
     TIMEOUT ${PUP_TEST_TIMEOUT}
     ENVIRONMENT "${_pup_test_env}")
 endforeach()
@@ -90,6 +92,7 @@ if(PUP_VALGRIND AND NOT PUP_SANITIZE)
              WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
     set_tests_properties(valgrind.${_name} PROPERTIES
       LABELS "c;valgrind"
+      RESOURCE_LOCK ${_name}
       TIMEOUT ${PUP_TEST_TIMEOUT}
       ENVIRONMENT "${_pup_test_env}")
   endforeach()
