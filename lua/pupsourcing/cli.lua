@@ -10,7 +10,8 @@ usage: pupsourcing SCRIPT.lua [args...]        run a Lua script (require "pupsou
        pupsourcing migrate [options]           create the tables (idempotent)
        pupsourcing migrate-gen --output DIR [--filename F] [table options]
        pupsourcing status [--json] [options]   checkpoints, head, lag per partition
-       pupsourcing reset [options] FILE.lua    delete a projection's checkpoints, run its reset
+       pupsourcing reset [options] FILE.lua    start a projection over: new generation, run its reset
+       pupsourcing rebuild [run options] FILE.lua   reset, then catch up (run --once)
        pupsourcing repartition [options] FILE.lua N   change a worker group's partition count
        pupsourcing --help | --version
 
@@ -85,6 +86,8 @@ local KNOWN = {
     ["poll-interval"] = 1, once = 1, ["log-format"] = 1, ["handler-timeout"] = 1, group = 1,
     partitions = 1, ["lease-ttl"] = 1, ["metrics-addr"] = 1 },
   migrate = {}, ["migrate-gen"] = { output = 1, filename = 1 }, status = { json = 1 }, reset = {},
+  rebuild = { ["partition-key"] = 1, ["total-partitions"] = 1, workers = 1, ["batch-size"] = 1,
+    ["log-format"] = 1, ["handler-timeout"] = 1 },
   repartition = {},
 }
 local COMMON = { ["database-url"] = 1, ["events-table"] = 1, ["aggregate-heads-table"] = 1,
@@ -147,6 +150,16 @@ function commands.status(flags)
   local db <close> = connect(flags)
   local rows = assert(pup.status(db, store))
   local prepared = prepared_warnings(db, store)
+  local layouts, live = assert(pup.layouts(db, store)), {}
+  for _, l in ipairs(layouts) do live[l.projection] = l end
+  for _, r in ipairs(rows) do -- which layout each row belongs to (docs/operations.md)
+    local l = live[r.projection]
+    if l then
+      r.layout = ("%s %d"):format(l.mode, l.total_partitions)
+      r.live_layout = r.total_partitions == l.total_partitions
+      r.generation = l.generation
+    end
+  end
   if flags.json then
     for _, r in ipairs(rows) do
       for k, v in pairs(r) do if v == pup.null then r[k] = nil end end
@@ -170,6 +183,14 @@ function commands.status(flags)
     print(line:format(pad(r.projection), r.partition_key .. "/" .. r.total_partitions,
       r.position, r.head, r.lag, r.updated_at .. wait))
   end
+  if #layouts > 0 then
+    print("\nlive layouts")
+    for _, l in ipairs(layouts) do
+      local settling = l.previous_total ~= pup.null
+          and ("  settling from %s %d"):format(l.previous_mode ~= pup.null and l.previous_mode or "?", l.previous_total) or ""
+      print(("  %s  %s %d  generation %d%s"):format(pad(l.projection), l.mode, l.total_partitions, l.generation, settling))
+    end
+  end
   if workers and #workers > 0 then
     print("\ngroup workers")
     for _, wk in ipairs(workers) do
@@ -188,6 +209,16 @@ function commands.reset(flags, words)
   local n = assert(pup.reset(db, proj, store))
   print(("reset %s: %d checkpoint row(s) deleted"):format(proj.name, n))
   return 0
+end
+
+-- reset, then `run --once` with the same layout flags (and its progress line).
+function commands.rebuild(flags, words)
+  if #words ~= 1 then return fail("rebuild takes one projection file") end
+  local rc = commands.reset({ ["database-url"] = flags["database-url"], ["events-table"] = flags["events-table"],
+    ["aggregate-heads-table"] = flags["aggregate-heads-table"], ["checkpoints-table"] = flags["checkpoints-table"] }, words)
+  if rc ~= 0 then return rc end
+  flags.once = true
+  return commands.run(flags, words)
 end
 
 function commands.repartition(flags, words)
