@@ -175,21 +175,16 @@ function commands.status(flags)
   for _, r in ipairs(rows) do w = math.max(w, #r.projection) end
   -- string.format widths stop at 99: pad the name column (names go up to 200 bytes) by hand
   local function pad(s) return s .. (" "):rep(w - #s) end
-  local line = "%s %9s %12s %12s %10s  %s"
-  print(line:format(pad("projection"), "partition", "position", "head", "lag", "updated / waiting"))
+  local line = "%s %9s %12s %12s %10s  %-10s  %s"
+  print(line:format(pad("projection"), "partition", "position", "head", "lag", "layout", "updated / waiting"))
   for _, r in ipairs(rows) do
     local wait = r.waiting_position ~= pup.null
         and ("  waiting for position %d since %s"):format(r.waiting_position, r.waiting_since) or ""
+    -- the live layout's mode; rows of the layout before it, kept while the change settles
+    local l = live[r.projection]
+    local layout = not l and "-" or r.live_layout and l.mode or "superseded"
     print(line:format(pad(r.projection), r.partition_key .. "/" .. r.total_partitions,
-      r.position, r.head, r.lag, r.updated_at .. wait))
-  end
-  if #layouts > 0 then
-    print("\nlive layouts")
-    for _, l in ipairs(layouts) do
-      local settling = l.previous_total ~= pup.null
-          and ("  settling from %s %d"):format(l.previous_mode ~= pup.null and l.previous_mode or "?", l.previous_total) or ""
-      print(("  %s  %s %d  generation %d%s"):format(pad(l.projection), l.mode, l.total_partitions, l.generation, settling))
-    end
+      r.position, r.head, r.lag, layout, r.updated_at .. wait))
   end
   if workers and #workers > 0 then
     print("\ngroup workers")
