@@ -35,8 +35,8 @@ describe("reset and rebuild are fenced", function()
     end
   end)
 
-  -- start() starts the processors and returns them
-  local function race(g, start)
+  -- start() starts the processors of area g and returns them
+  local function race(start)
     g:append("a", 8, 40)
     g:writer("w", 6, 150, 2, 0.02)
     g:writer("v", 4, 150, 3, 0.03)
@@ -71,7 +71,7 @@ describe("reset and rebuild are fenced", function()
 
   it("reset while 4 static workers and 2 writers run: exact after catch-up", function()
     g = H.group("rst_st", { batch_size = 10 })
-    race(g, function()
+    race(function()
       local run = H.spawn(g:args { H.bin, "run", "--workers", "4", "--poll-interval", "100", g.file }, SLOW)
       g.procs[#g.procs + 1] = run
       return { run }
@@ -80,7 +80,7 @@ describe("reset and rebuild are fenced", function()
 
   it("reset while a group of 4 workers and 2 writers run: exact after catch-up", function()
     g = H.group("rst_gr", { batch_size = 10, partitions = 8 })
-    race(g, function()
+    race(function()
       local w = {}
       for i = 1, 4 do w[i] = g:worker(SLOW) end
       return w
