@@ -153,4 +153,48 @@ describe("one live layout per projection", function()
     assert.equal("static", g:one(('SELECT mode FROM "%s"'):format(g.groups_table)).mode)
     assert_exact(g)
   end)
+
+  it("a change settles only when every new partition has passed: status shows superseded rows until then", function()
+    g = H.group("lay_set", { partitions = 16 })
+    g:append("a", 6, 10)
+    local function run(args)
+      local all = { "run", "--once" }
+      for _, x in ipairs(args) do all[#all + 1] = x end
+      all[#all + 1] = g.file
+      return g:cli(all)
+    end
+    -- partition 0 of 4 only: its row is ahead of the other three
+    assert.equal(0, run({ "--partition-key", "0", "--total-partitions", "4" }).code)
+    g:append("b", 6, 5)
+    -- only partition 0 of 2 runs: the rows of 4 stay, marked superseded
+    local r = run { "--partition-key", "0", "--total-partitions", "2" }
+    assert.equal(0, r.code, r.output)
+    assert.same({ 2, 4 }, totals_left(g))
+    local st = g:cli { "status" }
+    assert.is_truthy(st.stdout:find("\ngrp_counter%s+3/4%s+%d+%s+%d+%s+%d+%s+superseded%s"), st.stdout)
+    assert.is_truthy(st.stdout:find("\ngrp_counter%s+1/2%s+%d+%s+%d+%s+%d+%s+static%s"), st.stdout)
+    -- another change now would need two old layouts: refused until this one settles
+    r = run { "--workers", "3" }
+    assert.equal(1, r.code, r.output)
+    assert.is_truthy(r.stderr:find("its change from 4 to 2 partitions (static) has not settled yet", 1, true), r.stderr)
+    r = run { "--partition-key", "1", "--total-partitions", "2" }
+    assert.equal(0, r.code, r.output)
+    assert.same({ 2 }, totals_left(g))
+    assert_exact(g)
+    assert.equal(0, run({ "--workers", "3" }).code)
+    assert_exact(g)
+  end)
+
+  it("checkpoints written before the registry existed are honoured (upgrade)", function()
+    g = H.group("lay_old", { partitions = 16 })
+    g:append("a", 6, 10)
+    assert.equal(0, g:cli({ "run", "--once", "--workers", "4", g.file }).code)
+    -- as a database from before the registry: checkpoint rows, no registry row
+    assert(g.db:exec(('DELETE FROM "%s"'):format(g.groups_table)))
+    g:append("b", 6, 5)
+    local r = g:cli { "run", "--once", "--workers", "2", g.file }
+    assert.equal(0, r.code, r.output)
+    assert_exact(g)
+    assert.same({ 2 }, totals_left(g))
+  end)
 end)
