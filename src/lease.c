@@ -198,10 +198,11 @@ static int run_void(pup_processor *p, pup_error *err, const char *sql, int n, co
     return 0;
 }
 
-/* run_void with five parameters (NULL = SQL NULL). */
-static int run_void5(pup_processor *p, pup_error *err, const char *sql, const char *a, const char *b,
-                     const char *c, const char *d, const char *e) {
-    PGresult *r = pup_proc_run(p, err, sql, 5, a, b, c, d, e);
+/* Writes the registry row's layout: mode and total, and the layout before (prev_mode
+ * and prev_total, NULL: none). */
+static int switch_layout(pup_processor *p, const char *total, const char *mode, const char *prev_mode,
+                         const char *prev_total, pup_error *err) {
+    PGresult *r = pup_proc_run(p, err, p->lease.layout_switch, 5, p->name, total, mode, prev_mode, prev_total);
     if (!r) return -1;
     PQclear(r);
     return 0;
@@ -228,6 +229,7 @@ typedef struct layout {
     long long gen;
 } layout;
 
+/* Reads the registry row with sql (layout_share or layout_update) into *l. */
 static int read_layout(pup_processor *p, const char *sql, layout *l, pup_error *err) {
     PGresult *r = pup_proc_run(p, err, sql, 1, p->name);
     if (!r) return -1;
@@ -255,7 +257,7 @@ static int adopt_legacy(pup_processor *p, layout *l, pup_error *err) {
     if (PQntuples(r) && atoi(PQgetvalue(r, 0, 0)) != l->total) {
         char t[16];
         snprintf(t, sizeof t, "%d", l->total);
-        rc = run_void5(p, err, p->lease.layout_switch, p->name, t, l->mode, PQgetvalue(r, 0, 1), PQgetvalue(r, 0, 0));
+        rc = switch_layout(p, t, l->mode, PQgetvalue(r, 0, 1), PQgetvalue(r, 0, 0), err);
         l->prev = atoi(PQgetvalue(r, 0, 0));
     }
     PQclear(r);
@@ -318,8 +320,7 @@ static int claim_layout(pup_processor *p, int *total, int *prev, pup_error *err)
         }
         char pt[16];
         snprintf(pt, sizeof pt, "%d", l.prev);
-        if (run_void5(p, err, p->lease.layout_switch, p->name, ours, mode, l.prev ? l.mode : NULL,
-                      l.prev ? pt : NULL) < 0)
+        if (switch_layout(p, ours, mode, l.prev ? l.mode : NULL, l.prev ? pt : NULL, err) < 0)
             return -1;
         l.total = to;
     }
