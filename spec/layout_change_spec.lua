@@ -197,4 +197,39 @@ describe("one live layout per projection", function()
     assert_exact(g)
     assert.same({ 2 }, totals_left(g))
   end)
+
+  it("two layouts started at the same moment: exactly one runs, the other is refused", function()
+    g = H.group("lay_race", { partitions = 4 })
+    g:append("a", 6, 20)
+    local w = g:writer("w", 4, 60, 2, 0.02)
+    local pairs_ = { { { "--workers", "3" }, { "--workers", "2" } },
+                     { { "--workers", "2" }, { "--group", "--partitions", "4", "--lease-ttl", "2000" } },
+                     { { "--group", "--partitions", "4", "--lease-ttl", "2000" }, { "--workers", "4" } } }
+    for round, pair in ipairs(pairs_) do
+      local procs = {}
+      for i, flags in ipairs(pair) do
+        local words = { H.bin, "run", "--poll-interval", "100" }
+        for _, f in ipairs(flags) do words[#words + 1] = f end
+        words[#words + 1] = g.file
+        procs[i] = H.spawn(g:args(words))
+        g.procs[#g.procs + 1] = procs[i]
+      end
+      -- the loser exits 1 naming the winner's processors; the winner keeps running
+      local loser = H.wait_until(function() return "one of round " .. round .. " to be refused: " .. g:procs_text(procs) end,
+        30, function()
+          for i, p in ipairs(procs) do if H.exit_code(p) then return i end end
+        end, 0.05)
+      local winner = procs[3 - loser]
+      assert.equal(1, H.exit_code(procs[loser]), g:procs_text(procs))
+      assert.is_truthy(H.stderr_of(procs[loser]):find("its live layout is", 1, true), H.stderr_of(procs[loser]))
+      pup.sleep(0.3)
+      assert.is_nil(H.exit_code(winner), g:procs_text(procs))
+      H.signal(winner, "TERM")
+      assert.equal(0, H.wait_exit(winner, 15), g:procs_text(procs))
+    end
+    g:finish_writers(60)
+    assert.equal(0, H.wait_exit(w, 30))
+    assert.equal(0, g:cli({ "run", "--once", "--workers", "2", g.file }).code)
+    assert_exact(g)
+  end)
 end)
