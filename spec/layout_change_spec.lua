@@ -196,6 +196,18 @@ describe("one live layout per projection", function()
     assert.equal(0, r.code, r.output)
     assert_exact(g)
     assert.same({ 2 }, totals_left(g))
+    -- and `repartition` of such a database honours them too
+    assert(g.db:exec(('DELETE FROM "%s"'):format(g.groups_table)))
+    g:append("c", 6, 5)
+    r = g:cli { "repartition", g.file, "3" }
+    assert.equal(0, r.code, r.output)
+    assert.is_truthy(r.stdout:find("2 -> 3 partitions", 1, true), r.stdout)
+    assert.same({ mode = "group", total_partitions = 3, previous_total = 2, previous_mode = "static" },
+      g:one(('SELECT mode, total_partitions, previous_total, previous_mode FROM "%s"'):format(g.groups_table)))
+    r = g:cli { "run", "--once", "--workers", "3", g.file }
+    assert.equal(0, r.code, r.output)
+    assert_exact(g)
+    assert.same({ 3 }, totals_left(g))
   end)
 
   it("two layouts started at the same moment: exactly one runs, the other is refused", function()

@@ -630,9 +630,25 @@ int pup_group_repartition(const pup_store *s, pup_conn *c, const char *projectio
                       projection, PQgetvalue(r, 0, 1), cur);
         goto out;
     }
+    int was_static = PQntuples(r) && strcmp(PQgetvalue(r, 0, 2), "static") == 0;
+    if (!PQntuples(r)) { /* no registry row: checkpoints from before it are the layout */
+        char *sql = NULL;
+        if (asprintf(&sql, "SELECT total_partitions, bool_or(lease_expires_at IS NOT NULL) FROM %s"
+                     " WHERE projection_name = $1 GROUP BY 1 ORDER BY max(updated_at) DESC LIMIT 1",
+                     s->q_checkpoints) < 0)
+            goto oom;
+        st = pup_conn_prepare(c, sql, err);
+        free(sql);
+        if (!st) goto out;
+        PQclear(r);
+        if (!(r = pup_conn_exec(c, st, &q, 0, err))) goto out;
+        if (PQntuples(r)) {
+            cur = atoi(PQgetvalue(r, 0, 0));
+            was_static = PQgetvalue(r, 0, 1)[0] != 't';
+        }
+    }
     *previous = cur;
     /* A static layout becomes a group when none of its processors is alive. */
-    int was_static = PQntuples(r) && strcmp(PQgetvalue(r, 0, 2), "static") == 0;
     if (was_static) {
         char *sql = static_live_sql(), t[16];
         if (!sql) goto oom;

@@ -133,7 +133,8 @@ static int operator_sql(pup_store *s) {
     s->sql_group_get = fmt("SELECT total_partitions, previous_total, mode FROM %s WHERE projection_name = $1"
                            " FOR UPDATE", s->q_groups);
     /* $4: the mode before ('static' when a repartition turns a static layout into a group). */
-    s->sql_group_set = fmt("INSERT INTO %s (projection_name, total_partitions, previous_total, mode) VALUES ($1, $2, $3, 'group')"
+    s->sql_group_set = fmt("INSERT INTO %s (projection_name, total_partitions, previous_total, mode, previous_mode)"
+                           " VALUES ($1, $2, $3, 'group', $4)"
                            " ON CONFLICT (projection_name) DO UPDATE SET total_partitions = EXCLUDED.total_partitions,"
                            " previous_total = EXCLUDED.previous_total, previous_mode = $4, mode = 'group', changed_at = now()",
                            s->q_groups);
