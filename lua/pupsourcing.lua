@@ -159,16 +159,49 @@ function M.position_warning(db, store)
     .. " run `pupsourcing migrate --upgrade` (docs/go.md)"):format(store:names().events_quoted, r["function"])
 end
 
--- Deletes a projection's checkpoints and runs its reset(tx), in one transaction.
+-- Every projection's live layout from the registry (<checkpoints>_groups): name, mode
+-- ("static" or "group"), total_partitions, previous_mode/previous_total while a change
+-- settles (else pup.null), generation (reset count).
+function M.layouts(db, store)
+  store = store or M.store()
+  return db:query(("SELECT projection_name AS projection, mode, total_partitions, previous_mode, previous_total,"
+    .. " generation FROM %s ORDER BY projection_name"):format(store:names().groups_quoted))
+end
+
+-- Starts a new generation of a projection: waits for its running batches and holds off
+-- new ones (they share the generation lock), deletes its checkpoints and runs its
+-- reset(tx), in one transaction. A processor of the old generation can no longer write a
+-- checkpoint: it logs that it starts over and does (docs/operations.md).
 function M.reset(db, projection, store)
   store = store or M.store()
   M.check_projection(projection)
-  local sql = store:names().sql.reset
+  local n = store:names()
   return db:transaction(function(tx)
-    local deleted = assert(tx:exec(sql, projection.name))
+    assert(tx:exec("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+      "pupsourcing.generation/" .. n.checkpoints_table .. "/" .. projection.name))
+    assert(tx:exec(("UPDATE %s SET generation = generation + 1, previous_total = NULL, previous_mode = NULL,"
+      .. " changed_at = now() WHERE projection_name = $1"):format(n.groups_quoted), projection.name))
+    local deleted = assert(tx:exec(n.sql.reset, projection.name))
     if projection.reset then projection.reset(tx) end
+    assert(tx:exec("SELECT pg_notify($1, '')", n.channel)) -- idle processors notice at once
     return deleted
   end)
+end
+
+-- Reset + catch-up: resets the projection, then runs it (one processor, partition 0 of
+-- 1) until it reaches the head seen at start. opts: store, batch_size. Returns the events
+-- handled, or nil, err (layout_conflict while processors of another layout run: the
+-- reset is done and they start over themselves).
+function M.rebuild(db, projection, opts)
+  opts = opts or {}
+  for k in pairs(opts) do
+    if k ~= "store" and k ~= "batch_size" then error(("pup.rebuild: unknown option %q"):format(tostring(k)), 2) end
+  end
+  local store = opts.store or M.store()
+  local _, err = M.reset(db, projection, store)
+  if err then return nil, err end
+  local p <close> = M.processor(db, projection, { store = store, batch_size = opts.batch_size })
+  return p:run { once = true }
 end
 
 -- Sets a worker group's partition count (`pupsourcing repartition`): returns the count

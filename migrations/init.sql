@@ -163,11 +163,15 @@ CREATE TABLE IF NOT EXISTS "projection_checkpoints" (
     owner TEXT,
     lease_expires_at TIMESTAMPTZ,
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    generation BIGINT NOT NULL DEFAULT 1,
     PRIMARY KEY (projection_name, total_partitions, partition_key)
 );
 
--- Worker groups (`pupsourcing run --group`): live workers by heartbeat, and each
--- projection's partition count (previous_total while a repartition settles).
+-- Worker groups (`pupsourcing run --group`): live workers by heartbeat. The _groups
+-- table is every projection's registry: its one live layout (mode 'static' or
+-- 'group', total_partitions), the layout before a change while it settles
+-- (previous_*), and the generation that `reset` starts (checkpoint writes are fenced
+-- by it).
 CREATE TABLE IF NOT EXISTS "projection_checkpoints_workers" (
     projection_name TEXT NOT NULL,
     worker_id TEXT NOT NULL,
@@ -181,8 +185,25 @@ CREATE TABLE IF NOT EXISTS "projection_checkpoints_groups" (
     projection_name TEXT PRIMARY KEY,
     total_partitions INT NOT NULL,
     previous_total INT,
-    changed_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    changed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    mode TEXT NOT NULL DEFAULT 'group',
+    previous_mode TEXT,
+    generation BIGINT NOT NULL DEFAULT 1
 );
+-- Columns of the layout registry and the generation fence, added to older tables.
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '"projection_checkpoints"'::regclass
+                   AND attname = 'generation' AND NOT attisdropped) THEN
+        ALTER TABLE "projection_checkpoints" ADD COLUMN generation BIGINT NOT NULL DEFAULT 1;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '"projection_checkpoints_groups"'::regclass
+                   AND attname = 'generation' AND NOT attisdropped) THEN
+        ALTER TABLE "projection_checkpoints_groups" ADD COLUMN mode TEXT NOT NULL DEFAULT 'group',
+            ADD COLUMN previous_mode TEXT, ADD COLUMN generation BIGINT NOT NULL DEFAULT 1;
+    END IF;
+END
+$do$;
 
 -- Aggregate snapshots (store:load, store:handle): at most one per aggregate; a
 -- load uses it when snapshot_version matches and folds the events after it.

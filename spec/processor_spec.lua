@@ -62,7 +62,8 @@ describe("pup.processor", function()
           if e.global_position == 5 then
             -- another connection sees neither the rows nor a moved checkpoint yet
             local rows = assert(other:query(("SELECT count(*) AS n FROM %s"):format(RM)))
-            local cp = assert(other:query(('SELECT count(*) AS n FROM "%s"'):format(names.checkpoints_table)))
+            local cp = assert(other:query(('SELECT count(*) AS n FROM "%s" WHERE last_global_position > 0')
+              :format(names.checkpoints_table)))
             seen_outside = { rows[1].n, cp[1].n }
           end
         end,
@@ -458,10 +459,12 @@ describe("pup.processor", function()
       assert.is_table(err)
       assert.is_string(err.code)
       assert.equal(1, p1:run_once())
-      -- another partition of the same projection is not blocked
+      -- another layout of the same projection is refused while this one is live
       local other = pup.processor(db2, { name = "standby", handle = function() end },
         { store = store, partition_key = 1, total_partitions = 2 })
-      assert(other:run_once())
+      local on, oerr = other:run_once()
+      assert.is_nil(on)
+      assert.equal("layout_conflict", oerr.code)
       other:close()
       -- the first dies (its connection closes); the second takes over where it stopped
       p1:close()
@@ -487,8 +490,9 @@ describe("pup.processor", function()
       local p = pup.processor(db, writer("st"), { store = store, batch_size = 4, partition_key = 1, total_partitions = 2 })
       assert(p:run_once())
       local rows = assert(pup.status(db, store))
-      assert.equal(1, #rows)
-      local r = rows[1]
+      assert.equal(2, #rows) -- the layout's every partition has a row from the start
+      assert.equal(0, rows[1].position)
+      local r = rows[2]
       assert.equal("st", r.projection)
       assert.equal(1, r.partition_key)
       assert.equal(2, r.total_partitions)

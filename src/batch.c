@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FIRST_EVENT_COL 3 /* xmin, head, mine, then PUP_EVENT_COLUMNS */
+#define FIRST_EVENT_COL 4 /* xmin, head, generation, mine, then PUP_EVENT_COLUMNS */
 #define TAG_GUARD (-2)    /* pipeline tag of the statement that checks the batch transaction */
 
 /* Names the event a handler failure belongs to. */
@@ -65,13 +65,14 @@ static int run_setup(pup_processor *p, pup_error *err) {
 }
 
 /* Writes the checkpoint(s) of a batch that moved from `from` to `to`; fails when a row
- * moved under us (static) or a lease was lost (group). */
+ * moved under us (static), a lease was lost (group) or a reset started a new generation
+ * (pup_proc_fenced). */
 static int write_checkpoint(pup_processor *p, long long from, long long to, pup_error *err) {
     pup_params *q = &p->params;
     int group = p->cfg.group;
     const pup_stmt *st = pup_conn_prepare(p->conn, group ? p->sql_lease_checkpoint : p->sql_checkpoint, err);
     if (!st) return -1;
-    if (pup_params_reset(q, group ? 7 : 8) < 0) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
+    if (pup_params_reset(q, group ? 8 : 9) < 0) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     pup_params_text(q, 0, p->name, strlen(p->name));
     pup_params_int(q, 1, p->total);
     if (group) pup_params_text(q, 2, p->held_list, strlen(p->held_list));
@@ -82,21 +83,16 @@ static int write_checkpoint(pup_processor *p, long long from, long long to, pup_
         pup_params_double(q, 5, p->wait_since);
     }
     pup_params_text(q, 6, p->owner, strlen(p->owner));
-    if (!group) pup_params_int(q, 7, from);
+    if (group) pup_params_int(q, 7, p->gen);
+    else {
+        pup_params_int(q, 7, from);
+        pup_params_int(q, 8, p->gen);
+    }
     PGresult *r = pup_conn_exec(p->conn, st, q, 0, err);
     if (!r) return -1;
     int n = PQntuples(r);
     PQclear(r);
-    if (!group && n == 0)
-        return pup_error_set(err, PUP_ERR_DATABASE,
-                             "checkpoint moved from %lld by another processor; batch rolled back", from);
-    if (group && n != p->nheld) {
-        /* Retried like a lost connection: the next heartbeat sorts out what we hold. */
-        pup_error_set(err, PUP_ERR_CONNECTION, "lost the lease on %d partition(s); batch rolled back",
-                      p->nheld - n);
-        p->next_tick = 0;
-        return -1;
-    }
+    if (n != (group ? p->nheld : 1)) return pup_proc_fenced(p, from, n, err);
     p->recorded_wait = p->wait_lo;
     return 0;
 }
@@ -133,12 +129,14 @@ static double batch_deadline(const pup_processor *p) {
 static PGresult *read_window(pup_processor *p, const pup_stmt *st, long long from, pup_error *err) {
     pup_params *q = &p->params;
     int n = 4;
-    if (pup_params_reset(q, 4 + (p->scope[0] != NULL) + (p->scope[1] != NULL)) < 0) {
+    if (pup_params_reset(q, 6 + (p->scope[0] != NULL) + (p->scope[1] != NULL)) < 0) {
         pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
         return NULL;
     }
     for (int k = 0; k < 2; k++)
         if (p->scope[k]) pup_params_text(q, n++, p->scope[k], strlen(p->scope[k]));
+    pup_params_text(q, n++, p->gen_key, strlen(p->gen_key));
+    pup_params_text(q, n, p->name, strlen(p->name));
     pup_params_int(q, 0, from);
     pup_params_int(q, 2, p->total);
     pup_params_text(q, 3, p->held_list, strlen(p->held_list));
@@ -290,6 +288,13 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     }
     uint64_t xmin = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
     p->stats.head = strtoll(PQgetvalue(r, 0, 1), NULL, 10);
+    long long gen = PQgetisnull(r, 0, 2) ? p->gen : strtoll(PQgetvalue(r, 0, 2), NULL, 10);
+    if (gen != p->gen) { /* reset while we were idle */
+        PQclear(r);
+        pup_conn_rollback(p->conn);
+        pup_proc_reset_seen(p, gen, err);
+        return pup_proc_context(p, err);
+    }
     w.r = r;
     w.nrows = PQgetisnull(r, 0, FIRST_EVENT_COL) ? 0 : PQntuples(r);
     int rc = batch_body(p, &w, xmin, deadline, waiting, err);

@@ -54,6 +54,7 @@ static const struct {
     {PUP_ERR_INVALID_PROJECTION, "invalid_projection"},
     {PUP_ERR_INVALID_ARGUMENT, "invalid_argument"},
     {PUP_ERR_OUT_OF_MEMORY, "out_of_memory"},
+    {PUP_ERR_LAYOUT_CONFLICT, "layout_conflict"},
 };
 #define NCODES (sizeof codes / sizeof codes[0])
 

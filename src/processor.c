@@ -146,41 +146,45 @@ static int build_batch_sql(pup_processor *p) {
  * partitions not held, come without payload: only their positions matter. */
 static int build_read_sql(pup_processor *p) {
     const char *E = p->store->q_events;
-    /* The scopes are parameters $5 (and $6) after the window's four. */
+    /* The scopes are parameters $5 (and $6) after the window's four, then the generation
+     * lock's key and the projection name. */
     char atypes[48] = "true", etypes[48] = "true";
     int next = 5;
     if (p->scope[0]) snprintf(atypes, sizeof atypes, "aggregate_type = ANY($%d::text[])", next++);
     if (p->scope[1]) snprintf(etypes, sizeof etypes, "event_type = ANY($%d::text[])", next++);
+    /* A batch shares the projection's generation lock from its first statement: a reset
+     * takes it alone, so it never runs beside a batch's uncommitted writes, and the batch
+     * sees the generation (a reset while idle is noticed at the next read). */
+    char gen[PUP_NAME_MAX * 2 + 200];
+    snprintf(gen, sizeof gen, "pg_advisory_xact_lock_shared(hashtextextended($%d::text, 0)) AS l,"
+             " (SELECT generation FROM %s WHERE projection_name = $%d) AS g", next, p->store->q_groups, next + 1);
     const char *ours = "(aggregate_id_hash IS NULL OR $3::int <= 1"
                        " OR (aggregate_id_hash % $3::int)::int = ANY($4::int[]))";
     if (asprintf(&p->sql_read,
                  "SELECT pg_snapshot_xmin(snap.s)::text,"
-                 " (SELECT COALESCE(max(global_position), 0) FROM %s)::text, e.*"
-                 " FROM (SELECT pg_current_snapshot() AS s) snap LEFT JOIN LATERAL ("
+                 " (SELECT COALESCE(max(global_position), 0) FROM %s)::text, snap.g::text, e.*"
+                 " FROM (SELECT pg_current_snapshot() AS s, %s) snap LEFT JOIN LATERAL ("
                  "SELECT (%s AND %s) AS mine, "
                  PUP_EVENT_COLUMNS_WITH("CASE WHEN %s AND %s AND %s THEN payload END",
                                         "CASE WHEN %s AND %s THEN metadata::text END")
                  " FROM %s WHERE global_position > $1 ORDER BY global_position LIMIT $2) e ON true"
                  " ORDER BY e.global_position",
-                 E, atypes, etypes, atypes, etypes, ours, atypes, etypes, E) < 0)
+                 E, gen, atypes, etypes, atypes, etypes, ours, atypes, etypes, E) < 0)
         p->sql_read = NULL;
     return p->sql_read ? 0 : -1;
 }
 
-/* The checkpoint writes of a batch. */
+/* The checkpoint writes of a batch. The rows exist (the acquire made them); a reset
+ * deletes them, so a write of an older generation matches nothing. */
 static int build_checkpoint_sql(pup_processor *p) {
     const char *C = p->store->q_checkpoints;
-    /* Fenced by the position the batch started from: a second writer of this
-     * checkpoint makes the batch fail instead of double-applying. */
+    /* Fenced by the position the batch started from and the generation: a second writer
+     * of this checkpoint, or a reset, makes the batch fail instead of double-applying. */
     if (asprintf(&p->sql_checkpoint,
-                 "INSERT INTO %s AS c (projection_name, total_partitions, partition_key,"
-                 " last_global_position, waiting_position, waiting_since, owner, updated_at)"
-                 " VALUES ($1, $2, $3, $4, $5, to_timestamp($6::float8), $7, now())"
-                 " ON CONFLICT (projection_name, total_partitions, partition_key) DO UPDATE SET"
-                 " last_global_position = EXCLUDED.last_global_position,"
-                 " waiting_position = EXCLUDED.waiting_position, waiting_since = EXCLUDED.waiting_since,"
-                 " owner = EXCLUDED.owner, updated_at = now()"
-                 " WHERE c.last_global_position = $8 RETURNING 1",
+                 "UPDATE %s SET last_global_position = $4, waiting_position = $5,"
+                 " waiting_since = to_timestamp($6::float8), owner = $7, updated_at = now()"
+                 " WHERE projection_name = $1 AND total_partitions = $2 AND partition_key = $3"
+                 " AND last_global_position = $8 AND generation = $9 RETURNING 1",
                  C) < 0)
         p->sql_checkpoint = NULL;
     /* In a group, fenced by the lease: a worker that lost it commits nothing. */
@@ -188,10 +192,13 @@ static int build_checkpoint_sql(pup_processor *p) {
                  "UPDATE %s SET last_global_position = GREATEST(last_global_position, $4),"
                  " waiting_position = $5, waiting_since = to_timestamp($6::float8), updated_at = now()"
                  " WHERE projection_name = $1 AND total_partitions = $2 AND partition_key = ANY($3::int[])"
-                 " AND owner = $7 AND lease_expires_at > clock_timestamp() RETURNING partition_key",
+                 " AND owner = $7 AND lease_expires_at > clock_timestamp() AND generation = $8"
+                 " RETURNING partition_key",
                  C) < 0)
         p->sql_lease_checkpoint = NULL;
-    return p->sql_checkpoint && p->sql_lease_checkpoint ? 0 : -1;
+    if (asprintf(&p->gen_key, "pupsourcing.generation/%s/%s", p->store->checkpoints, p->name) < 0)
+        p->gen_key = NULL;
+    return p->sql_checkpoint && p->sql_lease_checkpoint && p->gen_key ? 0 : -1;
 }
 
 pup_processor *pup_processor_new(const pup_store *store, pup_conn *conn,
@@ -240,6 +247,7 @@ void pup_processor_free(pup_processor *p) {
     free(p->sql_read);
     free(p->sql_checkpoint);
     free(p->sql_lease_checkpoint);
+    free(p->gen_key);
     free(p->sql_open);
     free(p->sql_hole);
     free(p->scope[0]);

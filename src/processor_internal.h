@@ -20,9 +20,12 @@
  * connection through the statement cache. Only char * fields: lease.c checks and frees
  * them as an array. */
 typedef struct pup_lease_sql {
-    char *lock_timeout, *group_row, *unlease_mine, *end_dead, *register_me, *forget_dead,
+    char *lock_timeout, *unlease_mine, *end_dead, *register_me, *forget_dead,
         *live, *old_checkpoints, *settle_reset, *init_rows, *release_others, *lease,
-        *drop_old, *unregister, *static_lock, *static_checkpoint;
+        *drop_old, *unregister, *static_lock, *static_unlock, *static_checkpoint,
+        /* the layout registry (claim_layout) and the generation fence */
+        *layout_insert, *layout_share, *layout_update, *layout_legacy, *layout_switch,
+        *layout_settled, *static_live, *group_live, *generation;
 } pup_lease_sql;
 
 struct pup_processor {
@@ -41,6 +44,9 @@ struct pup_processor {
     char *scope[2]; /* aggregate and event types as text[] literals; NULL: any */
     pup_lease_sql lease;
     char owner[160]; /* this worker: host/pid/random */
+    char *gen_key; /* advisory lock text a batch shares and a reset takes (pup_proc_gen_key) */
+    long long gen; /* the generation (reset count) the checkpoints held belong to; 0: none yet */
+    int reload;    /* static: a reset was noticed, claim the layout and read the row again */
     pup_params params;
     int setup_done, locked, listening;
     unsigned long session; /* pup_conn_session() when `locked`/`listening` were taken */
@@ -84,6 +90,13 @@ void pup_proc_forget_old(pup_processor *p);
 /* lease.c */
 int pup_proc_lease_sql_init(pup_processor *p);
 void pup_proc_lease_sql_free(pup_processor *p);
+/* A checkpoint write matched no row (n of the rows held): names why in err (a reset started a new
+ * generation: transient, the processor reloads and starts over; else a lost lease or
+ * a second writer); returns -1. */
+int pup_proc_fenced(pup_processor *p, long long from, int n, pup_error *err);
+/* The projection was reset (generation gen): err says so (transient); what is held is
+ * dropped, so the next acquire reloads. Returns -1. */
+int pup_proc_reset_seen(pup_processor *p, long long gen, pup_error *err);
 
 /* run_loop.c */
 int pup_proc_listen(pup_processor *p, pup_error *err);

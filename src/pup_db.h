@@ -24,7 +24,8 @@ typedef enum pup_code {
     PUP_ERR_HANDLER,
     PUP_ERR_INVALID_PROJECTION,
     PUP_ERR_INVALID_ARGUMENT,
-    PUP_ERR_OUT_OF_MEMORY
+    PUP_ERR_OUT_OF_MEMORY,
+    PUP_ERR_LAYOUT_CONFLICT /* another layout of the projection is live (docs/operations.md) */
 } pup_code;
 
 /* An error as reported by every layer: a code, PostgreSQL's SQLSTATE when it gave one

@@ -55,14 +55,17 @@ void pup_processor_free(pup_processor *p);
 
 /* Takes the partitions this processor may process: the given partition's lock (one live
  * processor per partition), or in a group, heartbeats and leases on a fair share.
- * *acquired is 0 when it holds none: it is a standby and should try again later. */
+ * *acquired is 0 when it holds none: it is a standby and should try again later. The
+ * projection has one live layout (lease.c): another one fails with layout_conflict while
+ * any of its processors is alive, else it is taken over. */
 int pup_processor_acquire(pup_processor *p, int *acquired, pup_error *err);
 
 /* Sets a projection's group partition count (`pupsourcing repartition`), in its own
  * transaction on c (which must be idle): running --group workers switch at their next
  * heartbeat and honour the old layout's checkpoints (lease.c). *previous: the count
  * before (0: a new group; = total: unchanged). Fails with invalid_argument while a
- * repartition still settles. */
+ * repartition still settles, and with layout_conflict when the projection runs as static
+ * partitions that are alive (a static layout with none alive becomes the group). */
 int pup_group_repartition(const pup_store *s, pup_conn *c, const char *projection, int total,
                           int *previous, pup_error *err);
 

@@ -144,11 +144,14 @@ static int operator_sql(pup_store *s) {
         " AND c.lease_expires_at > clock_timestamp()) AS partitions"
         " FROM %s w ORDER BY projection_name, worker_id",
         s->q_checkpoints, s->q_workers);
-    s->sql_group_get = fmt("SELECT total_partitions, previous_total FROM %s WHERE projection_name = $1"
+    s->sql_group_get = fmt("SELECT total_partitions, previous_total, mode FROM %s WHERE projection_name = $1"
                            " FOR UPDATE", s->q_groups);
-    s->sql_group_set = fmt("INSERT INTO %s (projection_name, total_partitions, previous_total) VALUES ($1, $2, $3)"
+    /* $4: the mode before ('static' when a repartition turns a static layout into a group). */
+    s->sql_group_set = fmt("INSERT INTO %s (projection_name, total_partitions, previous_total, mode, previous_mode)"
+                           " VALUES ($1, $2, $3, 'group', $4)"
                            " ON CONFLICT (projection_name) DO UPDATE SET total_partitions = EXCLUDED.total_partitions,"
-                           " previous_total = EXCLUDED.previous_total, changed_at = now()", s->q_groups);
+                           " previous_total = EXCLUDED.previous_total, previous_mode = $4, mode = 'group', changed_at = now()",
+                           s->q_groups);
     return s->sql_status && s->sql_reset && s->sql_group_workers && s->sql_group_get && s->sql_group_set ? 0 : -1;
 }
 
@@ -409,11 +412,15 @@ static char *schema_sql(const pup_store *s, int upgrade) {
         "    owner TEXT,\n"
         "    lease_expires_at TIMESTAMPTZ,\n"
         "    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
+        "    generation BIGINT NOT NULL DEFAULT 1,\n"
         "    PRIMARY KEY (projection_name, total_partitions, partition_key)\n"
         ");\n"
         "\n"
-        "-- Worker groups (`pupsourcing run --group`): live workers by heartbeat, and each\n"
-        "-- projection's partition count (previous_total while a repartition settles).\n"
+        "-- Worker groups (`pupsourcing run --group`): live workers by heartbeat. The _groups\n"
+        "-- table is every projection's registry: its one live layout (mode 'static' or\n"
+        "-- 'group', total_partitions), the layout before a change while it settles\n"
+        "-- (previous_*), and the generation that `reset` starts (checkpoint writes are fenced\n"
+        "-- by it).\n"
         "CREATE TABLE IF NOT EXISTS %s (\n"
         "    projection_name TEXT NOT NULL,\n"
         "    worker_id TEXT NOT NULL,\n"
@@ -427,8 +434,25 @@ static char *schema_sql(const pup_store *s, int upgrade) {
         "    projection_name TEXT PRIMARY KEY,\n"
         "    total_partitions INT NOT NULL,\n"
         "    previous_total INT,\n"
-        "    changed_at TIMESTAMPTZ NOT NULL DEFAULT now()\n"
+        "    changed_at TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
+        "    mode TEXT NOT NULL DEFAULT 'group',\n"
+        "    previous_mode TEXT,\n"
+        "    generation BIGINT NOT NULL DEFAULT 1\n"
         ");\n"
+        "-- Columns of the layout registry and the generation fence, added to older tables.\n"
+        "DO $do$\n"
+        "BEGIN\n"
+        "    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '%s'::regclass\n"
+        "                   AND attname = 'generation' AND NOT attisdropped) THEN\n"
+        "        ALTER TABLE %s ADD COLUMN generation BIGINT NOT NULL DEFAULT 1;\n"
+        "    END IF;\n"
+        "    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '%s'::regclass\n"
+        "                   AND attname = 'generation' AND NOT attisdropped) THEN\n"
+        "        ALTER TABLE %s ADD COLUMN mode TEXT NOT NULL DEFAULT 'group',\n"
+        "            ADD COLUMN previous_mode TEXT, ADD COLUMN generation BIGINT NOT NULL DEFAULT 1;\n"
+        "    END IF;\n"
+        "END\n"
+        "$do$;\n"
         "\n"
         "-- Aggregate snapshots (store:load, store:handle): at most one per aggregate; a\n"
         "-- load uses it when snapshot_version matches and folds the events after it.\n"
@@ -456,7 +480,8 @@ static char *schema_sql(const pup_store *s, int upgrade) {
         seq, fn, seq, s->q_events, s->q_checkpoints, fn, s->version_key, seq, upgrade ? "true" : "false",
         guard_body, s->q_events, fn, uq, s->q_events, s->q_events, seq, s->q_events, seq,
         s->q_events, s->q_heads,
-        s->q_checkpoints, s->q_workers, s->q_groups,
+        s->q_checkpoints, s->q_workers, s->q_groups, s->q_checkpoints, s->q_checkpoints, s->q_groups,
+        s->q_groups,
         /* a compound literal keeps the buffer local to this call */
         pup_snapshot_table(s, (char[PUP_SNAPSHOT_TABLE_MAX]){0}, PUP_SNAPSHOT_TABLE_MAX),
         s->q_events, snap, snap);

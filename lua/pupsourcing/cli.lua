@@ -11,7 +11,8 @@ usage: pupsourcing SCRIPT.lua [args...]        run a Lua script (require "pupsou
                                            converts the Go library's tables in place (docs/go.md)
        pupsourcing migrate-gen --output DIR [--filename F] [table options]
        pupsourcing status [--json] [options]   checkpoints, head, lag per partition
-       pupsourcing reset [options] FILE.lua    delete a projection's checkpoints, run its reset
+       pupsourcing reset [options] FILE.lua    start a projection over: new generation, run its reset
+       pupsourcing rebuild [run options] FILE.lua   reset, then catch up (run --once)
        pupsourcing repartition [options] FILE.lua N   change a worker group's partition count
        pupsourcing --help | --version
 
@@ -86,6 +87,8 @@ local KNOWN = {
     ["poll-interval"] = 1, once = 1, ["log-format"] = 1, ["handler-timeout"] = 1, group = 1,
     partitions = 1, ["lease-ttl"] = 1, ["metrics-addr"] = 1 },
   migrate = { upgrade = 1 }, ["migrate-gen"] = { output = 1, filename = 1 }, status = { json = 1 }, reset = {},
+  rebuild = { ["partition-key"] = 1, ["total-partitions"] = 1, workers = 1, ["batch-size"] = 1,
+    ["log-format"] = 1, ["handler-timeout"] = 1 },
   repartition = {},
 }
 local COMMON = { ["database-url"] = 1, ["events-table"] = 1, ["aggregate-heads-table"] = 1,
@@ -153,6 +156,16 @@ function commands.status(flags)
   if not rows then return fail(tostring(serr) .. (position and "\n" .. position or "")) end
   local prepared = prepared_warnings(db, store)
   if position then table.insert(prepared, 1, position) end
+  local layouts, live = assert(pup.layouts(db, store)), {}
+  for _, l in ipairs(layouts) do live[l.projection] = l end
+  for _, r in ipairs(rows) do -- which layout each row belongs to (docs/operations.md)
+    local l = live[r.projection]
+    if l then
+      r.layout = ("%s %d"):format(l.mode, l.total_partitions)
+      r.live_layout = r.total_partitions == l.total_partitions
+      r.generation = l.generation
+    end
+  end
   if flags.json then
     for _, r in ipairs(rows) do
       for k, v in pairs(r) do if v == pup.null then r[k] = nil end end
@@ -168,13 +181,16 @@ function commands.status(flags)
   for _, r in ipairs(rows) do w = math.max(w, #r.projection) end
   -- string.format widths stop at 99: pad the name column (names go up to 200 bytes) by hand
   local function pad(s) return s .. (" "):rep(w - #s) end
-  local line = "%s %9s %12s %12s %10s  %s"
-  print(line:format(pad("projection"), "partition", "position", "head", "lag", "updated / waiting"))
+  local line = "%s %9s %12s %12s %10s  %-10s  %s"
+  print(line:format(pad("projection"), "partition", "position", "head", "lag", "layout", "updated / waiting"))
   for _, r in ipairs(rows) do
     local wait = r.waiting_position ~= pup.null
         and ("  waiting for position %d since %s"):format(r.waiting_position, r.waiting_since) or ""
+    -- the live layout's mode; rows of the layout before it, kept while the change settles
+    local l = live[r.projection]
+    local layout = not l and "-" or r.live_layout and l.mode or "superseded"
     print(line:format(pad(r.projection), r.partition_key .. "/" .. r.total_partitions,
-      r.position, r.head, r.lag, r.updated_at .. wait))
+      r.position, r.head, r.lag, layout, r.updated_at .. wait))
   end
   if workers and #workers > 0 then
     print("\ngroup workers")
@@ -194,6 +210,16 @@ function commands.reset(flags, words)
   local n = assert(pup.reset(db, proj, store))
   print(("reset %s: %d checkpoint row(s) deleted"):format(proj.name, n))
   return 0
+end
+
+-- reset, then `run --once` with the same layout flags (and its progress line).
+function commands.rebuild(flags, words)
+  if #words ~= 1 then return fail("rebuild takes one projection file") end
+  local rc = commands.reset({ ["database-url"] = flags["database-url"], ["events-table"] = flags["events-table"],
+    ["aggregate-heads-table"] = flags["aggregate-heads-table"], ["checkpoints-table"] = flags["checkpoints-table"] }, words)
+  if rc ~= 0 then return rc end
+  flags.once = true
+  return commands.run(flags, words)
 end
 
 function commands.repartition(flags, words)
