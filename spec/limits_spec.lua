@@ -113,7 +113,9 @@ describe("limits", function()
 
     it("--handler-timeout 4294967796 (ran with 500 ms)", function()
       bad_run({ "--handler-timeout", "4294967796" },
-        '--handler-timeout must be an integer <= 86400000, got "4294967796" (range 1..86400000)')
+        '--handler-timeout must be a duration from 1ms to 24h in whole milliseconds (like 500ms, 2s, 1m), got "4294967796"')
+      bad_run({ "--handler-timeout", "4294967796ms" }, '--handler-timeout must be a duration from 1ms to 24h')
+      bad_run({ "--handler-timeout", "25h" }, '--handler-timeout must be a duration from 1ms to 24h')
     end)
 
     it("every integer flag and variable has a range", function()
@@ -121,17 +123,21 @@ describe("limits", function()
       bad_run({ "--partition-key", "4294967296", "--total-partitions", "2" }, "--partition-key must be an integer <= 4095")
       bad_run({ "--partition-key", "0", "--total-partitions", "4294967297" }, "--total-partitions must be an integer <= 4096")
       bad_run({}, "TOTAL_PARTITIONS must be an integer <= 4096", { PARTITION_KEY = "0", TOTAL_PARTITIONS = "4294967297" })
-      bad_run({ "--poll-interval", "3600001" }, "--poll-interval must be an integer <= 3600000")
-      bad_run({ "--poll-interval", "0" }, '--poll-interval must be an integer >= 1, got "0" (range 1..3600000)')
-      bad_run({ "--handler-timeout", "0" }, "--handler-timeout must be an integer >= 1")
+      bad_run({ "--poll-interval", "3600001" }, '--poll-interval must be a duration from 1ms to 1h')
+      bad_run({ "--poll-interval", "61m" }, '--poll-interval must be a duration from 1ms to 1h')
+      bad_run({ "--poll-interval", "0" }, '--poll-interval must be a duration from 1ms to 1h in whole milliseconds (like 500ms, 2s, 1m), got "0"')
+      bad_run({ "--poll-interval", "0.5ms" }, '--poll-interval must be a duration from 1ms to 1h')
+      bad_run({ "--poll-interval", "2 s" }, '--poll-interval must be a duration from 1ms to 1h')
+      bad_run({ "--poll-interval", "2d" }, '--poll-interval must be a duration from 1ms to 1h')
+      bad_run({ "--handler-timeout", "0s" }, "--handler-timeout must be a duration from 1ms to 24h")
     end)
 
     it("--partitions and --lease-ttl of a group", function()
       local path = projection_file("g.lua", '"lim_group"')
       for _, case in ipairs {
         { { "--partitions", "4097" }, "--partitions must be an integer <= 4096" },
-        { { "--lease-ttl", "99" }, '--lease-ttl must be an integer >= 100, got "99" (range 100..3600000)' },
-        { { "--lease-ttl", "4294967396" }, "--lease-ttl must be an integer <= 3600000" },
+        { { "--lease-ttl", "99ms" }, '--lease-ttl must be a duration from 100ms to 1h in whole milliseconds (like 500ms, 2s, 1m), got "99ms"' },
+        { { "--lease-ttl", "4294967396" }, "--lease-ttl must be a duration from 100ms to 1h" },
       } do
         local args = { "run", "--group" }
         for _, a in ipairs(case[1]) do args[#args + 1] = a end
