@@ -186,7 +186,8 @@ describe("limits", function()
         return function() pup.processor(db, proj, opts) end
       end
       raises(p { batch_size = 4294967297 }, "option batch_size must be an integer from 1 to 100000, got 4294967297")
-      raises(p { handler_timeout_ms = 4294967796 }, "option handler_timeout_ms must be an integer from 0 to 86400000")
+      raises(p { handler_timeout = 86401 }, "option handler_timeout must be a number of seconds above 0 and at most 86400")
+      raises(p { handler_timeout_ms = 500 }, "pup.processor: unknown option handler_timeout_ms")
       raises(p { total_partitions = 4294967298 }, "option total_partitions must be an integer from 1 to 4096")
       raises(p { partition_key = -4294967296 }, "option partition_key must be an integer from 0 to 4095")
       raises(p { lease_ttl = 1e300 }, "option lease_ttl must be a number of seconds above 0 and at most 3600")
@@ -196,7 +197,7 @@ describe("limits", function()
         pup.processor(db, { name = "x", handle = function() end, batch_size = 4294967297 })
       end, "`batch_size` must be at most 100000")
       -- in range still works
-      assert(pup.processor(db, proj, { store = store, batch_size = 100000, handler_timeout_ms = 86400000 })):close()
+      assert(pup.processor(db, proj, { store = store, batch_size = 100000, handler_timeout = 86400 })):close()
     end)
 
     it("pup.runner", function()
@@ -207,7 +208,8 @@ describe("limits", function()
       end
       raises(r { batch_size = 4294967297 }, "runner option batch_size must be an integer from 1 to 100000")
       raises(r { workers = 4294967298 }, "runner option workers must be an integer from 1 to 4096")
-      raises(r { handler_timeout_ms = 4294967796 }, "runner option handler_timeout_ms must be an integer from 0 to 86400000")
+      raises(r { handler_timeout = 4294967.796 }, "option handler_timeout must be a number of seconds above 0 and at most 86400")
+      raises(r { handler_timeout_ms = 500 }, "pup.runner: unknown option handler_timeout_ms")
       raises(r { total_partitions = 4294967297, partition_key = 0 }, "runner option total_partitions must be an integer from 1 to 4096")
       raises(r { lease_ttl = 1e300, group = true }, "option lease_ttl must be a number of seconds above 0 and at most 3600")
       raises(r { log_format = "xml" }, 'runner option log_format must be "text" or "json"')

@@ -60,7 +60,7 @@ local UNIT = { ms = 1, s = 1000, m = 60000, min = 60000, h = 3600000 }
 -- Ranges in milliseconds, with the text of each bound.
 local DURATION = {
   poll_interval = { 1, L.seconds * 1000, "1ms", "1h" },
-  handler_timeout = { 1, L.handler_timeout_ms, "1ms", "24h" },
+  handler_timeout = { 1, L.handler_timeout * 1000, "1ms", "24h" },
   lease_ttl = { 100, L.seconds * 1000, "100ms", "1h" },
 }
 
@@ -190,7 +190,7 @@ COMMANDS[#COMMANDS + 1] = {
       total_partitions = not workers and total or nil, batch_size = batch,
       poll_interval = poll and poll / 1000 or nil, once = a.once and true or false,
       database_url = a.database_url, store = store_opts(a), log_format = fmt,
-      handler_timeout_ms = limit, group = a.group and true or nil,
+      handler_timeout = limit and limit / 1000, group = a.group and true or nil,
       lease_ttl = ttl and ttl / 1000 or nil, metrics_addr = a.metrics_addr,
     }
     if a.group then opts.total_partitions = partitions or 16 end
