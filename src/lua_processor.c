@@ -524,7 +524,9 @@ void pup_lua_unblock_signals(const sigset_t *old) {
 static int proc_run(lua_State *L) {
     int once = 0;
     if (!lua_isnoneornil(L, 2)) {
+        static const char *const keys[] = {"once", NULL};
         luaL_checktype(L, 2, LUA_TTABLE);
+        pup_lua_check_keys(L, 2, "processor:run", keys);
         lua_getfield(L, 2, "once");
         once = lua_toboolean(L, -1);
         lua_pop(L, 1);
