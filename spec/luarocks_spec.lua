@@ -49,7 +49,7 @@ describe("luarocks make", function()
     -- (luarocks make reports its build on stdout first)
     assert.is_truthy(r.stdout:match("\n" .. uuid .. "\npupsourcing %d+%.%d+%.%d+\n$"), r.stdout)
     assert.is_truthy(r.stdout:find("pupsourcing scm-1 is now installed in " .. tree, 1, true), r.stdout)
-    for _, f in ipairs { "bin/pupsourcing", "share/lua/5.4/pupsourcing.lua", "share/lua/5.4/pupsourcing/cli.lua",
+    for _, f in ipairs { "bin/pupsourcing", "share/lua/5.4/pupsourcing.lua", "share/lua/5.4/pupsourcing/cli.lua", "share/lua/5.4/pupsourcing/types.lua",
                          "lib/lua/5.4/pupsourcing/core.so" } do
       local fh = io.open(tree .. "/" .. f)
       assert.is_truthy(fh, f)
