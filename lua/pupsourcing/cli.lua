@@ -5,7 +5,20 @@
 -- A command is one table in COMMANDS: name, summary, a `flags(cmd)` function declaring its
 -- arguments and options on the argparse command `cmd`, and `run(a)` taking the parsed table
 -- (option --batch-size is a.batch_size) and returning the exit code. Usage errors raise a
--- string (exit 2). Every command also takes the store flags (--database-url and the tables).
+-- string or return fail(msg) (exit 2). Every command also takes the store flags
+-- (--database-url and the tables: store_opts(a), connect(a)). For example:
+--
+--   COMMANDS[#COMMANDS + 1] = {
+--     name = "rebuild", summary = "reset a projection and run it again to the head",
+--     flags = function(cmd) projection_arg(cmd) end,      -- a.file
+--     run = function(a)
+--       local db <close> = connect(a)
+--       ... pup.rebuild(db, pup.load_projection(a.file), pup.store(store_opts(a))) ...
+--       return 0
+--     end,
+--   }
+--
+-- and its flags in README.md's CLI reference (spec/cli_reference_spec.lua checks them).
 local argparse = require "argparse"
 local pup = require "pupsourcing"
 
@@ -97,7 +110,7 @@ local function connect(a)
   return db
 end
 
--- Loads a projection file argument (raises naming the file).
+-- Declares the FILE.lua argument (a.file) of a command on one projection.
 local function projection_arg(cmd)
   cmd:argument("FILE.lua", "the projection file"):target "file"
 end
