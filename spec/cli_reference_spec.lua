@@ -4,7 +4,17 @@
 -- `   -w N, --workers N   text...`), so flags named in descriptions do not count.
 local H = require "spec.helpers"
 
-local COMMANDS = { "run", "migrate", "migrate-gen", "status", "reset", "repartition" }
+-- The commands, from `pupsourcing --help` (so a new command is checked too).
+local COMMANDS = {}
+do
+  local r = H.run { "--help" }
+  assert(r.code == 0, r.output)
+  for line in r.stdout:match("\nCommands:\n(.-)\n\n"):gmatch("[^\n]+") do
+    local name = line:match("^   ([%l][%l%-]*)%s")
+    if name and name ~= "help" then COMMANDS[#COMMANDS + 1] = name end
+  end
+  assert(#COMMANDS >= 6, "no commands found in --help:\n" .. r.stdout)
+end
 
 -- The long flags in the label columns of `text`'s option lines.
 local function label_flags(text, into)
