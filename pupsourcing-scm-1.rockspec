@@ -20,6 +20,7 @@ a Lua 5.4 module and a host binary that runs projection files.]],
 }
 dependencies = {
   "lua >= 5.4, < 5.5",
+  "argparse >= 0.7", -- the CLI (Debian: lua-argparse)
 }
 external_dependencies = {
   PQ = { header = "postgresql/libpq-fe.h" },

@@ -1,6 +1,6 @@
 -- pupsourcing: event sourcing on PostgreSQL. The C core (pupsourcing.core) does the
 -- database work (db:transaction included); this file adds what is simplest in Lua:
--- projection files, flags, status and reset. Reference: docs/lua-api.md.
+-- projection files, script flags, status and reset. Reference: docs/lua-api.md.
 local core = require "pupsourcing.core"
 
 -- store:load, store:handle, pup.upcast (lua/pupsourcing/aggregate.lua).
@@ -106,11 +106,9 @@ function M.load_projection(path)
 end
 
 -- Parses --k=v, --k v and --flag (true) into a table; other words go to the array part.
--- opts.first: the first index of argv to read (1); opts.booleans: the set of flags that take
--- no value; with it, any other flag without a value is an error (returns nil, message).
-function M.args(argv, opts)
-  opts = opts or {}
-  local out, i, bools = {}, opts.first or 1, opts.booleans
+-- For scripts and examples; the binary's commands use lua-argparse (pupsourcing.cli).
+function M.args(argv)
+  local out, i = {}, 1
   argv = argv or {}
   while i <= #argv do
     local a = argv[i]
@@ -118,17 +116,12 @@ function M.args(argv, opts)
     if k then
       out[k] = v
     elseif a:match("^%-%-.") then
-      k = a:sub(3)
       local nxt = argv[i + 1]
-      if bools and bools[k] then
-        out[k] = true
-      elseif nxt ~= nil and not nxt:match("^%-%-") then
-        out[k] = nxt
+      if nxt ~= nil and not nxt:match("^%-%-") then
+        out[a:sub(3)] = nxt
         i = i + 1
-      elseif bools then
-        return nil, ("flag --%s needs a value"):format(k)
       else
-        out[k] = true
+        out[a:sub(3)] = true
       end
     else
       out[#out + 1] = a

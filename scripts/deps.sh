@@ -6,7 +6,7 @@
 set -euo pipefail
 what=${1:-test}
 pkgs=(build-essential cmake pkg-config libpq-dev postgresql lua5.4 liblua5.4-dev
-      libyajl-dev libmicrohttpd-dev uuid-dev)
+      libyajl-dev libmicrohttpd-dev uuid-dev lua-argparse)
 case "$what" in
 run) ;;
 test) pkgs+=(lua-busted lua-check procps iproute2 valgrind luarocks prometheus curl) ;;

@@ -302,14 +302,14 @@ describe("handler safety", function()
           during[#during + 1] = calls - before
           write(tx, e)
         end
-        local p = pup.processor(db, proj, { store = store, handler_timeout_ms = 5000 })
+        local p = pup.processor(db, proj, { store = store, handler_timeout = 5 })
         print("handled", assert(p:run_once()))
         local f, mask, count = debug.gethook()
         print("after", tostring(f == hook), mask, count)
         print("during", table.concat(during, ","))
         -- the limit still works with the user's count hook installed
         local loop = pup.processor(db, { name = "hs_hook_loop", handle = function() while true do end end },
-          { store = store, handler_timeout_ms = 200 })
+          { store = store, handler_timeout = 0.2 })
         local n, err = loop:run_once()
         print("loop", tostring(n), tostring(err):match("time limit of 200 ms") or tostring(err))
         f = debug.gethook()

@@ -113,7 +113,9 @@ describe("limits", function()
 
     it("--handler-timeout 4294967796 (ran with 500 ms)", function()
       bad_run({ "--handler-timeout", "4294967796" },
-        '--handler-timeout must be an integer <= 86400000, got "4294967796" (range 1..86400000)')
+        '--handler-timeout must be a duration from 1ms to 24h in whole milliseconds (like 500ms, 2s, 1m), got "4294967796"')
+      bad_run({ "--handler-timeout", "4294967796ms" }, '--handler-timeout must be a duration from 1ms to 24h')
+      bad_run({ "--handler-timeout", "25h" }, '--handler-timeout must be a duration from 1ms to 24h')
     end)
 
     it("every integer flag and variable has a range", function()
@@ -121,17 +123,21 @@ describe("limits", function()
       bad_run({ "--partition-key", "4294967296", "--total-partitions", "2" }, "--partition-key must be an integer <= 4095")
       bad_run({ "--partition-key", "0", "--total-partitions", "4294967297" }, "--total-partitions must be an integer <= 4096")
       bad_run({}, "TOTAL_PARTITIONS must be an integer <= 4096", { PARTITION_KEY = "0", TOTAL_PARTITIONS = "4294967297" })
-      bad_run({ "--poll-interval", "3600001" }, "--poll-interval must be an integer <= 3600000")
-      bad_run({ "--poll-interval", "0" }, '--poll-interval must be an integer >= 1, got "0" (range 1..3600000)')
-      bad_run({ "--handler-timeout", "0" }, "--handler-timeout must be an integer >= 1")
+      bad_run({ "--poll-interval", "3600001" }, '--poll-interval must be a duration from 1ms to 1h')
+      bad_run({ "--poll-interval", "61m" }, '--poll-interval must be a duration from 1ms to 1h')
+      bad_run({ "--poll-interval", "0" }, '--poll-interval must be a duration from 1ms to 1h in whole milliseconds (like 500ms, 2s, 1m), got "0"')
+      bad_run({ "--poll-interval", "0.5ms" }, '--poll-interval must be a duration from 1ms to 1h')
+      bad_run({ "--poll-interval", "2 s" }, '--poll-interval must be a duration from 1ms to 1h')
+      bad_run({ "--poll-interval", "2d" }, '--poll-interval must be a duration from 1ms to 1h')
+      bad_run({ "--handler-timeout", "0s" }, "--handler-timeout must be a duration from 1ms to 24h")
     end)
 
     it("--partitions and --lease-ttl of a group", function()
       local path = projection_file("g.lua", '"lim_group"')
       for _, case in ipairs {
         { { "--partitions", "4097" }, "--partitions must be an integer <= 4096" },
-        { { "--lease-ttl", "99" }, '--lease-ttl must be an integer >= 100, got "99" (range 100..3600000)' },
-        { { "--lease-ttl", "4294967396" }, "--lease-ttl must be an integer <= 3600000" },
+        { { "--lease-ttl", "99ms" }, '--lease-ttl must be a duration from 100ms to 1h in whole milliseconds (like 500ms, 2s, 1m), got "99ms"' },
+        { { "--lease-ttl", "4294967396" }, "--lease-ttl must be a duration from 100ms to 1h" },
       } do
         local args = { "run", "--group" }
         for _, a in ipairs(case[1]) do args[#args + 1] = a end
@@ -180,7 +186,8 @@ describe("limits", function()
         return function() pup.processor(db, proj, opts) end
       end
       raises(p { batch_size = 4294967297 }, "option batch_size must be an integer from 1 to 100000, got 4294967297")
-      raises(p { handler_timeout_ms = 4294967796 }, "option handler_timeout_ms must be an integer from 0 to 86400000")
+      raises(p { handler_timeout = 86401 }, "option handler_timeout must be a number of seconds above 0 and at most 86400")
+      raises(p { handler_timeout_ms = 500 }, "pup.processor: unknown option handler_timeout_ms")
       raises(p { total_partitions = 4294967298 }, "option total_partitions must be an integer from 1 to 4096")
       raises(p { partition_key = -4294967296 }, "option partition_key must be an integer from 0 to 4095")
       raises(p { lease_ttl = 1e300 }, "option lease_ttl must be a number of seconds above 0 and at most 3600")
@@ -190,7 +197,7 @@ describe("limits", function()
         pup.processor(db, { name = "x", handle = function() end, batch_size = 4294967297 })
       end, "`batch_size` must be at most 100000")
       -- in range still works
-      assert(pup.processor(db, proj, { store = store, batch_size = 100000, handler_timeout_ms = 86400000 })):close()
+      assert(pup.processor(db, proj, { store = store, batch_size = 100000, handler_timeout = 86400 })):close()
     end)
 
     it("pup.runner", function()
@@ -201,7 +208,8 @@ describe("limits", function()
       end
       raises(r { batch_size = 4294967297 }, "runner option batch_size must be an integer from 1 to 100000")
       raises(r { workers = 4294967298 }, "runner option workers must be an integer from 1 to 4096")
-      raises(r { handler_timeout_ms = 4294967796 }, "runner option handler_timeout_ms must be an integer from 0 to 86400000")
+      raises(r { handler_timeout = 4294967.796 }, "option handler_timeout must be a number of seconds above 0 and at most 86400")
+      raises(r { handler_timeout_ms = 500 }, "pup.runner: unknown option handler_timeout_ms")
       raises(r { total_partitions = 4294967297, partition_key = 0 }, "runner option total_partitions must be an integer from 1 to 4096")
       raises(r { lease_ttl = 1e300, group = true }, "option lease_ttl must be a number of seconds above 0 and at most 3600")
       raises(r { log_format = "xml" }, 'runner option log_format must be "text" or "json"')

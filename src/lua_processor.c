@@ -226,13 +226,13 @@ int pup_lua_opt_int(lua_State *L, int idx, const char *what, const char *k, lua_
     return (int)v;
 }
 
-int pup_lua_opt_seconds(lua_State *L, int idx, const char *k, int def_ms) {
+int pup_lua_opt_seconds(lua_State *L, int idx, const char *k, int def_ms, int max_s) {
     int ms = def_ms;
     if (lua_getfield(L, idx, k) != LUA_TNIL) {
         lua_Number s = lua_tonumber(L, -1);
-        if (!lua_isnumber(L, -1) || !(s > 0 && s <= PUP_LUA_MAX_SECONDS))
-            luaL_error(L, "option %s must be a number of seconds above 0 and at most %d", k, PUP_LUA_MAX_SECONDS);
-        ms = (int)(s * 1000);
+        if (!lua_isnumber(L, -1) || !(s > 0 && s <= max_s))
+            luaL_error(L, "option %s must be a number of seconds above 0 and at most %d", k, max_s);
+        ms = (int)(s * 1000 + 0.5); /* rounded: 1.005 * 1000 is 1004.99... */
         if (ms < 1) ms = 1;
     }
     lua_pop(L, 1);
@@ -240,10 +240,10 @@ int pup_lua_opt_seconds(lua_State *L, int idx, const char *k, int def_ms) {
 }
 
 /* pup.processor(db, projection, {partition_key, total_partitions, batch_size,
- * poll_interval (seconds), handler_timeout_ms, group, lease_ttl (seconds), store}) */
+ * poll_interval, handler_timeout, lease_ttl (all three in seconds), group, store}) */
 static int l_processor(lua_State *L) {
     static const char *const keys[] = {"partition_key", "total_partitions", "batch_size", "poll_interval",
-                                       "handler_timeout_ms", "group", "lease_ttl", "store", NULL};
+                                       "handler_timeout", "group", "lease_ttl", "store", NULL};
     pup_conn *c = pup_lua_checkconn(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     if (!lua_isnoneornil(L, 3)) luaL_checktype(L, 3, LUA_TTABLE);
@@ -273,7 +273,7 @@ static int l_processor(lua_State *L) {
     lua_pop(L, 1);
     cfg.partition_key = pup_lua_opt_int(L, 3, "option", "partition_key", 0, 0, PUP_LUA_MAX_PARTITIONS - 1);
     cfg.total_partitions = pup_lua_opt_int(L, 3, "option", "total_partitions", cfg.group ? 16 : 1, 1, PUP_LUA_MAX_PARTITIONS);
-    cfg.lease_ttl_ms = pup_lua_opt_seconds(L, 3, "lease_ttl", 0);
+    cfg.lease_ttl_ms = pup_lua_opt_seconds(L, 3, "lease_ttl", 0, PUP_LUA_MAX_SECONDS);
     lua_getfield(L, 2, "kind");
     int reactor = lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), "reactor") == 0;
     lua_pop(L, 1);
@@ -281,8 +281,8 @@ static int l_processor(lua_State *L) {
      * delivers the whole batch again: one event per batch unless asked otherwise. */
     int def_batch = pup_lua_opt_int(L, 2, "option", "batch_size", reactor ? 1 : 100, 1, PUP_LUA_MAX_BATCH);
     cfg.batch_size = pup_lua_opt_int(L, 3, "option", "batch_size", def_batch, 1, PUP_LUA_MAX_BATCH);
-    cfg.poll_interval_ms = pup_lua_opt_seconds(L, 3, "poll_interval", 1000);
-    int timeout_ms = pup_lua_opt_int(L, 3, "option", "handler_timeout_ms", 0, 0, PUP_LUA_MAX_TIMEOUT_MS);
+    cfg.poll_interval_ms = pup_lua_opt_seconds(L, 3, "poll_interval", 1000, PUP_LUA_MAX_SECONDS);
+    int timeout_ms = pup_lua_opt_seconds(L, 3, "handler_timeout", 0, PUP_LUA_MAX_TIMEOUT_S);
     if (lua_getfield(L, 3, "store") == LUA_TNIL) {
         lua_pop(L, 1);
         lua_getglobal(L, "require");
@@ -534,7 +534,9 @@ void pup_lua_unblock_signals(const sigset_t *old) {
 static int proc_run(lua_State *L) {
     int once = 0;
     if (!lua_isnoneornil(L, 2)) {
+        static const char *const keys[] = {"once", NULL};
         luaL_checktype(L, 2, LUA_TTABLE);
+        pup_lua_check_keys(L, 2, "processor:run", keys);
         lua_getfield(L, 2, "once");
         once = lua_toboolean(L, -1);
         lua_pop(L, 1);
@@ -607,8 +609,8 @@ void pup_lua_open_processor(lua_State *L) {
     lua_setfield(L, -2, "batch_size");
     lua_pushinteger(L, PUP_LUA_MAX_PARTITIONS);
     lua_setfield(L, -2, "partitions");
-    lua_pushinteger(L, PUP_LUA_MAX_TIMEOUT_MS);
-    lua_setfield(L, -2, "handler_timeout_ms");
+    lua_pushinteger(L, PUP_LUA_MAX_TIMEOUT_S);
+    lua_setfield(L, -2, "handler_timeout");
     lua_pushinteger(L, PUP_LUA_MAX_SECONDS);
     lua_setfield(L, -2, "seconds");
     lua_setfield(L, -2, "limits");

@@ -68,7 +68,7 @@ static const char worker_chunk[] =
     "local store = pup.store{events_table = ev, aggregate_heads_table = hd, checkpoints_table = ck}\n"
     "local p <close> = pup.processor(db, proj, {partition_key = key, total_partitions = total,\n"
     "  batch_size = batch or proj.batch_size, poll_interval = poll, store = store,\n"
-    "  handler_timeout_ms = limit, group = group, lease_ttl = ttl})\n"
+    "  handler_timeout = limit, group = group, lease_ttl = ttl})\n"
     "publish(proj.name, true)\n"
     "local n, err = p:_run_fd(fd, once, stats, json)\n"
     "return proj.name, err and err.code, err and err.message\n";
@@ -151,7 +151,8 @@ static void *worker_main(void *arg) {
         push_opt(L, r->heads);
         push_opt(L, r->checkpoints);
         lua_pushboolean(L, r->json_log);
-        lua_pushinteger(L, r->handler_timeout_ms);
+        if (r->handler_timeout_ms > 0) lua_pushnumber(L, r->handler_timeout_ms / 1000.0);
+        else lua_pushnil(L);
         lua_pushboolean(L, r->group);
         if (r->lease_ttl_ms > 0) lua_pushnumber(L, r->lease_ttl_ms / 1000.0);
         else lua_pushnil(L);
@@ -217,7 +218,7 @@ static int runner_gc(lua_State *L) {
 static int l_runner(lua_State *L) {
     static const char *const keys[] = {"files", "workers", "partition_key", "total_partitions", "batch_size",
                                        "poll_interval", "once", "database_url", "store", "log_format",
-                                       "handler_timeout_ms", "group", "lease_ttl", "metrics_addr", NULL};
+                                       "handler_timeout", "group", "lease_ttl", "metrics_addr", NULL};
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
     pup_lua_check_keys(L, 1, "pup.runner", keys);
@@ -244,7 +245,7 @@ static int l_runner(lua_State *L) {
     lua_getfield(L, 1, "group");
     r->group = lua_toboolean(L, -1);
     lua_pop(L, 1);
-    r->lease_ttl_ms = pup_lua_opt_seconds(L, 1, "lease_ttl", 0);
+    r->lease_ttl_ms = pup_lua_opt_seconds(L, 1, "lease_ttl", 0, PUP_LUA_MAX_SECONDS);
     int workers = pup_lua_opt_int(L, 1, "runner option", "workers", 0, 1, PUP_LUA_MAX_PARTITIONS);
     int key = pup_lua_opt_int(L, 1, "runner option", "partition_key", -1, 0, PUP_LUA_MAX_PARTITIONS - 1);
     int total = pup_lua_opt_int(L, 1, "runner option", "total_partitions", r->group ? 16 : 1, 1, PUP_LUA_MAX_PARTITIONS);
@@ -252,9 +253,9 @@ static int l_runner(lua_State *L) {
     if (r->group && (workers > 0 || key >= 0))
         luaL_error(L, "a group worker shares the partitions by leases: no workers or partition_key with group");
     if (key >= total) luaL_error(L, "partition_key %d must be below total_partitions %d", key, total);
-    r->handler_timeout_ms = pup_lua_opt_int(L, 1, "runner option", "handler_timeout_ms", 0, 0, PUP_LUA_MAX_TIMEOUT_MS);
+    r->handler_timeout_ms = pup_lua_opt_seconds(L, 1, "handler_timeout", 0, PUP_LUA_MAX_TIMEOUT_S);
     r->batch_size = pup_lua_opt_int(L, 1, "runner option", "batch_size", 0, 1, PUP_LUA_MAX_BATCH);
-    r->poll_ms = pup_lua_opt_seconds(L, 1, "poll_interval", 1000);
+    r->poll_ms = pup_lua_opt_seconds(L, 1, "poll_interval", 1000, PUP_LUA_MAX_SECONDS);
     lua_getfield(L, 1, "once");
     r->once = lua_toboolean(L, -1);
     lua_pop(L, 1);

@@ -39,7 +39,11 @@ static const char *optname(lua_State *L, int idx, const char *field) {
 
 /* pup.store(opts?) */
 static int l_store(lua_State *L) {
-    if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TTABLE);
+    static const char *const keys[] = {"events_table", "aggregate_heads_table", "checkpoints_table", NULL};
+    if (!lua_isnoneornil(L, 1)) {
+        luaL_checktype(L, 1, LUA_TTABLE);
+        pup_lua_check_keys(L, 1, "pup.store", keys);
+    }
     const char *e = optname(L, 1, "events_table");
     const char *h = optname(L, 1, "aggregate_heads_table");
     const char *c = optname(L, 1, "checkpoints_table");
@@ -357,7 +361,9 @@ static int store_read_stream(lua_State *L) {
     id.p = luaL_checklstring(L, 4, &id.len);
     lua_Integer from = 1, to = -1;
     if (!lua_isnoneornil(L, 5)) {
+        static const char *const keys[] = {"from_version", "to_version", NULL};
         luaL_checktype(L, 5, LUA_TTABLE);
+        pup_lua_check_keys(L, 5, "read_aggregate_stream", keys);
         if (lua_getfield(L, 5, "from_version") != LUA_TNIL) {
             luaL_argcheck(L, lua_isinteger(L, -1), 5, "from_version must be an integer");
             from = lua_tointeger(L, -1);

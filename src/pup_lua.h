@@ -32,7 +32,7 @@
  * CLI checks its flags against them). PUP_LUA_MAX_PARTITIONS is processor.c's limit. */
 #define PUP_LUA_MAX_BATCH 100000
 #define PUP_LUA_MAX_PARTITIONS 4096
-#define PUP_LUA_MAX_TIMEOUT_MS 86400000 /* handler_timeout_ms: one day */
+#define PUP_LUA_MAX_TIMEOUT_S 86400 /* handler_timeout: one day */
 #define PUP_LUA_MAX_SECONDS 3600        /* poll_interval and lease_ttl */
 
 /* luaopen for `require "pupsourcing.core"`; the host binary preloads it. */
@@ -101,9 +101,9 @@ void pup_lua_check_keys(lua_State *L, int idx, const char *what, const char *con
 int pup_lua_opt_int(lua_State *L, int idx, const char *what, const char *k, lua_Integer def, lua_Integer min,
                     lua_Integer max);
 
-/* Option k (seconds, a number above 0 and at most PUP_LUA_MAX_SECONDS) of the options
- * table at idx, in milliseconds (at least 1); def_ms when absent. Raises otherwise. */
-int pup_lua_opt_seconds(lua_State *L, int idx, const char *k, int def_ms);
+/* Option k (seconds, a number above 0 and at most max_s) of the options table at idx, in
+ * milliseconds (at least 1); def_ms when absent. Raises otherwise. */
+int pup_lua_opt_seconds(lua_State *L, int idx, const char *k, int def_ms, int max_s);
 
 /* While a handler with a time limit runs in this VM: returns 1 with the seconds left
  * (negative once passed) and the limit. Else 0. pup.sleep() sleeps no longer. */
