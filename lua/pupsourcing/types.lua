@@ -208,6 +208,11 @@ function Store:load(db, aggregate_type, aggregate_id, def) end
 ---@param def pupsourcing.AggregateDef
 ---@return any state, integer|pupsourcing.Error version_or_err, any result
 function Store:handle(db, aggregate_type, aggregate_id, decide, def) end
+---Runs projection's handler inside every later append of this store (an inline projection).
+---@param db pupsourcing.DB|pupsourcing.Tx
+---@param projection pupsourcing.Projection
+---@return true|nil ok, pupsourcing.Error? err
+function Store:inline(db, projection) end
 ---@param db pupsourcing.DB|pupsourcing.Tx
 ---@param aggregate_type string
 ---@param aggregate_id string
@@ -300,6 +305,21 @@ function pup.reset(db, projection, store) end
 ---@param store pupsourcing.Store?
 ---@return integer|nil before, pupsourcing.Error? err
 function pup.repartition(db, projection, count, store) end
+---@param db pupsourcing.DB
+---@param store pupsourcing.Store?
+---@return pupsourcing.Row[]|nil layouts  projection, mode, total_partitions, previous_mode, previous_total, generation
+---@return pupsourcing.Error? err
+function pup.layouts(db, store) end
+---@param db pupsourcing.DB
+---@param projection pupsourcing.Projection
+---@param opts {store: pupsourcing.Store?, batch_size: integer?}?
+---@return integer|nil handled, pupsourcing.Error? err
+function pup.rebuild(db, projection, opts) end
+---@param db pupsourcing.DB|pupsourcing.Tx
+---@param store pupsourcing.Store?
+---@return string|nil warning  nil when global_position defaults to the xid-first function
+---@return pupsourcing.Error? err
+function pup.position_warning(db, store) end
 ---@param seconds number
 function pup.sleep(seconds) end
 ---@return number seconds  wall clock
