@@ -124,10 +124,20 @@ function M.args(argv, opts)
   return out
 end
 
+-- A store statement run from Lua that failed on a missing table: its tables are the
+-- store's, so the store is not migrated (what pup_store_error says for the C side's).
+local function store_result(res, err)
+  if res == nil and err and err.code == "database" and err.sqlstate == "42P01" then
+    err.code = "not_migrated"
+    err.message = err.message .. " (run `pupsourcing migrate` to create the tables)"
+  end
+  return res, err
+end
+
 -- Checkpoints of every projection partition with the head and lag (the store's SQL).
 function M.status(db, store)
   store = store or M.store()
-  return db:query(store:names().sql.status)
+  return store_result(db:query(store:names().sql.status))
 end
 
 -- Deletes a projection's checkpoints and runs its reset(tx), in one transaction.
@@ -136,7 +146,7 @@ function M.reset(db, projection, store)
   M.check_projection(projection)
   local sql = store:names().sql.reset
   return db:transaction(function(tx)
-    local deleted = assert(tx:exec(sql, projection.name))
+    local deleted = assert(store_result(tx:exec(sql, projection.name)))
     if projection.reset then projection.reset(tx) end
     return deleted
   end)

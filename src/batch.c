@@ -84,7 +84,7 @@ static int write_checkpoint(pup_processor *p, long long from, long long to, pup_
     pup_params_text(q, 6, p->owner, strlen(p->owner));
     if (!group) pup_params_int(q, 7, from);
     PGresult *r = pup_conn_exec(p->conn, st, q, 0, err);
-    if (!r) return -1;
+    if (!r) return pup_store_error(err);
     int n = PQntuples(r);
     PQclear(r);
     if (!group && n == 0)
@@ -146,7 +146,9 @@ static PGresult *read_window(pup_processor *p, const pup_stmt *st, long long fro
      * batch_size of them are ours, so N partitions commit as often as one. */
     long long window = (long long)p->cfg.batch_size * p->total / (p->nheld ? p->nheld : 1);
     pup_params_int(q, 1, window > 100000 ? 100000 : window);
-    return pup_conn_exec(p->conn, st, q, 1, err);
+    PGresult *r = pup_conn_exec(p->conn, st, q, 1, err);
+    if (!r) pup_store_error(err);
+    return r;
 }
 
 /* A batch in progress. */

@@ -280,5 +280,7 @@ PGresult *pup_proc_run(pup_processor *p, pup_error *err, const char *sql, int n,
         if (v) pup_params_text(&p->params, i, v, strlen(v));
     }
     va_end(ap);
-    return pup_conn_exec(p->conn, st, &p->params, 0, err);
+    PGresult *r = pup_conn_exec(p->conn, st, &p->params, 0, err);
+    if (!r) pup_store_error(err); /* the processor's own statements touch only the store's tables */
+    return r;
 }

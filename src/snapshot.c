@@ -42,6 +42,7 @@ PGresult *pup_snapshot_read(const pup_store *s, pup_conn *c, pup_str type, pup_s
     pup_params_int(&p, 2, snapshot_version);
     PGresult *r = pup_conn_exec(c, st, &p, 1, err);
     pup_params_free(&p);
+    if (!r) pup_store_error(err);
     return r;
 }
 
@@ -75,7 +76,7 @@ int pup_snapshot_write(const pup_store *s, pup_conn *c, pup_str type, pup_str id
     pup_params_binary(&p, 4, state.p, state.len);
     PGresult *r = pup_conn_exec(c, st, &p, 0, err);
     pup_params_free(&p);
-    if (!r) return -1;
+    if (!r) return pup_store_error(err);
     int written = strcmp(PQcmdTuples(r), "1") == 0;
     PQclear(r);
     return written;
