@@ -12,6 +12,7 @@ for k, v in pairs(core) do
   if k:sub(1, 1) ~= "_" then M[k] = v end
 end
 M.version = "0.1.0"
+M.subscribe = require("pupsourcing.subscribe").subscribe
 M.upcast = aggregate.upcast
 M.remove_upcaster = aggregate.remove_upcaster
 

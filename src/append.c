@@ -208,7 +208,7 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
     if (pup_conn_check_utf8(c, err) < 0) return -1;
     /* One event, the common case, binds plain parameters; more travel as arrays. */
     const pup_stmt *st = pup_conn_prepare(c, n == 1 ? s->sql_append_one : s->sql_append, err);
-    if (!st) return -1;
+    if (!st) return pup_store_error(err);
     if (pup_params_reset(&buf->params, 4 + NARRAYS) < 0)
         return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     pup_params *p = &buf->params;

@@ -70,7 +70,7 @@ static int write_checkpoint(pup_processor *p, long long from, long long to, pup_
     pup_params *q = &p->params;
     int group = p->cfg.group;
     const pup_stmt *st = pup_conn_prepare(p->conn, group ? p->sql_lease_checkpoint : p->sql_checkpoint, err);
-    if (!st) return -1;
+    if (!st) return pup_store_error(err);
     if (pup_params_reset(q, group ? 7 : 8) < 0) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     pup_params_text(q, 0, p->name, strlen(p->name));
     pup_params_int(q, 1, p->total);
@@ -276,7 +276,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     if (!p->setup_done && p->h.setup && run_setup(p, err) < 0) return -1;
     p->setup_done = 1;
     const pup_stmt *st = prepare_batch(p, err);
-    if (!st) return pup_proc_context(p, err);
+    if (!st) return pup_store_error(err), pup_proc_context(p, err);
     walk w = {.from = -1, .started = pup_proc_mono()};
     for (int k = 0; k < p->total; k++)
         if (p->held[k] && (w.from < 0 || p->cp[k] < w.from)) w.from = p->cp[k];

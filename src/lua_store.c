@@ -435,6 +435,16 @@ static const char *push_scope(lua_State *L, int idx, const char *k) {
     return lua_tostring(L, -1);
 }
 
+/* core._cursor_at(cursor, position): the cursor moved back to a position it passed in its
+ * last read (pup.subscribe stopping inside a batch): its holes all lie above. */
+static int l_cursor_at(lua_State *L) {
+    lcursor *k = luaL_checkudata(L, 1, PUP_CURSOR_MT);
+    lua_Integer pos = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, pos >= 0 && pos <= k->c.position, 2, "position must be at or below the cursor's");
+    push_cursor(L, &k->c, k->events)->c.position = pos;
+    return 1;
+}
+
 /* store:read_events(db_or_tx, cursor_or_position, {limit=, aggregate_types=, event_types=}?)
  * --> events, cursor | nil, err. Never returns an event above a hole that a running
  * transaction may still fill (the processor's rule, docs/ordering.md); an empty array
@@ -767,4 +777,6 @@ void pup_lua_open_store(lua_State *L) {
     lua_setfield(L, -2, "store");
     lua_pushcfunction(L, l_uuid);
     lua_setfield(L, -2, "uuid");
+    lua_pushcfunction(L, l_cursor_at);
+    lua_setfield(L, -2, "_cursor_at");
 }

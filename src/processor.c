@@ -268,7 +268,10 @@ int pup_proc_context(pup_processor *p, pup_error *err) {
 
 PGresult *pup_proc_run(pup_processor *p, pup_error *err, const char *sql, int n, ...) {
     const pup_stmt *st = pup_conn_prepare(p->conn, sql, err);
-    if (!st) return NULL;
+    if (!st) {
+        pup_store_error(err);
+        return NULL;
+    }
     if (pup_params_reset(&p->params, n) < 0) {
         pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
         return NULL;

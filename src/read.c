@@ -46,7 +46,10 @@ void pup_event_from_row(const PGresult *r, int row, int first, pup_event *ev) {
 PGresult *pup_store_read(const pup_store *s, pup_conn *c, long long after, long long limit,
                          pup_error *err) {
     const pup_stmt *st = pup_conn_prepare(c, s->sql_read, err);
-    if (!st) return NULL;
+    if (!st) {
+        pup_store_error(err);
+        return NULL;
+    }
     pup_params p = {0};
     if (pup_params_reset(&p, 2) < 0) {
         pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
@@ -63,7 +66,10 @@ PGresult *pup_store_read(const pup_store *s, pup_conn *c, long long after, long 
 PGresult *pup_store_read_stream(const pup_store *s, pup_conn *c, pup_str type, pup_str id,
                                 long long from, long long to, pup_error *err) {
     const pup_stmt *st = pup_conn_prepare(c, s->sql_stream, err);
-    if (!st) return NULL;
+    if (!st) {
+        pup_store_error(err);
+        return NULL;
+    }
     pup_params p = {0};
     if (pup_params_reset(&p, 4) < 0) {
         pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
@@ -81,7 +87,7 @@ PGresult *pup_store_read_stream(const pup_store *s, pup_conn *c, pup_str type, p
 
 long long pup_store_head(const pup_store *s, pup_conn *c, pup_error *err) {
     const pup_stmt *st = pup_conn_prepare(c, s->sql_head, err);
-    if (!st) return -1;
+    if (!st) return pup_store_error(err);
     PGresult *r = pup_conn_exec(c, st, NULL, 1, err);
     if (!r) return pup_store_error(err);
     long long head = pup_be_int(PQgetvalue(r, 0, 0), 8);
@@ -106,7 +112,7 @@ int pup_store_read_safe(const pup_store *s, pup_conn *c, pup_cursor *cur, const 
                         long long window, long long limit, pup_safe_read *out, pup_error *err) {
     memset(out, 0, sizeof *out);
     const pup_stmt *st = pup_conn_prepare(c, s->sql_read_safe, err);
-    if (!st) return -1;
+    if (!st) return pup_store_error(err);
     pup_params p = {0};
     if (pup_params_reset(&p, 4) < 0) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     pup_params_int(&p, 0, cur->position);

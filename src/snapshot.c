@@ -31,7 +31,10 @@ PGresult *pup_snapshot_read(const pup_store *s, pup_conn *c, pup_str type, pup_s
              " ORDER BY 4",
              pup_snapshot_table(s, table, sizeof table), s->q_events);
     const pup_stmt *st = pup_conn_prepare(c, sql, err);
-    if (!st) return NULL;
+    if (!st) {
+        pup_store_error(err);
+        return NULL;
+    }
     pup_params p = {0};
     if (pup_params_reset(&p, 3) < 0) {
         pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
@@ -66,7 +69,7 @@ int pup_snapshot_write(const pup_store *s, pup_conn *c, pup_str type, pup_str id
              " OR (EXCLUDED.snapshot_version = s.snapshot_version AND EXCLUDED.version > s.version)",
              pup_snapshot_table(s, table, sizeof table), table, table);
     const pup_stmt *st = pup_conn_prepare(c, sql, err);
-    if (!st) return -1;
+    if (!st) return pup_store_error(err);
     pup_params p = {0};
     if (pup_params_reset(&p, 5) < 0) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     pup_params_text(&p, 0, type.p, type.len);
