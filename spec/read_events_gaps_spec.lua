@@ -192,12 +192,14 @@ describe("read_events (gap-safe)", function()
     end
     -- drain: read until nothing more and no hole holds the reader
     local deadline = pup.now() + 20
+    local done
     repeat
       read_some()
-      local evs = store:read_events(db, cursor)
-      local done = #evs == 0 and not cursor.waiting
+      local evs, after = store:read_events(db, cursor)
+      done = #evs == 0 and not after.waiting
       if not done then pup.sleep(0.005) end
     until done or pup.now() > deadline
+    assert.is_true(done, "seed " .. seed .. ": the reader caught up")
     local all = assert(db:query(("SELECT global_position AS p FROM %s ORDER BY 1"):format(store:names().events_quoted)))
     local want = {}
     for i, row in ipairs(all) do want[i] = row.p end
