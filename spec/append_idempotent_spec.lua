@@ -83,6 +83,31 @@ describe("append with an existing event_id", function()
     assert.equal(1, rows())
   end)
 
+  it("a payload is the same JSON value whatever its key order (a retry from another process)", function()
+    local e = ev("j1", { payload = '{"a":1,"b":{"c":[1,2.5,"x"],"d":null}}' })
+    local first = assert(store:append(db, pup.any(), { e }))
+    local again = assert(store:append(db, pup.any(), { ev("j1", { event_id = e.event_id,
+      payload = '{ "b": {"d": null, "c": [1, 2.5, "x"]}, "a": 1 }' }) }))
+    assert.same(first.global_positions, again.global_positions)
+    -- a table payload, in whatever order this process encodes it
+    local t = ev("j2", { payload = { z = 1, y = { 1, 2 }, x = "s", w = pup.null } })
+    local tfirst = assert(store:append(db, pup.any(), { t }))
+    local copy = ev("j2", { event_id = t.event_id, payload = '{"w":null,"x":"s","y":[1,2],"z":1}' })
+    assert.same(tfirst.global_positions, assert(store:append(db, pup.any(), { copy })).global_positions)
+    -- other values are other events: a changed value, an integer for a float, [] for {}
+    for _, other in ipairs { '{"a":2,"b":{"c":[1,2.5,"x"],"d":null}}', '{"a":1.0,"b":{"c":[1,2.5,"x"],"d":null}}',
+                             '{"a":1,"b":{"c":[1,2.5,"x"],"d":null},"e":1}', '{"a":1,"b":{"c":[1,2.5],"d":null}}',
+                             '{"a":1,"b":[]}', 'not json' } do
+      local res, err = store:append(db, pup.any(), { ev("j1", { event_id = e.event_id, payload = other }) })
+      assert.is_nil(res, other)
+      assert.equal("duplicate_event", err.code, other)
+    end
+    local e2 = ev("j3", { payload = "{}" })
+    assert(store:append(db, pup.any(), { e2 }))
+    assert.is_nil((store:append(db, pup.any(), { ev("j3", { event_id = e2.event_id, payload = "[]" }) })))
+    assert.equal(3, rows())
+  end)
+
   it("inside a caller's transaction: a retry or a duplicate leaves the transaction usable", function()
     local e = ev("t1")
     local first = assert(store:append(db, pup.any(), { e }))

@@ -130,18 +130,23 @@ static int repeated_id(const pup_event_in *events, int n, const char **which) {
 
 /* The stored event of row `row` is the same event as ev of aggregate type/id: the same
  * aggregate, event_type, event_version and payload bytes. */
-static int same_event(const PGresult *r, int row, pup_str type, pup_str id, const pup_event_in *ev) {
+static int same_event(const pup_append_buf *buf, const PGresult *r, int row, pup_str type, pup_str id,
+                      const pup_event_in *ev) {
 #define EQ(col, str) ((size_t)PQgetlength(r, row, col) == (str).len && memcmp(PQgetvalue(r, row, col), (str).p, (str).len) == 0)
-    return EQ(2, type) && EQ(3, id) && EQ(5, ev->event_type) && EQ(7, ev->payload) &&
-           pup_be_int(PQgetvalue(r, row, 6), 4) == ev->event_version;
+    if (!EQ(2, type) || !EQ(3, id) || !EQ(5, ev->event_type) ||
+        pup_be_int(PQgetvalue(r, row, 6), 4) != ev->event_version)
+        return 0;
+    if (EQ(7, ev->payload)) return 1;
 #undef EQ
+    pup_str stored = {PQgetvalue(r, row, 7), (size_t)PQgetlength(r, row, 7)};
+    return buf->same_payload && buf->same_payload(buf->same_ud, stored, ev->payload);
 }
 
 /* An event_id of the append exists (nothing was written). A retry of the same append (a
  * timeout hid its success) gets the positions and versions it had; anything else is
  * duplicate_event naming the first event that differs. Runs only on this path. */
-static int retried(const pup_store *s, pup_conn *c, pup_str type, pup_str id, const pup_event_in *events,
-                   int n, pup_append_result *out, pup_error *err) {
+static int retried(const pup_store *s, pup_conn *c, const pup_append_buf *buf, pup_str type, pup_str id,
+                   const pup_event_in *events, int n, pup_append_result *out, pup_error *err) {
     char *ids = malloc((size_t)n * 38 + 3), *w = ids;
     if (!ids) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     *w++ = '{';
@@ -177,7 +182,7 @@ static int retried(const pup_store *s, pup_conn *c, pup_str type, pup_str id, co
         int row = -1;
         for (int k = 0; eid->p && k < rows && row < 0; k++)
             if (eid->len == 36 && strncasecmp(PQgetvalue(r, k, 0), eid->p, 36) == 0) row = k;
-        if (row < 0 || !same_event(r, row, type, id, &events[i])) {
+        if (row < 0 || !same_event(buf, r, row, type, id, &events[i])) {
             const char *why = row >= 0 ? "exists as a different event (aggregate, event_type, event_version or payload)"
                                        : "is new while another event of this append exists: not a retry of one append";
             pup_error_set(err, PUP_ERR_DUPLICATE_EVENT, "append to %.*s/%.*s: event %d (event_id %.*s) %s", tl,
@@ -253,7 +258,7 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
     if (PQgetvalue(r, 0, 3)[0]) { /* an event_id exists: nothing was written */
         PQclear(r);
         pup_str type = {aggregate_type, type_len}, id = {aggregate_id, id_len};
-        return retried(s, c, type, id, events, n, out, err);
+        return retried(s, c, buf, type, id, events, n, out, err);
     }
     long long current = pup_be_int(PQgetvalue(r, 0, 0), 8);
     if (PQgetisnull(r, 0, 1)) {

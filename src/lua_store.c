@@ -244,6 +244,55 @@ static pup_str kept(lua_State *L, int idx, lua_Integer i) {
     return s;
 }
 
+/* The decoded JSON values at a and b are the same: same types (integer and float apart),
+ * equal scalars, tables with the same keys and values and the same metatable (an empty
+ * array is not an empty object). */
+static int same_value(lua_State *L, int a, int b, int depth) {
+    int t = lua_type(L, a);
+    if (t != lua_type(L, b) || depth > 200 || !lua_checkstack(L, 4)) return 0;
+    if (t == LUA_TNUMBER && lua_isinteger(L, a) != lua_isinteger(L, b)) return 0;
+    if (t != LUA_TTABLE) return lua_rawequal(L, a, b);
+    int ma = lua_getmetatable(L, a), mb = lua_getmetatable(L, b);
+    int same = ma == mb && (!ma || lua_rawequal(L, -1, -2));
+    lua_pop(L, ma + mb);
+    lua_Integer na = 0, nb = 0;
+    lua_pushnil(L);
+    while (same && lua_next(L, a)) { /* key at -2, value at -1 */
+        na++;
+        lua_pushvalue(L, -2);
+        lua_rawget(L, b);
+        same = same_value(L, lua_gettop(L) - 1, lua_gettop(L), depth + 1);
+        lua_pop(L, 2);
+    }
+    if (!same) {
+        lua_pop(L, 1); /* the key lua_next left */
+        return 0;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, b)) {
+        nb++;
+        lua_pop(L, 1);
+    }
+    return na == nb;
+}
+
+/* pup_append_buf.same_payload: both payloads decode as JSON to the same value, so a retry
+ * whose table was encoded in another key order (another process) is still the same. */
+static int same_json(void *ud, pup_str stored, pup_str given) {
+    lua_State *L = ud;
+    if (!lua_checkstack(L, 8)) return 0;
+    int top = lua_gettop(L), ok = 1;
+    for (int k = 0; k < 2 && ok; k++) {
+        pup_str s = k ? given : stored;
+        lua_getfield(L, LUA_REGISTRYINDEX, "pupsourcing.json_decode");
+        lua_pushlstring(L, s.p, s.len);
+        ok = lua_pcall(L, 1, 1, 0) == LUA_OK;
+    }
+    int same = ok && same_value(L, top + 1, top + 2, 0);
+    lua_settop(L, top);
+    return same;
+}
+
 /* store:append(db_or_tx, expected, events). The events are read in two passes: the first
  * reads every field into a table that keeps the values alive (__index, __len and JSON
  * encoding may run Lua, which may collect garbage or even append again); the second,
@@ -316,6 +365,10 @@ static int store_append(lua_State *L) {
     }
     pup_str atype = kept(L, keep, F_TYPE + 1), aid = kept(L, keep, F_ID + 1);
     pup_append_result res;
+    /* Only our JSON decoder runs from here (on an existing event_id): the kept strings
+     * stay alive and in place. */
+    s->buf.same_payload = same_json;
+    s->buf.same_ud = L;
     if (pup_store_append(&s->store, c, &s->buf, atype.p, atype.len, aid.p, aid.len, expected,
                          s->events, n, &res, &err) < 0)
         return pup_lua_push_error(L, &err);

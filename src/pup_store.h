@@ -78,11 +78,15 @@ typedef struct pup_event_in {
     pup_str created_at; /* timestamp text or NULL (now) */
 } pup_event_in;
 
-/* Reusable scratch for append: the binary arrays it sends. */
+/* Reusable scratch for append: the binary arrays it sends. same_payload (NULL: equal
+ * bytes) tells whether a stored payload and a given one are the same, for an append whose
+ * event_id exists; the Lua binding compares JSON values, whatever their key order. */
 typedef struct pup_append_buf {
     char *data;
     size_t len, cap;
     pup_params params;
+    int (*same_payload)(void *ud, pup_str stored, pup_str given);
+    void *same_ud;
 } pup_append_buf;
 void pup_append_buf_free(pup_append_buf *b);
 
