@@ -127,6 +127,7 @@ describe("pup.subscribe", function()
     end)
     assert.same({ later }, got)
     assert.equal(later, cursor.position)
+    assert.equal("idle", why)
   end)
 
   it("filters by aggregate and event type; fn returning false stops at that event", function()
