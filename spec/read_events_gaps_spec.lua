@@ -89,6 +89,27 @@ describe("read_events (gap-safe)", function()
     assert.is_nil(cur.waiting)
   end)
 
+  it("a read inside a transaction that has an xid gives its holes no bound (its xid is older)", function()
+    local reader, a = connect(), connect()
+    local rtx = assert(reader:begin())
+    assert(rtx:query("SELECT pg_current_xact_id()"))  -- the reader's xid, below the writer's
+    local txa = assert(a:begin())
+    local p1 = append(txa, "a")
+    local p2 = append(db, "b")
+    local evs, cur = store:read_events(rtx, 0)
+    assert.same({}, evs)
+    assert.equal(p1, cur.waiting)
+    assert(rtx:commit())
+    -- the reader's transaction ended, the writer still runs: the hole must still hold
+    for _ = 1, 3 do
+      evs, cur = store:read_events(db, cur)
+      assert.same({}, evs)
+      assert.equal(p1, cur.waiting)
+    end
+    assert(txa:commit())
+    assert.same({ p1, p2 }, positions((store:read_events(db, cur))))
+  end)
+
   it("a reader started from a bare position (no noted holes) is safe too", function()
     local a = connect()
     local txa = assert(a:begin())
