@@ -276,7 +276,10 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     if (!p->setup_done && p->h.setup && run_setup(p, err) < 0) return -1;
     p->setup_done = 1;
     const pup_stmt *st = prepare_batch(p, err);
-    if (!st) return pup_store_error(err), pup_proc_context(p, err);
+    if (!st) {
+        pup_store_error(err);
+        return pup_proc_context(p, err);
+    }
     walk w = {.from = -1, .started = pup_proc_mono()};
     for (int k = 0; k < p->total; k++)
         if (p->held[k] && (w.from < 0 || p->cp[k] < w.from)) w.from = p->cp[k];
