@@ -12,6 +12,7 @@ for k, v in pairs(core) do
   if k:sub(1, 1) ~= "_" then M[k] = v end
 end
 M.version = "0.1.0"
+M.subscribe = require("pupsourcing.subscribe").subscribe
 M.upcast = aggregate.upcast
 M.remove_upcaster = aggregate.remove_upcaster
 
@@ -131,10 +132,20 @@ function M.args(argv)
   return out
 end
 
+-- A store statement run from Lua that failed on a missing table: its tables are the
+-- store's, so the store is not migrated (what pup_store_error says for the C side's).
+local function store_result(res, err)
+  if res == nil and err and err.code == "database" and err.sqlstate == "42P01" then
+    err.code = "not_migrated"
+    err.message = err.message .. " (run `pupsourcing migrate` to create the tables)"
+  end
+  return res, err
+end
+
 -- Checkpoints of every projection partition with the head and lag (the store's SQL).
 function M.status(db, store)
   store = store or M.store()
-  return db:query(store:names().sql.status)
+  return store_result(db:query(store:names().sql.status))
 end
 
 -- The warning `status` and `run` print when the events table's global_position does
@@ -174,7 +185,7 @@ function M.reset(db, projection, store)
       "pupsourcing.generation/" .. n.checkpoints_table .. "/" .. projection.name))
     assert(tx:exec(("UPDATE %s SET generation = generation + 1, previous_total = NULL, previous_mode = NULL,"
       .. " changed_at = now() WHERE projection_name = $1"):format(n.groups_quoted), projection.name))
-    local deleted = assert(tx:exec(n.sql.reset, projection.name))
+    local deleted = assert(store_result(tx:exec(n.sql.reset, projection.name)))
     if projection.reset then projection.reset(tx) end
     assert(tx:exec("SELECT pg_notify($1, '')", n.channel)) -- idle processors notice at once
     return deleted

@@ -251,6 +251,48 @@ file: src/processor.c
 old: if (*c == '"' || *c == '\\') *w++ = '\\';
 new: (void)0;
 tests: ^lua\.store_names$
+
+name: read-safe-passes-hole
+why: issue 12: store:read_events returns events above an undecided hole (the raw read's skip)
+file: src/read.c
+old: if (wait_lo) continue; /* noted, so one bound decides every hole of the window */
+new: if (wait_lo) wait_lo = 0;
+tests: ^lua\.(read_events_gaps|subscribe)$
+
+name: read-safe-bound-own-xid
+why: issue 12: a read inside a transaction that has an xid takes that older xid as the holes' bound
+file: src/read.c
+old: c, "SELECT CASE WHEN pg_current_xact_id_if_assigned() IS NULL THEN pg_current_xact_id()::text END", err);
+new: c, "SELECT pg_current_xact_id()::text", err);
+tests: ^lua\.read_events_gaps$
+
+name: append-no-dup-check
+why: issue 12: an append whose event_id exists fails with a raw unique violation instead of returning the original positions
+file: src/schema.c
+old: " EXISTS (SELECT 1 FROM %s WHERE event_id = ANY(%s)) AS dup),"
+new: " false AND EXISTS (SELECT 1 FROM %s WHERE event_id = ANY(%s)) AS dup),"
+tests: ^lua\.append_idempotent$
+
+name: append-same-payload-bytes-only
+why: issue 12: a retried table payload encoded in another key order (another process) is called a duplicate
+file: src/lua_store.c
+old: s->buf.same_payload = same_json;
+new: s->buf.same_payload = 0 ? same_json : NULL;
+tests: ^lua\.append_idempotent$
+
+name: store-error-not-migrated-off
+why: issue 12: the store's own tables missing are no longer not_migrated
+file: src/read.c
+old: err->code = PUP_ERR_NOT_MIGRATED;
+new: (void)0;
+tests: ^lua\.(errors|not_migrated)$
+
+name: subscribe-stop-cursor-past-batch
+why: issue 15: fn returning false mid-batch returns the batch's cursor, so resuming skips the rest of the batch
+file: lua/pupsourcing/subscribe.lua
+old: if fn(ev) == false then return core._cursor_at(next_cursor, ev.global_position), "stopped" end
+new: if fn(ev) == false then return next_cursor, "stopped" end
+tests: ^lua\.subscribe$
 EOF
 }
 

@@ -77,7 +77,7 @@ describe("cmake --install", function()
   it("installs the binary, the Lua module, the C library, its headers and package files", function()
     for _, f in ipairs { "bin/pupsourcing", "share/lua/5.4/pupsourcing.lua", "share/lua/5.4/pupsourcing/cli.lua", "share/lua/5.4/pupsourcing/types.lua",
                          "lib/lua/5.4/pupsourcing/core.so", "lib/libpupsourcing.a",
-                         "include/pupsourcing/pup_db.h", "include/pupsourcing/pup_store.h",
+                         "include/pupsourcing/pup_db.h", "include/pupsourcing/pup_store.h", "include/pupsourcing/pup_gap.h",
                          "include/pupsourcing/pup_processor.h", "lib/pkgconfig/pupsourcing.pc",
                          "lib/cmake/pupsourcing/pupsourcingConfig.cmake",
                          "lib/cmake/pupsourcing/pupsourcingConfigVersion.cmake",

@@ -108,7 +108,7 @@ describe("pup.processor", function()
     end
 
     local function event_at(pos)
-      return assert(store:read_events(db, pos - 1, 1))[1]
+      return assert(store:read_events(db, pos - 1, { limit = 1 }))[1]
     end
 
     it("a raise rolls back the batch (earlier rows of the batch too), the checkpoint stays, the error names everything", function()

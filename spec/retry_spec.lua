@@ -129,7 +129,7 @@ describe("a pipelined statement's failure", function()
       assert.is_nil(n)
       assert.equal("22012", err.sqlstate)
       assert.equal("handler", err.code)
-      local ev = assert(store:read_events(db, bad - 1, 1))[1]
+      local ev = assert(store:read_events(db, bad - 1, { limit = 1 }))[1]
       assert.equal(bad, ev.global_position)
       local want = ("handler failed at global position %d (event_type %s, event_id %s)"):format(
         bad, ev.event_type, ev.event_id)

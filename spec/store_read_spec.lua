@@ -51,21 +51,21 @@ describe("reading", function()
     end)
 
     it("honours limit", function()
-      local evs = assert(store:read_events(db, 0, 3))
+      local evs = assert(store:read_events(db, 0, { limit = 3 }))
       assert.are.equal(3, #evs)
       assert.are.equal(positions[3], evs[3].global_position)
-      evs = assert(store:read_events(db, positions[3], 4))
+      evs = assert(store:read_events(db, positions[3], { limit = 4 }))
       assert.are.equal(4, #evs)
       assert.are.equal(positions[4], evs[1].global_position)
       assert.are.equal(positions[7], evs[4].global_position)
-      evs = assert(store:read_events(db, positions[8], 100))
+      evs = assert(store:read_events(db, positions[8], { limit = 100 }))
       assert.are.equal(2, #evs)
     end)
 
     it("pages through the whole log", function()
       local seen, from = {}, 0
       while true do
-        local evs = assert(store:read_events(db, from, 3))
+        local evs = assert(store:read_events(db, from, { limit = 3 }))
         if #evs == 0 then break end
         for _, ev in ipairs(evs) do seen[#seen + 1] = ev.global_position end
         from = evs[#evs].global_position
@@ -85,7 +85,7 @@ describe("reading", function()
     end)
 
     it("gives every field of a persisted event", function()
-      local ev = assert(store:read_events(db, 0, 1))[1]
+      local ev = assert(store:read_events(db, 0, { limit = 1 }))[1]
       assert.are.equal("integer", math.type(ev.global_position))
       assert.are.equal("integer", math.type(ev.aggregate_version))
       assert.are.equal("integer", math.type(ev.event_version))
@@ -103,6 +103,12 @@ describe("reading", function()
       assert.has_error(function() store:read_events(db, "zero") end)
       assert.has_error(function() store:read_events(nil, 0) end)
       assert.has_error(function() store:read_events(db, 0, "ten") end)
+      assert.has_error(function() store:read_events(db, 0, 10) end)
+      assert.has_error(function() store:read_events(db, 0, { limit = 0 }) end)
+      assert.has_error(function() store:read_events(db, 0, { lmit = 10 }) end)
+      assert.has_error(function() store:read_events(db, -1) end)
+      assert.has_error(function() store:read_events(db, 0, { event_types = {} }) end)
+      assert.has_error(function() store:read_events(db, 0, { event_types = { "" } }) end)
     end)
   end)
 

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define TEXTOID 25
 #define BYTEAOID 17
@@ -123,6 +124,104 @@ static int canonical_uuid(const char *p, size_t len, char out[37]) {
     return 0;
 }
 
+static int cmp_id(const void *a, const void *b) {
+    return strncasecmp(*(const char *const *)a, *(const char *const *)b, 36);
+}
+
+/* The first event_id given twice in one append (1-based event number), or 0. Sorts a copy:
+ * only on the failure path. -1 out of memory. */
+static int repeated_id(const pup_event_in *events, int n, const char **which) {
+    const char **ids = malloc((size_t)n * sizeof *ids);
+    if (!ids) return -1;
+    int m = 0, found = 0;
+    for (int i = 0; i < n; i++)
+        if (events[i].event_id.p) ids[m++] = events[i].event_id.p;
+    qsort(ids, (size_t)m, sizeof *ids, cmp_id);
+    for (int i = 1; i < m && !found; i++)
+        if (cmp_id(&ids[i - 1], &ids[i]) == 0) {
+            *which = ids[i];
+            found = 1;
+        }
+    free(ids);
+    return found;
+}
+
+/* The stored event of row `row` is the same event as ev of aggregate type/id: the same
+ * aggregate, event_type, event_version and payload bytes. */
+static int same_event(const pup_append_buf *buf, const PGresult *r, int row, pup_str type, pup_str id,
+                      const pup_event_in *ev) {
+#define EQ(col, str) ((size_t)PQgetlength(r, row, col) == (str).len && memcmp(PQgetvalue(r, row, col), (str).p, (str).len) == 0)
+    if (!EQ(2, type) || !EQ(3, id) || !EQ(5, ev->event_type) ||
+        pup_be_int(PQgetvalue(r, row, 6), 4) != ev->event_version)
+        return 0;
+    if (EQ(7, ev->payload)) return 1;
+#undef EQ
+    pup_str stored = {PQgetvalue(r, row, 7), (size_t)PQgetlength(r, row, 7)};
+    return buf->same_payload && buf->same_payload(buf->same_ud, stored, ev->payload);
+}
+
+/* An event_id of the append exists (nothing was written). A retry of the same append (a
+ * timeout hid its success) gets the positions and versions it had; anything else is
+ * duplicate_event naming the first event that differs. Runs only on this path. */
+static int retried(const pup_store *s, pup_conn *c, const pup_append_buf *buf, pup_str type, pup_str id,
+                   const pup_event_in *events, int n, pup_append_result *out, pup_error *err) {
+    char *ids = malloc((size_t)n * 38 + 3), *w = ids;
+    if (!ids) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
+    *w++ = '{';
+    for (int i = 0; i < n; i++) {
+        if (!events[i].event_id.p) continue; /* checked below */
+        if (w > ids + 1) *w++ = ',';
+        memcpy(w, events[i].event_id.p, events[i].event_id.len); /* a checked UUID: no quoting */
+        w += events[i].event_id.len;
+    }
+    *w++ = '}';
+    *w = '\0';
+    const pup_stmt *st = pup_conn_prepare(c, s->sql_same_events, err);
+    pup_params p = {0};
+    PGresult *r = NULL;
+    if (st && pup_params_reset(&p, 1) == 0) {
+        pup_params_text(&p, 0, ids, strlen(ids));
+        r = pup_conn_exec(c, st, &p, 1, err);
+    } else if (st) {
+        pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    pup_params_free(&p);
+    free(ids);
+    if (!r) return pup_store_error(err);
+    int rows = PQntuples(r), tl = (int)(type.len > 200 ? 200 : type.len), il = (int)(id.len > 200 ? 200 : id.len);
+    long long *pos = malloc((size_t)n * sizeof *pos);
+    if (!pos) {
+        PQclear(r);
+        return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    long long lo = 0, hi = 0;
+    for (int i = 0; i < n; i++) {
+        const pup_str *eid = &events[i].event_id;
+        int row = -1;
+        for (int k = 0; eid->p && k < rows && row < 0; k++)
+            if (eid->len == 36 && strncasecmp(PQgetvalue(r, k, 0), eid->p, 36) == 0) row = k;
+        if (row < 0 || !same_event(buf, r, row, type, id, &events[i])) {
+            const char *why = row >= 0 ? "exists as a different event (aggregate, event_type, event_version or payload)"
+                                       : "is new while another event of this append exists: not a retry of one append";
+            pup_error_set(err, PUP_ERR_DUPLICATE_EVENT, "append to %.*s/%.*s: event %d (event_id %.*s) %s", tl,
+                          type.p, il, id.p, i + 1, eid->p ? (int)eid->len : 6, eid->p ? eid->p : "absent", why);
+            free(pos);
+            PQclear(r);
+            return -1;
+        }
+        pos[i] = pup_be_int(PQgetvalue(r, row, 1), 8);
+        long long v = pup_be_int(PQgetvalue(r, row, 4), 8);
+        if (i == 0 || v < lo) lo = v;
+        if (i == 0 || v > hi) hi = v;
+    }
+    PQclear(r);
+    out->positions = pos;
+    out->n = n;
+    out->from_version = lo;
+    out->to_version = hi;
+    return 0;
+}
+
 int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
                      const char *aggregate_type, size_t type_len, const char *aggregate_id,
                      size_t id_len, long long expected, const pup_event_in *events, int n,
@@ -145,7 +244,7 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
     /* One event, the common case, binds plain parameters; more travel as arrays. */
     const pup_stmt *st = pup_conn_prepare(c, n == 1 ? (uuids ? s->sql_append_one_uuid : s->sql_append_one)
                                                     : (uuids ? s->sql_append_uuid : s->sql_append), err);
-    if (!st) return -1;
+    if (!st) return pup_store_error(err);
     if (pup_params_reset(&buf->params, 4 + NARRAYS) < 0)
         return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     pup_params *p = &buf->params;
@@ -173,7 +272,24 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
         if (err && strcmp(err->sqlstate, "23505") == 0 &&
             (strcmp(err->constraint, s->version_key) == 0 || strcmp(err->constraint, s->heads_key) == 0))
             err->code = PUP_ERR_CONFLICT;
-        return -1;
+        /* An event_id a concurrent transaction inserted after our check (a retry racing
+         * the append it retries): a lost race too; retried, it sees that append. */
+        size_t cl = strlen(err ? err->constraint : "");
+        const char *twice = NULL;
+        if (err && strcmp(err->sqlstate, "23505") == 0 && cl > 13 &&
+            strcmp(err->constraint + cl - 13, "_event_id_key") == 0) {
+            int rep = repeated_id(events, n, &twice);
+            if (rep < 0) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
+            if (rep)
+                return pup_error_set(err, PUP_ERR_INVALID_EVENT, "append: event_id %.36s is given twice", twice);
+            err->code = PUP_ERR_CONFLICT;
+        }
+        return pup_store_error(err);
+    }
+    if (PQgetvalue(r, 0, 3)[0]) { /* an event_id exists: nothing was written */
+        PQclear(r);
+        pup_str type = {aggregate_type, type_len}, id = {aggregate_id, id_len};
+        return retried(s, c, buf, type, id, events, n, out, err);
     }
     long long current = pup_be_int(PQgetvalue(r, 0, 0), 8);
     if (PQgetisnull(r, 0, 1)) {

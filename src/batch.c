@@ -71,7 +71,7 @@ static int write_checkpoint(pup_processor *p, long long from, long long to, pup_
     pup_params *q = &p->params;
     int group = p->cfg.group;
     const pup_stmt *st = pup_conn_prepare(p->conn, group ? p->sql_lease_checkpoint : p->sql_checkpoint, err);
-    if (!st) return -1;
+    if (!st) return pup_store_error(err);
     if (pup_params_reset(q, group ? 8 : 9) < 0) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     pup_params_text(q, 0, p->name, strlen(p->name));
     pup_params_int(q, 1, p->total);
@@ -89,7 +89,7 @@ static int write_checkpoint(pup_processor *p, long long from, long long to, pup_
         pup_params_int(q, 8, p->gen);
     }
     PGresult *r = pup_conn_exec(p->conn, st, q, 0, err);
-    if (!r) return -1;
+    if (!r) return pup_store_error(err);
     int n = PQntuples(r);
     PQclear(r);
     if (n != (group ? p->nheld : 1)) return pup_proc_fenced(p, from, n, err);
@@ -144,7 +144,9 @@ static PGresult *read_window(pup_processor *p, const pup_stmt *st, long long fro
      * batch_size of them are ours, so N partitions commit as often as one. */
     long long window = (long long)p->cfg.batch_size * p->total / (p->nheld ? p->nheld : 1);
     pup_params_int(q, 1, window > 100000 ? 100000 : window);
-    return pup_conn_exec(p->conn, st, q, 1, err);
+    PGresult *r = pup_conn_exec(p->conn, st, q, 1, err);
+    if (!r) pup_store_error(err);
+    return r;
 }
 
 /* A batch in progress. */
@@ -272,7 +274,10 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     if (!p->setup_done && p->h.setup && run_setup(p, err) < 0) return -1;
     p->setup_done = 1;
     const pup_stmt *st = prepare_batch(p, err);
-    if (!st) return pup_proc_context(p, err);
+    if (!st) {
+        pup_store_error(err);
+        return pup_proc_context(p, err);
+    }
     walk w = {.from = -1, .started = pup_proc_mono()};
     for (int k = 0; k < p->total; k++)
         if (p->held[k] && (w.from < 0 || p->cp[k] < w.from)) w.from = p->cp[k];

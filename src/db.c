@@ -55,6 +55,7 @@ static const struct {
     {PUP_ERR_INVALID_ARGUMENT, "invalid_argument"},
     {PUP_ERR_OUT_OF_MEMORY, "out_of_memory"},
     {PUP_ERR_LAYOUT_CONFLICT, "layout_conflict"},
+    {PUP_ERR_DUPLICATE_EVENT, "duplicate_event"},
 };
 #define NCODES (sizeof codes / sizeof codes[0])
 
@@ -168,12 +169,8 @@ int pup_error_from_pg(pup_error *err, PGconn *pg, const PGresult *res) {
         (state && (strcmp(state, "57P01") == 0 || strcmp(state, "57P02") == 0 ||
                    strcmp(state, "57P03") == 0)))
         err->code = PUP_ERR_CONNECTION;
-    else if (state && strcmp(state, "42P01") == 0) {
-        err->code = PUP_ERR_NOT_MIGRATED;
-        size_t n = strlen(err->message);
-        snprintf(err->message + n, sizeof err->message - n,
-                 " (run `pupsourcing migrate` to create the tables)");
-    } else
+    else /* a missing table (42P01) is not_migrated only for the store's own statements:
+          * pup_store_error() says so where they fail */
         err->code = PUP_ERR_DATABASE;
     return -1;
 }

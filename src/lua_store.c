@@ -4,9 +4,13 @@
  */
 #include "pup_lua.h"
 
+#include <errno.h>
 #include <limits.h>
+#include <poll.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <uuid/uuid.h>
 
 /* A store owns its table names and SQL, and the scratch the append path reuses. */
@@ -244,6 +248,55 @@ static pup_str kept(lua_State *L, int idx, lua_Integer i) {
     return s;
 }
 
+/* The decoded JSON values at a and b are the same: same types (integer and float apart),
+ * equal scalars, tables with the same keys and values and the same metatable (an empty
+ * array is not an empty object). */
+static int same_value(lua_State *L, int a, int b, int depth) {
+    int t = lua_type(L, a);
+    if (t != lua_type(L, b) || depth > 200 || !lua_checkstack(L, 4)) return 0;
+    if (t == LUA_TNUMBER && lua_isinteger(L, a) != lua_isinteger(L, b)) return 0;
+    if (t != LUA_TTABLE) return lua_rawequal(L, a, b);
+    int ma = lua_getmetatable(L, a), mb = lua_getmetatable(L, b);
+    int same = ma == mb && (!ma || lua_rawequal(L, -1, -2));
+    lua_pop(L, ma + mb);
+    lua_Integer na = 0, nb = 0;
+    lua_pushnil(L);
+    while (same && lua_next(L, a)) { /* key at -2, value at -1 */
+        na++;
+        lua_pushvalue(L, -2);
+        lua_rawget(L, b);
+        same = same_value(L, lua_gettop(L) - 1, lua_gettop(L), depth + 1);
+        lua_pop(L, 2);
+    }
+    if (!same) {
+        lua_pop(L, 1); /* the key lua_next left */
+        return 0;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, b)) {
+        nb++;
+        lua_pop(L, 1);
+    }
+    return na == nb;
+}
+
+/* pup_append_buf.same_payload: both payloads decode as JSON to the same value, so a retry
+ * whose table was encoded in another key order (another process) is still the same. */
+static int same_json(void *ud, pup_str stored, pup_str given) {
+    lua_State *L = ud;
+    if (!lua_checkstack(L, 8)) return 0;
+    int top = lua_gettop(L), ok = 1;
+    for (int k = 0; k < 2 && ok; k++) {
+        pup_str s = k ? given : stored;
+        lua_getfield(L, LUA_REGISTRYINDEX, "pupsourcing.json_decode");
+        lua_pushlstring(L, s.p, s.len);
+        ok = lua_pcall(L, 1, 1, 0) == LUA_OK;
+    }
+    int same = ok && same_value(L, top + 1, top + 2, 0);
+    lua_settop(L, top);
+    return same;
+}
+
 /* store:append(db_or_tx, expected, events). The events are read in two passes: the first
  * reads every field into a table that keeps the values alive (__index, __len and JSON
  * encoding may run Lua, which may collect garbage or even append again); the second,
@@ -316,6 +369,10 @@ static int store_append(lua_State *L) {
     }
     pup_str atype = kept(L, keep, F_TYPE + 1), aid = kept(L, keep, F_ID + 1);
     pup_append_result res;
+    /* Only our JSON decoder runs from here (on an existing event_id): the kept strings
+     * stay alive and in place. */
+    s->buf.same_payload = same_json;
+    s->buf.same_ud = L;
     if (pup_store_append(&s->store, c, &s->buf, atype.p, atype.len, aid.p, aid.len, expected,
                          s->events, n, &res, &err) < 0)
         return pup_lua_push_error(L, &err);
@@ -336,8 +393,9 @@ static int store_append(lua_State *L) {
 
 /* ---- reads ---- */
 
-/* store:read_events(db_or_tx, from_position, limit?) */
-static int store_read_events(lua_State *L) {
+/* store:read_events_raw(db_or_tx, from_position, limit?): positions > from_position as
+ * they are visible now, holes and all (see read_events). */
+static int store_read_events_raw(lua_State *L) {
     lstore *s = checkstore(L);
     pup_conn *c = pup_lua_checkconn(L, 2);
     lua_Integer from = luaL_optinteger(L, 3, 0);
@@ -349,6 +407,202 @@ static int store_read_events(lua_State *L) {
     if (!*box) return pup_lua_push_error(L, &err);
     push_events(L, *box);
     pup_lua_result_clear(box);
+    return 1;
+}
+
+/* ---- gap-safe reads: cursors ---- */
+
+#define PUP_CURSOR_MT "pupsourcing.cursor"
+#define READ_DEFAULT_LIMIT 1000
+#define READ_SCOPED_WINDOW 1000 /* rows read at once when a scope may skip most of them */
+
+/* A cursor: where a gap-safe reader is, for one events table. Immutable: each read
+ * returns a new one, so reading again from an older cursor reads the same events. */
+typedef struct lcursor {
+    pup_cursor c;
+    long long waiting; /* the first undecided hole the last read stopped at (0: none) */
+    char events[PUP_NAME_MAX];
+} lcursor;
+
+static lcursor *push_cursor(lua_State *L, const pup_cursor *from, const char *events) {
+    lcursor *k = lua_newuserdatauv(L, sizeof *k, 0);
+    k->c = *from;
+    k->waiting = 0;
+    snprintf(k->events, sizeof k->events, "%s", events);
+    luaL_setmetatable(L, PUP_CURSOR_MT);
+    return k;
+}
+
+/* cursor.position: read up to here; cursor.waiting: the hole it waits at (nil: none). */
+static int cursor_index(lua_State *L) {
+    lcursor *k = luaL_checkudata(L, 1, PUP_CURSOR_MT);
+    const char *f = luaL_checkstring(L, 2);
+    if (strcmp(f, "position") == 0) lua_pushinteger(L, k->c.position);
+    else if (strcmp(f, "waiting") == 0 && k->waiting) lua_pushinteger(L, k->waiting);
+    else if (strcmp(f, "events_table") == 0) lua_pushstring(L, k->events);
+    else lua_pushnil(L);
+    return 1;
+}
+
+static int cursor_newindex(lua_State *L) {
+    return luaL_error(L, "a cursor is read-only: read_events returns a new one (resume from a position with an integer)");
+}
+
+static int cursor_tostring(lua_State *L) {
+    lcursor *k = luaL_checkudata(L, 1, PUP_CURSOR_MT);
+    if (k->waiting)
+        lua_pushfstring(L, "pupsourcing.cursor (%s after %I, waiting at %I)", k->events, (lua_Integer)k->c.position,
+                        (lua_Integer)k->waiting);
+    else
+        lua_pushfstring(L, "pupsourcing.cursor (%s after %I)", k->events, (lua_Integer)k->c.position);
+    return 1;
+}
+
+/* Option k of the options at idx: nil, or a non-empty list of non-empty strings without
+ * NUL, pushed as a text[] literal (nil pushed when absent). Raises otherwise. */
+static const char *push_scope(lua_State *L, int idx, const char *k) {
+    if (lua_isnoneornil(L, idx) || lua_getfield(L, idx, k) == LUA_TNIL) {
+        if (!lua_isnoneornil(L, idx)) lua_pop(L, 1);
+        lua_pushnil(L);
+        return NULL;
+    }
+    int list = lua_gettop(L);
+    lua_Integer n = lua_type(L, list) == LUA_TTABLE ? luaL_len(L, list) : 0;
+    if (n < 1) luaL_error(L, "read_events: %s must be a non-empty list of strings", k);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    luaL_addchar(&b, '{');
+    for (lua_Integer i = 1; i <= n; i++) {
+        size_t len;
+        lua_geti(L, list, i);
+        const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
+        if (!v || len == 0 || memchr(v, '\0', len))
+            luaL_error(L, "read_events: %s[%I] must be a non-empty string without NUL", k, i);
+        lua_pop(L, 1); /* v stays alive: the list holds it */
+        luaL_addstring(&b, i > 1 ? ",\"" : "\"");
+        for (size_t j = 0; j < len; j++) {
+            if (v[j] == '"' || v[j] == '\\') luaL_addchar(&b, '\\');
+            luaL_addchar(&b, v[j]);
+        }
+        luaL_addchar(&b, '"');
+    }
+    luaL_addchar(&b, '}');
+    luaL_pushresult(&b);
+    lua_remove(L, list);
+    return lua_tostring(L, -1);
+}
+
+/* core._cursor_at(cursor, position): the cursor moved back to a position it passed in its
+ * last read (pup.subscribe stopping inside a batch): its holes all lie above. */
+static int l_cursor_at(lua_State *L) {
+    lcursor *k = luaL_checkudata(L, 1, PUP_CURSOR_MT);
+    lua_Integer pos = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, pos >= 0 && pos <= k->c.position, 2, "position must be at or below the cursor's");
+    push_cursor(L, &k->c, k->events)->c.position = pos;
+    return 1;
+}
+
+/* store:read_events(db_or_tx, cursor_or_position, {limit=, aggregate_types=, event_types=}?)
+ * --> events, cursor | nil, err. Never returns an event above a hole that a running
+ * transaction may still fill (the processor's rule, docs/ordering.md); an empty array
+ * means nothing more can be read now (cursor.waiting says when a hole holds it). */
+static int store_read_events(lua_State *L) {
+    static const char *const known[] = {"limit", "aggregate_types", "event_types", NULL};
+    lstore *s = checkstore(L);
+    pup_lua_checkconn(L, 2);
+    pup_cursor start = {0};
+    if (lua_isinteger(L, 3)) {
+        start.position = lua_tointeger(L, 3);
+        luaL_argcheck(L, start.position >= 0, 3, "a position must be >= 0");
+    } else {
+        const lcursor *k = luaL_testudata(L, 3, PUP_CURSOR_MT);
+        if (!k) return luaL_typeerror(L, 3, "cursor or position (integer >= 0)");
+        if (strcmp(k->events, s->store.events) != 0)
+            return luaL_argerror(L, 3, lua_pushfstring(L, "the cursor reads events table %s, this store %s",
+                                                       k->events, s->store.events));
+        start = k->c;
+    }
+    if (!lua_isnoneornil(L, 4)) {
+        if (!lua_istable(L, 4))
+            return luaL_argerror(L, 4, "options must be a table {limit=, aggregate_types=, event_types=}");
+        pup_lua_check_keys(L, 4, "read_events", known);
+    }
+    long long limit = pup_lua_opt_int(L, 4, "read_events", "limit", READ_DEFAULT_LIMIT, 1, PUP_LUA_MAX_BATCH);
+    const char *scope[2] = {push_scope(L, 4, "aggregate_types"), push_scope(L, 4, "event_types")};
+    lcursor *next = push_cursor(L, &start, s->store.events);
+    int cur_idx = lua_gettop(L);
+    lua_createtable(L, (int)(limit < 64 ? limit : 64), 0);
+    int out = lua_gettop(L);
+    PGresult **box = pup_lua_result_box(L);
+    long long got = 0;
+    pup_error err;
+    for (;;) {
+        /* Looked up again each window: pushing events may run Lua (upcasters). */
+        pup_conn *c = pup_lua_checkconn(L, 2);
+        s = checkstore(L);
+        long long window = limit - got;
+        if ((scope[0] || scope[1]) && window < READ_SCOPED_WINDOW) window = READ_SCOPED_WINDOW;
+        pup_safe_read rd;
+        if (pup_store_read_safe(&s->store, c, &next->c, scope, window, limit - got, &rd, &err) < 0)
+            return pup_lua_push_error(L, &err);
+        *box = rd.r;
+        for (int i = 0; i < rd.passed; i++) {
+            pup_event ev;
+            if (!pup_safe_event(&rd, i, &ev)) continue;
+            pup_lua_push_event(L, &ev);
+            lua_rawseti(L, out, (lua_Integer)++got);
+        }
+        pup_lua_result_clear(box);
+        next->waiting = rd.waiting;
+        if (!rd.more || got >= limit) break;
+    }
+    lua_pushvalue(L, out);
+    lua_pushvalue(L, cur_idx);
+    return 2;
+}
+
+static double mono_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* store:wait(db, seconds) --> true when an append's notification arrived (the db
+ * listens on the store's channel from its first call on), false when the time passed |
+ * nil, err. A wake-up only: read again either way. Other notifications on db are consumed. */
+static int store_wait(lua_State *L) {
+    lstore *s = checkstore(L);
+    luaL_checkudata(L, 2, PUP_DB_MT);
+    pup_conn *c = pup_lua_checkconn(L, 2);
+    lua_Number secs = luaL_checknumber(L, 3);
+    luaL_argcheck(L, secs >= 0 && secs <= PUP_LUA_MAX_SECONDS, 3, "seconds must be from 0 to 3600");
+    PGconn *pg = pup_conn_pg(c);
+    if (PQtransactionStatus(pg) != PQTRANS_IDLE)
+        return luaL_error(L, "store:wait: the db is inside a transaction (notifications arrive between transactions)");
+    pup_error err;
+    /* LISTEN each call: a round trip, but it survives the caller's UNLISTEN or a new
+     * session, and it is only paid when the reader has caught up. */
+    char sql[PUP_NAME_MAX + 64];
+    snprintf(sql, sizeof sql, "LISTEN \"%s\"", s->store.channel);
+    if (pup_conn_command(c, sql, &err) < 0) return pup_lua_push_error(L, &err);
+    int got = 0;
+    double deadline = mono_now() + secs;
+    for (;;) {
+        if (!PQconsumeInput(pg)) {
+            pup_error_from_pg(&err, pg, NULL);
+            return pup_lua_push_error(L, &err);
+        }
+        PGnotify *nt;
+        while ((nt = PQnotifies(pg)) != NULL) {
+            got |= strcmp(nt->relname, s->store.channel) == 0;
+            PQfreemem(nt);
+        }
+        double left = deadline - mono_now();
+        if (got || left <= 0) break;
+        struct pollfd f = {.fd = PQsocket(pg), .events = POLLIN};
+        if (poll(&f, 1, (int)(left * 1000) + 1) < 0 && errno != EINTR) break;
+    }
+    lua_pushboolean(L, got);
     return 1;
 }
 
@@ -559,6 +813,7 @@ static int l_uuid(lua_State *L) {
 void pup_lua_open_store(lua_State *L) {
     static const luaL_Reg methods[] = {
         {"append", store_append}, {"read_events", store_read_events},
+        {"read_events_raw", store_read_events_raw}, {"wait", store_wait},
         {"read_aggregate_stream", store_read_stream}, {"head", store_head},
         {"migrate", store_migrate}, {"schema_sql", store_schema_sql},
         {"names", store_names}, {"read_snapshot_stream", store_read_snapshot_stream},
@@ -568,6 +823,15 @@ void pup_lua_open_store(lua_State *L) {
     luaL_getmetatable(L, PUP_STORE_MT);
     lua_pushcfunction(L, store_close);
     lua_setfield(L, -2, "__close");
+    lua_pop(L, 1);
+
+    luaL_newmetatable(L, PUP_CURSOR_MT);
+    lua_pushcfunction(L, cursor_index);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, cursor_newindex);
+    lua_setfield(L, -2, "__newindex");
+    lua_pushcfunction(L, cursor_tostring);
+    lua_setfield(L, -2, "__tostring");
     lua_pop(L, 1);
 
     luaL_newmetatable(L, PUP_EVENT_MT);
@@ -588,4 +852,6 @@ void pup_lua_open_store(lua_State *L) {
     lua_setfield(L, -2, "store");
     lua_pushcfunction(L, l_uuid);
     lua_setfield(L, -2, "uuid");
+    lua_pushcfunction(L, l_cursor_at);
+    lua_setfield(L, -2, "_cursor_at");
 }

@@ -276,7 +276,10 @@ int pup_proc_context(pup_processor *p, pup_error *err) {
 
 PGresult *pup_proc_run(pup_processor *p, pup_error *err, const char *sql, int n, ...) {
     const pup_stmt *st = pup_conn_prepare(p->conn, sql, err);
-    if (!st) return NULL;
+    if (!st) {
+        pup_store_error(err);
+        return NULL;
+    }
     if (pup_params_reset(&p->params, n) < 0) {
         pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
         return NULL;
@@ -288,5 +291,7 @@ PGresult *pup_proc_run(pup_processor *p, pup_error *err, const char *sql, int n,
         if (v) pup_params_text(&p->params, i, v, strlen(v));
     }
     va_end(ap);
-    return pup_conn_exec(p->conn, st, &p->params, 0, err);
+    PGresult *r = pup_conn_exec(p->conn, st, &p->params, 0, err);
+    if (!r) pup_store_error(err); /* the processor's own statements touch only the store's tables */
+    return r;
 }

@@ -25,7 +25,8 @@ typedef enum pup_code {
     PUP_ERR_INVALID_PROJECTION,
     PUP_ERR_INVALID_ARGUMENT,
     PUP_ERR_OUT_OF_MEMORY,
-    PUP_ERR_LAYOUT_CONFLICT /* another layout of the projection is live (docs/operations.md) */
+    PUP_ERR_LAYOUT_CONFLICT, /* another layout of the projection is live (docs/operations.md) */
+    PUP_ERR_DUPLICATE_EVENT /* an append's event_id exists, and it is not a retry of that append */
 } pup_code;
 
 /* An error as reported by every layer: a code, PostgreSQL's SQLSTATE when it gave one
@@ -53,7 +54,8 @@ void pup_error_prefix(pup_error *err, const char *fmt, ...) __attribute__((forma
 
 /* Fills err from a failed result (or from the connection when res is NULL):
  * connection-class SQLSTATEs and a broken connection give PUP_ERR_CONNECTION,
- * undefined_table gives PUP_ERR_NOT_MIGRATED, everything else PUP_ERR_DATABASE.
+ * everything else PUP_ERR_DATABASE (a missing table too: the store's functions make it
+ * PUP_ERR_NOT_MIGRATED when it is one of theirs, see pup_store_error).
  * A result that started a COPY is refused (PUP_ERR_INVALID_ARGUMENT): the COPY is ended
  * on pg first, so the connection stays usable. Returns -1. */
 int pup_error_from_pg(pup_error *err, PGconn *pg, const PGresult *res);

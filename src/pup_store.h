@@ -6,6 +6,7 @@
 #define PUP_STORE_H
 
 #include "pup_db.h"
+#include "pup_gap.h"
 
 #define PUP_NAME_MAX 128
 #define PUP_IDENT_MAX 63 /* PostgreSQL's limit for a name, in bytes (NAMEDATALEN - 1) */
@@ -33,6 +34,7 @@ typedef struct pup_store {
      * statements with casts, the statement whose parameter types tell the kind, and the
      * check that global_position defaults to the xid-first function. */
     char *sql_append_uuid, *sql_append_one_uuid, *sql_id_types, *sql_position_default;
+    char *sql_read_safe, *sql_same_events; /* read.c's gap-safe read; append.c's retry check */
     char *sql_status, *sql_reset, *sql_group_workers, *sql_group_get, *sql_group_set;
 } pup_store;
 
@@ -93,11 +95,15 @@ typedef struct pup_event_in {
     pup_str created_at; /* timestamp text or NULL (now) */
 } pup_event_in;
 
-/* Reusable scratch for append: the binary arrays it sends. */
+/* Reusable scratch for append: the binary arrays it sends. same_payload (NULL: equal
+ * bytes) tells whether a stored payload and a given one are the same, for an append whose
+ * event_id exists; the Lua binding compares JSON values, whatever their key order. */
 typedef struct pup_append_buf {
     char *data;
     size_t len, cap;
     pup_params params;
+    int (*same_payload)(void *ud, pup_str stored, pup_str given);
+    void *same_ud;
 } pup_append_buf;
 void pup_append_buf_free(pup_append_buf *b);
 
@@ -135,10 +141,47 @@ typedef struct pup_event {
 void pup_event_from_row(const PGresult *r, int row, int first, pup_event *ev);
 
 /* Reads up to limit events with global_position > after, ascending. Raw reads: events
- * still in flight below the highest visible position are not waited for (processors
- * use the gap-safe reader). Returns the binary result, or NULL with err. */
+ * still in flight below the highest visible position are not waited for, so a reader
+ * that resumes after the last position it saw can skip one (pup_store_read_safe does
+ * not). Returns the binary result, or NULL with err. */
 PGresult *pup_store_read(const pup_store *s, pup_conn *c, long long after, long long limit,
                          pup_error *err);
+/* A gap-safe reader's place in the log: the position read up to and the holes it noted
+ * above it, each with the bound that decides it (pup_gap.h, docs/ordering.md). Start
+ * zeroed with `position` set; resuming from a bare position is safe (holes are noted
+ * again, which costs one more read before a dead one is passed). */
+typedef struct pup_cursor {
+    long long position;
+    pup_gaps gaps;
+} pup_cursor;
+
+/* One window of a gap-safe read: rows [0, passed) passed the gap rule (the others are
+ * above an undecided hole); pup_safe_event() gives those in scope. */
+typedef struct pup_safe_read {
+    PGresult *r; /* binary; the caller PQclears it */
+    int passed;
+    int found;  /* rows in scope among the passed ones */
+    int more;   /* 1: the window was full and passed whole: more may follow at once */
+    long long waiting; /* the first undecided hole (0: none) */
+} pup_safe_read;
+
+/* Reads the window after cur->position (at most `window` rows of any scope) and walks it
+ * by the processor's gap rule (gap.c): stops below the first hole a running transaction
+ * may still fill, and after `limit` events in scope. scope[0] and scope[1] are text[]
+ * literals of the aggregate and event types (NULL: any). Advances cur only on success.
+ * When it noted holes it draws their bound, an xid of its own, unless the caller's
+ * transaction already has one (then they wait for a read outside it). Returns 0, or -1
+ * with err (nothing to clear). */
+int pup_store_read_safe(const pup_store *s, pup_conn *c, pup_cursor *cur, const char *const scope[2],
+                        long long window, long long limit, pup_safe_read *out, pup_error *err);
+/* Row i of a safe read when it passed and is in scope: fills ev and returns 1; else 0. */
+int pup_safe_event(const pup_safe_read *rd, int i, pup_event *ev);
+
+/* Makes a failure of one of the store's own statements on a missing relation (42P01)
+ * not_migrated, with the hint to migrate: their relations are the store's tables. Other
+ * statements (the user's) keep the plain database error naming the table. Returns -1. */
+int pup_store_error(pup_error *err);
+
 /* Reads one aggregate's events with from <= version <= to (to < 0: no upper bound). */
 PGresult *pup_store_read_stream(const pup_store *s, pup_conn *c, pup_str type, pup_str id,
                                 long long from, long long to, pup_error *err);

@@ -3,6 +3,21 @@
  */
 #include "pup_store.h"
 
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SAFE_FIRST_COL 2 /* xmin, mine, then PUP_EVENT_COLUMNS */
+
+int pup_store_error(pup_error *err) {
+    if (err && err->code == PUP_ERR_DATABASE && strcmp(err->sqlstate, "42P01") == 0) {
+        err->code = PUP_ERR_NOT_MIGRATED;
+        size_t n = strlen(err->message);
+        snprintf(err->message + n, sizeof err->message - n, " (run `pupsourcing migrate` to create the tables)");
+    }
+    return -1;
+}
+
 static pup_str column(const PGresult *r, int row, int col) {
     pup_str s = {NULL, 0};
     if (!PQgetisnull(r, row, col)) {
@@ -31,7 +46,10 @@ void pup_event_from_row(const PGresult *r, int row, int first, pup_event *ev) {
 PGresult *pup_store_read(const pup_store *s, pup_conn *c, long long after, long long limit,
                          pup_error *err) {
     const pup_stmt *st = pup_conn_prepare(c, s->sql_read, err);
-    if (!st) return NULL;
+    if (!st) {
+        pup_store_error(err);
+        return NULL;
+    }
     pup_params p = {0};
     if (pup_params_reset(&p, 2) < 0) {
         pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
@@ -41,13 +59,17 @@ PGresult *pup_store_read(const pup_store *s, pup_conn *c, long long after, long 
     pup_params_int(&p, 1, limit);
     PGresult *r = pup_conn_exec(c, st, &p, 1, err);
     pup_params_free(&p);
+    if (!r) pup_store_error(err);
     return r;
 }
 
 PGresult *pup_store_read_stream(const pup_store *s, pup_conn *c, pup_str type, pup_str id,
                                 long long from, long long to, pup_error *err) {
     const pup_stmt *st = pup_conn_prepare(c, s->sql_stream, err);
-    if (!st) return NULL;
+    if (!st) {
+        pup_store_error(err);
+        return NULL;
+    }
     pup_params p = {0};
     if (pup_params_reset(&p, 4) < 0) {
         pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
@@ -59,15 +81,79 @@ PGresult *pup_store_read_stream(const pup_store *s, pup_conn *c, pup_str type, p
     pup_params_int(&p, 3, to);
     PGresult *r = pup_conn_exec(c, st, &p, 1, err);
     pup_params_free(&p);
+    if (!r) pup_store_error(err);
     return r;
 }
 
 long long pup_store_head(const pup_store *s, pup_conn *c, pup_error *err) {
     const pup_stmt *st = pup_conn_prepare(c, s->sql_head, err);
-    if (!st) return -1;
+    if (!st) return pup_store_error(err);
     PGresult *r = pup_conn_exec(c, st, NULL, 1, err);
-    if (!r) return -1;
+    if (!r) return pup_store_error(err);
     long long head = pup_be_int(PQgetvalue(r, 0, 0), 8);
     PQclear(r);
     return head;
+}
+
+/* The bound of the holes a read noted: an xid drawn after its snapshot, so above every
+ * writer that could fill them. A transaction that already has an xid would give its own,
+ * older one: then none (0), and the holes are noted again by a later read. */
+static int draw_bound(pup_conn *c, uint64_t *bound, pup_error *err) {
+    const pup_stmt *st = pup_conn_prepare(
+        c, "SELECT CASE WHEN pg_current_xact_id_if_assigned() IS NULL THEN pg_current_xact_id()::text END", err);
+    PGresult *r = st ? pup_conn_exec(c, st, NULL, 0, err) : NULL;
+    if (!r) return -1;
+    *bound = PQgetisnull(r, 0, 0) ? 0 : strtoull(PQgetvalue(r, 0, 0), NULL, 10);
+    PQclear(r);
+    return 0;
+}
+
+int pup_store_read_safe(const pup_store *s, pup_conn *c, pup_cursor *cur, const char *const scope[2],
+                        long long window, long long limit, pup_safe_read *out, pup_error *err) {
+    memset(out, 0, sizeof *out);
+    const pup_stmt *st = pup_conn_prepare(c, s->sql_read_safe, err);
+    if (!st) return pup_store_error(err);
+    pup_params p = {0};
+    if (pup_params_reset(&p, 4) < 0) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
+    pup_params_int(&p, 0, cur->position);
+    pup_params_int(&p, 1, window);
+    for (int k = 0; k < 2; k++)
+        if (scope[k]) pup_params_text(&p, 2 + k, scope[k], strlen(scope[k]));
+    PGresult *r = pup_conn_exec(c, st, &p, 1, err);
+    pup_params_free(&p);
+    if (!r) return pup_store_error(err);
+    /* The walk of batch.c over a copy of the cursor: the caller's moves only on success. */
+    pup_cursor next = *cur;
+    uint64_t xmin = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
+    int nrows = PQgetisnull(r, 0, SAFE_FIRST_COL) ? 0 : PQntuples(r);
+    long long seen = cur->position, wait_lo = 0;
+    int i = 0;
+    for (; i < nrows && out->found < limit; i++) {
+        long long pos = pup_be_int(PQgetvalue(r, i, SAFE_FIRST_COL), 8);
+        wait_lo = pup_gaps_step(&next.gaps, seen, pos, xmin, wait_lo);
+        seen = pos;
+        if (wait_lo) continue; /* noted, so one bound decides every hole of the window */
+        next.position = pos;
+        out->passed = i + 1;
+        if (PQgetvalue(r, i, 1)[0]) out->found++;
+    }
+    pup_gaps_forget(&next.gaps, next.position, 0);
+    uint64_t bound = 0;
+    if (pup_gaps_pending(&next.gaps) && draw_bound(c, &bound, err) < 0) {
+        PQclear(r);
+        return -1;
+    }
+    if (bound) pup_gaps_set_bound(&next.gaps, bound);
+    else pup_gaps_forget(&next.gaps, 0, 1);
+    out->r = r;
+    out->waiting = wait_lo;
+    out->more = !wait_lo && nrows == window && out->passed == nrows;
+    *cur = next;
+    return 0;
+}
+
+int pup_safe_event(const pup_safe_read *rd, int i, pup_event *ev) {
+    if (i >= rd->passed || !PQgetvalue(rd->r, i, 1)[0]) return 0;
+    pup_event_from_row(rd->r, i, SAFE_FIRST_COL, ev);
+    return 1;
 }

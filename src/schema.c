@@ -52,13 +52,18 @@ static char *fmt(const char *f, ...) {
  * nothing. $3 NULL = any. The current version is the greater of the head row and the
  * highest event version (one index probe): events written by another tool without a head
  * row, or without moving it, do not block the aggregate. `source` yields the events'
- * columns: binary arrays for many events, plain parameters for one. */
-static char *append_sql(const pup_store *s, const char *source, const char *id_cast) {
+ * columns: binary arrays for many events, plain parameters for one; `id_cast` casts the
+ * trace ids to uuid columns (the Go library's tables); `ids` the events' event_ids
+ * as uuid[]. When one of those ids exists nothing is written and `dup` says so (append.c
+ * then tells a retry of the same append from a duplicate), without failing the statement:
+ * a caller's transaction goes on. */
+static char *append_sql(const pup_store *s, const char *source, const char *ids, const char *id_cast) {
     return fmt(
         "WITH cur AS (SELECT GREATEST((SELECT aggregate_version FROM %s"
         " WHERE aggregate_type = $1 AND aggregate_id = $2), (SELECT max(aggregate_version) FROM %s"
-        " WHERE aggregate_type = $1 AND aggregate_id = $2), 0) AS v),"
-        " ok AS (SELECT v FROM cur WHERE $3::bigint IS NULL OR v = $3::bigint),"
+        " WHERE aggregate_type = $1 AND aggregate_id = $2), 0) AS v,"
+        " EXISTS (SELECT 1 FROM %s WHERE event_id = ANY(%s)) AS dup),"
+        " ok AS (SELECT v FROM cur WHERE NOT dup AND ($3::bigint IS NULL OR v = $3::bigint)),"
         " ins AS (INSERT INTO %s (aggregate_type, aggregate_id, aggregate_id_hash, aggregate_version,"
         " event_id, event_type, event_version, payload, metadata, causation_id, correlation_id,"
         " trace_id, created_at)"
@@ -74,10 +79,11 @@ static char *append_sql(const pup_store *s, const char *source, const char *id_c
         " aggregate_version = EXCLUDED.aggregate_version, updated_at = EXCLUDED.updated_at"
         " RETURNING 1),"
         " note AS (SELECT pg_notify('%s', '') FROM head)"
-        " SELECT cur.v, ins.global_position, ins.aggregate_version"
+        " SELECT cur.v, ins.global_position, ins.aggregate_version, cur.dup"
         " FROM cur CROSS JOIN (SELECT count(*) FROM note) n LEFT JOIN ins ON true"
         " ORDER BY ins.aggregate_version",
-        s->q_heads, s->q_events, s->q_events, id_cast, id_cast, id_cast, source, s->q_heads, s->channel);
+        s->q_heads, s->q_events, s->q_events, ids, s->q_events, id_cast, id_cast, id_cast, source, s->q_heads,
+        s->channel);
 }
 
 /* The table name without its schema. */
@@ -189,10 +195,11 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
                        " $9::text[], $10::text[], $11::text[], $12::text[]) WITH ORDINALITY";
     const char *one = "(SELECT $4::text, $5::text, $6::text, $7::bytea, $8::text,"
                       " $9::text, $10::text, $11::text, $12::text, 1::bigint)";
-    s->sql_append = append_sql(s, many, "");
-    s->sql_append_one = append_sql(s, one, "");
-    s->sql_append_uuid = append_sql(s, many, "::uuid");
-    s->sql_append_one_uuid = append_sql(s, one, "::uuid");
+    const char *many_ids = "$4::text[]::uuid[]", *one_id = "ARRAY[$4::text::uuid]";
+    s->sql_append = append_sql(s, many, many_ids, "");
+    s->sql_append_one = append_sql(s, one, one_id, "");
+    s->sql_append_uuid = append_sql(s, many, many_ids, "::uuid");
+    s->sql_append_one_uuid = append_sql(s, one, one_id, "::uuid");
     s->sql_id_types = fmt("SELECT 1 FROM %s WHERE aggregate_id = $1 AND causation_id = $2"
                           " AND correlation_id = $3 AND trace_id = $4 LIMIT 0", E);
     s->sql_position_default = position_default_sql(s);
@@ -203,9 +210,24 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
                         " AND ($4::bigint < 0 OR aggregate_version <= $4::bigint)"
                         " ORDER BY aggregate_version", E);
     s->sql_head = fmt("SELECT COALESCE(max(global_position), 0) FROM %s", E);
+    /* The gap-safe read (read.c): the snapshot's xmin and the window in one statement, as
+     * the processor's; rows outside the scope ($3, $4: text[] or NULL) come without body. */
+#define PUP_IN_SCOPE "($3::text[] IS NULL OR aggregate_type = ANY($3::text[])) AND" \
+                     " ($4::text[] IS NULL OR event_type = ANY($4::text[]))"
+    s->sql_read_safe = fmt("SELECT pg_snapshot_xmin(snap.s)::text, e.* FROM (SELECT pg_current_snapshot() AS s) snap"
+                           " LEFT JOIN LATERAL (SELECT " PUP_IN_SCOPE " AS mine, "
+                           PUP_EVENT_COLUMNS_WITH("CASE WHEN " PUP_IN_SCOPE " THEN payload END",
+                                                  "CASE WHEN " PUP_IN_SCOPE " THEN metadata::text END")
+                           " FROM %s WHERE global_position > $1 ORDER BY global_position LIMIT $2) e ON true"
+                           " ORDER BY e.global_position", E);
+#undef PUP_IN_SCOPE
+    /* An append whose event_id exists (append.c): the stored events of those ids. */
+    s->sql_same_events = fmt("SELECT event_id::text, global_position, aggregate_type, aggregate_id::text,"
+                             " aggregate_version, event_type, event_version, payload FROM %s"
+                             " WHERE event_id = ANY($1::uuid[])", E);
     if (!s->sql_append || !s->sql_append_one || !s->sql_append_uuid || !s->sql_append_one_uuid ||
         !s->sql_id_types || !s->sql_position_default || !s->sql_read || !s->sql_stream || !s->sql_head ||
-        operator_sql(s) < 0) {
+        !s->sql_read_safe || !s->sql_same_events || operator_sql(s) < 0) {
         pup_store_free(s);
         return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     }
@@ -214,6 +236,7 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
 
 void pup_store_free(pup_store *s) {
     char **texts[] = {&s->sql_append, &s->sql_append_one, &s->sql_read, &s->sql_stream, &s->sql_head,
+                      &s->sql_read_safe, &s->sql_same_events,
                       &s->sql_status, &s->sql_reset, &s->sql_group_workers, &s->sql_group_get,
                       &s->sql_group_set, &s->sql_append_uuid, &s->sql_append_one_uuid, &s->sql_id_types,
                       &s->sql_position_default};

@@ -31,7 +31,10 @@ PGresult *pup_snapshot_read(const pup_store *s, pup_conn *c, pup_str type, pup_s
              " ORDER BY 4",
              pup_snapshot_table(s, table, sizeof table), s->q_events);
     const pup_stmt *st = pup_conn_prepare(c, sql, err);
-    if (!st) return NULL;
+    if (!st) {
+        pup_store_error(err);
+        return NULL;
+    }
     pup_params p = {0};
     if (pup_params_reset(&p, 3) < 0) {
         pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
@@ -42,6 +45,7 @@ PGresult *pup_snapshot_read(const pup_store *s, pup_conn *c, pup_str type, pup_s
     pup_params_int(&p, 2, snapshot_version);
     PGresult *r = pup_conn_exec(c, st, &p, 1, err);
     pup_params_free(&p);
+    if (!r) pup_store_error(err);
     return r;
 }
 
@@ -66,7 +70,7 @@ int pup_snapshot_write(const pup_store *s, pup_conn *c, pup_str type, pup_str id
              " OR (EXCLUDED.snapshot_version = s.snapshot_version AND EXCLUDED.version > s.version)",
              pup_snapshot_table(s, table, sizeof table), table, table);
     const pup_stmt *st = pup_conn_prepare(c, sql, err);
-    if (!st) return -1;
+    if (!st) return pup_store_error(err);
     pup_params p = {0};
     if (pup_params_reset(&p, 5) < 0) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     pup_params_text(&p, 0, type.p, type.len);
@@ -76,7 +80,7 @@ int pup_snapshot_write(const pup_store *s, pup_conn *c, pup_str type, pup_str id
     pup_params_binary(&p, 4, state.p, state.len);
     PGresult *r = pup_conn_exec(c, st, &p, 0, err);
     pup_params_free(&p);
-    if (!r) return -1;
+    if (!r) return pup_store_error(err);
     int written = strcmp(PQcmdTuples(r), "1") == 0;
     PQclear(r);
     return written;

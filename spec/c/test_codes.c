@@ -14,9 +14,10 @@ static void ok(int cond, const char *what) { tap_ok(cond, what, NULL); }
 int main(void) {
     static const char *const expected[] = {
         "ok", "optimistic_concurrency", "no_events", "invalid_event", "database", "connection",
-        "not_migrated", "handler", "invalid_projection", "invalid_argument", "out_of_memory"};
+        "not_migrated", "handler", "invalid_projection", "invalid_argument", "out_of_memory",
+        "duplicate_event"};
     int n = (int)(sizeof expected / sizeof expected[0]);
-    ok(n == PUP_ERR_OUT_OF_MEMORY + 1, "every code of the enum is listed here");
+    ok(n == PUP_ERR_DUPLICATE_EVENT + 1, "every code of the enum is listed here");
     for (int c = 0; c < n; c++) {
         char what[96];
         snprintf(what, sizeof what, "code %d is named %s and reads back", c, expected[c]);

@@ -337,7 +337,7 @@ describe("reliability: unusual but valid data round-trips exactly", function()
 
   local function roundtrip(e)
     local res = assert(store:append(db, pup.any(), { e }))
-    local got = assert(store:read_events(db, res.global_positions[1] - 1, 1))[1]
+    local got = assert(store:read_events(db, res.global_positions[1] - 1, { limit = 1 }))[1]
     return got
   end
 
@@ -358,7 +358,7 @@ describe("reliability: unusual but valid data round-trips exactly", function()
       local pup = require "pupsourcing"
       local store = pup.store { events_table = %q, aggregate_heads_table = %q, checkpoints_table = %q }
       local db = assert(pup.connect())
-      local e = assert(store:read_events(db, 0, 1))[1]
+      local e = assert(store:read_events(db, 0, { limit = 1 }))[1]
       local f = assert(io.open(%q, "wb"))
       f:write(e.payload)
       f:close()]]):format(T.events_table, T.aggregate_heads_table, T.checkpoints_table, dir .. "/payload"))
