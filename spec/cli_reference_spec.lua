@@ -38,7 +38,7 @@ end
 -- The README reference: { [command] = flags, every = flags of every command }.
 local function reference()
   local readme = H.read_file(H.source_dir .. "/README.md")
-  local block = readme:match("## CLI reference\n.-```\n(.-)```")
+  local block = readme:match("## CLI reference\n.-```text\n(.-)```")
   assert(block, "no CLI reference block in README.md")
   local sections, cur = { every = {} }, nil
   for line in block:gmatch("[^\n]+") do
@@ -78,7 +78,7 @@ describe("README CLI reference", function()
 
   it("lists no command that does not exist", function()
     local readme = H.read_file(H.source_dir .. "/README.md")
-    local block = readme:match("## CLI reference\n.-```\n(.-)```")
+    local block = readme:match("## CLI reference\n.-```text\n(.-)```")
     for cmd in block:gmatch("\npupsourcing ([%l][%l%-]*)") do
       local r = H.run({ "help", cmd })
       assert.equal(0, r.code, cmd .. ": " .. r.output)

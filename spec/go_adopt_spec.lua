@@ -226,7 +226,7 @@ describe("a database made by the Go library (seed shape)", function()
 
     -- every field of every event read back as text, as the Go library wrote it
     local store = pup.store(T)
-    local events = assert(store:read_events(db, 0, 1000))
+    local events = assert(store:read_events(db, 0, { limit = 1000 }))
     assert.equal(head, #events)
     for _, e in ipairs(events) do
       local w = written[e.global_position]
@@ -247,7 +247,7 @@ describe("a database made by the Go library (seed shape)", function()
     local res = assert(store:append(db, pup.exact(5), { { aggregate_type = "Account", aggregate_id = upper,
       event_type = "Deposited", payload = { amount = 5 }, causation_id = cause, correlation_id = corr } }))
     assert.same({ head + 1 }, res.global_positions)
-    local mine = assert(store:read_events(db, head, 10))[1]
+    local mine = assert(store:read_events(db, head, { limit = 10 }))[1]
     assert.equal(ids[1], mine.aggregate_id)
     assert.equal(6, mine.aggregate_version)
     assert.equal(cause, mine.causation_id)
@@ -280,7 +280,7 @@ describe("a database made by the Go library (seed shape)", function()
     local fresh = go_append(db, S, "Account", uuid(), { go_event(1002) })[1]
     assert.equal(head + 5, fresh.global_position)
     for _, e in ipairs { go[1], go[2], fresh } do written[e.global_position] = e end
-    for _, e in ipairs(assert(store:read_events(db, head + 1, 10))) do
+    for _, e in ipairs(assert(store:read_events(db, head + 1, { limit = 10 }))) do
       for _, f in ipairs(FIELDS) do assert.equal(written[e.global_position][f], e[f]) end
     end
     head = head + 5

@@ -103,7 +103,7 @@ describe("LuaLS annotations (types.lua)", function()
     local store = H.fresh_store("types", db)
     assert(store:append(db, pup.any(), { H.event { metadata = { m = 1 }, causation_id = "c",
       correlation_id = "r", trace_id = "t" } }))
-    local ev = assert(store:read_events(db, 0, 1))[1]
+    local ev = assert(store:read_events(db, 0, { limit = 1 }))[1]
     for k in pairs(ev) do assert.is_true(fields.Event[k], "Event." .. k) end
     assert.is_true(fields.Event.data)
     local p = pup.processor(db, { name = "types_spec", handle = function() end }, { store = store })

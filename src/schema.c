@@ -530,7 +530,7 @@ int pup_store_migrate(const pup_store *s, pup_conn *c, pup_error *err) {
 
 int pup_store_id_kind(const pup_store *s, pup_conn *c, pup_error *err) {
     const pup_stmt *st = pup_conn_prepare(c, s->sql_id_types, err);
-    if (!st) return -1;
+    if (!st) return pup_store_error(err);
     int uuids = 0;
     for (int i = 0; i < st->nparams; i++) uuids += st->param_types[i] == PUP_UUIDOID;
     if (uuids == 0 || uuids == st->nparams) return uuids > 0;

@@ -174,11 +174,28 @@ local Store = {}
 ---@param events pupsourcing.EventInput[]
 ---@return pupsourcing.AppendResult|nil result, pupsourcing.Error? err
 function Store:append(db, expected, events) end
+---A position to read after, kept by store:read_events (read-only).
+---@class pupsourcing.Cursor
+---@field position integer  read up to here: resume after it
+---@field waiting integer?  the hole it stopped at (an append still in flight), if any
+
+---Gap-safe: never returns an event above a hole that may still fill (docs/ordering.md).
+---@param db pupsourcing.DB|pupsourcing.Tx
+---@param cursor pupsourcing.Cursor|integer  a cursor, or a position to read after
+---@param opts {limit: integer?, aggregate_types: string[]?, event_types: string[]?}?  limit: default 1000
+---@return pupsourcing.Event[]|nil events, pupsourcing.Cursor|pupsourcing.Error cursor_or_err
+function Store:read_events(db, cursor, opts) end
+---Events visible now, holes and all: a reader resuming after the last position seen can skip one.
 ---@param db pupsourcing.DB|pupsourcing.Tx
 ---@param from_position integer
 ---@param limit integer?
 ---@return pupsourcing.Event[]|nil events, pupsourcing.Error? err
-function Store:read_events(db, from_position, limit) end
+function Store:read_events_raw(db, from_position, limit) end
+---Waits for an append's notification on the store's channel, at most `seconds`.
+---@param db pupsourcing.DB
+---@param seconds number
+---@return boolean|nil notified, pupsourcing.Error? err
+function Store:wait(db, seconds) end
 ---@param db pupsourcing.DB|pupsourcing.Tx
 ---@param aggregate_type string
 ---@param aggregate_id string
@@ -305,6 +322,13 @@ function pup.reset(db, projection, store) end
 ---@param store pupsourcing.Store?
 ---@return integer|nil before, pupsourcing.Error? err
 function pup.repartition(db, projection, count, store) end
+---Follows the log from opts.from, calling fn(event) for each event in order, gap-safe;
+---stops when fn returns false or after opts.idle_timeout seconds without events.
+---@param db pupsourcing.DB
+---@param opts {from: pupsourcing.Cursor|integer, store: pupsourcing.Store?, aggregate_types: string[]?, event_types: string[]?, batch_size: integer?, poll_interval: number?, idle_timeout: number?}
+---@param fn fun(event: pupsourcing.Event): boolean?
+---@return pupsourcing.Cursor|nil cursor, string|pupsourcing.Error reason_or_err, pupsourcing.Cursor? cursor_on_error
+function pup.subscribe(db, opts, fn) end
 ---@param db pupsourcing.DB
 ---@param store pupsourcing.Store?
 ---@return pupsourcing.Row[]|nil layouts  projection, mode, total_partitions, previous_mode, previous_total, generation

@@ -15,7 +15,7 @@ int main(void) {
     static const char *const expected[] = {
         "ok", "optimistic_concurrency", "no_events", "invalid_event", "database", "connection",
         "not_migrated", "handler", "invalid_projection", "invalid_argument", "out_of_memory",
-        "duplicate_event"};
+        "layout_conflict", "duplicate_event"};
     int n = (int)(sizeof expected / sizeof expected[0]);
     ok(n == PUP_ERR_DUPLICATE_EVENT + 1, "every code of the enum is listed here");
     for (int c = 0; c < n; c++) {
