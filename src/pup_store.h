@@ -30,6 +30,12 @@ typedef struct pup_store {
      * derives a table name: the Lua side gets them from store:names(). */
     char *sql_append, *sql_append_one, *sql_read, *sql_stream, *sql_head;
     char *sql_status, *sql_reset, *sql_group_workers, *sql_group_get, *sql_group_set;
+    /* Poison events: <checkpoints>_dead_letters (events given up on) and
+     * <checkpoints>_failures (partitions stopped by a handler failure); the processor's
+     * statements that write them (docs/operations.md, "Poison events"). */
+    char dead_letters[PUP_NAME_MAX + 16], q_dead_letters[PUP_NAME_MAX + 24];
+    char failures[PUP_NAME_MAX + 16], q_failures[PUP_NAME_MAX + 24];
+    char *sql_dead_letter, *sql_failure_set, *sql_failure_clear;
 } pup_store;
 
 /* Prepared transactions of the cluster, oldest first: until each ends, every projection

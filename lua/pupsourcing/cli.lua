@@ -12,6 +12,8 @@ usage: pupsourcing SCRIPT.lua [args...]        run a Lua script (require "pupsou
        pupsourcing status [--json] [options]   checkpoints, head, lag per partition
        pupsourcing reset [options] FILE.lua    delete a projection's checkpoints, run its reset
        pupsourcing repartition [options] FILE.lua N   change a worker group's partition count
+       pupsourcing dead-letters list|retry|discard [--position P] FILE.lua
+                                               events a projection gave up on (on_error)
        pupsourcing --help | --version
 
 run options:
@@ -27,6 +29,8 @@ run options:
   --handler-timeout MS                     fail a handler that runs longer than MS on one event
   --log-format text|json                   json: every line on stderr is one JSON object
   --metrics-addr HOST:PORT                 serve Prometheus /metrics and /healthz there
+  --fail-fast                              a handler failure stops every projection (default:
+                                           only its own; run exits 1 at the end either way)
 ranges: partitions and workers 1..4096, --batch-size 1..100000, --poll-interval 1..3600000,
   --handler-timeout 1..86400000, --lease-ttl 100..3600000
 common options:
@@ -51,7 +55,7 @@ local function fail(msg)
 end
 
 -- Flags that take no value.
-local BOOL = { once = true, json = true, help = true, version = true, group = true }
+local BOOL = { once = true, json = true, help = true, version = true, group = true, ["fail-fast"] = true }
 
 local L = pup.limits
 -- Ranges of the integer flags (and their environment variables).
@@ -83,9 +87,9 @@ end
 local KNOWN = {
   run = { ["partition-key"] = 1, ["total-partitions"] = 1, workers = 1, ["batch-size"] = 1,
     ["poll-interval"] = 1, once = 1, ["log-format"] = 1, ["handler-timeout"] = 1, group = 1,
-    partitions = 1, ["lease-ttl"] = 1, ["metrics-addr"] = 1 },
+    partitions = 1, ["lease-ttl"] = 1, ["metrics-addr"] = 1, ["fail-fast"] = 1 },
   migrate = {}, ["migrate-gen"] = { output = 1, filename = 1 }, status = { json = 1 }, reset = {},
-  repartition = {},
+  repartition = {}, ["dead-letters"] = { position = 1 },
 }
 local COMMON = { ["database-url"] = 1, ["events-table"] = 1, ["aggregate-heads-table"] = 1,
   ["checkpoints-table"] = 1 }
@@ -167,8 +171,12 @@ function commands.status(flags)
   for _, r in ipairs(rows) do
     local wait = r.waiting_position ~= pup.null
         and ("  waiting for position %d since %s"):format(r.waiting_position, r.waiting_since) or ""
+    local dead = (r.dead_letters or 0) > 0 and ("  %d dead letter(s)"):format(r.dead_letters) or ""
     print(line:format(pad(r.projection), r.partition_key .. "/" .. r.total_partitions,
-      r.position, r.head, r.lag, r.updated_at .. wait))
+      r.position, r.head, r.lag, r.updated_at .. wait .. dead))
+    if r.failed_since then
+      print(("  failed since %s: %s"):format(r.failed_since, (r.error:match("^[^\n]*"))))
+    end
   end
   if workers and #workers > 0 then
     print("\ngroup workers")
@@ -204,6 +212,45 @@ function commands.repartition(flags, words)
   local res = before == n and "unchanged" or before == 0 and ("new group of %d"):format(n)
     or ("%d -> %d"):format(before, n)
   print(("repartition %s: %s partitions; running --group workers switch at their next heartbeat"):format(proj.name, res))
+  return 0
+end
+
+commands["dead-letters"] = function(flags, words)
+  local action = words[1]
+  if #words ~= 2 or not (action == "list" or action == "retry" or action == "discard") then
+    return fail("dead-letters takes list, retry or discard and one projection file")
+  end
+  local pos = flags.position and math.tointeger(tonumber(flags.position))
+  if flags.position and not (pos and pos >= 1) then
+    return fail(("--position must be a positive integer, got %q"):format(tostring(flags.position)))
+  end
+  local proj = pup.load_projection(words[2])
+  local store = pup.store(store_opts(flags))
+  local db <close> = connect(flags)
+  local opts = { position = pos, store = store }
+  if action == "list" then
+    local rows = assert(pup.dead_letters.list(db, proj, opts))
+    if #rows == 0 then print(("%s: no dead letters"):format(proj.name)) return 0 end
+    for _, d in ipairs(rows) do
+      print(("%d  partition %d/%d  %s  event_id %s  %s %s v%d  attempts %d  first %s  last %s"):format(
+        d.global_position, d.partition_key, d.total_partitions, d.event_type, d.event_id, d.aggregate_type,
+        d.aggregate_id, d.aggregate_version, d.attempts, d.first_failed_at, d.last_failed_at))
+      print("  " .. d.error:gsub("\n", "\n  "))
+    end
+    return 0
+  end
+  if action == "discard" then
+    local n = assert(pup.dead_letters.discard(db, proj, opts))
+    print(("%s: %d dead letter(s) discarded"):format(proj.name, n))
+    return 0
+  end
+  local n, err, before = pup.dead_letters.retry(db, proj, opts)
+  if not n then
+    print(("%s: %d dead letter(s) retried, then:"):format(proj.name, before))
+    log(tostring(err), "error")
+    return 1
+  end
+  print(("%s: %d dead letter(s) retried"):format(proj.name, n))
   return 0
 end
 
@@ -256,6 +303,7 @@ function commands.run(flags, words)
     database_url = flags["database-url"], store = store_opts(flags), log_format = fmt,
     handler_timeout_ms = limit, group = flags.group and true or nil,
     lease_ttl = ttl and ttl / 1000 or nil, metrics_addr = flags["metrics-addr"],
+    fail_fast = flags["fail-fast"] and true or nil,
   }
   if flags.group then opts.total_partitions = partitions or 16 end
   local r, rerr = pup.runner(opts)

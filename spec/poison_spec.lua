@@ -1,0 +1,324 @@
+-- Issue 12, poison events: on_error = "stop" | "skip" | "retry", the dead-letter table,
+-- `pupsourcing dead-letters list|retry|discard`, one failing projection does not stop the
+-- others (unless --fail-fast), and `status` shows failed partitions and dead letters.
+local pup = require "pupsourcing"
+local H = require "spec.helpers"
+
+local T = H.tables("poison")
+local DL, FAILURES = T.checkpoints_table .. "_dead_letters", T.checkpoints_table .. "_failures"
+
+-- A non-idempotent counter that never fails: it must keep going next to a failing one.
+local COUNTER = [[
+return {
+  name = "poison_counter",
+  batch_size = 10,
+  setup = function(tx)
+    assert(tx:exec("CREATE TABLE IF NOT EXISTS t_poison_counter (agg text PRIMARY KEY, n bigint NOT NULL)"))
+  end,
+  handle = function(tx, e)
+    assert(tx:exec("INSERT INTO t_poison_counter AS c (agg, n) VALUES ($1, 1)"
+      .. " ON CONFLICT (agg) DO UPDATE SET n = c.n + 1", e.aggregate_id))
+  end,
+}
+]]
+
+-- The failing projection: every event it applies is one row of t_poison_seen (no key:
+-- an event applied twice shows as two rows); "Poison" events raise until FIXED. With
+-- SLOW set, applying the poison event then sleeps (a retry to kill half-way).
+local FAILING = [[
+local FIXED = @FIXED@
+return {
+  name = "poison_bad",
+  batch_size = 10,
+  @POLICY@
+  setup = function(tx)
+    assert(tx:exec("CREATE TABLE IF NOT EXISTS t_poison_seen (pos bigint NOT NULL, agg text NOT NULL)"))
+  end,
+  handle = function(tx, e)
+    if e.event_type == "Poison" and not FIXED then error("poisoned event " .. e.aggregate_id) end
+    assert(tx:exec("INSERT INTO t_poison_seen (pos, agg) VALUES ($1, $2)", e.global_position, e.aggregate_id))
+    if e.event_type == "Poison" and os.getenv("SLOW") then
+      assert(tx:query("SELECT pg_sleep(30) AS poison_retry_sleep"))
+    end
+  end,
+}
+]]
+
+describe("poison events", function()
+  local store, db, dir, bad_file, counter_file
+
+  local function q(sql, ...) return assert(db:query(sql, ...)) end
+  local function one(sql, ...) return q(sql, ...)[1] end
+  local function pupsourcing(args, opts) return H.run(H.with_tables(T, args), opts) end
+
+  local function write_failing(policy, fixed)
+    H.write_file(bad_file, (FAILING:gsub("@FIXED@", fixed and "true" or "false"):gsub("@POLICY@", policy or "")))
+  end
+
+  local function checkpoint(name)
+    local r = one(('SELECT max(last_global_position) AS p FROM "%s" WHERE projection_name = $1'):format(
+      T.checkpoints_table), name)
+    return r.p ~= pup.null and r.p or 0
+  end
+
+  -- 3 aggregates x 10 events, one Poison event, 3 x 5 more; returns the poison's position and the head.
+  local function populate()
+    for a = 1, 3 do assert(store:append(db, pup.any(), H.events(10, { aggregate_id = "a" .. a }))) end
+    local p = assert(store:append(db, pup.any(), { H.event { aggregate_id = "p1", event_type = "Poison" } }))
+    for a = 1, 3 do assert(store:append(db, pup.any(), H.events(5, { aggregate_id = "a" .. a }))) end
+    return p.global_positions[1], assert(store:head(db))
+  end
+
+  -- The counter counted every event exactly once (45 + the poison event's aggregate once).
+  local function assert_counter_exact()
+    local rows = q("SELECT agg, n FROM t_poison_counter ORDER BY agg")
+    assert.same({ { agg = "a1", n = 15 }, { agg = "a2", n = 15 }, { agg = "a3", n = 15 }, { agg = "p1", n = 1 } }, rows)
+  end
+
+  -- The failing projection applied exactly the positions 1..head, without `missing`.
+  local function assert_seen(head, missing)
+    local s = one("SELECT count(*) AS n, count(DISTINCT pos) AS d, COALESCE(sum(pos), 0)::bigint AS s,"
+      .. " count(*) FILTER (WHERE pos = $1) AS p FROM t_poison_seen", missing or 0)
+    local want = head * (head + 1) // 2 - (missing or 0)
+    assert.same({ n = head - (missing and 1 or 0), d = head - (missing and 1 or 0), s = want, p = 0 },
+      { n = s.n, d = s.d, s = s.s, p = missing and s.p or 0 })
+  end
+
+  local function dead_letters()
+    return q(('SELECT global_position, event_type, aggregate_id, attempts, error, partition_key, total_partitions'
+      .. ' FROM "%s" ORDER BY global_position'):format(DL))
+  end
+
+  before_each(function()
+    db = H.connect()
+    for _, t in ipairs { DL, FAILURES, "t_poison_counter", "t_poison_seen" } do
+      assert(db:exec('DROP TABLE IF EXISTS "' .. t .. '"'))
+    end
+    store = H.fresh_store("poison", db)
+    dir = H.tmpdir()
+    bad_file, counter_file = dir .. "/bad.lua", dir .. "/counter.lua"
+    H.write_file(counter_file, COUNTER)
+  end)
+
+  after_each(function()
+    H.rmdir(dir)
+    db:close()
+  end)
+
+  describe("the projection fields", function()
+    local function problem(fields)
+      local p = { name = "x", handle = function() end }
+      for k, v in pairs(fields) do p[k] = v end
+      local ok, err = pcall(pup.check_projection, p, "f.lua")
+      assert.is_false(ok)
+      return err
+    end
+
+    it("are checked, and unknown fields raise", function()
+      assert.equal('f.lua: projection "x": `on_error` must be "stop", "skip" or "retry", got "ignore"',
+        problem { on_error = "ignore" })
+      assert.equal('f.lua: projection "x": `max_attempts` goes with on_error = "retry"',
+        problem { on_error = "skip", max_attempts = 3 })
+      assert.equal('f.lua: projection "x": `retry_backoff` goes with on_error = "retry"', problem { retry_backoff = 1 })
+      assert.equal('f.lua: projection "x": `max_attempts` must be an integer from 1 to 1000',
+        problem { on_error = "retry", max_attempts = 0 })
+      assert.is_truthy(problem { on_error = "retry", retry_backoff = -1 }:find("`retry_backoff` must be a number", 1, true))
+      local err = problem { on_eror = "skip" }
+      assert.is_truthy(err:find('f.lua: projection "x": unknown field `on_eror` (known: ', 1, true), err)
+      assert.is_truthy(err:find("on_error", 1, true), err)
+      assert.is_table(pup.check_projection({ name = "x", handle = function() end, on_error = "retry", max_attempts = 2,
+        retry_backoff = 0.5 }))
+    end)
+  end)
+
+  it('on_error = "skip": dead-letters the event in the checkpoint\'s transaction; the other projection goes on', function()
+    local ppos, head = populate()
+    write_failing('on_error = "skip",')
+    local r = pupsourcing { "run", "--once", counter_file, bad_file }
+    assert.equal(0, r.code, r.output)
+    assert.is_truthy(r.stderr:find(("projection poison_bad partition 0/1: gave up on the event at global position %d"
+      .. " after 1 attempt(s) (on_error = skip); dead-lettered in %s, moving on: "):format(ppos, DL), 1, true), r.stderr)
+    assert_counter_exact()
+    assert_seen(head, ppos)
+    assert.equal(head, checkpoint("poison_bad"))
+    local d = dead_letters()
+    assert.equal(1, #d)
+    assert.same({ ppos, "Poison", "p1", 1, 0, 1 },
+      { d[1].global_position, d[1].event_type, d[1].aggregate_id, d[1].attempts, d[1].partition_key, d[1].total_partitions })
+    assert.is_truthy(d[1].error:find("poisoned event p1", 1, true), d[1].error)
+    assert.is_truthy(d[1].error:find("stack traceback", 1, true), d[1].error)
+
+    -- status: the dead-letter count, in text and JSON; not failed
+    local st = pupsourcing { "status" }
+    assert.equal(0, st.code, st.output)
+    local line = st.stdout:match("\n(poison_bad [^\n]*)")
+    assert.is_truthy(line and line:find("  1 dead letter(s)$"), st.stdout)
+    assert.is_falsy(st.stdout:find("failed since", 1, true), st.stdout)
+    local js = pupsourcing { "status", "--json" }
+    local rows = pup.json.decode(js.stdout)
+    for _, row in ipairs(rows) do
+      assert.equal(row.projection == "poison_bad" and 1 or 0, row.dead_letters)
+      assert.is_nil(row.failed_since)
+    end
+  end)
+
+  it('on_error = "retry": tries max_attempts times with backoff, then dead-letters and moves on', function()
+    local ppos, head = populate()
+    write_failing('on_error = "retry", max_attempts = 3, retry_backoff = 0.1,')
+    local t0 = pup.now()
+    local r = pupsourcing { "run", "--once", counter_file, bad_file }
+    local took = pup.now() - t0
+    assert.equal(0, r.code, r.output)
+    for a = 1, 2 do
+      assert.is_truthy(r.stderr:find(("handler failed at global position %d (attempt %d of 3, on_error = retry);"
+        .. " trying it again in %s s: "):format(ppos, a, a == 1 and "0.1" or "0.2"), 1, true), r.stderr)
+    end
+    assert.is_falsy(r.stderr:find("attempt 3 of 3", 1, true), r.stderr)
+    assert.is_truthy(r.stderr:find("after 3 attempt(s) (on_error = retry); dead-lettered", 1, true), r.stderr)
+    assert.is_true(took >= 0.3, "the backoff was not waited: " .. took)
+    assert_counter_exact()
+    assert_seen(head, ppos)
+    local d = dead_letters()
+    assert.equal(1, #d)
+    assert.same({ ppos, 3 }, { d[1].global_position, d[1].attempts })
+  end)
+
+  it('on_error = "stop" (the default): stops that projection only, just before the event, and status says failed', function()
+    local ppos, head = populate()
+    write_failing(nil)
+    local r = pupsourcing { "run", "--once", counter_file, bad_file }
+    assert.equal(1, r.code, r.output)
+    assert.is_truthy(r.stderr:find("projection poison_bad stopped (the other projections go on): projection poison_bad"
+      .. " partition 0/1: handler failed at global position " .. ppos, 1, true), r.stderr)
+    assert_counter_exact() -- the counter ran to the end
+    assert.equal(head, checkpoint("poison_counter"))
+    assert.equal(ppos - 1, checkpoint("poison_bad")) -- the events before it are applied and kept
+    assert_seen(ppos - 1)
+    assert.equal(0, #dead_letters())
+
+    local st = pupsourcing { "status" }
+    assert.equal(0, st.code, st.output)
+    local failed = st.stdout:match("\n(poison_bad [^\n]*\n[^\n]*)")
+    assert.is_truthy(failed, st.stdout)
+    assert.is_truthy(failed:find("\n  failed since %d%d%d%d%-%d%d%-%d%dT[%d:.+-]+: projection poison_bad partition 0/1:"
+      .. " handler failed at global position " .. ppos), failed)
+    local rows = pup.json.decode(pupsourcing({ "status", "--json" }).stdout)
+    local bad
+    for _, row in ipairs(rows) do if row.projection == "poison_bad" then bad = row end end
+    assert.equal(ppos, bad.failed_position)
+    assert.is_string(bad.failed_since)
+    assert.is_truthy(bad.error:find("poisoned event p1", 1, true), bad.error)
+    assert.equal(0, bad.dead_letters)
+
+    -- the same failure again keeps its first time
+    local since = bad.failed_since
+    assert.equal(1, pupsourcing({ "run", "--once", bad_file }).code)
+    assert.equal(since, one(('SELECT to_char(failed_since, \'YYYY-MM-DD"T"HH24:MI:SS.MSOF\') AS s FROM "%s"'):format(FAILURES)).s)
+
+    -- fixed: it goes on from the event, exactly, and is no longer failed
+    write_failing(nil, true)
+    r = pupsourcing { "run", "--once", bad_file }
+    assert.equal(0, r.code, r.output)
+    assert_seen(head)
+    assert.equal(0, one(('SELECT count(*) AS n FROM "%s"'):format(FAILURES)).n)
+    assert.is_falsy(pupsourcing({ "status" }).stdout:find("failed since", 1, true))
+  end)
+
+  it("--fail-fast: a handler failure stops every projection", function()
+    local ppos = populate()
+    for a = 1, 20 do assert(store:append(db, pup.any(), H.events(50, { aggregate_id = "late" .. a }))) end
+    write_failing(nil)
+    -- the counter sleeps per event: it is mid-run when the poison event stops everything
+    local slow = COUNTER:gsub("handle = function%(tx, e%)", "handle = function(tx, e) require('pupsourcing').sleep(0.002)")
+    H.write_file(counter_file, slow)
+    local r = pupsourcing { "run", "--once", "--fail-fast", counter_file, bad_file }
+    assert.equal(1, r.code, r.output)
+    assert.is_truthy(r.stderr:find("handler failed at global position " .. ppos, 1, true), r.stderr)
+    assert.is_falsy(r.stderr:find("the other projections go on", 1, true), r.stderr)
+    assert.is_true(checkpoint("poison_counter") < assert(store:head(db)))
+  end)
+
+  describe("pupsourcing dead-letters", function()
+    local ppos, head
+    before_each(function()
+      ppos, head = populate()
+      write_failing('on_error = "skip",')
+      assert.equal(0, pupsourcing({ "run", "--once", bad_file }).code)
+    end)
+
+    it("list shows them; retry with the handler still broken keeps the dead letter with the new error", function()
+      local l = pupsourcing { "dead-letters", "list", bad_file }
+      assert.equal(0, l.code, l.output)
+      assert.is_truthy(l.stdout:find(("^%d  partition 0/1  Poison  event_id [%%x-]+  User p1 v1  attempts 1  first [^\n]+\n"
+        .. "  projection poison_bad partition 0/1: handler failed at global position %d"):format(ppos, ppos)), l.stdout)
+      local r = pupsourcing { "dead-letters", "retry", bad_file }
+      assert.equal(1, r.code, r.output)
+      assert.is_truthy(r.stdout:find("poison_bad: 0 dead letter(s) retried, then:", 1, true), r.stdout)
+      assert.is_truthy(r.stderr:find(("dead letter at global position %d (event_type Poison, event_id "):format(ppos), 1, true),
+        r.stderr)
+      assert_seen(head, ppos)
+      local d = dead_letters()
+      assert.equal(2, d[1].attempts)
+      assert.is_truthy(d[1].error:find("^[^\n]*poisoned event p1"), d[1].error)
+      assert.is_truthy(d[1].error:find("stack traceback", 1, true), d[1].error)
+    end)
+
+    it("retry after fixing the handler file applies the event once and removes the dead letter", function()
+      write_failing('on_error = "skip",', true)
+      local r = pupsourcing { "dead-letters", "retry", bad_file }
+      assert.equal(0, r.code, r.output)
+      assert.equal("poison_bad: 1 dead letter(s) retried\n", r.stdout)
+      assert_seen(head)
+      assert.equal(0, #dead_letters())
+      assert.equal("poison_bad: no dead letters\n", pupsourcing({ "dead-letters", "list", bad_file }).stdout)
+      r = pupsourcing { "dead-letters", "retry", bad_file }
+      assert.equal("poison_bad: 0 dead letter(s) retried\n", r.stdout)
+      assert_seen(head)
+    end)
+
+    it("a retry killed half-way applies nothing; the next one applies the event once", function()
+      write_failing('on_error = "skip",', true)
+      local p = H.spawn(H.with_tables(T, { H.bin, "dead-letters", "retry", bad_file }), { env = { SLOW = "1" } })
+      local ok, err = pcall(H.wait_until, "the retry to apply the event", 20, function()
+        return one("SELECT count(*) AS n FROM pg_stat_activity WHERE query LIKE '%poison_retry_sleep%'"
+          .. " AND pid <> pg_backend_pid()").n > 0
+      end)
+      if ok then os.execute("kill -KILL " .. p.pid) end
+      local rc = H.wait_exit(p, 10)
+      local stderr = H.stderr_of(p)
+      H.reap(p)
+      assert(ok, tostring(err) .. "\n" .. stderr)
+      assert.equal(128 + 9, rc)
+      -- the server ends the killed session's transaction: nothing of it stays
+      H.wait_until("the killed session to end", 10, function()
+        return one("SELECT count(*) AS n FROM pg_stat_activity WHERE query LIKE '%poison_retry_sleep%'"
+          .. " AND pid <> pg_backend_pid()").n == 0
+      end)
+      assert_seen(head, ppos)
+      assert.equal(1, #dead_letters())
+      local r = pupsourcing { "dead-letters", "retry", bad_file }
+      assert.equal(0, r.code, r.output)
+      assert_seen(head)
+      assert.equal(0, #dead_letters())
+    end)
+
+    it("--position picks one; discard deletes without applying", function()
+      local r = pupsourcing { "dead-letters", "list", "--position", tostring(ppos + 1), bad_file }
+      assert.equal("poison_bad: no dead letters\n", r.stdout)
+      r = pupsourcing { "dead-letters", "discard", "--position", tostring(ppos), bad_file }
+      assert.equal(0, r.code, r.output)
+      assert.equal("poison_bad: 1 dead letter(s) discarded\n", r.stdout)
+      assert.equal(0, #dead_letters())
+      assert_seen(head, ppos)
+      r = pupsourcing { "dead-letters", "list", "--position", "x", bad_file }
+      assert.equal(2, r.code)
+      assert.is_truthy(r.stderr:find('--position must be a positive integer, got "x"', 1, true), r.stderr)
+    end)
+
+    it("reset clears the projection's dead letters", function()
+      local r = pupsourcing { "reset", bad_file }
+      assert.equal(0, r.code, r.output)
+      assert.equal(0, #dead_letters())
+    end)
+  end)
+end)
