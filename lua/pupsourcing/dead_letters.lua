@@ -31,6 +31,12 @@ local function args(fname, db, projection, opts)
   return projection.name, store, store:names().dead_letters_quoted, pos
 end
 
+-- The parameters of a statement over one projection's dead letters, or one of them.
+local function params(name, pos)
+  if pos then return name, pos end
+  return name
+end
+
 local function select_sql(dl, pos)
   return ("SELECT %s FROM %s WHERE projection_name = $1%s ORDER BY global_position"):format(
     COLUMNS, dl, pos and " AND global_position = $2" or "")
@@ -39,14 +45,14 @@ end
 -- list(db, projection, {position=, store=}) -> rows in position order | nil, err
 function M.list(db, projection, opts)
   local name, _, dl, pos = args("list", db, projection, opts)
-  return db:query(select_sql(dl, pos), name, pos)
+  return db:query(select_sql(dl, pos), params(name, pos))
 end
 
 -- discard(db, projection, {position=, store=}) -> the number deleted | nil, err
 function M.discard(db, projection, opts)
   local name, _, dl, pos = args("discard", db, projection, opts)
   return db:exec(("DELETE FROM %s WHERE projection_name = $1%s"):format(dl, pos and " AND global_position = $2" or ""),
-    name, pos)
+    params(name, pos))
 end
 
 -- The event a dead letter names, read by its aggregate stream (gap rules do not apply:
@@ -72,7 +78,7 @@ end
 -- is passed over.
 function M.retry(db, projection, opts)
   local name, store, dl, pos = args("retry", db, projection, opts)
-  local rows, err = db:query(select_sql(dl, pos), name, pos)
+  local rows, err = db:query(select_sql(dl, pos), params(name, pos))
   if not rows then return nil, err, 0 end
   local lock = ("SELECT 1 AS ok FROM %s WHERE projection_name = $1 AND global_position = $2 FOR UPDATE"):format(dl)
   local delete = ("DELETE FROM %s WHERE projection_name = $1 AND global_position = $2"):format(dl)
