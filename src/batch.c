@@ -363,10 +363,11 @@ static int batch_once(pup_processor *p, int *handled, long long *advanced, int *
     return 0;
 }
 
-/* A batch failed on an event (p->poison) and was rolled back: redo it up to the event
- * before, then dead-letter the event in that same transaction (skip, or retry with the
- * attempts used up: returns 0), or leave the checkpoint just before it and return the
- * failure (stop, or retry with attempts left: the run loop waits and tries it again). */
+/* A batch failed on an event (p->poison) and was rolled back, its projection skips or
+ * retries such events: redo it up to the event before, then dead-letter the event in
+ * that same transaction (skip, or retry with the attempts used up: returns 0), or leave
+ * the checkpoint just before it and return the failure (retry with attempts left: the
+ * run loop waits and tries it again). Under "stop" the batch stays rolled back whole. */
 static int poisoned(pup_processor *p, int *handled, long long *advanced, int *waiting, pup_error *err) {
     pup_poison *x = &p->poison;
     int max = p->cfg.max_attempts > 0 ? p->cfg.max_attempts : 1;
@@ -391,7 +392,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
                         pup_error *err) {
     p->poison.fresh = 0;
     int rc = batch_once(p, handled, advanced, waiting, err);
-    if (rc < 0 && p->poison.fresh && err->code == PUP_ERR_HANDLER)
+    if (rc < 0 && p->poison.fresh && err->code == PUP_ERR_HANDLER && p->cfg.on_error != PUP_ON_ERROR_STOP)
         rc = poisoned(p, handled, advanced, waiting, err);
     if (rc == 0 && *advanced > 0 && !p->poison.failure_clear) {
         /* Moving again: the partitions' failure rows go (once per processor: after that,

@@ -81,11 +81,12 @@ void pup_processor_release(pup_processor *p);
 
 /* Runs one batch. *handled: events given to the handler; *advanced: positions the
  * checkpoint moved; *waiting: the batch stopped at a hole that may still fill.
- * A handler failure on an event rolls the batch back and redoes it up to the event
- * before, then by the projection's on_error either returns the failure (stop, or retry
- * with attempts left: the checkpoint then sits just before the event) or, in the same
- * transaction that moves the checkpoint past it, writes the event to the dead-letter
- * table and returns 0 (skip, or retry with the attempts used up).
+ * A handler failure on an event rolls the batch back. Under on_error "stop" that is
+ * all: the failure is returned. Under "skip" and "retry" the batch is redone up to the
+ * event before, then either the failure is returned (retry with attempts left: the
+ * checkpoint sits just before the event) or, in the same transaction that moves the
+ * checkpoint past it, the event goes to the dead-letter table and 0 is returned (skip,
+ * or retry with the attempts used up).
  * A group worker's batch stops after a third of the lease TTL and commits what it
  * handled. A handler that ends the batch transaction (ROLLBACK, COMMIT) fails the batch.
  * Transient failures come back as errors too (pup_error_is_transient). */
