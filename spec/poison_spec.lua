@@ -27,14 +27,21 @@ return {
 -- SLOW set, applying the poison event then sleeps (a retry to kill half-way).
 local FAILING = [[
 local FIXED = @FIXED@
+local pup = require "pupsourcing"
+local first_try = true
 return {
   name = "poison_bad",
-  batch_size = 10,
+  batch_size = 8, -- the poison event (31) is the 7th of its batch (25..32)
   @POLICY@
   setup = function(tx)
     assert(tx:exec("CREATE TABLE IF NOT EXISTS t_poison_seen (pos bigint NOT NULL, agg text NOT NULL)"))
   end,
   handle = function(tx, e)
+    if os.getenv("TERMINATE_AT") == tostring(e.global_position) and first_try then
+      first_try = false -- a lost connection is transient: retried, never dead-lettered
+      tx:query("SELECT pg_terminate_backend(pg_backend_pid())")
+    end
+    if os.getenv("SLEEP_EACH") then pup.sleep(tonumber(os.getenv("SLEEP_EACH"))) end
     if e.event_type == "Poison" and not FIXED then error("poisoned event " .. e.aggregate_id) end
     assert(tx:exec("INSERT INTO t_poison_seen (pos, agg) VALUES ($1, $2)", e.global_position, e.aggregate_id))
     if e.event_type == "Poison" and os.getenv("SLOW") then
@@ -192,8 +199,9 @@ describe("poison events", function()
       .. " partition 0/1: handler failed at global position " .. ppos, 1, true), r.stderr)
     assert_counter_exact() -- the counter ran to the end
     assert.equal(head, checkpoint("poison_counter"))
-    assert.equal(ppos - 1, checkpoint("poison_bad")) -- the events before it are applied and kept
-    assert_seen(ppos - 1)
+    local batch_start = (ppos - 1) // 8 * 8 -- its batch rolled back whole
+    assert.equal(batch_start, checkpoint("poison_bad"))
+    assert_seen(batch_start)
     assert.equal(0, #dead_letters())
 
     local st = pupsourcing { "status" }
@@ -222,6 +230,81 @@ describe("poison events", function()
     assert_seen(head)
     assert.equal(0, one(('SELECT count(*) AS n FROM "%s"'):format(FAILURES)).n)
     assert.is_falsy(pupsourcing({ "status" }).stdout:find("failed since", 1, true))
+  end)
+
+  it("a lost connection is not a poison event: retried, nothing dead-lettered, even under skip", function()
+    local _, head = populate()
+    write_failing('on_error = "skip",', true)
+    local r = pupsourcing({ "run", "--once", bad_file }, { env = { TERMINATE_AT = "28" } })
+    assert.equal(0, r.code, r.output)
+    assert.is_truthy(r.stderr:find("retrying in", 1, true), r.stderr)
+    assert.is_truthy(r.stderr:find("reconnected", 1, true), r.stderr)
+    assert_seen(head)
+    assert.equal(0, #dead_letters())
+  end)
+
+  it("per partition: under --workers 2 the other partition of the failing projection goes on", function()
+    local ppos, head = populate()
+    write_failing(nil)
+    local r = pupsourcing { "run", "--once", "--workers", "2", counter_file, bad_file }
+    assert.equal(1, r.code, r.output)
+    local pk = pup.partition_of("p1", 2)
+    assert.is_truthy(r.stderr:find(("partition %d/2: handler failed at global position %d"):format(pk, ppos), 1, true), r.stderr)
+    assert_counter_exact()
+    local rows = q(('SELECT partition_key, last_global_position AS p FROM "%s" WHERE projection_name = \'poison_bad\''
+      .. ' ORDER BY partition_key'):format(T.checkpoints_table))
+    assert.equal(head, rows[2 - pk].p) -- the healthy partition reached the head
+    assert.is_true(rows[pk + 1].p < ppos)
+    local f = q(('SELECT partition_key, total_partitions, global_position FROM "%s"'):format(FAILURES))
+    assert.same({ { partition_key = pk, total_partitions = 2, global_position = ppos } }, f)
+    local st = pupsourcing { "status" }
+    local _, nfailed = st.stdout:gsub("\n  failed since ", "")
+    assert.equal(1, nfailed, st.stdout)
+    assert.is_truthy(st.stdout:find(("\npoison_bad +%d/2 [^\n]*\n  failed since "):format(pk)), st.stdout)
+  end)
+
+  it("killed at any moment under skip: every event is applied or dead-lettered, exactly once", function()
+    assert(store:append(db, pup.any(), H.events(5, { aggregate_id = "a0" })))
+    for i = 1, 12 do
+      assert(store:append(db, pup.any(), { H.event { aggregate_id = "p" .. i, event_type = "Poison" } }))
+      assert(store:append(db, pup.any(), H.events(9, { aggregate_id = "a" .. i })))
+    end
+    local head = assert(store:head(db))
+    write_failing('on_error = "skip",')
+    for round = 1, 3 do
+      local p = H.spawn(H.with_tables(T, { H.bin, "run", bad_file }), { env = { SLEEP_EACH = "0.03" } })
+      pup.sleep(0.4 + 0.2 * round)
+      os.execute("kill -KILL " .. p.pid)
+      H.wait_exit(p, 10)
+      H.reap(p)
+    end
+    local before = #dead_letters()
+    assert.is_true(checkpoint("poison_bad") < head and before > 0,
+      ("the kills came too early or too late (checkpoint %d of %d, %d dead letters)"):format(
+        checkpoint("poison_bad"), head, before))
+    local r = pupsourcing { "run", "--once", bad_file }
+    assert.equal(0, r.code, r.output)
+    local c = one(('SELECT (SELECT count(*) FROM t_poison_seen) AS seen, (SELECT count(DISTINCT pos) FROM t_poison_seen) AS d,'
+      .. ' (SELECT count(*) FROM "%s") AS dead, (SELECT count(*) FROM t_poison_seen s JOIN "%s" x'
+      .. ' ON x.global_position = s.pos) AS both_, (SELECT count(*) FROM "%s" WHERE event_type <> \'Poison\') AS wrong'):format(
+      DL, DL, DL))
+    assert.same({ seen = head - 12, d = head - 12, dead = 12, both_ = 0, wrong = 0 }, c)
+  end)
+
+  it("the Lua API: processor:run_once dead-letters under skip and returns what it handled", function()
+    local ppos = populate()
+    write_failing('on_error = "skip",')
+    local proj = pup.load_projection(bad_file)
+    local p <close> = pup.processor(db, proj, { store = store, batch_size = 100 })
+    local n, err = p:run_once()
+    assert.is_nil(err)
+    assert.equal(ppos - 1, n) -- the redone batch: the events before the poison event
+    assert.equal(ppos, checkpoint("poison_bad"))
+    assert.equal(1, #dead_letters())
+    local rows = assert(pup.dead_letters.list(db, proj, { store = store }))
+    assert.same({ ppos, "Poison", 1 }, { rows[1].global_position, rows[1].event_type, rows[1].attempts })
+    assert.has_error(function() pup.dead_letters.list(db, proj, { store = store, postion = 1 }) end,
+      "pup.dead_letters.list: unknown option postion")
   end)
 
   it("--fail-fast: a handler failure stops every projection", function()
