@@ -37,9 +37,13 @@ return {
     assert(tx:exec("CREATE TABLE IF NOT EXISTS t_poison_seen (pos bigint NOT NULL, agg text NOT NULL)"))
   end,
   handle = function(tx, e)
-    if os.getenv("TERMINATE_AT") == tostring(e.global_position) and first_try then
-      first_try = false -- a lost connection is transient: retried, never dead-lettered
-      tx:query("SELECT pg_terminate_backend(pg_backend_pid())")
+    if os.getenv("TRANSIENT_AT") == tostring(e.global_position) and first_try then
+      first_try = false -- transient: retried, never dead-lettered
+      if os.getenv("TRANSIENT") == "connection" then
+        tx:query("SELECT pg_terminate_backend(pg_backend_pid())")
+      else
+        assert(tx:query("DO $$ BEGIN RAISE EXCEPTION 'could not serialize' USING ERRCODE = '40001'; END $$"))
+      end
     end
     if os.getenv("SLEEP_EACH") then pup.sleep(tonumber(os.getenv("SLEEP_EACH"))) end
     if e.event_type == "Poison" and not FIXED then error("poisoned event " .. e.aggregate_id) end
@@ -190,7 +194,7 @@ describe("poison events", function()
     assert.same({ ppos, 3 }, { d[1].global_position, d[1].attempts })
   end)
 
-  it('on_error = "stop" (the default): stops that projection only, just before the event, and status says failed', function()
+  it('on_error = "stop" (the default): stops that projection only (its batch rolled back) and status says failed', function()
     local ppos, head = populate()
     write_failing(nil)
     local r = pupsourcing { "run", "--once", counter_file, bad_file }
@@ -232,12 +236,20 @@ describe("poison events", function()
     assert.is_falsy(pupsourcing({ "status" }).stdout:find("failed since", 1, true))
   end)
 
-  it("a lost connection is not a poison event: retried, nothing dead-lettered, even under skip", function()
+  it("transient failures are not poison events: retried, nothing dead-lettered, even under skip", function()
     local _, head = populate()
     write_failing('on_error = "skip",', true)
-    local r = pupsourcing({ "run", "--once", bad_file }, { env = { TERMINATE_AT = "28" } })
+    local r = pupsourcing({ "run", "--once", bad_file }, { env = { TRANSIENT_AT = "28" } })
     assert.equal(0, r.code, r.output)
-    assert.is_truthy(r.stderr:find("retrying in", 1, true), r.stderr)
+    assert.is_truthy(r.stderr:find("could not serialize %(SQLSTATE 40001%)\n.-; retrying in %d+ ms\n"), r.stderr)
+    assert.is_falsy(r.stderr:find("dead-lettered", 1, true), r.stderr)
+    assert_seen(head)
+    assert.equal(0, #dead_letters())
+    -- a lost connection too
+    assert(db:exec("TRUNCATE t_poison_seen"))
+    assert(pup.reset(db, pup.load_projection(bad_file), store))
+    r = pupsourcing({ "run", "--once", bad_file }, { env = { TRANSIENT_AT = "28", TRANSIENT = "connection" } })
+    assert.equal(0, r.code, r.output)
     assert.is_truthy(r.stderr:find("reconnected", 1, true), r.stderr)
     assert_seen(head)
     assert.equal(0, #dead_letters())
