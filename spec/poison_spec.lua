@@ -116,6 +116,13 @@ describe("poison events", function()
     db:close()
   end)
 
+  it("the example of docs/operations.md is a valid projection", function()
+    local doc = H.read_file(H.source_dir .. "/docs/operations.md")
+    local block = doc:match("\n## Poison events\n.-```lua\n(.-)```")
+    local p = pup.check_projection(assert(load(block))(), "docs/operations.md")
+    assert.same({ "billing", "retry", 5, 0.5 }, { p.name, p.on_error, p.max_attempts, p.retry_backoff })
+  end)
+
   describe("the projection fields", function()
     local function problem(fields)
       local p = { name = "x", handle = function() end }
