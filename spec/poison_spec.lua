@@ -326,6 +326,25 @@ describe("poison events", function()
       "pup.dead_letters.list: unknown option postion")
   end)
 
+  it("a group worker dead-letters with the event's partition of the group", function()
+    local ppos, head = populate()
+    write_failing('on_error = "retry", max_attempts = 2, retry_backoff = 0.01,')
+    local proj = pup.load_projection(bad_file)
+    local p <close> = pup.processor(db, proj, { store = store, group = true, total_partitions = 4 })
+    local errors = {}
+    for _ = 1, 50 do
+      local _, err = p:run_once()
+      if err then errors[#errors + 1] = err.message end
+      if checkpoint("poison_bad") >= head then break end
+    end
+    assert.equal(1, #errors) -- attempt 1; attempt 2 dead-lettered it
+    assert.is_truthy(errors[1]:find("handler failed at global position " .. ppos, 1, true), errors[1])
+    assert_seen(head, ppos)
+    local d = dead_letters()
+    assert.same({ { ppos, pup.partition_of("p1", 4), 4, 2 } },
+      { { d[1].global_position, d[1].partition_key, d[1].total_partitions, d[1].attempts } })
+  end)
+
   it("--fail-fast: a handler failure stops every projection", function()
     local ppos = populate()
     for a = 1, 20 do assert(store:append(db, pup.any(), H.events(50, { aggregate_id = "late" .. a }))) end
