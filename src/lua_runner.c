@@ -180,7 +180,7 @@ static void *worker_main(void *arg) {
     /* A handler failure stops its own worker only (the partition is marked failed in the
      * database); one of the runner or the database stops them all. */
     int stop_all = w->failed && (r->fail_fast || w->code != PUP_ERR_HANDLER);
-    if (w->failed && !stop_all) {
+    if (w->failed && !stop_all && r->n > 1) { /* told now: the others may run for days */
         char prefix[sizeof w->name + 64];
         pthread_mutex_lock(&r->mu);
         snprintf(prefix, sizeof prefix, "projection %s stopped (the other projections go on): ", w->name);

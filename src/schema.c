@@ -93,7 +93,7 @@ static int derived_too_long(int table, const char *what, const char *name, pup_e
     static const char *const suffixes[3][5] = {
         {"_global_position_seq", "_next_position", "_aggregate_version_key", "_event_id_key", "_pkey"},
         {"_pkey"},
-        {"_workers_pkey", "_groups_pkey", "_dead_letters_pkey", "_failures_pkey", "_pkey"}};
+        {"_workers_pkey", "_groups_pkey", "_pkey"}};
     const char *base = base_name(name);
     for (int i = 0; i < 5 && suffixes[table][i]; i++)
         if (strlen(base) + strlen(suffixes[table][i]) > PUP_IDENT_MAX)
