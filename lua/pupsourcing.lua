@@ -14,6 +14,7 @@ end
 M.version = "0.1.0"
 M.subscribe = require("pupsourcing.subscribe").subscribe
 M.upcast = aggregate.upcast
+M.dead_letters = require "pupsourcing.dead_letters"
 M.remove_upcaster = aggregate.remove_upcaster
 
 local error_mt = core.error_mt
@@ -50,6 +51,36 @@ local function scope_problem(v, f)
     if s == "" then return ("`%s`[%d] must not be empty"):format(f, i) end
     if not utf8.len(s) then return ("`%s`[%d] must be valid UTF-8"):format(f, i) end
     if s:find("\0", 1, true) then return ("`%s`[%d] must not contain a NUL byte"):format(f, i) end
+  end
+end
+
+-- The fields a projection table may have: any other raises (a misspelt `on_eror` would
+-- otherwise leave the default policy in force without a word).
+M.projection_fields = {
+  name = true, handle = true, setup = true, reset = true, aggregate_types = true, event_types = true,
+  batch_size = true, on_error = true, max_attempts = true, retry_backoff = true, kind = true,
+}
+
+-- Why the poison policy fields (on_error, max_attempts, retry_backoff) are wrong, or nil.
+local function policy_problem(p)
+  local policy = p.on_error
+  if policy ~= nil and policy ~= "stop" and policy ~= "skip" and policy ~= "retry" then
+    return ('`on_error` must be "stop", "skip" or "retry", got %s'):format(
+      type(policy) == "string" and ("%q"):format(policy) or type(policy))
+  end
+  if policy ~= "retry" then
+    for _, f in ipairs { "max_attempts", "retry_backoff" } do
+      if p[f] ~= nil then return ('`%s` goes with on_error = "retry"'):format(f) end
+    end
+    return nil
+  end
+  local n = p.max_attempts
+  if n ~= nil and (math.type(n) ~= "integer" or n < 1 or n > 1000) then
+    return "`max_attempts` must be an integer from 1 to 1000"
+  end
+  local b = p.retry_backoff
+  if b ~= nil and (type(b) ~= "number" or not (b > 0 and b <= M.limits.seconds)) then
+    return ("`retry_backoff` must be a number of seconds above 0 and at most %d"):format(M.limits.seconds)
   end
 end
 
@@ -92,6 +123,17 @@ function M.check_projection(p, where)
   end
   if p.batch_size ~= nil and p.batch_size > M.limits.batch_size then
     error(("%s: projection %q: `batch_size` must be at most %d"):format(where, p.name, M.limits.batch_size), 0)
+  end
+  bad = policy_problem(p)
+  if bad then error(("%s: projection %q: %s"):format(where, p.name, bad), 0) end
+  for k in pairs(p) do
+    if not M.projection_fields[k] then
+      local known = {}
+      for f in pairs(M.projection_fields) do known[#known + 1] = f end
+      table.sort(known)
+      error(("%s: projection %q: unknown field %s (known: %s)"):format(where, p.name,
+        type(k) == "string" and "`" .. k .. "`" or tostring(k), table.concat(known, ", ")), 0)
+    end
   end
   return p
 end
@@ -142,10 +184,39 @@ local function store_result(res, err)
   return res, err
 end
 
--- Checkpoints of every projection partition with the head and lag (the store's SQL).
+-- Checkpoints of every projection partition with the head and lag (the store's SQL),
+-- and for poison events: `failed_since`, `error` (and `failed_position`) on a partition a
+-- handler failure stopped, `dead_letters` (the count of its events given up on).
 function M.status(db, store)
   store = store or M.store()
-  return store_result(db:query(store:names().sql.status))
+  local n = store:names()
+  local rows, err = store_result(db:query(n.sql.status))
+  if not rows then return nil, err end
+  -- A store not migrated since these tables came has neither: nothing to add.
+  local have = db:query("SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AS ok",
+    n.dead_letters_quoted, n.failures_quoted)
+  if not (have and have[1].ok) then return rows end
+  local function key(r) return r.projection .. "\0" .. r.total_partitions .. "\0" .. r.partition_key end
+  local by = {}
+  for _, r in ipairs(rows) do
+    r.dead_letters = 0
+    by[key(r)] = r
+  end
+  local extra, qerr = db:query(("SELECT 'f' AS kind, projection_name AS projection, total_partitions, partition_key,"
+    .. " global_position, error, to_char(failed_since, 'YYYY-MM-DD\"T\"HH24:MI:SS.MSOF') AS since, 0::bigint AS n"
+    .. " FROM %s UNION ALL SELECT 'd', projection_name, total_partitions, partition_key, NULL, NULL, NULL, count(*)"
+    .. " FROM %s GROUP BY projection_name, total_partitions, partition_key"):format(n.failures_quoted,
+      n.dead_letters_quoted))
+  if not extra then return nil, qerr end
+  for _, x in ipairs(extra) do
+    local r = by[key(x)]
+    if r and x.kind == "f" then
+      r.failed_since, r.error, r.failed_position = x.since, x.error, x.global_position
+    elseif r then
+      r.dead_letters = x.n
+    end
+  end
+  return rows
 end
 
 -- The warning `status` and `run` print when the events table's global_position does
@@ -186,6 +257,12 @@ function M.reset(db, projection, store)
     assert(tx:exec(("UPDATE %s SET generation = generation + 1, previous_total = NULL, previous_mode = NULL,"
       .. " changed_at = now() WHERE projection_name = $1"):format(n.groups_quoted), projection.name))
     local deleted = assert(store_result(tx:exec(n.sql.reset, projection.name)))
+    -- a rebuilt read model starts clean: no failed partition, no dead letter
+    for _, t in ipairs { n.failures_quoted, n.dead_letters_quoted } do
+      if assert(tx:query("SELECT to_regclass($1) IS NOT NULL AS ok", t))[1].ok then
+        assert(tx:exec(("DELETE FROM %s WHERE projection_name = $1"):format(t), projection.name))
+      end
+    end
     if projection.reset then projection.reset(tx) end
     assert(tx:exec("SELECT pg_notify($1, '')", n.channel)) -- idle processors notice at once
     return deleted

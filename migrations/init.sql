@@ -205,6 +205,35 @@ BEGIN
 END
 $do$;
 
+-- Poison events (docs/operations.md): the events a projection gave up on, and the
+-- partitions a handler failure stopped (cleared once the partition moves again).
+CREATE TABLE IF NOT EXISTS "projection_checkpoints_dead_letters" (
+    projection_name TEXT NOT NULL,
+    global_position BIGINT NOT NULL,
+    partition_key INT NOT NULL,
+    total_partitions INT NOT NULL,
+    event_id UUID NOT NULL,
+    event_type TEXT NOT NULL,
+    aggregate_type TEXT NOT NULL,
+    aggregate_id TEXT NOT NULL,
+    aggregate_version BIGINT NOT NULL,
+    error TEXT NOT NULL,
+    attempts INT NOT NULL,
+    first_failed_at TIMESTAMPTZ NOT NULL,
+    last_failed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (projection_name, global_position)
+);
+CREATE TABLE IF NOT EXISTS "projection_checkpoints_failures" (
+    projection_name TEXT NOT NULL,
+    total_partitions INT NOT NULL,
+    partition_key INT NOT NULL,
+    global_position BIGINT,
+    error TEXT NOT NULL,
+    failed_since TIMESTAMPTZ NOT NULL DEFAULT now(),
+    last_failed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (projection_name, total_partitions, partition_key)
+);
+
 -- Aggregate snapshots (store:load, store:handle): at most one per aggregate; a
 -- load uses it when snapshot_version matches and folds the events after it.
 CREATE TABLE IF NOT EXISTS "events_snapshots" (

@@ -225,13 +225,13 @@ describe("pupsourcing run", function()
   end)
 
   describe("a handler error", function()
-    it("stops the other projections and makes run exit non-zero, naming projection and position", function()
+    it("with --fail-fast stops the other projections and makes run exit non-zero, naming projection and position", function()
       populate(25, 100)
       local poison = assert(store:append(db, pup.any(), { H.event { aggregate_id = "poison-1", event_type = "Poison" } }))
       local ppos = poison.global_positions[1]
       local head = populate(5, 10, "late-")
       -- the counter is slow (about 5 s to catch up): it is mid-run when run_fail fails
-      local p = start({ "run", "--poll-interval", "200", COUNTER, FAIL }, { FX_SLEEP = "0.002" })
+      local p = start({ "run", "--fail-fast", "--poll-interval", "200", COUNTER, FAIL }, { FX_SLEEP = "0.002" })
       local rc = wait_exit(p, 20)
       local err = stderr_of(p)
       assert.is_number(rc, "run did not exit after a handler error; stderr:\n" .. err)

@@ -13,6 +13,7 @@
  */
 #include "processor_internal.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -26,14 +27,26 @@ static int event_error(pup_processor *p, const PGresult *r, int row, pup_error *
     if (strcmp(err->sqlstate, "57014") == 0 && p->cfg.statement_timeout_ms > 0)
         pup_error_prefix(err, "handler exceeded its time limit of %d ms: ", p->cfg.statement_timeout_ms);
     int part = pup_partition_of(ev.aggregate_id.p, ev.aggregate_id.len, p->total);
+    /* Deadlocks, serialization failures and lost connections are retried; the rest is
+     * the event's: its projection's on_error decides (pup_processor_batch). */
+    if (!pup_error_is_transient(err)) {
+        pup_poison *x = &p->poison;
+        if (x->pos != ev.global_position) {
+            x->pos = ev.global_position;
+            x->attempts = 0;
+            x->first = pup_proc_now();
+        }
+        x->attempts++;
+        x->part = part;
+        x->fresh = 1;
+        snprintf(x->error, sizeof x->error, "%s", err->message);
+    }
     pup_error_prefix(err,
                      "projection %s partition %d/%d: handler failed at global position %lld "
                      "(event_type %.*s, event_id %.*s): ",
                      p->name, part, p->total, ev.global_position,
                      (int)(ev.event_type.len > 200 ? 200 : ev.event_type.len), ev.event_type.p,
                      (int)ev.event_id.len, ev.event_id.p);
-    /* Deadlocks, serialization failures and lost connections are retried; the rest
-     * stops the projection. */
     if (!pup_error_is_transient(err)) err->code = PUP_ERR_HANDLER;
     return -1;
 }
@@ -157,6 +170,7 @@ typedef struct walk {
     long long wait_lo;    /* the first undecided hole (0: none) */
     int nhandle, opened;
     int first_row;        /* the row of the first event handled */
+    int dead_row;         /* the row of the event to dead-letter (-1: none) */
     double started;       /* when the batch began (monotonic seconds) */
 } walk;
 
@@ -177,11 +191,14 @@ static int handle_event(pup_processor *p, walk *w, int i, long long pos, pup_err
     w->opened = 1;
     pup_conn_set_tag(p->conn, i);
     long tag;
-    if (p->h.handle(p->h.ud, p->conn, &ev, err) < 0) return event_error(p, r, i, err);
-    if (pup_conn_failure(p->conn, &tag)) {
+    int rc = p->h.handle(p->h.ud, p->conn, &ev, err);
+    /* A statement of an earlier event that failed in the pipeline is that event's
+     * failure, even when this handler then failed on the aborted transaction. */
+    if (pup_conn_failure(p->conn, &tag) && (rc == 0 || tag != i)) {
         *err = *pup_conn_failure(p->conn, NULL);
         return event_error(p, r, (int)tag, err);
     }
+    if (rc < 0) return event_error(p, r, i, err);
     if (w->nhandle++ == 0) w->first_row = i;
     return 0;
 }
@@ -195,6 +212,13 @@ static int walk_window(pup_processor *p, walk *w, uint64_t xmin, double deadline
         w->wait_lo = pup_gaps_step(&p->gaps, seen, pos, xmin, w->wait_lo);
         seen = pos;
         if (w->wait_lo) continue; /* a transaction that may fill the hole may still be running */
+        if (p->poison.stop_at && pos >= p->poison.stop_at) { /* redoing a failed batch */
+            if (pos == p->poison.stop_at && p->poison.dead) {
+                w->last = pos;
+                w->dead_row = i;
+            }
+            break;
+        }
         w->last = pos;
         if (handle_event(p, w, i, pos, err) < 0) return -1;
     }
@@ -224,6 +248,34 @@ static int draw_bound(pup_processor *p, uint64_t *out, pup_error *err) {
     if (!xr) return pup_proc_context(p, err);
     *out = strtoull(PQgetvalue(xr, 0, 0), NULL, 10);
     PQclear(xr);
+    return 0;
+}
+
+/* The event at w->dead_row to the dead-letter table, in the batch transaction (only
+ * on the poison path: a round trip there costs nothing on the happy path). */
+static int dead_letter(pup_processor *p, walk *w, pup_error *err) {
+    const pup_stmt *st = pup_conn_prepare(p->conn, p->store->sql_dead_letter, err);
+    if (!st) return pup_proc_context(p, err);
+    pup_event ev;
+    pup_event_from_row(w->r, w->dead_row, FIRST_EVENT_COL, &ev);
+    pup_params *q = &p->params;
+    if (pup_params_reset(q, 12) < 0) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
+    const pup_poison *x = &p->poison;
+    pup_params_text(q, 0, p->name, strlen(p->name));
+    pup_params_int(q, 1, ev.global_position);
+    pup_params_int(q, 2, x->part);
+    pup_params_int(q, 3, p->total);
+    pup_params_text(q, 4, ev.event_id.p, ev.event_id.len);
+    pup_params_text(q, 5, ev.event_type.p, ev.event_type.len);
+    pup_params_text(q, 6, ev.aggregate_type.p, ev.aggregate_type.len);
+    pup_params_text(q, 7, ev.aggregate_id.p, ev.aggregate_id.len);
+    pup_params_int(q, 8, ev.aggregate_version);
+    pup_params_text(q, 9, x->error, strlen(x->error));
+    pup_params_int(q, 10, x->attempts);
+    pup_params_double(q, 11, x->first);
+    PGresult *r = pup_conn_exec(p->conn, st, q, 0, err);
+    if (!r) return pup_proc_context(p, err);
+    PQclear(r);
     return 0;
 }
 
@@ -259,13 +311,14 @@ static int batch_body(pup_processor *p, walk *w, uint64_t xmin, double deadline,
     uint64_t bound = 0; /* set by draw_bound before use */
     if (rc == 0 && pup_gaps_pending(&p->gaps) && (rc = draw_bound(p, &bound, err)) == 0)
         pup_gaps_set_bound(&p->gaps, bound);
+    if (rc == 0 && w->dead_row >= 0) rc = dead_letter(p, w, err);
     if (rc == 0 && (w->last != w->from || p->wait_lo != p->recorded_wait))
         rc = write_checkpoint(p, w->from, w->last, err) < 0 ? overlong(p, w, err) : 0;
     return rc;
 }
 
-int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int *waiting,
-                        pup_error *err) {
+static int batch_once(pup_processor *p, int *handled, long long *advanced, int *waiting,
+                      pup_error *err) {
     *handled = 0;
     *advanced = 0;
     *waiting = 0;
@@ -278,7 +331,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
         pup_store_error(err);
         return pup_proc_context(p, err);
     }
-    walk w = {.from = -1, .started = pup_proc_mono()};
+    walk w = {.from = -1, .started = pup_proc_mono(), .dead_row = -1};
     for (int k = 0; k < p->total; k++)
         if (p->held[k] && (w.from < 0 || p->cp[k] < w.from)) w.from = p->cp[k];
     w.last = w.from;
@@ -318,4 +371,47 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
     p->stats.position = w.last;
     p->stats.waiting_position = p->wait_lo;
     return 0;
+}
+
+/* A batch failed on an event (p->poison) and was rolled back, its projection skips or
+ * retries such events: redo it up to the event before, then dead-letter the event in
+ * that same transaction (skip, or retry with the attempts used up: returns 0), or leave
+ * the checkpoint just before it and return the failure (retry with attempts left: the
+ * run loop waits and tries it again). Under "stop" the batch stays rolled back whole. */
+static int poisoned(pup_processor *p, int *handled, long long *advanced, int *waiting, pup_error *err) {
+    pup_poison *x = &p->poison;
+    int max = p->cfg.max_attempts > 0 ? p->cfg.max_attempts : 1;
+    int dead = p->cfg.on_error == PUP_ON_ERROR_SKIP || (p->cfg.on_error == PUP_ON_ERROR_RETRY && x->attempts >= max);
+    pup_error first = *err;
+    long long pos = x->pos, dead_before = x->dead_count;
+    x->stop_at = pos;
+    x->dead = dead;
+    x->fresh = 0;
+    int rc = batch_once(p, handled, advanced, waiting, err);
+    x->stop_at = 0;
+    if (rc == 0 && dead && p->stats.position >= pos) x->dead_count = dead_before + 1;
+    if (rc == 0 && !dead) {
+        *err = first; /* the event stays: stop, or try it again later */
+        x->fresh = 1;
+        rc = -1;
+    }
+    return rc;
+}
+
+int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int *waiting,
+                        pup_error *err) {
+    p->poison.fresh = 0;
+    int rc = batch_once(p, handled, advanced, waiting, err);
+    if (rc < 0 && p->poison.fresh && err->code == PUP_ERR_HANDLER && p->cfg.on_error != PUP_ON_ERROR_STOP)
+        rc = poisoned(p, handled, advanced, waiting, err);
+    if (rc == 0 && *advanced > 0 && !p->poison.failure_clear) {
+        /* Moving again: the partitions' failure rows go (once per processor: after that,
+         * only a failure written by this processor sets it back). */
+        char total[16];
+        snprintf(total, sizeof total, "%d", p->total);
+        PGresult *r = pup_proc_run(p, &(pup_error){0}, p->store->sql_failure_clear, 3, p->name, total, p->held_list);
+        if (r) PQclear(r);
+        p->poison.failure_clear = r != NULL;
+    }
+    return rc;
 }

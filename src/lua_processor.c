@@ -283,6 +283,14 @@ static int l_processor(lua_State *L) {
     cfg.batch_size = pup_lua_opt_int(L, 3, "option", "batch_size", def_batch, 1, PUP_LUA_MAX_BATCH);
     cfg.poll_interval_ms = pup_lua_opt_seconds(L, 3, "poll_interval", 1000, PUP_LUA_MAX_SECONDS);
     int timeout_ms = pup_lua_opt_seconds(L, 3, "handler_timeout", 0, PUP_LUA_MAX_TIMEOUT_S);
+    /* The poison policy (checked by check_projection above). */
+    lua_getfield(L, 2, "on_error");
+    const char *policy = lua_tostring(L, -1);
+    cfg.on_error = !policy ? PUP_ON_ERROR_STOP : strcmp(policy, "skip") == 0 ? PUP_ON_ERROR_SKIP
+                   : strcmp(policy, "retry") == 0 ? PUP_ON_ERROR_RETRY : PUP_ON_ERROR_STOP;
+    lua_pop(L, 1);
+    cfg.max_attempts = pup_lua_opt_int(L, 2, "projection field", "max_attempts", 3, 1, 1000);
+    cfg.retry_backoff_ms = pup_lua_opt_seconds(L, 2, "retry_backoff", 1000, PUP_LUA_MAX_SECONDS);
     if (lua_getfield(L, 3, "store") == LUA_TNIL) {
         lua_pop(L, 1);
         lua_getglobal(L, "require");

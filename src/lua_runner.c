@@ -1,7 +1,8 @@
 /*
  * lua_runner.c -- pup.runner{...}: projection files run concurrently, one thread, Lua
- * VM and connection per (file, partition). The calling thread waits for SIGINT/SIGTERM,
- * shows progress on a terminal, and stops every worker when one fails. With metrics_addr
+ * VM and connection per (file, partition). The calling thread waits for SIGINT/SIGTERM
+ * and shows progress on a terminal. A worker stopped by a handler failure is logged and
+ * the others go on (unless fail_fast); any other failure stops every worker. With metrics_addr
  * it serves /metrics and /healthz (metrics.c) from the numbers the workers publish.
  */
 #include "pup_lua.h"
@@ -49,6 +50,7 @@ struct runner {
     int nfiles;
     char *url, *events, *heads, *checkpoints, *path, *cpath;
     int batch_size, poll_ms, once, json_log, handler_timeout_ms, group;
+    int fail_fast; /* a handler failure stops every worker, not only its own */
     int lease_ttl_ms; /* 0: the processor's default */
     int stop[2];
     pup_metrics *metrics; /* bound by pup.runner, serving during run() */
@@ -176,10 +178,20 @@ static void *worker_main(void *arg) {
         }
     }
     lua_close(L);
+    /* A handler failure stops its own worker only (the partition is marked failed in the
+     * database); one of the runner or the database stops them all. */
+    int stop_all = w->failed && (r->fail_fast || w->code != PUP_ERR_HANDLER);
+    if (w->failed && !stop_all && r->n > 1) { /* told now: the others may run for days */
+        char prefix[sizeof w->name + 64];
+        pthread_mutex_lock(&r->mu);
+        snprintf(prefix, sizeof prefix, "projection %s stopped (the other projections go on): ", w->name);
+        pthread_mutex_unlock(&r->mu);
+        pup_lua_log_line(r->json_log, "error", prefix, w->error);
+    }
     __atomic_store_n(&w->running, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&w->done, 1, __ATOMIC_RELEASE);
-    if (w->failed && write(r->stop[1], "x", 1) < 0) {
-    } /* a failure stops the others */
+    if (stop_all && write(r->stop[1], "x", 1) < 0) {
+    }
     return NULL;
 }
 
@@ -218,7 +230,8 @@ static int runner_gc(lua_State *L) {
 static int l_runner(lua_State *L) {
     static const char *const keys[] = {"files", "workers", "partition_key", "total_partitions", "batch_size",
                                        "poll_interval", "once", "database_url", "store", "log_format",
-                                       "handler_timeout", "group", "lease_ttl", "metrics_addr", NULL};
+                                       "handler_timeout", "group", "lease_ttl", "metrics_addr", "fail_fast",
+                                       NULL};
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
     pup_lua_check_keys(L, 1, "pup.runner", keys);
@@ -258,7 +271,9 @@ static int l_runner(lua_State *L) {
     r->poll_ms = pup_lua_opt_seconds(L, 1, "poll_interval", 1000, PUP_LUA_MAX_SECONDS);
     lua_getfield(L, 1, "once");
     r->once = lua_toboolean(L, -1);
-    lua_pop(L, 1);
+    lua_getfield(L, 1, "fail_fast");
+    r->fail_fast = lua_toboolean(L, -1);
+    lua_pop(L, 2);
     r->url = dupfield(L, 1, "database_url");
     if (lua_getfield(L, 1, "log_format") != LUA_TNIL) {
         const char *fmt = lua_tostring(L, -1);
@@ -420,7 +435,7 @@ static const struct {
     {"pupsourcing_head", "gauge", "The log head seen by the partition's last batch."},
     {"pupsourcing_lag_events", "gauge", "Log positions between the checkpoint and the head seen (head - position)."},
     {"pupsourcing_events_handled_total", "counter", "Events given to the handler since the process started."},
-    {"pupsourcing_handler_errors_total", "counter", "Handler failures (one stops the worker and the process)."},
+    {"pupsourcing_handler_errors_total", "counter", "Handler failures that stopped the worker (the others go on unless --fail-fast)."},
     {"pupsourcing_retries_total", "counter", "Transient failures retried (lost connection, serialization failure, ...)."},
     {"pupsourcing_waiting_position", "gauge", "The first hole in the positions the partition waits on (0: none)."},
     {"pupsourcing_waiting_seconds", "gauge", "How long the partition has waited on that hole (0: none)."},
@@ -536,17 +551,10 @@ static int runner_run(lua_State *L) {
     double t0 = mono(), last_shown = 0;
     int stopping = 0, interrupted = 0;
     for (;;) {
-        int done = 0, failed = 0;
-        for (int i = 0; i < r->n; i++) {
+        int done = 0;
+        for (int i = 0; i < r->n; i++)
             if (!r->w[i].started || __atomic_load_n(&r->w[i].done, __ATOMIC_ACQUIRE)) done++;
-            if (__atomic_load_n(&r->w[i].failed, __ATOMIC_ACQUIRE)) failed = 1;
-        }
         if (done == r->n) break;
-        if (failed && !stopping) {
-            stopping = 1;
-            if (write(r->stop[1], "x", 1) < 0) {
-            }
-        }
         struct timespec ts = {0, 200 * 1000 * 1000};
         int sig = sigtimedwait(&set, NULL, &ts);
         if (sig > 0 && !stopping) {
@@ -583,11 +591,14 @@ static int runner_run(lua_State *L) {
                       unstarted->file, (int)(unstarted - r->w) + 1, r->n, strerror(start_err));
         return pup_lua_push_error(L, &e);
     }
+    int nfailed = 0;
+    for (int i = 0; i < r->n; i++) nfailed += r->w[i].failed;
     for (int i = 0; i < r->n; i++) {
         worker *w = &r->w[i];
         if (w->failed) {
             pup_error e;
-            pup_error_set(&e, w->code, "%s", w->error);
+            if (nfailed > 1) pup_error_set(&e, w->code, "%d workers failed; the first: %s", nfailed, w->error);
+            else pup_error_set(&e, w->code, "%s", w->error);
             return pup_lua_push_error(L, &e);
         }
     }

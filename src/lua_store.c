@@ -694,7 +694,9 @@ static int store_names(lua_State *L) {
         {"groups_table", S->groups}, {"events_quoted", S->q_events},
         {"aggregate_heads_quoted", S->q_heads}, {"checkpoints_quoted", S->q_checkpoints},
         {"workers_quoted", S->q_workers}, {"groups_quoted", S->q_groups},
-        {"sequence_quoted", S->q_sequence}, {"channel", S->channel}};
+        {"sequence_quoted", S->q_sequence}, {"channel", S->channel},
+        {"dead_letters_table", S->dead_letters}, {"dead_letters_quoted", S->q_dead_letters},
+        {"failures_table", S->failures}, {"failures_quoted", S->q_failures}};
     lua_createtable(L, 0, (int)(sizeof fields / sizeof fields[0]) + 1);
     for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
         lua_pushstring(L, fields[i][1]);

@@ -28,6 +28,22 @@ typedef struct pup_lease_sql {
         *layout_settled, *static_live, *group_live, *generation;
 } pup_lease_sql;
 
+/* Poison events (batch.c, run_loop.c): the event whose handler failed last and how
+ * often in a row; while a failed batch is redone, where it stops (stop_at) and whether
+ * it dead-letters the event there. */
+typedef struct pup_poison {
+    long long pos;      /* global position of the event (0: none yet) */
+    int part, attempts; /* its partition; failures on it in a row in this process */
+    double first;       /* when it first failed (wall clock) */
+    int fresh;          /* the last batch failed on this event (a handler failure) */
+    long long stop_at;  /* > 0 while redoing: handle only the events before it */
+    int dead;           /* ... and dead-letter the event at stop_at */
+    long long dead_count; /* events dead-lettered by this processor */
+    double retry_at;    /* on_error = "retry": the next attempt not before (monotonic) */
+    int failure_clear;  /* no failure row of ours is left (cleared or never written) */
+    char error[4096];   /* the handler's message, with its traceback */
+} pup_poison;
+
 struct pup_processor {
     const pup_store *store;
     pup_conn *conn;
@@ -69,6 +85,7 @@ struct pup_processor {
      * batch in a row on it stops the worker: it can never commit under its lease. */
     long long overlong_pos;
     pup_processor_stats stats;
+    pup_poison poison;
 };
 
 /* processor.c */

@@ -35,7 +35,17 @@ typedef struct pup_projection_cfg {
      * so a handler blocked in the database fails like one stuck in Lua code. The batch read
      * and the checkpoint write are not limited. In a group, at most lease_ttl_ms / 2. */
     int statement_timeout_ms;
+    /* What a handler failure on an event does (docs/operations.md, "Poison events"): stop
+     * the projection (the default), dead-letter the event at once (skip), or try it
+     * max_attempts times, waiting retry_backoff_ms, doubled each time up to 60 s (or
+     * retry_backoff_ms if larger), before dead-lettering it (retry). Transient database
+     * failures are not handler failures: they are always retried. */
+    int on_error;
+    int max_attempts;
+    int retry_backoff_ms;
 } pup_projection_cfg;
+
+enum { PUP_ON_ERROR_STOP = 0, PUP_ON_ERROR_SKIP, PUP_ON_ERROR_RETRY };
 
 /* The handler side, implemented by the Lua binding. Each returns 0, or -1 with err.
  * handle() runs inside the batch transaction, with pipelining on. */
@@ -74,6 +84,12 @@ void pup_processor_release(pup_processor *p);
 
 /* Runs one batch. *handled: events given to the handler; *advanced: positions the
  * checkpoint moved; *waiting: the batch stopped at a hole that may still fill.
+ * A handler failure on an event rolls the batch back. Under on_error "stop" that is
+ * all: the failure is returned. Under "skip" and "retry" the batch is redone up to the
+ * event before, then either the failure is returned (retry with attempts left: the
+ * checkpoint sits just before the event) or, in the same transaction that moves the
+ * checkpoint past it, the event goes to the dead-letter table and 0 is returned (skip,
+ * or retry with the attempts used up).
  * A group worker's batch stops after a third of the lease TTL and commits what it
  * handled. A handler that ends the batch transaction (ROLLBACK, COMMIT) fails the batch.
  * Transient failures come back as errors too (pup_error_is_transient). */

@@ -36,6 +36,14 @@ typedef struct pup_store {
     char *sql_append_uuid, *sql_append_one_uuid, *sql_id_types, *sql_position_default;
     char *sql_read_safe, *sql_same_events; /* read.c's gap-safe read; append.c's retry check */
     char *sql_status, *sql_reset, *sql_group_workers, *sql_group_get, *sql_group_set;
+    /* Poison events: <checkpoints>_dead_letters (events given up on) and
+     * <checkpoints>_failures (partitions stopped by a handler failure); the processor's
+     * statements that write them (docs/operations.md, "Poison events"). Both names are
+     * no longer than <checkpoints>_workers_pkey; their primary keys' names are left to
+     * PostgreSQL, which shortens them to fit (nothing refers to them). */
+    char dead_letters[PUP_NAME_MAX + 16], q_dead_letters[PUP_NAME_MAX + 24];
+    char failures[PUP_NAME_MAX + 16], q_failures[PUP_NAME_MAX + 24];
+    char *sql_dead_letter, *sql_failure_set, *sql_failure_clear;
 } pup_store;
 
 /* Prepared transactions of the cluster, oldest first: until each ends, every projection

@@ -12,6 +12,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 int pup_proc_listen(pup_processor *p, pup_error *err) {
     if (p->listening) return 0;
@@ -134,6 +135,65 @@ static int retry_after(pup_processor *p, const pup_run_opts *o, pup_error *err, 
     return 0;
 }
 
+/* Bytes of msg's first line, at most 300 (log lines; the tables keep the whole text). */
+static int first_line(const char *msg) {
+    size_t n = strcspn(msg, "\n");
+    return n > 300 ? 300 : (int)n;
+}
+
+static const char *policy_name(const pup_processor *p) {
+    return p->cfg.on_error == PUP_ON_ERROR_SKIP ? "skip" : p->cfg.on_error == PUP_ON_ERROR_RETRY ? "retry" : "stop";
+}
+
+/* A batch dead-lettered the poison event and moved past it. */
+static void tell_dead_letter(const pup_processor *p, const pup_run_opts *o) {
+    const pup_poison *x = &p->poison;
+    logf_(o, "projection %s partition %d/%d: gave up on the event at global position %lld after %d attempt(s)"
+          " (on_error = %s); dead-lettered in %s, moving on: %.*s", p->name, x->part, p->total, x->pos, x->attempts,
+          policy_name(p), p->store->dead_letters, first_line(x->error), x->error);
+}
+
+/* Marks the partitions a handler failure stopped as failed, with the error (status
+ * shows them); best effort: the failure itself is returned either way. */
+static void record_failure(pup_processor *p, const pup_run_opts *o, const pup_error *err) {
+    char total[16], keys[24], pos[24];
+    snprintf(total, sizeof total, "%d", p->total);
+    snprintf(keys, sizeof keys, "{%d}", p->poison.part);
+    snprintf(pos, sizeof pos, "%lld", p->poison.pos);
+    int event = p->poison.fresh;
+    pup_error e;
+    PGresult *r = pup_proc_run(p, &e, p->store->sql_failure_set, 5, p->name, total, event ? keys : p->held_list,
+                               event ? pos : NULL, err->message);
+    if (!r) {
+        logf_(o, "projection %s: could not record its failure in %s: %s", p->name, p->store->failures, e.message);
+        return;
+    }
+    PQclear(r);
+    p->poison.failure_clear = 0;
+}
+
+/* After a handler failure: 0 to go on (the projection's on_error retries or skips the
+ * event: the next attempt is due after the backoff), -1 to stop, marked failed. */
+static int handler_failed(pup_processor *p, const pup_run_opts *o, pup_error *err) {
+    pup_poison *x = &p->poison;
+    if (err->code != PUP_ERR_HANDLER) return -1;
+    if (!x->fresh || p->cfg.on_error == PUP_ON_ERROR_STOP) {
+        record_failure(p, o, err);
+        return -1;
+    }
+    /* retry_backoff doubled per attempt, capped at 60 s (or at itself if longer) */
+    double base = p->cfg.retry_backoff_ms > 0 ? p->cfg.retry_backoff_ms / 1000.0 : 1.0;
+    double cap = base > 60 ? base : 60, delay = base;
+    for (int i = 1; i < x->attempts && delay < cap; i++) delay *= 2;
+    if (delay > cap) delay = cap;
+    x->retry_at = pup_proc_mono() + delay;
+    int max = p->cfg.on_error == PUP_ON_ERROR_RETRY && p->cfg.max_attempts > 0 ? p->cfg.max_attempts : 1;
+    logf_(o, "projection %s partition %d/%d: handler failed at global position %lld (attempt %d of %d,"
+          " on_error = %s); trying it again in %.3g s: %.*s", p->name, x->part, p->total, x->pos, x->attempts, max,
+          policy_name(p), delay, first_line(x->error), x->error);
+    return 0;
+}
+
 /* One turn: take partitions, run a batch, wait as it says. 1: stop; 0: go on; -1 with err. */
 static int turn(pup_processor *p, const pup_run_opts *o, long long *target, int *told, int *backoff_ms,
                 pup_error *err) {
@@ -141,10 +201,14 @@ static int turn(pup_processor *p, const pup_run_opts *o, long long *target, int 
     if (pup_processor_acquire(p, &acquired, err) < 0) return -1;
     tell_standby(p, o, acquired, told);
     if (!acquired) return wait_for(p, o, p->cfg.group ? 200 : 1000);
+    double retry_in = p->poison.retry_at - pup_proc_mono(); /* a poison event's backoff (group: heartbeats go on) */
+    if (p->poison.retry_at > 0 && retry_in > 0) return wait_for(p, o, (int)(retry_in * 1000) + 1);
+    p->poison.retry_at = 0;
     if (*target < 0 && o->once && (*target = pup_store_head(p->store, p->conn, err)) < 0) return -1;
     int handled, waiting;
-    long long advanced;
+    long long advanced, dead = p->poison.dead_count;
     if (pup_processor_batch(p, &handled, &advanced, &waiting, err) < 0) return -1;
+    if (p->poison.dead_count != dead) tell_dead_letter(p, o);
     *backoff_ms = 100;
     if (o->progress) o->progress(o->ud, p);
     if (o->once && p->stats.position >= *target) return 1;
@@ -161,6 +225,7 @@ static int run_loop(pup_processor *p, const pup_run_opts *o, pup_error *err) {
         int rc = turn(p, o, &target, &told_standby, &backoff_ms, err);
         if (rc == 0) continue;
         if (rc < 0) rc = retry_after(p, o, err, &backoff_ms);
+        if (rc < 0) rc = handler_failed(p, o, err);
         if (rc != 0) return rc > 0 ? 0 : -1;
     }
 }

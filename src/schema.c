@@ -161,6 +161,31 @@ static int operator_sql(pup_store *s) {
     return s->sql_status && s->sql_reset && s->sql_group_workers && s->sql_group_get && s->sql_group_set ? 0 : -1;
 }
 
+/* The processor's statements for poison events: a dead letter, written in the batch
+ * transaction that moves the checkpoint past the event (a retried dead letter updates
+ * its row); a partition's failure, kept while it is stopped and cleared once it moves. */
+static int poison_sql(pup_store *s) {
+    s->sql_dead_letter = fmt(
+        "INSERT INTO %s AS d (projection_name, global_position, partition_key, total_partitions, event_id,"
+        " event_type, aggregate_type, aggregate_id, aggregate_version, error, attempts, first_failed_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, to_timestamp($12::float8))"
+        " ON CONFLICT (projection_name, global_position) DO UPDATE SET partition_key = EXCLUDED.partition_key,"
+        " total_partitions = EXCLUDED.total_partitions, error = EXCLUDED.error,"
+        " attempts = d.attempts + EXCLUDED.attempts, last_failed_at = now()",
+        s->q_dead_letters);
+    s->sql_failure_set = fmt(
+        "INSERT INTO %s AS f (projection_name, total_partitions, partition_key, global_position, error)"
+        " SELECT $1, $2::int, k, $4::bigint, $5 FROM unnest($3::int[]) AS k"
+        " ON CONFLICT (projection_name, total_partitions, partition_key) DO UPDATE SET"
+        " failed_since = CASE WHEN f.global_position IS NOT DISTINCT FROM EXCLUDED.global_position"
+        " THEN f.failed_since ELSE now() END,"
+        " global_position = EXCLUDED.global_position, error = EXCLUDED.error, last_failed_at = now()",
+        s->q_failures);
+    s->sql_failure_clear = fmt("DELETE FROM %s WHERE projection_name = $1 AND total_partitions = $2::int"
+                               " AND partition_key = ANY($3::int[])", s->q_failures);
+    return s->sql_dead_letter && s->sql_failure_set && s->sql_failure_clear ? 0 : -1;
+}
+
 int pup_store_init(pup_store *s, const char *events, const char *heads,
                    const char *checkpoints, pup_error *err) {
     memset(s, 0, sizeof *s);
@@ -185,6 +210,10 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
     snprintf(s->groups, sizeof s->groups, "%s_groups", s->checkpoints);
     quote_name(s->q_workers, sizeof s->q_workers, s->checkpoints, "_workers");
     quote_name(s->q_groups, sizeof s->q_groups, s->checkpoints, "_groups");
+    snprintf(s->dead_letters, sizeof s->dead_letters, "%s_dead_letters", s->checkpoints);
+    snprintf(s->failures, sizeof s->failures, "%s_failures", s->checkpoints);
+    quote_name(s->q_dead_letters, sizeof s->q_dead_letters, s->checkpoints, "_dead_letters");
+    quote_name(s->q_failures, sizeof s->q_failures, s->checkpoints, "_failures");
     quote_name(s->q_sequence, sizeof s->q_sequence, s->events, "_global_position_seq");
     snprintf(s->channel, sizeof s->channel, PUP_CHANNEL_PREFIX "%s", s->events);
     snprintf(s->version_key, sizeof s->version_key, "%s_aggregate_version_key", base_name(s->events));
@@ -227,7 +256,7 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
                              " WHERE event_id = ANY($1::uuid[])", E);
     if (!s->sql_append || !s->sql_append_one || !s->sql_append_uuid || !s->sql_append_one_uuid ||
         !s->sql_id_types || !s->sql_position_default || !s->sql_read || !s->sql_stream || !s->sql_head ||
-        !s->sql_read_safe || !s->sql_same_events || operator_sql(s) < 0) {
+        !s->sql_read_safe || !s->sql_same_events || operator_sql(s) < 0 || poison_sql(s) < 0) {
         pup_store_free(s);
         return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     }
@@ -239,7 +268,7 @@ void pup_store_free(pup_store *s) {
                       &s->sql_read_safe, &s->sql_same_events,
                       &s->sql_status, &s->sql_reset, &s->sql_group_workers, &s->sql_group_get,
                       &s->sql_group_set, &s->sql_append_uuid, &s->sql_append_one_uuid, &s->sql_id_types,
-                      &s->sql_position_default};
+                      &s->sql_position_default, &s->sql_dead_letter, &s->sql_failure_set, &s->sql_failure_clear};
     for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
         free(*texts[i]);
         *texts[i] = NULL;
@@ -477,6 +506,35 @@ static char *schema_sql(const pup_store *s, int upgrade) {
         "END\n"
         "$do$;\n"
         "\n"
+        "-- Poison events (docs/operations.md): the events a projection gave up on, and the\n"
+        "-- partitions a handler failure stopped (cleared once the partition moves again).\n"
+        "CREATE TABLE IF NOT EXISTS %s (\n"
+        "    projection_name TEXT NOT NULL,\n"
+        "    global_position BIGINT NOT NULL,\n"
+        "    partition_key INT NOT NULL,\n"
+        "    total_partitions INT NOT NULL,\n"
+        "    event_id UUID NOT NULL,\n"
+        "    event_type TEXT NOT NULL,\n"
+        "    aggregate_type TEXT NOT NULL,\n"
+        "    aggregate_id TEXT NOT NULL,\n"
+        "    aggregate_version BIGINT NOT NULL,\n"
+        "    error TEXT NOT NULL,\n"
+        "    attempts INT NOT NULL,\n"
+        "    first_failed_at TIMESTAMPTZ NOT NULL,\n"
+        "    last_failed_at TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
+        "    PRIMARY KEY (projection_name, global_position)\n"
+        ");\n"
+        "CREATE TABLE IF NOT EXISTS %s (\n"
+        "    projection_name TEXT NOT NULL,\n"
+        "    total_partitions INT NOT NULL,\n"
+        "    partition_key INT NOT NULL,\n"
+        "    global_position BIGINT,\n"
+        "    error TEXT NOT NULL,\n"
+        "    failed_since TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
+        "    last_failed_at TIMESTAMPTZ NOT NULL DEFAULT now(),\n"
+        "    PRIMARY KEY (projection_name, total_partitions, partition_key)\n"
+        ");\n"
+        "\n"
         "-- Aggregate snapshots (store:load, store:handle): at most one per aggregate; a\n"
         "-- load uses it when snapshot_version matches and folds the events after it.\n"
         "CREATE TABLE IF NOT EXISTS %s (\n"
@@ -504,7 +562,7 @@ static char *schema_sql(const pup_store *s, int upgrade) {
         guard_body, s->q_events, fn, uq, s->q_events, s->q_events, seq, s->q_events, seq,
         s->q_events, s->q_heads,
         s->q_checkpoints, s->q_workers, s->q_groups, s->q_checkpoints, s->q_checkpoints, s->q_groups,
-        s->q_groups,
+        s->q_groups, s->q_dead_letters, s->q_failures,
         /* a compound literal keeps the buffer local to this call */
         pup_snapshot_table(s, (char[PUP_SNAPSHOT_TABLE_MAX]){0}, PUP_SNAPSHOT_TABLE_MAX),
         s->q_events, snap, snap);

@@ -155,6 +155,8 @@ local RUN = {
     cmd:option("--log-format", "text, or json: every line on stderr is one JSON object"):argname "text|json"
     cmd:option("--metrics-addr", "serve Prometheus /metrics and /healthz there (docs/operations.md)")
       :argname "HOST:PORT"
+    cmd:flag("--fail-fast", "a handler failure stops every projection (default: only its own;"
+      .. " run exits 1 at the end either way)")
   end,
   run = function(a)
     local files = a.files
@@ -205,6 +207,7 @@ local RUN = {
       database_url = a.database_url, store = store_opts(a), log_format = fmt,
       handler_timeout = limit and limit / 1000, group = a.group and true or nil,
       lease_ttl = ttl and ttl / 1000 or nil, metrics_addr = a.metrics_addr,
+      fail_fast = a.fail_fast and true or nil,
     }
     if a.group then opts.total_partitions = partitions or 16 end
     do -- best effort: the runner reports a database it cannot reach
@@ -317,8 +320,12 @@ COMMANDS[#COMMANDS + 1] = {
       -- the live layout's mode; rows of the layout before it, kept while the change settles
       local l = live[r.projection]
       local layout = not l and "-" or r.live_layout and l.mode or "superseded"
+      local dead = (r.dead_letters or 0) > 0 and ("  %d dead letter(s)"):format(r.dead_letters) or ""
       print(line:format(pad(r.projection), r.partition_key .. "/" .. r.total_partitions,
-        r.position, r.head, r.lag, layout, r.updated_at .. wait))
+        r.position, r.head, r.lag, layout, r.updated_at .. wait .. dead))
+      if r.failed_since then
+        print(("  failed since %s: %s"):format(r.failed_since, (r.error:match("^[^\n]*"))))
+      end
     end
     if workers and #workers > 0 then
       print("\ngroup workers")
@@ -389,6 +396,51 @@ COMMANDS[#COMMANDS + 1] = {
       or ("%d -> %d"):format(before, count)
     print(("repartition %s: %s partitions; running --group workers switch at their next heartbeat")
       :format(proj.name, res))
+    return 0
+  end,
+}
+
+COMMANDS[#COMMANDS + 1] = {
+  name = "dead-letters",
+  summary = "list, retry or discard the events a projection gave up on (on_error, docs/operations.md)",
+  flags = function(cmd)
+    cmd:argument("action", "list, retry (run the handler again, in order) or discard")
+      :choices { "list", "retry", "discard" }
+    projection_arg(cmd)
+    cmd:option("--position", "only the dead letter of this global position"):argname "P"
+  end,
+  run = function(a)
+    local pos = a.position and math.tointeger(tonumber(a.position))
+    if a.position and not (pos and pos >= 1) then
+      return fail(("--position must be a positive integer, got %q"):format(tostring(a.position)))
+    end
+    local proj = pup.load_projection(a.file)
+    local store = pup.store(store_opts(a))
+    local db <close> = connect(a)
+    local opts = { position = pos, store = store }
+    if a.action == "list" then
+      local rows = assert(pup.dead_letters.list(db, proj, opts))
+      if #rows == 0 then print(("%s: no dead letters"):format(proj.name)) return 0 end
+      for _, d in ipairs(rows) do
+        print(("%d  partition %d/%d  %s  event_id %s  %s %s v%d  attempts %d  first %s  last %s"):format(
+          d.global_position, d.partition_key, d.total_partitions, d.event_type, d.event_id, d.aggregate_type,
+          d.aggregate_id, d.aggregate_version, d.attempts, d.first_failed_at, d.last_failed_at))
+        print("  " .. d.error:gsub("\n", "\n  "))
+      end
+      return 0
+    end
+    if a.action == "discard" then
+      local n = assert(pup.dead_letters.discard(db, proj, opts))
+      print(("%s: %d dead letter(s) discarded"):format(proj.name, n))
+      return 0
+    end
+    local n, err, before = pup.dead_letters.retry(db, proj, opts)
+    if not n then
+      print(("%s: %d dead letter(s) retried, then:"):format(proj.name, before))
+      log(tostring(err), "error")
+      return 1
+    end
+    print(("%s: %d dead letter(s) retried"):format(proj.name, n))
     return 0
   end,
 }
