@@ -436,7 +436,8 @@ describe("poison events", function()
       assert.is_truthy(r.stderr:find('--position must be a positive integer, got "x"', 1, true), r.stderr)
       r = pupsourcing { "dead-letters", "requeue", bad_file }
       assert.equal(2, r.code)
-      assert.equal("pupsourcing: dead-letters takes list, retry or discard and one projection file\n", r.stderr)
+      assert.equal("pupsourcing: dead-letters: argument 'action' must be one of 'list', 'retry', 'discard'"
+        .. " (see pupsourcing dead-letters --help)\n", r.stderr)
     end)
 
     it("reset clears the projection's dead letters", function()

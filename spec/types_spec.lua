@@ -76,6 +76,7 @@ describe("LuaLS annotations (types.lua)", function()
   it("covers the module: pup.*, pup.json, pup.limits", function()
     same("pup", pup)
     same("JSON", pup.json)
+    same("DeadLetters", pup.dead_letters)
     assert.same(sorted(public(pup.limits)), sorted(fields.Limits))
   end)
 

@@ -262,12 +262,34 @@ local Runner = {}
 function Runner:run() end
 function Runner:close() end
 
+---Dead letters of one projection; opts: {position = P?, store = Store?}.
+---@class pupsourcing.DeadLetters
+local DeadLetters = {}
+---@param db pupsourcing.DB
+---@param projection pupsourcing.Projection
+---@param opts {position: integer?, store: pupsourcing.Store?}?
+---@return pupsourcing.Row[]|nil rows, pupsourcing.Error? err  in position order
+function DeadLetters.list(db, projection, opts) end
+---@param db pupsourcing.DB
+---@param projection pupsourcing.Projection
+---@param opts {position: integer?, store: pupsourcing.Store?}?
+---@return integer|nil discarded, pupsourcing.Error? err
+function DeadLetters.discard(db, projection, opts) end
+---Runs the handler again on each dead letter, in order, each with its deletion in one transaction.
+---@param db pupsourcing.DB
+---@param projection pupsourcing.Projection
+---@param opts {position: integer?, store: pupsourcing.Store?}?
+---@return integer|nil retried, pupsourcing.Error? err, integer? retried_before_the_failure
+function DeadLetters.retry(db, projection, opts) end
+
 ---@class pupsourcing
 ---@field version string
 ---@field null pupsourcing.Null
 ---@field json pupsourcing.JSON
 ---@field limits pupsourcing.Limits
 ---@field error_mt table          the metatable of every error object
+---@field projection_fields table<string, true>  the fields a projection table may have
+---@field dead_letters pupsourcing.DeadLetters  the events projections gave up on (docs/operations.md)
 local pup = {}
 
 ---@param url string?  nil: DATABASE_URL, then libpq's defaults
