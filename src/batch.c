@@ -233,8 +233,10 @@ static int end_pipeline(pup_processor *p, walk *w, pup_error *err) {
         (queue(p, p->sql_guard, TAG_GUARD, err) < 0 || (p->sql_untimed && queue(p, p->sql_untimed, TAG_GUARD, err) < 0)))
         return pup_proc_context(p, err);
     long tag = -1;
+    /* A lost session fails the guard too: that is the connection's failure (retried), not
+     * a handler ending the transaction. */
     if (pup_conn_pipeline_end(p->conn, err, &tag) < 0)
-        return tag == TAG_GUARD ? ended_error(p, err)
+        return tag == TAG_GUARD && !pup_error_is_transient(err) ? ended_error(p, err)
                : tag >= 0 && tag < w->nrows ? event_error(p, w->r, (int)tag, err) : pup_proc_context(p, err);
     if (PQtransactionStatus(pup_conn_pg(p->conn)) != PQTRANS_INTRANS) return ended_error(p, err);
     return 0;
