@@ -50,6 +50,21 @@ describe("inline projections", function()
   before_each(function() store, db, T = fresh() end)
   after_each(function() db:close() end)
 
+  it("a retried append (same event_ids) writes nothing and does not run the handlers again", function()
+    local seen = {}
+    assert.is_true(store:inline(db, balances(nil, seen)))
+    local ids = { pup.uuid(), pup.uuid() }
+    local events = { dep("r1", 5, { event_id = ids[1] }), dep("r1", 7, { event_id = ids[2] }) }
+    local first = assert(store:append(db, pup.no_stream(), events))
+    assert.is_nil(first.retried)
+    local again = assert(store:append(db, pup.no_stream(), events)) -- a timeout hid the first
+    assert.is_true(again.retried)
+    assert.same(first.global_positions, again.global_positions)
+    assert.same({ balance = 12, pos = first.global_positions[2] }, row(db, "r1"))
+    assert.equal(2, #seen)
+    assert.equal(2, n_events(db, T))
+  end)
+
   it("run in the appending transaction: a read after the append sees them; events carry their positions", function()
     local seen = {}
     assert.is_true(store:inline(db, balances(nil, seen)))

@@ -217,6 +217,7 @@ static int retried(const pup_store *s, pup_conn *c, const pup_append_buf *buf, p
     PQclear(r);
     out->positions = pos;
     out->n = n;
+    out->retried = 1;
     out->from_version = lo;
     out->to_version = hi;
     return 0;

@@ -388,6 +388,10 @@ static int store_append(lua_State *L) {
     lua_setfield(L, -2, "from_version");
     lua_pushinteger(L, res.to_version);
     lua_setfield(L, -2, "to_version");
+    if (res.retried) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "retried");
+    }
     return 1;
 }
 

@@ -119,6 +119,7 @@ typedef struct pup_append_result {
     long long from_version, to_version;
     long long *positions; /* n positions, malloc'd: caller frees */
     int n;
+    int retried; /* 1: these events existed (a retry of the same append): nothing written */
 } pup_append_result;
 
 /* Appends n events to one aggregate in a single statement (one round trip): checks the

@@ -458,6 +458,7 @@ function M.append(store, db, expected, events, ...)
   local ok, err = run(db, function(tx)
     res, failure = raw_append(store, tx, expected, events, table.unpack(extra, 1, extra.n))
     if not res then error(failure) end
+    if res.retried then return end -- the same append again: its handlers ran with it
     local done, herr = run_inline(store, tx, list, events[1].aggregate_type, events[1].aggregate_id, res)
     if not done then
       failure = herr

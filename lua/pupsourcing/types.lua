@@ -58,6 +58,7 @@
 ---@field global_positions integer[]
 ---@field from_version integer
 ---@field to_version integer
+---@field retried true?  the same append again (its event_ids existed): nothing written
 
 ---@class pupsourcing.Row: table<string, any>
 
