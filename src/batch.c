@@ -41,6 +41,11 @@ static int event_error(pup_processor *p, const PGresult *r, int row, pup_error *
 /* A handler ended the batch transaction (ROLLBACK, COMMIT, BEGIN after either): the
  * writes of earlier events are gone or were committed apart from the checkpoint. */
 static int ended_error(pup_processor *p, pup_error *err) {
+    /* A lost connection leaves no transaction either: retried, not blamed on a handler. */
+    if (!pup_conn_ok(p->conn)) {
+        if (err->code != PUP_ERR_CONNECTION) pup_error_from_pg(err, pup_conn_pg(p->conn), NULL);
+        return pup_proc_context(p, err);
+    }
     pup_error_set(err, PUP_ERR_HANDLER,
                   "a handler ended or broke the batch transaction (did it send ROLLBACK, COMMIT or BEGIN?);"
                   " batch rolled back, checkpoint not moved");
