@@ -386,8 +386,9 @@ typedef struct worker_view {
     char name[256], partition[16];
     pup_processor_stats s;
     int running, failed, handler_failed;
-    long long hole;
-    double hole_age;
+    long long hole, handler_errors;
+    double hole_age, lag_seconds, batch_running;
+    long long batch_buckets[PUP_BATCH_BUCKETS + 1], batch_us;
 } worker_view;
 
 static void view_worker(runner *r, worker *w, double now, worker_view *v) {
@@ -397,9 +398,18 @@ static void view_worker(runner *r, worker *w, double now, worker_view *v) {
     v->s.standby = __atomic_load_n(&w->stats.standby, __ATOMIC_RELAXED);
     v->s.held = __atomic_load_n(&w->stats.held, __ATOMIC_RELAXED);
     v->s.retries = __atomic_load_n(&w->stats.retries, __ATOMIC_RELAXED);
+    v->handler_errors = __atomic_load_n(&w->stats.handler_errors, __ATOMIC_RELAXED);
+    long long oldest = __atomic_load_n(&w->stats.oldest_pending_ms, __ATOMIC_RELAXED);
+    v->lag_seconds = oldest > 0 && now > oldest / 1000.0 ? now - oldest / 1000.0 : 0;
+    for (int b = 0; b <= PUP_BATCH_BUCKETS; b++)
+        v->batch_buckets[b] = __atomic_load_n(&w->stats.batch_buckets[b], __ATOMIC_RELAXED);
+    v->batch_us = __atomic_load_n(&w->stats.batch_us, __ATOMIC_RELAXED);
+    long long started = __atomic_load_n(&w->stats.batch_started_ms, __ATOMIC_RELAXED);
+    v->batch_running = started > 0 && now > started / 1000.0 ? now - started / 1000.0 : 0;
     v->running = __atomic_load_n(&w->running, __ATOMIC_ACQUIRE);
     v->failed = __atomic_load_n(&w->failed, __ATOMIC_ACQUIRE); /* then code and error are set */
     v->handler_failed = v->failed && w->code == PUP_ERR_HANDLER;
+    if (v->handler_errors < v->handler_failed) v->handler_errors = 1; /* failed before the loop counted it */
     pthread_mutex_lock(&r->mu);
     snprintf(v->name, sizeof v->name, "%s", w->name[0] ? w->name : w->file);
     v->hole = w->hole;
@@ -410,7 +420,7 @@ static void view_worker(runner *r, worker *w, double now, worker_view *v) {
 }
 
 /* The families of /metrics, in the order shown. */
-enum { M_POSITION, M_HEAD, M_LAG, M_HANDLED, M_ERRORS, M_RETRIES, M_HOLE, M_HOLE_AGE, M_STANDBY, M_HELD, M_RUNNING,
+enum { M_POSITION, M_HEAD, M_LAG, M_LAG_SECONDS, M_BATCH_RUNNING, M_HANDLED, M_ERRORS, M_RETRIES, M_HOLE, M_HOLE_AGE, M_STANDBY, M_HELD, M_RUNNING,
        M_COUNT };
 static const struct {
     const char *name, *type, *help;
@@ -418,6 +428,9 @@ static const struct {
     {"pupsourcing_position", "gauge", "Checkpoint: the last log position this partition has passed."},
     {"pupsourcing_head", "gauge", "The log head seen by the partition's last batch."},
     {"pupsourcing_lag_events", "gauge", "Log positions between the checkpoint and the head seen (head - position)."},
+    {"pupsourcing_lag_seconds", "gauge",
+     "Age of the first event after the checkpoint (now - its created_at; 0 when the last batch reached the head)."},
+    {"pupsourcing_batch_running_seconds", "gauge", "How long the batch in progress has run (0 between batches)."},
     {"pupsourcing_events_handled_total", "counter", "Events given to the handler since the process started."},
     {"pupsourcing_handler_errors_total", "counter", "Handler failures (one stops the worker and the process)."},
     {"pupsourcing_retries_total", "counter", "Transient failures retried (lost connection, serialization failure, ...)."},
@@ -427,6 +440,31 @@ static const struct {
     {"pupsourcing_partitions_held", "gauge", "Partitions this worker holds (a group worker may hold several)."},
     {"pupsourcing_running", "gauge", "1 while the worker's processor runs; 0 before it starts, after it stopped or failed."},
 };
+
+/* pupsourcing_batch_duration_seconds: cumulative buckets, +Inf, sum and count per worker. */
+static void render_batch_histogram(pup_metrics_buf *b, const worker_view *v, int n) {
+    static const double bounds[PUP_BATCH_BUCKETS] = PUP_BATCH_BUCKET_BOUNDS;
+    const char *name = "pupsourcing_batch_duration_seconds";
+    pup_metrics_family(b, name, "histogram", "Duration of committed batches that moved the checkpoint.");
+    for (int i = 0; i < n; i++) {
+        long long cum = 0;
+        for (int k = 0; k <= PUP_BATCH_BUCKETS; k++) {
+            cum += v[i].batch_buckets[k];
+            pup_metrics_printf(b, "%s_bucket{", name);
+            pup_metrics_label(b, 1, "projection", v[i].name);
+            pup_metrics_label(b, 0, "partition", v[i].partition);
+            if (k < PUP_BATCH_BUCKETS) pup_metrics_printf(b, ",le=\"%g\"} %lld\n", bounds[k], cum);
+            else pup_metrics_printf(b, ",le=\"+Inf\"} %lld\n", cum);
+        }
+        for (int k = 0; k < 2; k++) {
+            pup_metrics_printf(b, "%s_%s{", name, k ? "count" : "sum");
+            pup_metrics_label(b, 1, "projection", v[i].name);
+            pup_metrics_label(b, 0, "partition", v[i].partition);
+            if (k) pup_metrics_printf(b, "} %lld\n", cum);
+            else pup_metrics_printf(b, "} %.6f\n", v[i].batch_us / 1e6);
+        }
+    }
+}
 
 static void render_metrics(void *ud, pup_metrics_buf *b) {
     runner *r = ud;
@@ -449,12 +487,15 @@ static void render_metrics(void *ud, pup_metrics_buf *b) {
             pup_metrics_label(b, 1, "projection", x->name);
             pup_metrics_label(b, 0, "partition", x->partition);
             long long lag = x->s.head > x->s.position ? x->s.head - x->s.position : 0;
-            long long val[M_COUNT] = {x->s.position, x->s.head, lag, x->s.handled, x->handler_failed, x->s.retries,
-                                      x->hole, 0, x->s.standby, x->s.held, x->running};
+            long long val[M_COUNT] = {x->s.position, x->s.head, lag, 0, 0, x->s.handled, x->handler_errors,
+                                      x->s.retries, x->hole, 0, x->s.standby, x->s.held, x->running};
             if (f == M_HOLE_AGE) pup_metrics_printf(b, "} %.3f\n", x->hole_age);
+            else if (f == M_LAG_SECONDS) pup_metrics_printf(b, "} %.3f\n", x->lag_seconds);
+            else if (f == M_BATCH_RUNNING) pup_metrics_printf(b, "} %.3f\n", x->batch_running);
             else pup_metrics_printf(b, "} %lld\n", val[f]);
         }
     }
+    render_batch_histogram(b, v, r->n);
     free(v);
     pup_metrics_family(b, "pupsourcing_connections", "gauge", "Database connections of running workers (one each).");
     pup_metrics_printf(b, "pupsourcing_connections %d\n", connections);

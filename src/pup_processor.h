@@ -90,6 +90,11 @@ typedef struct pup_run_opts {
 } pup_run_opts;
 int pup_processor_run(pup_processor *p, const pup_run_opts *o, pup_error *err);
 
+/* Upper bounds (seconds) of the batch duration histogram's buckets; one more bucket
+ * counts the batches above the last. */
+#define PUP_BATCH_BUCKET_BOUNDS {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
+#define PUP_BATCH_BUCKETS 11
+
 /* Counters for progress and reports. */
 typedef struct pup_processor_stats {
     long long handled;   /* events handled since creation */
@@ -99,6 +104,17 @@ typedef struct pup_processor_stats {
     int standby;
     int held;            /* partitions held */
     long long retries;   /* transient failures retried by pup_processor_run */
+    long long handler_errors; /* handler failures seen by pup_processor_run */
+    /* created_at (Unix ms) of the first event after the checkpoint, as the last batch saw
+     * it (the next one in its window, else its last while the head is beyond); 0 when the
+     * batch reached the head. The lag in seconds is now minus this. */
+    long long oldest_pending_ms;
+    /* Committed batches that moved the checkpoint: how many took at most bound i of
+     * PUP_BATCH_BUCKET_BOUNDS (each counted in its own bucket only; the last is above
+     * every bound), and their total duration in microseconds. */
+    long long batch_buckets[PUP_BATCH_BUCKETS + 1];
+    long long batch_us;
+    long long batch_started_ms; /* Unix ms when the batch in progress began; 0 between batches */
 } pup_processor_stats;
 void pup_processor_stats_get(const pup_processor *p, pup_processor_stats *s);
 const pup_projection_cfg *pup_processor_cfg(const pup_processor *p);

@@ -134,6 +134,15 @@ static int retry_after(pup_processor *p, const pup_run_opts *o, pup_error *err, 
     return 0;
 }
 
+/* Counts a committed batch that moved the checkpoint in the duration histogram. */
+static void note_batch(pup_processor *p, double seconds) {
+    static const double bounds[PUP_BATCH_BUCKETS] = PUP_BATCH_BUCKET_BOUNDS;
+    int b = 0;
+    while (b < PUP_BATCH_BUCKETS && seconds > bounds[b]) b++;
+    p->stats.batch_buckets[b]++;
+    p->stats.batch_us += (long long)(seconds * 1e6);
+}
+
 /* One turn: take partitions, run a batch, wait as it says. 1: stop; 0: go on; -1 with err. */
 static int turn(pup_processor *p, const pup_run_opts *o, long long *target, int *told, int *backoff_ms,
                 pup_error *err) {
@@ -144,7 +153,13 @@ static int turn(pup_processor *p, const pup_run_opts *o, long long *target, int 
     if (*target < 0 && o->once && (*target = pup_store_head(p->store, p->conn, err)) < 0) return -1;
     int handled, waiting;
     long long advanced;
-    if (pup_processor_batch(p, &handled, &advanced, &waiting, err) < 0) return -1;
+    double t0 = pup_proc_mono();
+    p->stats.batch_started_ms = (long long)(pup_proc_now() * 1000);
+    if (o->progress) o->progress(o->ud, p); /* a batch that runs long shows as one */
+    int rc = pup_processor_batch(p, &handled, &advanced, &waiting, err);
+    p->stats.batch_started_ms = 0;
+    if (rc < 0) return -1;
+    if (advanced > 0) note_batch(p, pup_proc_mono() - t0);
     *backoff_ms = 100;
     if (o->progress) o->progress(o->ud, p);
     if (o->once && p->stats.position >= *target) return 1;
@@ -160,6 +175,7 @@ static int run_loop(pup_processor *p, const pup_run_opts *o, pup_error *err) {
         if (stopped(o)) return 0;
         int rc = turn(p, o, &target, &told_standby, &backoff_ms, err);
         if (rc == 0) continue;
+        if (rc < 0 && err->code == PUP_ERR_HANDLER) p->stats.handler_errors++;
         if (rc < 0) rc = retry_after(p, o, err, &backoff_ms);
         if (rc != 0) return rc > 0 ? 0 : -1;
     }
