@@ -49,6 +49,7 @@ struct runner {
     int nfiles;
     char *url, *events, *heads, *checkpoints, *path, *cpath;
     int batch_size, poll_ms, once, json_log, handler_timeout_ms, group;
+    char *log_format; /* as given ("text", "json"), or NULL: no lifecycle lines */
     int lease_ttl_ms; /* 0: the processor's default */
     int stop[2];
     pup_metrics *metrics; /* bound by pup.runner, serving during run() */
@@ -150,7 +151,7 @@ static void *worker_main(void *arg) {
         push_opt(L, r->events);
         push_opt(L, r->heads);
         push_opt(L, r->checkpoints);
-        lua_pushboolean(L, r->json_log);
+        push_opt(L, r->log_format);
         lua_pushinteger(L, r->handler_timeout_ms);
         lua_pushboolean(L, r->group);
         if (r->lease_ttl_ms > 0) lua_pushnumber(L, r->lease_ttl_ms / 1000.0);
@@ -202,6 +203,7 @@ static int runner_gc(lua_State *L) {
     free(r->checkpoints);
     free(r->path);
     free(r->cpath);
+    free(r->log_format);
     if (r->stop[0] >= 0) close(r->stop[0]);
     if (r->stop[1] >= 0) close(r->stop[1]);
     pup_metrics_free(r->metrics);
@@ -264,6 +266,8 @@ static int l_runner(lua_State *L) {
         if (!fmt || (strcmp(fmt, "json") != 0 && strcmp(fmt, "text") != 0))
             luaL_error(L, "runner option log_format must be \"text\" or \"json\"");
         r->json_log = strcmp(fmt, "json") == 0;
+        r->log_format = strdup(fmt);
+        if (!r->log_format) luaL_error(L, "out of memory");
     }
     lua_pop(L, 1);
     if (lua_getfield(L, 1, "store") == LUA_TTABLE) {
@@ -305,7 +309,7 @@ static int l_runner(lua_State *L) {
 /* Progress on a terminal, rewritten in place: per projection its lowest position, the
  * head, events handled per second and the time left at the current pace. */
 static void show_progress(runner *r, double elapsed, int final) {
-    if (!isatty(2)) return;
+    if (!isatty(2) || r->json_log) return; /* JSON logs: nothing but JSON lines */
     char line[1024];
     size_t n = 0;
     for (int i = 0; i < r->n && n < sizeof line - 128; i++) {
@@ -558,11 +562,9 @@ static int runner_run(lua_State *L) {
             pup_lua_unblock_signals(&old);
             return pup_lua_push_error(L, &e);
         }
-        if (r->json_log)
-            fprintf(stderr, "{\"time\":%.3f,\"level\":\"info\",\"msg\":\"metrics on http://%s/metrics and /healthz\"}\n",
-                    realtime(), pup_metrics_address(r->metrics));
-        else
-            fprintf(stderr, "pupsourcing: metrics on http://%s/metrics and /healthz\n", pup_metrics_address(r->metrics));
+        char msg[400];
+        snprintf(msg, sizeof msg, "metrics on http://%s/metrics and /healthz", pup_metrics_address(r->metrics));
+        pup_lua_log_line(r->json_log, "info", "", msg);
     }
     int start_err = 0;
     worker *unstarted = NULL;
@@ -591,15 +593,10 @@ static int runner_run(lua_State *L) {
         int sig = sigtimedwait(&set, NULL, &ts);
         if (sig > 0 && !stopping) {
             stopping = interrupted = 1;
-            const char *name = sig == SIGINT ? "SIGINT" : "SIGTERM";
-            struct timespec now_ts;
-            clock_gettime(CLOCK_REALTIME, &now_ts);
-            if (r->json_log)
-                fprintf(stderr, "{\"time\":%.3f,\"level\":\"info\",\"msg\":\"%s received, finishing the current batches\"}\n",
-                        (double)now_ts.tv_sec + now_ts.tv_nsec / 1e9, name);
-            else
-                fprintf(stderr, "%spupsourcing: %s received, finishing the current batches\n",
-                        isatty(2) ? "\n" : "", name);
+            char msg[80];
+            snprintf(msg, sizeof msg, "%s received, finishing the current batches", sig == SIGINT ? "SIGINT" : "SIGTERM");
+            if (!r->json_log && isatty(2)) fputc('\n', stderr); /* off the progress line */
+            pup_lua_log_line(r->json_log, "info", "", msg);
             if (write(r->stop[1], "x", 1) < 0) {
             }
         }

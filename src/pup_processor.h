@@ -77,6 +77,32 @@ void pup_processor_release(pup_processor *p);
 int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int *waiting,
                         pup_error *err);
 
+/* One log record of pup_processor_run: what happened (event), the line text logs show
+ * (msg) and the fields a structured log adds. Events: "start", "layout" (a group's
+ * partition count changed), "lease_gained", "lease_lost", "standby", "retry" (err,
+ * retry_in_ms), "reconnected", "hole" (waited on longer than PUP_HOLE_LOG_SECONDS),
+ * "hole_passed", "stop" (reason, err when it failed). Lifecycle records (start, layout,
+ * a first lease, hole, stop) are new lines a caller may leave out; the others are the
+ * lines pup_processor_run always logged. */
+#define PUP_HOLE_LOG_SECONDS 5
+typedef struct pup_log_rec {
+    const char *level; /* "info", "warning", "error" */
+    const char *event;
+    const char *msg;
+    int lifecycle;
+    const char *projection;
+    int group;          /* a group worker: partition is meaningless, worker and held tell */
+    int partition, total_partitions;
+    const char *worker; /* owner id (host/pid/random) */
+    int held;
+    long long position; /* the checkpoint */
+    const pup_error *err;           /* retry, stop after a failure; else NULL */
+    int retry_in_ms;                /* retry */
+    long long hole;                 /* hole, hole_passed: its first position */
+    double hole_since;              /* hole, hole_passed: Unix seconds */
+    const char *reason;             /* stop */
+} pup_log_rec;
+
 /* Runs batches until stopped: reads stop_fd (readable = stop) between batches and
  * while idle waits for a NOTIFY or the poll interval. Retries transient failures with
  * capped backoff (reconnecting in place), takes over as standby when needed. With
@@ -86,6 +112,7 @@ typedef struct pup_run_opts {
     int once;
     void (*progress)(void *ud, const pup_processor *p); /* after each batch; may be NULL */
     void (*log)(void *ud, const char *line);            /* may be NULL: stderr */
+    void (*record)(void *ud, const pup_log_rec *rec);   /* instead of log when set */
     void *ud;
 } pup_run_opts;
 int pup_processor_run(pup_processor *p, const pup_run_opts *o, pup_error *err);

@@ -39,7 +39,7 @@ local json_log = false
 
 local function log(msg, level)
   if json_log then
-    io.stderr:write(pup.json.encode { time = pup.now(), level = level or "info", msg = msg }, "\n")
+    require("pupsourcing.core")._log_line(true, level or "info", msg) -- RFC 3339 time, as the run's own lines
   else
     io.stderr:write("pupsourcing: ", msg, "\n")
   end
