@@ -215,4 +215,41 @@ describe("failover to a promoted synchronous standby", function()
     H.signal(run, "TERM")
     assert.equal(0, H.wait_exit(run, 20), H.stderr_of(run))
   end)
+
+  -- The connection breaks after the handler's statements all came back, before the
+  -- batch's closing statements: a lost connection (retried), never a handler error.
+  it("a connection lost at the end of a batch is retried, not blamed on the handler", function()
+    local store, db, T = H.fresh_store("folost")
+    assert(db:exec("DROP TABLE IF EXISTS t_folost_seen"))
+    assert(db:exec("CREATE TABLE t_folost_seen (pos bigint NOT NULL)"))
+    dir = H.tmpdir()
+    local url = H.url()
+    H.write_file(dir .. "/p.lua", ([==[
+      local pup = require "pupsourcing"
+      local killed = false
+      return { name = "folost", handle = function(tx, e)
+        assert(tx:exec("INSERT INTO t_folost_seen (pos) VALUES ($1)", e.global_position))
+        if killed then return end
+        killed = true
+        -- every result read back (a query drains the pipeline), then the session ends
+        local pid = assert(tx:query("SELECT pg_backend_pid() AS pid"))[1].pid
+        local other = assert(pup.connect(%q))
+        assert(other:query("SELECT pg_terminate_backend($1)", pid))
+        for _ = 1, 200 do
+          if assert(other:query("SELECT count(*) AS n FROM pg_stat_activity WHERE pid = $1", pid))[1].n == 0 then break end
+          pup.sleep(0.01)
+        end
+        other:close()
+      end }
+    ]==]):format(url))
+    assert(store:append(db, pup.any(), H.events(3, { aggregate_id = H.uid("l") })))
+    local r = H.run(H.with_tables(T, { "run", "--once", dir .. "/p.lua" }))
+    assert.equal(0, r.code, r.output)
+    assert.falsy(r.stderr:find("ended or broke", 1, true), r.stderr)
+    assert.truthy(r.stderr:find("retrying in", 1, true), r.stderr)
+    assert.truthy(r.stderr:find("reconnected", 1, true), r.stderr)
+    -- the first batch rolled back: each event counted once
+    assert.same({ n = 3, d = 3 }, assert(db:query("SELECT count(*) AS n, count(DISTINCT pos) AS d FROM t_folost_seen"))[1])
+    db:close()
+  end)
 end)
