@@ -424,8 +424,8 @@ static void view_worker(runner *r, worker *w, double now, worker_view *v) {
 }
 
 /* The families of /metrics, in the order shown. */
-enum { M_POSITION, M_HEAD, M_LAG, M_LAG_SECONDS, M_BATCH_RUNNING, M_HANDLED, M_ERRORS, M_RETRIES, M_HOLE, M_HOLE_AGE, M_STANDBY, M_HELD, M_RUNNING,
-       M_COUNT };
+enum { M_POSITION, M_HEAD, M_LAG, M_LAG_SECONDS, M_BATCH_RUNNING, M_HANDLED, M_ERRORS, M_RETRIES, M_HOLE,
+       M_HOLE_AGE, M_STANDBY, M_HELD, M_RUNNING, M_COUNT };
 static const struct {
     const char *name, *type, *help;
 } families[M_COUNT] = {

@@ -243,8 +243,8 @@ static int run_loop(pup_processor *p, const pup_run_opts *o, const char **reason
             return 0;
         }
         int rc = turn(p, o, &target, &t, &backoff_ms, err);
-        *reason = o->once && !stopped(o) ? "caught up (once)" : "stop requested";
         if (rc == 0) continue;
+        if (rc > 0 && o->once && !stopped(o)) *reason = "caught up (once)";
         if (rc < 0 && err->code == PUP_ERR_HANDLER) p->stats.handler_errors++;
         if (rc < 0) rc = retry_after(p, o, err, &backoff_ms);
         if (rc != 0) return rc > 0 ? 0 : -1;
