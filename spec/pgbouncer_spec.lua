@@ -158,4 +158,28 @@ describe("through PgBouncer", function()
       one("SELECT count(*) AS aggs, sum(n)::bigint AS total, min(n) AS lo, max(n) AS hi FROM t_pgb_counter"))
     assert.same({ n = 240, d = 240 }, one("SELECT count(*) AS n, count(DISTINCT pos) AS d FROM t_pgb_seen"))
   end)
+
+  it("a connection's statements from before its processor proved session pooling still run", function()
+    if skip_without() then return end
+    populate(2, 3)
+    local script = dir .. "/before.lua"
+    H.write_file(script, [==[
+      local pup = require "pupsourcing"
+      local url, ev, hd, ck = table.unpack(arg)
+      local db = assert(pup.connect(url))
+      -- described while the connection was only known to be behind a pooler (unnamed)
+      assert(assert(db:query("SELECT $1::int + 1 AS x", 41))[1].x == 42)
+      local store = pup.store { events_table = ev, aggregate_heads_table = hd, checkpoints_table = ck }
+      local p = pup.processor(db, { name = "pgb_before", handle = function() end }, { store = store })
+      assert(p:run_once() == 6)
+      -- after the session probe: the same statement, then another, then the first again
+      assert(assert(db:query("SELECT $1::int + 1 AS x", 41))[1].x == 42)
+      assert(assert(db:query("SELECT $1::text AS y", "other"))[1].y == "other")
+      assert(assert(db:query("SELECT $1::int + 1 AS x", 1))[1].x == 2)
+      print("ok")
+    ]==])
+    local r = H.run({ script, url("sess"), T.events_table, T.aggregate_heads_table, T.checkpoints_table })
+    assert.equal(0, r.code, r.output)
+    assert.equal("ok\n", r.stdout)
+  end)
 end)

@@ -469,8 +469,13 @@ int pup_conn_require_session(pup_conn *c, pup_error *err) {
                              "pool in session mode (e.g. PgBouncer pool_mode=session); appenders may stay on "
                              "transaction pooling", target);
     }
-    c->pooled = 0; /* session pooling: the session is ours, named statements are safe */
+    /* Session pooling: the session is ours, named statements are safe. Those described
+     * so far have no name on the server: prepared again, named, when next used. */
+    c->pooled = 0;
     c->probed = c->session + 1;
+    for (int i = 0; i < c->nstmts; i++) stmt_free(&c->stmts[i]);
+    stmt_free(&c->unnamed);
+    c->nstmts = 0;
     return 0;
 }
 
