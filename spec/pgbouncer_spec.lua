@@ -59,6 +59,7 @@ describe("through PgBouncer", function()
         "[databases]",
         ("tx = host=%s port=%s dbname=%s pool_mode=transaction pool_size=2"):format(host, pgport, dbname),
         ("sess = host=%s port=%s dbname=%s pool_mode=session pool_size=10"):format(host, pgport, dbname),
+        ("sess1 = host=%s port=%s dbname=%s pool_mode=session pool_size=1"):format(host, pgport, dbname),
         "[pgbouncer]",
         "listen_addr = 127.0.0.1",
         "listen_port = " .. port,
@@ -157,6 +158,16 @@ describe("through PgBouncer", function()
     assert.same({ aggs = 12, total = 240, lo = 20, hi = 20 },
       one("SELECT count(*) AS aggs, sum(n)::bigint AS total, min(n) AS lo, max(n) AS hi FROM t_pgb_counter"))
     assert.same({ n = 240, d = 240 }, one("SELECT count(*) AS n, count(DISTINCT pos) AS d FROM t_pgb_seen"))
+  end)
+
+  it("a full session pool: the probe's second client waits 5 s at most, then the processor runs", function()
+    if skip_without() then return end
+    populate(3, 4)
+    local t0 = pup.now()
+    local r = H.run(H.with_tables(T, { "run", "--once", "--database-url", url("sess1"), projection() }))
+    assert.equal(0, r.code, r.output)
+    assert.is_true(pup.now() - t0 < 15, "took " .. (pup.now() - t0) .. " s")
+    assert.same({ n = 12, d = 12 }, one("SELECT count(*) AS n, count(DISTINCT pos) AS d FROM t_pgb_seen"))
   end)
 
   it("a connection's statements from before its processor proved session pooling still run", function()

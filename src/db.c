@@ -5,6 +5,7 @@
 #include "pup_db.h"
 
 #include <ctype.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -452,10 +453,19 @@ int pup_conn_require_session(pup_conn *c, pup_error *err) {
     if (pup_conn_command(c, sql, err) < 0) return -1;
     PGconn *other = connect_alike(c);
     int shared = 0;
-    if (other && PQstatus(other) == CONNECTION_OK) {
-        PGresult *r = PQexec(other, "SELECT current_setting('pupsourcing.session_probe', true)");
-        shared = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && strcmp(PQgetvalue(r, 0, 0), marker) == 0;
-        PQclear(r);
+    /* A full session pool makes the second client wait for a server connection: after
+     * 5 s that is taken as session pooling (transaction pooling had one free). */
+    if (other && PQstatus(other) == CONNECTION_OK &&
+        PQsendQuery(other, "SELECT current_setting('pupsourcing.session_probe', true)")) {
+        struct pollfd f = {.fd = PQsocket(other), .events = POLLIN};
+        while (PQconsumeInput(other) && PQisBusy(other) && poll(&f, 1, 5000) > 0) {
+        }
+        PGresult *r;
+        while (!PQisBusy(other) && (r = PQgetResult(other)) != NULL) {
+            shared |= PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 &&
+                      strcmp(PQgetvalue(r, 0, 0), marker) == 0;
+            PQclear(r);
+        }
     }
     PQfinish(other);
     pup_conn_command(c, "SELECT set_config('pupsourcing.session_probe', '', false)", NULL);
