@@ -7,11 +7,11 @@
 #include <ctype.h>
 #include <poll.h>
 #include <stdarg.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 #define BYTEAOID 17
 #define STMT_CACHE_MAX 256    /* beyond this, statements are prepared unnamed each time */
@@ -305,7 +305,8 @@ static void notice_line(void *arg, const char *message) {
  * bytea is what the decoders expect. In the same round trip, the server's pid: a pooler
  * gives the client a backend pid of its own, so a different one means a pooler. */
 static void session_defaults(pup_conn *c) {
-    PGresult *r = PQexec(c->pg, "SET client_min_messages = warning; SET bytea_output = hex; SELECT pg_backend_pid()");
+    PGresult *r = PQexec(c->pg, "SET client_min_messages = warning; SET bytea_output = hex;"
+                                " SELECT pg_backend_pid()");
     c->pooled = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 &&
                 atoi(PQgetvalue(r, 0, 0)) != PQbackendPID(c->pg);
     PQclear(r);
@@ -448,7 +449,7 @@ int pup_conn_require_session(pup_conn *c, pup_error *err) {
      * (or statement) pooling it is handed the server connection this one just released
      * (PgBouncer reuses the last released one first) and sees the setting. */
     char marker[64], sql[160];
-    snprintf(marker, sizeof marker, "%d-%lx-%lx", PQbackendPID(c->pg), (unsigned long)random(), (unsigned long)(uintptr_t)c);
+    snprintf(marker, sizeof marker, "%d-%ld-%lx", PQbackendPID(c->pg), (long)getpid(), (unsigned long)random());
     snprintf(sql, sizeof sql, "SELECT set_config('pupsourcing.session_probe', '%s', false)", marker);
     if (pup_conn_command(c, sql, err) < 0) return -1;
     PGconn *other = connect_alike(c);
@@ -473,9 +474,9 @@ int pup_conn_require_session(pup_conn *c, pup_error *err) {
         char target[512];
         describe(target, sizeof target, c->pg);
         return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT,
-                             "%s goes through a connection pooler in transaction pooling mode: session state (advisory locks, "
-                             "LISTEN, prepared statements) does not survive a transaction there, and a processor "
-                             "holds its partition by them; connect processors directly to PostgreSQL or through a "
+                             "%s goes through a connection pooler in transaction pooling mode: session "
+                             "state (advisory locks, LISTEN, prepared statements) does not survive a transaction "
+                             "there, and a processor holds its partition by them; connect processors directly to PostgreSQL or through a "
                              "pool in session mode (e.g. PgBouncer pool_mode=session); appenders may stay on "
                              "transaction pooling", target);
     }
