@@ -153,9 +153,14 @@ describe("--log-format json", function()
     assert(ok, err)
   end)
 
-  it("text logs: the same lifecycle lines; on a terminal JSON mode prints no progress line", function()
+  it("--log-format text: the same lifecycle lines; on a terminal JSON mode prints no progress line", function()
     H.write_file(dir .. "/t.lua", [[return { name = "jlog_text", handle = function() end }]])
+    -- without --log-format: only what needs attention (here: nothing but the summary)
     local r = cli { "run", "--once", dir .. "/t.lua" }
+    assert.equal(0, r.code, r.output)
+    assert.equal("pupsourcing: jlog_text: 4 event(s) handled by 1 partition worker(s)\n", r.stderr)
+    assert(db:exec('DELETE FROM "' .. T.checkpoints_table .. '"'))
+    r = cli { "run", "--once", "--log-format", "text", dir .. "/t.lua" }
     assert.equal(0, r.code, r.output)
     assert.truthy(r.stderr:find("pupsourcing: projection jlog_text partition 0/1: starting (batch size 100)\n", 1, true), r.stderr)
     assert.truthy(r.stderr:find("pupsourcing: projection jlog_text partition 0/1: holds the partition from position 0\n", 1, true), r.stderr)

@@ -253,7 +253,8 @@ function commands.run(flags, words)
     files = words, workers = workers, partition_key = not workers and key or nil,
     total_partitions = not workers and total or nil, batch_size = batch,
     poll_interval = poll and poll / 1000 or nil, once = flags.once and true or false,
-    database_url = flags["database-url"], store = store_opts(flags), log_format = fmt,
+    database_url = flags["database-url"], store = store_opts(flags),
+    log_format = flags["log-format"], -- given: lifecycle lines too (docs/operations.md, "Logs")
     handler_timeout_ms = limit, group = flags.group and true or nil,
     lease_ttl = ttl and ttl / 1000 or nil, metrics_addr = flags["metrics-addr"],
   }
