@@ -9,7 +9,7 @@ pkgs=(build-essential cmake pkg-config libpq-dev postgresql lua5.4 liblua5.4-dev
       libyajl-dev libmicrohttpd-dev uuid-dev lua-argparse)
 case "$what" in
 run) ;;
-test) pkgs+=(lua-busted lua-check procps iproute2 valgrind luarocks prometheus curl) ;;
+test) pkgs+=(lua-busted lua-check procps iproute2 valgrind luarocks prometheus curl pgbouncer) ;;
 *) echo "usage: $0 [run|test]" >&2; exit 2 ;;
 esac
 missing=()

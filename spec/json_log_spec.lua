@@ -5,6 +5,14 @@ local pup = require "pupsourcing"
 local H = require "spec.helpers"
 
 local RM = "t_jlog_rm"
+local RFC3339 = "^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ$"
+
+-- Seconds since the epoch of an RFC 3339 UTC time of ours.
+local function epoch(t)
+  local y, mo, d, h, mi, s, ms = t:match("^(%d+)%-(%d+)%-(%d+)T(%d+):(%d+):(%d+)%.(%d+)Z$")
+  local days = os.time { year = y, month = mo, day = d, hour = 12 } // 86400 -- local-time free day count
+  return days * 86400 + h * 3600 + mi * 60 + s + ms / 1000
+end
 
 describe("--log-format json", function()
   local store, db, T, dir
@@ -18,7 +26,8 @@ describe("--log-format json", function()
       local ok, v = pcall(pup.json.decode, line)
       assert(ok and type(v) == "table" and type(v.msg) == "string",
         "not a JSON log line: " .. line .. "\n--- whole output:\n" .. r.output)
-      assert.is_number(v.time)
+      assert.is_string(v.time)
+      assert.truthy(v.time:match(RFC3339), "time is not RFC 3339 (UTC, ms): " .. line)
       assert.is_string(v.level)
       out[#out + 1] = v
     end
@@ -67,11 +76,110 @@ describe("--log-format json", function()
     assert.is_truthy(notice, r.output)
     assert.equal("notice", notice.level)
     assert.is_truthy(find(lines, '^postgres: WARNING: +a "quoted" \\ warning$'), r.output)
-    assert.is_truthy(find(lines, "try again.*retrying in %d+ ms"), r.output)
-    assert.is_truthy(find(lines, "reconnected"), r.output)
+    local retry = find(lines, "try again.*retrying in %d+ ms")
+    assert.is_truthy(retry, r.output)
+    -- the retry's fields: what failed, its code and SQLSTATE, the backoff, where
+    assert.equal("retry", retry.event)
+    assert.equal("warning", retry.level)
+    assert.truthy(retry.error:find("try again", 1, true), r.output)
+    assert.equal("handler", retry.code) -- raised by the handler (assert), retried by its SQLSTATE
+    assert.equal("40001", retry.sqlstate)
+    assert.is_true(math.type(retry.retry_in_ms) == "integer" and retry.retry_in_ms > 0, r.output)
+    assert.same({ "jlog", 0, 1 }, { retry.projection, retry.partition, retry.total_partitions })
+    assert.equal("reconnected", find(lines, "reconnected").event)
+    -- start, the lease, stop: one line each, with their fields
+    local events = {}
+    for _, l in ipairs(lines) do if l.event then events[#events + 1] = l.event end end
+    assert.same({ "start", "lease_gained", "retry", "retry", "reconnected", "stop" }, events)
+    local stop = lines[#lines - 1]
+    assert.same({ "stop", "caught up (once)", 4 }, { stop.event, stop.reason, stop.position })
     assert.is_truthy(find(lines, "^jlog: 4 event%(s%) handled by 1 partition worker%(s%)$"), r.output)
     local rm = assert(db:query("SELECT count(*) AS n, count(DISTINCT pos) AS d FROM " .. RM))[1]
     assert.same({ n = 4, d = 4 }, { n = rm.n, d = rm.d })
+  end)
+
+  it("a hole waited on longer than 5 s: its position and since when, then its passing; stop on SIGTERM", function()
+    H.write_file(dir .. "/h.lua", ([==[
+      return { name = "jlog_hole", handle = function(tx, e)
+        assert(tx:exec("INSERT INTO %s (pos) VALUES ($1)", e.global_position))
+      end }
+    ]==]):format(RM))
+    local words = { H.bin, "run", "--log-format", "json", "--poll-interval", "50" }
+    for _, a in ipairs(H.table_flags(T)) do words[#words + 1] = a end
+    words[#words + 1] = dir .. "/h.lua"
+    local proc = H.spawn(words)
+    local ok, err = pcall(function()
+      H.wait_until("the four events handled", 20, function()
+        return assert(db:query("SELECT count(*) AS n FROM " .. RM))[1].n == 4
+      end)
+      local other = H.connect()
+      local tx = assert(other:begin())
+      local held = assert(store:append(tx, pup.any(), { H.event { aggregate_id = H.uid("h") } })).global_positions[1]
+      assert(store:append(db, pup.any(), { H.event { aggregate_id = H.uid("h") } }))
+      local t0 = pup.now()
+      local hole
+      H.wait_until(function() return "a hole line in: " .. H.stderr_of(proc) end, 20, function()
+        for line in H.stderr_of(proc):gmatch("[^\n]+") do
+          local v = pup.json.decode(line)
+          if v.event == "hole" then hole = v end
+        end
+        return hole
+      end, 0.2)
+      assert.is_true(pup.now() - t0 >= 4.5, "logged before the threshold")
+      assert.same({ "warning", held, "jlog_hole", 0, held - 1 },
+        { hole.level, hole.hole_position, hole.projection, hole.partition, hole.position })
+      assert.truthy(hole.hole_since:match(RFC3339), hole.hole_since)
+      assert.is_true(math.abs(epoch(hole.hole_since) - t0) < 2, hole.hole_since .. " vs " .. t0)
+      assert.truthy(hole.msg:find("waiting %d+ s on position " .. held), hole.msg)
+      assert(tx:commit())
+      other:close()
+      H.wait_until(function() return "a hole_passed line in: " .. H.stderr_of(proc) end, 20, function()
+        return H.stderr_of(proc):find('"event":"hole_passed"', 1, true)
+      end, 0.1)
+      H.signal(proc, "TERM")
+      assert.equal(0, H.wait_exit(proc, 20))
+      local r = { stdout = H.stdout_of(proc), stderr = H.stderr_of(proc) }
+      r.output = r.stdout .. r.stderr
+      local lines = json_lines(r) -- every line JSON
+      local events = {}
+      for _, l in ipairs(lines) do
+        if l.event and l.event ~= "retry" then events[#events + 1] = l.event end
+      end
+      assert.same({ "start", "lease_gained", "hole", "hole_passed", "stop" }, events)
+      local stop = find(lines, "stopped at position")
+      assert.same({ "stop requested", held + 1 }, { stop.reason, stop.position })
+    end)
+    H.reap(proc)
+    assert(ok, err)
+  end)
+
+  it("--log-format text: the same lifecycle lines; on a terminal JSON mode prints no progress line", function()
+    H.write_file(dir .. "/t.lua", [[return { name = "jlog_text", handle = function() end }]])
+    -- without --log-format: only what needs attention (here: nothing but the summary)
+    local r = cli { "run", "--once", dir .. "/t.lua" }
+    assert.equal(0, r.code, r.output)
+    assert.equal("pupsourcing: jlog_text: 4 event(s) handled by 1 partition worker(s)\n", r.stderr)
+    assert(db:exec('DELETE FROM "' .. T.checkpoints_table .. '"'))
+    r = cli { "run", "--once", "--log-format", "text", dir .. "/t.lua" }
+    assert.equal(0, r.code, r.output)
+    assert.truthy(r.stderr:find("pupsourcing: projection jlog_text partition 0/1: starting (batch size 100)\n", 1, true), r.stderr)
+    assert.truthy(r.stderr:find("pupsourcing: projection jlog_text partition 0/1: holds the partition from position 0\n", 1, true), r.stderr)
+    assert.truthy(r.stderr:find("pupsourcing: projection jlog_text partition 0/1: stopped at position 4 (caught up (once); 4 event(s) handled)\n", 1, true), r.stderr)
+    -- stderr a terminal (script(1) gives it one): nothing but JSON lines, no progress line
+    local cmd = { H.bin, "run", "--once", "--log-format", "json" }
+    for _, a in ipairs(H.table_flags(T)) do cmd[#cmd + 1] = a end
+    cmd[#cmd + 1] = dir .. "/t.lua"
+    for i, w in ipairs(cmd) do cmd[i] = H.shquote(w) end
+    assert(db:exec('DELETE FROM "' .. T.checkpoints_table .. '"')) -- so it handles the four again
+    r = H.sh("script -qec " .. H.shquote(table.concat(cmd, " ")) .. " /dev/null")
+    assert.equal(0, r.code, r.output)
+    local n = 0
+    for line in r.stdout:gsub("\r", ""):gmatch("[^\n]+") do
+      local ok, v = pcall(pup.json.decode, line)
+      assert(ok and type(v) == "table", "not a JSON line on the terminal: " .. line)
+      n = n + 1
+    end
+    assert.is_true(n >= 4, r.stdout)
   end)
 
   it("Lua warnings (warn) are JSON lines too, and still honour @on/@off", function()

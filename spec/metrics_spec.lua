@@ -185,6 +185,9 @@ describe("run --metrics-addr", function()
           and sample(text, "pupsourcing_waiting_seconds", lbl) >= 1.5
     end, 0.1)
     assert.is_true(sample(text, "pupsourcing_waiting_seconds", lbl) < 20)
+    -- the event after the hole waits too: its age is the lag in seconds
+    local lag_s = sample(text, "pupsourcing_lag_seconds", lbl)
+    assert.is_true(lag_s >= 1.5 and lag_s < 20, "lag_seconds " .. tostring(lag_s))
     assert.equal(hole - 1, sample(text, "pupsourcing_position", lbl))
     assert.equal(0, sample(text, "pupsourcing_events_handled_total", lbl))
     assert(txa:commit())
@@ -196,6 +199,39 @@ describe("run --metrics-addr", function()
     end, 0.1)
     assert.equal(0, sample(text, "pupsourcing_waiting_seconds", lbl))
     assert.equal(0, sample(text, "pupsourcing_lag_events", lbl))
+    assert.equal(0, sample(text, "pupsourcing_lag_seconds", lbl))
+  end)
+
+  it("shows a batch while it runs, then counts it in the batch duration histogram", function()
+    local file = projection("met_hist", "1.5")
+    local proc = spawn_run({ file }, { "--metrics-addr", "127.0.0.1:0" })
+    local addr = address_of(proc)
+    local lbl = 'projection="met_hist",partition="0"'
+    local text
+    H.wait_until(function() return "the processor to run; last scrape:\n" .. tostring(text) end, 20, function()
+      text = select(2, curl("http://" .. addr .. "/metrics"))
+      return text and sample(text, "pupsourcing_running", lbl) == 1
+    end, 0.1)
+    -- idle batches (nothing moved) are not counted
+    assert.equal(0, sample(text, "pupsourcing_batch_duration_seconds_count", lbl))
+    assert(store:append(db, pup.any(), { H.event { aggregate_id = "s-1", event_type = "Slow" } }))
+    H.wait_until(function() return "a batch running 0.5 s; last scrape:\n" .. tostring(text) end, 20, function()
+      text = select(2, curl("http://" .. addr .. "/metrics"))
+      return text and sample(text, "pupsourcing_batch_running_seconds", lbl) >= 0.5
+    end, 0.05)
+    assert.is_true(sample(text, "pupsourcing_batch_running_seconds", lbl) < 1.6, text)
+    H.wait_until(function() return "the slow batch to commit; last scrape:\n" .. tostring(text) end, 20, function()
+      text = select(2, curl("http://" .. addr .. "/metrics"))
+      return text and sample(text, "pupsourcing_batch_duration_seconds_count", lbl) == 1
+    end, 0.1)
+    assert.truthy(text:find("\n# TYPE pupsourcing_batch_duration_seconds histogram\n", 1, true))
+    local function bucket(le) return sample(text, "pupsourcing_batch_duration_seconds_bucket", lbl .. ',le="' .. le .. '"') end
+    assert.same({ 0, 0, 1, 1, 1, 1 }, { bucket("0.005"), bucket("1"), bucket("2.5"), bucket("5"), bucket("10"), bucket("+Inf") })
+    local sum = sample(text, "pupsourcing_batch_duration_seconds_sum", lbl)
+    assert.is_true(sum >= 1.5 and sum < 2.5, "sum " .. tostring(sum))
+    assert.is_true(sample(text, "pupsourcing_batch_running_seconds", lbl) < 0.5) -- the slow one is over (an idle poll may run)
+    assert.equal(0, sample(text, "pupsourcing_lag_seconds", lbl))
+    assert.equal(1, counted("met_hist"))
   end)
 
   it("keeps serving across a lost connection and counts the retry", function()
@@ -354,6 +390,16 @@ describe("run --metrics-addr", function()
       return lag == 0
     end, 0.5)
     assert.equal(2, (query('count(pupsourcing_running{projection="met_prom"} == 1)')))
+    H.wait_until(function() return "PromQL: lag_seconds 0 and a batch quantile, last answer: " .. tostring(last) end, 20,
+      function()
+        local lag_s, q99
+        lag_s, last = query('max(pupsourcing_lag_seconds{projection="met_prom"})')
+        if lag_s ~= 0 then return false end
+        q99, last = query('histogram_quantile(0.99, sum by (le) (pupsourcing_batch_duration_seconds_bucket{projection="met_prom"}))')
+        return q99 and q99 > 0 and q99 <= 10
+      end, 0.5)
+    local batches = query('sum(pupsourcing_batch_duration_seconds_count{projection="met_prom"})')
+    assert.is_true(batches >= 1 and batches <= 100, tostring(batches))
     assert.equal(100, counted("met_prom"))
   end)
 end)

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define FIRST_EVENT_COL 4 /* xmin, head, generation, mine, then PUP_EVENT_COLUMNS */
 #define TAG_GUARD (-2)    /* pipeline tag of the statement that checks the batch transaction */
@@ -54,6 +55,11 @@ static int event_error(pup_processor *p, const PGresult *r, int row, pup_error *
 /* A handler ended the batch transaction (ROLLBACK, COMMIT, BEGIN after either): the
  * writes of earlier events are gone or were committed apart from the checkpoint. */
 static int ended_error(pup_processor *p, pup_error *err) {
+    /* A lost connection leaves no transaction either: retried, not blamed on a handler. */
+    if (!pup_conn_ok(p->conn)) {
+        if (err->code != PUP_ERR_CONNECTION) pup_error_from_pg(err, pup_conn_pg(p->conn), NULL);
+        return pup_proc_context(p, err);
+    }
     pup_error_set(err, PUP_ERR_HANDLER,
                   "a handler ended or broke the batch transaction (did it send ROLLBACK, COMMIT or BEGIN?);"
                   " batch rolled back, checkpoint not moved");
@@ -300,6 +306,32 @@ static int overlong(pup_processor *p, walk *w, pup_error *err) {
     return event_error(p, w->r, w->first_row, err);
 }
 
+/* "YYYY-MM-DDTHH:MM:SS.UUUUUUZ" (PUP_EVENT_COLUMNS' created_at) as Unix ms; 0 if not that. */
+static long long iso_ms(const char *s) {
+    struct tm tm = {0};
+    int us = 0;
+    if (sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d.%6dZ", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour, &tm.tm_min,
+               &tm.tm_sec, &us) != 7)
+        return 0;
+    tm.tm_year -= 1900;
+    tm.tm_mon -= 1;
+    return (long long)timegm(&tm) * 1000 + us / 1000;
+}
+
+/* For the lag in seconds: created_at (Unix ms) of the first event after the new
+ * checkpoint, from the window (its last row when the head lies beyond it); 0: caught up. */
+static long long oldest_pending(const walk *w, long long head) {
+    if (w->last >= head || w->nrows == 0) return 0;
+    int row = w->nrows - 1;
+    for (int i = 0; i < w->nrows; i++)
+        if (pup_be_int(PQgetvalue(w->r, i, FIRST_EVENT_COL), 8) > w->last) {
+            row = i;
+            break;
+        }
+    if (PQgetisnull(w->r, row, FIRST_EVENT_COL + 12)) return 0;
+    return iso_ms(PQgetvalue(w->r, row, FIRST_EVENT_COL + 12));
+}
+
 /* Steps 2-6 inside the open transaction, with the window read. */
 static int batch_body(pup_processor *p, walk *w, uint64_t xmin, double deadline, int *waiting,
                       pup_error *err) {
@@ -358,6 +390,7 @@ static int batch_once(pup_processor *p, int *handled, long long *advanced, int *
     w.r = r;
     w.nrows = PQgetisnull(r, 0, FIRST_EVENT_COL) ? 0 : PQntuples(r);
     int rc = batch_body(p, &w, xmin, deadline, waiting, err);
+    if (rc == 0) p->stats.oldest_pending_ms = oldest_pending(&w, p->stats.head);
     PQclear(r);
     if (rc == 0 && pup_conn_commit(p->conn, err) < 0) rc = pup_proc_context(p, err);
     if (rc < 0) {

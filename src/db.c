@@ -5,11 +5,13 @@
 #include "pup_db.h"
 
 #include <ctype.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 #define BYTEAOID 17
 #define STMT_CACHE_MAX 256    /* beyond this, statements are prepared unnamed each time */
@@ -36,6 +38,11 @@ struct pup_conn {
     pup_error failure;
     int replan; /* a cached plan went stale: forget the statements once out of the transaction */
     unsigned long session; /* counts reconnects: session state (locks, LISTEN) is gone with each */
+    /* Behind a connection pooler (the backend pid libpq was told is not the server's):
+     * no named statements, as a transaction-mode pool hands each transaction to any
+     * server connection. Cleared when pup_conn_require_session proves session pooling. */
+    int pooled;
+    unsigned long probed; /* session + 1 once pup_conn_require_session passed */
 };
 
 /* Every error code with the stable name Lua sees in err.code: the one table of them. */
@@ -293,9 +300,13 @@ static void notice_line(void *arg, const char *message) {
 }
 
 /* Sets what every session of ours expects. Quiet NOTICEs (CREATE ... IF NOT EXISTS); hex
- * bytea is what the decoders expect. */
-static void session_defaults(PGconn *pg) {
-    PGresult *r = PQexec(pg, "SET client_min_messages = warning; SET bytea_output = hex");
+ * bytea is what the decoders expect. In the same round trip, the server's pid: a pooler
+ * gives the client a backend pid of its own, so a different one means a pooler. */
+static void session_defaults(pup_conn *c) {
+    PGresult *r = PQexec(c->pg, "SET client_min_messages = warning; SET bytea_output = hex;"
+                                " SELECT pg_backend_pid()");
+    c->pooled = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 &&
+                atoi(PQgetvalue(r, 0, 0)) != PQbackendPID(c->pg);
     PQclear(r);
 }
 
@@ -361,7 +372,7 @@ pup_conn *pup_conn_open(const char *url, pup_error *err) {
         return NULL;
     }
     PQsetNoticeProcessor(c->pg, notice_line, NULL);
-    session_defaults(c->pg);
+    session_defaults(c);
     return c;
 }
 
@@ -401,7 +412,79 @@ int pup_conn_reset(pup_conn *c, pup_error *err) {
     c->failed = 0;
     c->replan = 0;
     if (PQstatus(c->pg) != CONNECTION_OK) return pup_error_from_pg(err, c->pg, NULL);
-    session_defaults(c->pg);
+    session_defaults(c);
+    return 0;
+}
+
+int pup_conn_pooled(const pup_conn *c) { return c->pooled; }
+
+/* A second connection with this one's options (libpq's, never printed); NULL if it fails. */
+static PGconn *connect_alike(pup_conn *c) {
+    PQconninfoOption *opts = PQconninfo(c->pg);
+    if (!opts) return NULL;
+    size_t n = 0;
+    for (PQconninfoOption *o = opts; o->keyword; o++) n++;
+    const char **keys = calloc(n + 1, sizeof *keys), **vals = calloc(n + 1, sizeof *vals);
+    PGconn *pg = NULL;
+    if (keys && vals) {
+        size_t k = 0;
+        for (PQconninfoOption *o = opts; o->keyword; o++)
+            if (o->val) {
+                keys[k] = o->keyword;
+                vals[k++] = o->val;
+            }
+        pg = PQconnectdbParams(keys, vals, 0);
+    }
+    free(keys);
+    free(vals);
+    PQconninfoFree(opts);
+    return pg;
+}
+
+int pup_conn_require_session(pup_conn *c, pup_error *err) {
+    if (!c->pooled || c->probed == c->session + 1) return 0;
+    /* A setting of this session, then a second client of the same pool: in transaction
+     * (or statement) pooling it is handed the server connection this one just released
+     * (PgBouncer reuses the last released one first) and sees the setting. */
+    char marker[64], sql[160];
+    snprintf(marker, sizeof marker, "%d-%ld-%lx", PQbackendPID(c->pg), (long)getpid(), (unsigned long)random());
+    snprintf(sql, sizeof sql, "SELECT set_config('pupsourcing.session_probe', '%s', false)", marker);
+    if (pup_conn_command(c, sql, err) < 0) return -1;
+    PGconn *other = connect_alike(c);
+    int shared = 0;
+    /* A full session pool makes the second client wait for a server connection: after
+     * 5 s that is taken as session pooling (transaction pooling had one free). */
+    if (other && PQstatus(other) == CONNECTION_OK &&
+        PQsendQuery(other, "SELECT current_setting('pupsourcing.session_probe', true)")) {
+        struct pollfd f = {.fd = PQsocket(other), .events = POLLIN};
+        while (PQconsumeInput(other) && PQisBusy(other) && poll(&f, 1, 5000) > 0) {
+        }
+        PGresult *r;
+        while (!PQisBusy(other) && (r = PQgetResult(other)) != NULL) {
+            shared |= PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 &&
+                      strcmp(PQgetvalue(r, 0, 0), marker) == 0;
+            PQclear(r);
+        }
+    }
+    PQfinish(other);
+    pup_conn_command(c, "SELECT set_config('pupsourcing.session_probe', '', false)", NULL);
+    if (shared) {
+        char target[512];
+        describe(target, sizeof target, c->pg);
+        return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT,
+                             "%s goes through a connection pooler in transaction pooling mode: session "
+                             "state (advisory locks, LISTEN, prepared statements) does not survive a transaction "
+                             "there, and a processor holds its partition by them; connect processors directly to PostgreSQL or through a "
+                             "pool in session mode (e.g. PgBouncer pool_mode=session); appenders may stay on "
+                             "transaction pooling", target);
+    }
+    /* Session pooling: the session is ours, named statements are safe. Those described
+     * so far have no name on the server: prepared again, named, when next used. */
+    c->pooled = 0;
+    c->probed = c->session + 1;
+    for (int i = 0; i < c->nstmts; i++) stmt_free(&c->stmts[i]);
+    stmt_free(&c->unnamed);
+    c->nstmts = 0;
     return 0;
 }
 
@@ -541,6 +624,24 @@ static int drain(pup_conn *c, pup_error *err) {
     return read_pending(c, err);
 }
 
+/* Queues st: by name, or behind a pooler as its text with the described types. */
+static int send_stmt(pup_conn *c, const pup_stmt *st, const pup_params *p, int binary_result) {
+    if (c->pooled)
+        return PQsendQueryParams(c->pg, st->sql, p ? p->n : 0, st->param_types, p ? p->values : NULL,
+                                 p ? p->lengths : NULL, p ? p->formats : NULL, binary_result);
+    return PQsendQueryPrepared(c->pg, st->name, p ? p->n : 0, p ? p->values : NULL, p ? p->lengths : NULL,
+                               p ? p->formats : NULL, binary_result);
+}
+
+/* Runs st outside pipeline mode, as send_stmt sends it. */
+static PGresult *exec_stmt(pup_conn *c, const pup_stmt *st, const pup_params *p, int binary_result) {
+    if (c->pooled)
+        return PQexecParams(c->pg, st->sql, p ? p->n : 0, st->param_types, p ? p->values : NULL,
+                            p ? p->lengths : NULL, p ? p->formats : NULL, binary_result);
+    return PQexecPrepared(c->pg, st->name, p ? p->n : 0, p ? p->values : NULL, p ? p->lengths : NULL,
+                          p ? p->formats : NULL, binary_result);
+}
+
 int pup_conn_send(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_error *err) {
     if (!pup_conn_in_pipeline(c)) {
         PGresult *r = pup_conn_exec(c, st, p, 0, err);
@@ -549,8 +650,7 @@ int pup_conn_send(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_erro
         return 0;
     }
     if (c->npending >= PIPELINE_WINDOW && drain(c, err) < 0) return -1;
-    if (!PQsendQueryPrepared(c->pg, st->name, p ? p->n : 0, p ? p->values : NULL,
-                             p ? p->lengths : NULL, p ? p->formats : NULL, 0)) {
+    if (!send_stmt(c, st, p, 0)) {
         pup_error_from_pg(err, c->pg, NULL);
         note_failure(c, err, c->tag);
         return -1;
@@ -576,16 +676,43 @@ int pup_conn_pipeline_end(pup_conn *c, pup_error *err, long *failed_tag) {
 
 /* ---- statements ---- */
 
+/* Behind a pooler: Parse and Describe of the unnamed statement under one Sync, so both
+ * reach the same server connection. The Describe's result, or the first failure. */
+static PGresult *describe_unnamed(pup_conn *c, const char *sql) {
+    if (!PQenterPipelineMode(c->pg)) return NULL;
+    PGresult *out = NULL, *r;
+    if (PQsendPrepare(c->pg, "", sql, 0, NULL) && PQsendDescribePrepared(c->pg, "") && PQpipelineSync(c->pg)) {
+        for (int i = 0; i < 2 && (r = PQgetResult(c->pg)) != NULL; i++) { /* prepare, describe */
+            if (!out && (i == 1 || PQresultStatus(r) != PGRES_COMMAND_OK)) out = r;
+            else PQclear(r);
+            PQclear(PQgetResult(c->pg)); /* the NULL that ends each one's results */
+        }
+        while ((r = PQgetResult(c->pg)) != NULL) { /* up to the sync */
+            int sync = PQresultStatus(r) == PGRES_PIPELINE_SYNC;
+            PQclear(r);
+            if (sync) break;
+        }
+    }
+    PQexitPipelineMode(c->pg);
+    return out;
+}
+
 static int prepare_into(pup_conn *c, pup_stmt *s, const char *name, const char *sql,
                         pup_error *err) {
-    PGresult *r = PQprepare(c->pg, name, sql, 0, NULL);
-    if (PQresultStatus(r) != PGRES_COMMAND_OK) {
-        pup_error_from_pg(err, c->pg, r);
+    PGresult *r;
+    if (c->pooled) {
+        name = "";
+        r = describe_unnamed(c, sql);
+    } else {
+        r = PQprepare(c->pg, name, sql, 0, NULL);
+        if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+            pup_error_from_pg(err, c->pg, r);
+            PQclear(r);
+            return -1;
+        }
         PQclear(r);
-        return -1;
+        r = PQdescribePrepared(c->pg, name);
     }
-    PQclear(r);
-    r = PQdescribePrepared(c->pg, name);
     if (PQresultStatus(r) != PGRES_COMMAND_OK) {
         pup_error_from_pg(err, c->pg, r);
         PQclear(r);
@@ -632,8 +759,7 @@ static int is_copy(const char *s) {
 /* Forgets every cached statement, on the server too (after a plan went stale). Only
  * outside a transaction: an aborted one refuses DEALLOCATE. */
 static void forget_statements(pup_conn *c) {
-    PGresult *r = PQexec(c->pg, "DEALLOCATE ALL");
-    PQclear(r);
+    if (!c->pooled) PQclear(PQexec(c->pg, "DEALLOCATE ALL"));
     for (int i = 0; i < c->nstmts; i++) stmt_free(&c->stmts[i]);
     stmt_free(&c->unnamed);
     c->nstmts = 0;
@@ -696,8 +822,7 @@ PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
             if (err) *err = c->failure;
             return NULL;
         }
-        if (!PQsendQueryPrepared(c->pg, st->name, p ? p->n : 0, p ? p->values : NULL,
-                                 p ? p->lengths : NULL, p ? p->formats : NULL, binary_result) ||
+        if (!send_stmt(c, st, p, binary_result) ||
             !PQsendFlushRequest(c->pg) || PQflush(c->pg) < 0) {
             pup_error_from_pg(err, c->pg, NULL);
             note_failure(c, err, c->tag);
@@ -707,8 +832,7 @@ PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
         PGresult *extra;
         while ((extra = PQgetResult(c->pg)) != NULL) PQclear(extra);
     } else {
-        r = PQexecPrepared(c->pg, st->name, p ? p->n : 0, p ? p->values : NULL,
-                           p ? p->lengths : NULL, p ? p->formats : NULL, binary_result);
+        r = exec_stmt(c, st, p, binary_result);
         /* Outside a transaction the failed statement had no effect: prepare it again
          * (forgetting the others, which may be stale too) and run it once more. */
         if (stale_plan(r) && PQtransactionStatus(c->pg) == PQTRANS_IDLE) {
@@ -718,8 +842,7 @@ PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
             free(sql);
             if (fresh) {
                 PQclear(r);
-                r = PQexecPrepared(c->pg, fresh->name, p ? p->n : 0, p ? p->values : NULL,
-                                   p ? p->lengths : NULL, p ? p->formats : NULL, binary_result);
+                r = exec_stmt(c, fresh, p, binary_result);
             }
         }
     }

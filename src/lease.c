@@ -543,6 +543,7 @@ static int static_settle(pup_processor *p, int now, pup_error *err) {
 
 int pup_processor_acquire(pup_processor *p, int *acquired, pup_error *err) {
     int rc = 0;
+    if (pup_conn_require_session(p->conn, err) < 0) return pup_proc_context(p, err); /* not behind transaction pooling */
     if (p->session != pup_conn_session(p->conn)) { /* reconnected: lock, LISTEN, leases gone */
         p->session = pup_conn_session(p->conn);
         p->locked = p->listening = 0;

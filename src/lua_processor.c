@@ -37,6 +37,7 @@ typedef struct lproc {
     int proj_ref, tx_ref, db_ref, store_ref;
     pup_processor_stats *shared; /* runner's copy of the stats, or NULL */
     int json_log;
+    int lifecycle;          /* log the lifecycle records too (the runner was given a log_format) */
     int running;            /* inside run/run_once: close() and nested runs raise */
     int handler_timeout_ms; /* per-event limit on handler run time; 0 = none */
     int reactor;            /* kind = "reactor": handle(event), no tx */
@@ -429,6 +430,12 @@ static void share_progress(void *ud, const pup_processor *p) {
     __atomic_store_n(&lp->shared->standby, s.standby, __ATOMIC_RELAXED);
     __atomic_store_n(&lp->shared->held, s.held, __ATOMIC_RELAXED);
     __atomic_store_n(&lp->shared->retries, s.retries, __ATOMIC_RELAXED);
+    __atomic_store_n(&lp->shared->handler_errors, s.handler_errors, __ATOMIC_RELAXED);
+    __atomic_store_n(&lp->shared->oldest_pending_ms, s.oldest_pending_ms, __ATOMIC_RELAXED);
+    for (int b = 0; b <= PUP_BATCH_BUCKETS; b++)
+        __atomic_store_n(&lp->shared->batch_buckets[b], s.batch_buckets[b], __ATOMIC_RELAXED);
+    __atomic_store_n(&lp->shared->batch_us, s.batch_us, __ATOMIC_RELAXED);
+    __atomic_store_n(&lp->shared->batch_started_ms, s.batch_started_ms, __ATOMIC_RELAXED);
 }
 
 /* Writes s as the inside of a JSON string into buf: quotes, backslashes and control
@@ -465,21 +472,87 @@ static void json_escape(char *buf, size_t size, const char *s) {
     buf[n] = '\0';
 }
 
+/* t (Unix seconds) as RFC 3339 in UTC with milliseconds: 2026-11-30T02:51:31.123Z. */
+static void rfc3339(char *buf, size_t size, double t) {
+    time_t secs = (time_t)t;
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    unsigned ms = (unsigned)((t - (double)secs) * 1000) % 1000;
+    size_t n = strftime(buf, size, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(buf + n, size - n, ".%03uZ", ms);
+}
+
+static double wall_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
 void pup_lua_log_line(int json, const char *level, const char *prefix, const char *msg) {
     if (!json) {
         fprintf(stderr, "pupsourcing: %s%s\n", prefix, msg);
         return;
     }
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    char buf[2600];
+    char buf[2600], now[40];
     json_escape(buf, sizeof buf, msg);
-    fprintf(stderr, "{\"time\":%.3f,\"level\":\"%s\",\"msg\":\"%s%s\"}\n", (double)ts.tv_sec + ts.tv_nsec / 1e9,
-            level, prefix, buf);
+    rfc3339(now, sizeof now, wall_now());
+    fprintf(stderr, "{\"time\":\"%s\",\"level\":\"%s\",\"msg\":\"%s%s\"}\n", now, level, prefix, buf);
 }
 
-/* Log lines of the loop. They tell of changes no batch reports (standby, took over, a
- * retry), so the runner's copy of the stats is refreshed too. */
+/* Appends ,"key":"escaped value" to the line being built in buf (n bytes used). */
+static size_t json_field(char *buf, size_t size, size_t n, const char *key, const char *value) {
+    char esc[2600];
+    json_escape(esc, sizeof esc, value);
+    if (n < size) n += (size_t)snprintf(buf + n, size - n, ",\"%s\":\"%s\"", key, esc);
+    return n;
+}
+
+/* Records of the loop, as text or one JSON object with their fields. They tell of changes
+ * no batch reports (standby, took over, a retry), so the runner's copy of the stats is
+ * refreshed too. */
+static void log_record(void *ud, const pup_log_rec *rec) {
+    lproc *lp = ud;
+    share_progress(lp, lp->p);
+    if (rec->lifecycle && !lp->lifecycle) return;
+    if (!lp->json_log) {
+        fprintf(stderr, "pupsourcing: %s\n", rec->msg);
+        return;
+    }
+    char line[8192], t[40];
+    size_t n = 0, size = sizeof line - 2;
+    rfc3339(t, sizeof t, wall_now());
+    n += (size_t)snprintf(line, size, "{\"time\":\"%s\",\"level\":\"%s\",\"event\":\"%s\"", t, rec->level, rec->event);
+    n = json_field(line, size, n, "projection", rec->projection);
+    if (rec->group) {
+        n = json_field(line, size, n, "partition", "group");
+        n = json_field(line, size, n, "worker", rec->worker);
+        if (n < size) n += (size_t)snprintf(line + n, size - n, ",\"partitions_held\":%d", rec->held);
+    } else if (n < size)
+        n += (size_t)snprintf(line + n, size - n, ",\"partition\":%d", rec->partition);
+    if (n < size)
+        n += (size_t)snprintf(line + n, size - n, ",\"total_partitions\":%d,\"position\":%lld", rec->total_partitions,
+                              rec->position);
+    if (rec->err) {
+        n = json_field(line, size, n, "error", rec->err->message);
+        n = json_field(line, size, n, "code", pup_code_name(rec->err->code));
+        if (rec->err->sqlstate[0]) n = json_field(line, size, n, "sqlstate", rec->err->sqlstate);
+    }
+    if (strcmp(rec->event, "retry") == 0 && n < size)
+        n += (size_t)snprintf(line + n, size - n, ",\"retry_in_ms\":%d", rec->retry_in_ms);
+    if (rec->hole && n < size) n += (size_t)snprintf(line + n, size - n, ",\"hole_position\":%lld", rec->hole);
+    if (rec->hole_since > 0) {
+        rfc3339(t, sizeof t, rec->hole_since);
+        n = json_field(line, size, n, "hole_since", t);
+    }
+    if (rec->reason) n = json_field(line, size, n, "reason", rec->reason);
+    n = json_field(line, size, n, "msg", rec->msg);
+    if (n >= size) n = size - 1; /* cut: still one line, closed below */
+    line[n++] = '}';
+    line[n] = '\0';
+    fprintf(stderr, "%s\n", line);
+}
+
+/* A plain line of ours (no record), e.g. the signalfd warning. */
 static void log_line(void *ud, const char *line) {
     lproc *lp = ud;
     share_progress(lp, lp->p);
@@ -507,7 +580,7 @@ static int run_loop(lua_State *L, lproc *lp, int stop_fd, int once) {
     pup_processor_stats before;
     pup_processor_stats_get(lp->p, &before);
     pup_run_opts o = {.stop_fd = stop_fd, .once = once, .progress = share_progress,
-                      .log = log_line, .ud = lp};
+                      .log = log_line, .record = log_record, .ud = lp};
     pup_error err;
     lua_rawgeti(L, LUA_REGISTRYINDEX, lp->db_ref);
     PGconn *pg = pup_conn_pg(pup_lua_checkconn(L, -1));
@@ -573,16 +646,18 @@ static int proc_run(lua_State *L) {
     return n;
 }
 
-/* processor:_run_fd(fd, once, shared_stats, json_log) -- the runner's entry (no signal
- * handling); shared_stats is nil or the runner's PUP_STATS_MT box. */
+/* processor:_run_fd(fd, once, shared_stats, log) -- the runner's entry (no signal
+ * handling); shared_stats is nil or the runner's PUP_STATS_MT box; log is nil (lines as
+ * before, no lifecycle records), "text" or "json". */
 static int proc_run_fd(lua_State *L) {
     int fd = (int)luaL_checkinteger(L, 2);
     int once = lua_toboolean(L, 3);
     pup_processor_stats **box = lua_isnoneornil(L, 4) ? NULL : luaL_checkudata(L, 4, PUP_STATS_MT);
-    int json = lua_toboolean(L, 5);
+    const char *log = lua_tostring(L, 5);
     lproc *lp = begin_run(L);
     lp->shared = box ? *box : NULL;
-    lp->json_log = json;
+    lp->json_log = log && strcmp(log, "json") == 0;
+    lp->lifecycle = log != NULL;
     return run_loop(L, lp, fd, once);
 }
 
@@ -601,6 +676,14 @@ static int proc_stats(lua_State *L) {
     lua_pushboolean(L, s.standby);
     lua_setfield(L, -2, "standby");
     return 1;
+}
+
+/* pup._log_line(json, level, msg): the CLI's own lines, as pup_lua_log_line writes them. */
+static int l_log_line(lua_State *L) {
+    int json = lua_toboolean(L, 1);
+    const char *level = luaL_checkstring(L, 2), *msg = luaL_checkstring(L, 3);
+    pup_lua_log_line(json, level, "", msg);
+    return 0;
 }
 
 void pup_lua_open_processor(lua_State *L) {
@@ -624,4 +707,6 @@ void pup_lua_open_processor(lua_State *L) {
     lua_setfield(L, -2, "limits");
     lua_pushcfunction(L, l_processor);
     lua_setfield(L, -2, "processor");
+    lua_pushcfunction(L, l_log_line);
+    lua_setfield(L, -2, "_log_line");
 }

@@ -51,6 +51,7 @@ struct runner {
     char *url, *events, *heads, *checkpoints, *path, *cpath;
     int batch_size, poll_ms, once, json_log, handler_timeout_ms, group;
     int fail_fast; /* a handler failure stops every worker, not only its own */
+    char *log_format; /* as given ("text", "json"), or NULL: no lifecycle lines */
     int lease_ttl_ms; /* 0: the processor's default */
     int stop[2];
     pup_metrics *metrics; /* bound by pup.runner, serving during run() */
@@ -152,7 +153,7 @@ static void *worker_main(void *arg) {
         push_opt(L, r->events);
         push_opt(L, r->heads);
         push_opt(L, r->checkpoints);
-        lua_pushboolean(L, r->json_log);
+        push_opt(L, r->log_format);
         if (r->handler_timeout_ms > 0) lua_pushnumber(L, r->handler_timeout_ms / 1000.0);
         else lua_pushnil(L);
         lua_pushboolean(L, r->group);
@@ -215,6 +216,7 @@ static int runner_gc(lua_State *L) {
     free(r->checkpoints);
     free(r->path);
     free(r->cpath);
+    free(r->log_format);
     if (r->stop[0] >= 0) close(r->stop[0]);
     if (r->stop[1] >= 0) close(r->stop[1]);
     pup_metrics_free(r->metrics);
@@ -280,6 +282,8 @@ static int l_runner(lua_State *L) {
         if (!fmt || (strcmp(fmt, "json") != 0 && strcmp(fmt, "text") != 0))
             luaL_error(L, "runner option log_format must be \"text\" or \"json\"");
         r->json_log = strcmp(fmt, "json") == 0;
+        r->log_format = strdup(fmt);
+        if (!r->log_format) luaL_error(L, "out of memory");
     }
     lua_pop(L, 1);
     if (lua_getfield(L, 1, "store") == LUA_TTABLE) {
@@ -321,7 +325,7 @@ static int l_runner(lua_State *L) {
 /* Progress on a terminal, rewritten in place: per projection its lowest position, the
  * head, events handled per second and the time left at the current pace. */
 static void show_progress(runner *r, double elapsed, int final) {
-    if (!isatty(2)) return;
+    if (!isatty(2) || r->json_log) return; /* JSON logs: nothing but JSON lines */
     char line[1024];
     size_t n = 0;
     for (int i = 0; i < r->n && n < sizeof line - 128; i++) {
@@ -402,8 +406,9 @@ typedef struct worker_view {
     char name[256], partition[16];
     pup_processor_stats s;
     int running, failed, handler_failed;
-    long long hole;
-    double hole_age;
+    long long hole, handler_errors;
+    double hole_age, lag_seconds, batch_running;
+    long long batch_buckets[PUP_BATCH_BUCKETS + 1], batch_us;
 } worker_view;
 
 static void view_worker(runner *r, worker *w, double now, worker_view *v) {
@@ -413,9 +418,18 @@ static void view_worker(runner *r, worker *w, double now, worker_view *v) {
     v->s.standby = __atomic_load_n(&w->stats.standby, __ATOMIC_RELAXED);
     v->s.held = __atomic_load_n(&w->stats.held, __ATOMIC_RELAXED);
     v->s.retries = __atomic_load_n(&w->stats.retries, __ATOMIC_RELAXED);
+    v->handler_errors = __atomic_load_n(&w->stats.handler_errors, __ATOMIC_RELAXED);
+    long long oldest = __atomic_load_n(&w->stats.oldest_pending_ms, __ATOMIC_RELAXED);
+    v->lag_seconds = oldest > 0 && now > oldest / 1000.0 ? now - oldest / 1000.0 : 0;
+    for (int b = 0; b <= PUP_BATCH_BUCKETS; b++)
+        v->batch_buckets[b] = __atomic_load_n(&w->stats.batch_buckets[b], __ATOMIC_RELAXED);
+    v->batch_us = __atomic_load_n(&w->stats.batch_us, __ATOMIC_RELAXED);
+    long long started = __atomic_load_n(&w->stats.batch_started_ms, __ATOMIC_RELAXED);
+    v->batch_running = started > 0 && now > started / 1000.0 ? now - started / 1000.0 : 0;
     v->running = __atomic_load_n(&w->running, __ATOMIC_ACQUIRE);
     v->failed = __atomic_load_n(&w->failed, __ATOMIC_ACQUIRE); /* then code and error are set */
     v->handler_failed = v->failed && w->code == PUP_ERR_HANDLER;
+    if (v->handler_errors < v->handler_failed) v->handler_errors = 1; /* failed before the loop counted it */
     pthread_mutex_lock(&r->mu);
     snprintf(v->name, sizeof v->name, "%s", w->name[0] ? w->name : w->file);
     v->hole = w->hole;
@@ -426,14 +440,17 @@ static void view_worker(runner *r, worker *w, double now, worker_view *v) {
 }
 
 /* The families of /metrics, in the order shown. */
-enum { M_POSITION, M_HEAD, M_LAG, M_HANDLED, M_ERRORS, M_RETRIES, M_HOLE, M_HOLE_AGE, M_STANDBY, M_HELD, M_RUNNING,
-       M_COUNT };
+enum { M_POSITION, M_HEAD, M_LAG, M_LAG_SECONDS, M_BATCH_RUNNING, M_HANDLED, M_ERRORS, M_RETRIES, M_HOLE,
+       M_HOLE_AGE, M_STANDBY, M_HELD, M_RUNNING, M_COUNT };
 static const struct {
     const char *name, *type, *help;
 } families[M_COUNT] = {
     {"pupsourcing_position", "gauge", "Checkpoint: the last log position this partition has passed."},
     {"pupsourcing_head", "gauge", "The log head seen by the partition's last batch."},
     {"pupsourcing_lag_events", "gauge", "Log positions between the checkpoint and the head seen (head - position)."},
+    {"pupsourcing_lag_seconds", "gauge",
+     "Age of the first event after the checkpoint (now - its created_at; 0 when the last batch reached the head)."},
+    {"pupsourcing_batch_running_seconds", "gauge", "How long the batch in progress has run (0 between batches)."},
     {"pupsourcing_events_handled_total", "counter", "Events given to the handler since the process started."},
     {"pupsourcing_handler_errors_total", "counter", "Handler failures that stopped the worker (the others go on unless --fail-fast)."},
     {"pupsourcing_retries_total", "counter", "Transient failures retried (lost connection, serialization failure, ...)."},
@@ -443,6 +460,31 @@ static const struct {
     {"pupsourcing_partitions_held", "gauge", "Partitions this worker holds (a group worker may hold several)."},
     {"pupsourcing_running", "gauge", "1 while the worker's processor runs; 0 before it starts, after it stopped or failed."},
 };
+
+/* pupsourcing_batch_duration_seconds: cumulative buckets, +Inf, sum and count per worker. */
+static void render_batch_histogram(pup_metrics_buf *b, const worker_view *v, int n) {
+    static const double bounds[PUP_BATCH_BUCKETS] = PUP_BATCH_BUCKET_BOUNDS;
+    const char *name = "pupsourcing_batch_duration_seconds";
+    pup_metrics_family(b, name, "histogram", "Duration of committed batches that moved the checkpoint.");
+    for (int i = 0; i < n; i++) {
+        long long cum = 0;
+        for (int k = 0; k <= PUP_BATCH_BUCKETS; k++) {
+            cum += v[i].batch_buckets[k];
+            pup_metrics_printf(b, "%s_bucket{", name);
+            pup_metrics_label(b, 1, "projection", v[i].name);
+            pup_metrics_label(b, 0, "partition", v[i].partition);
+            if (k < PUP_BATCH_BUCKETS) pup_metrics_printf(b, ",le=\"%g\"} %lld\n", bounds[k], cum);
+            else pup_metrics_printf(b, ",le=\"+Inf\"} %lld\n", cum);
+        }
+        for (int k = 0; k < 2; k++) {
+            pup_metrics_printf(b, "%s_%s{", name, k ? "count" : "sum");
+            pup_metrics_label(b, 1, "projection", v[i].name);
+            pup_metrics_label(b, 0, "partition", v[i].partition);
+            if (k) pup_metrics_printf(b, "} %lld\n", cum);
+            else pup_metrics_printf(b, "} %.6f\n", v[i].batch_us / 1e6);
+        }
+    }
+}
 
 static void render_metrics(void *ud, pup_metrics_buf *b) {
     runner *r = ud;
@@ -465,12 +507,15 @@ static void render_metrics(void *ud, pup_metrics_buf *b) {
             pup_metrics_label(b, 1, "projection", x->name);
             pup_metrics_label(b, 0, "partition", x->partition);
             long long lag = x->s.head > x->s.position ? x->s.head - x->s.position : 0;
-            long long val[M_COUNT] = {x->s.position, x->s.head, lag, x->s.handled, x->handler_failed, x->s.retries,
-                                      x->hole, 0, x->s.standby, x->s.held, x->running};
+            long long val[M_COUNT] = {x->s.position, x->s.head, lag, 0, 0, x->s.handled, x->handler_errors,
+                                      x->s.retries, x->hole, 0, x->s.standby, x->s.held, x->running};
             if (f == M_HOLE_AGE) pup_metrics_printf(b, "} %.3f\n", x->hole_age);
+            else if (f == M_LAG_SECONDS) pup_metrics_printf(b, "} %.3f\n", x->lag_seconds);
+            else if (f == M_BATCH_RUNNING) pup_metrics_printf(b, "} %.3f\n", x->batch_running);
             else pup_metrics_printf(b, "} %lld\n", val[f]);
         }
     }
+    render_batch_histogram(b, v, r->n);
     free(v);
     pup_metrics_family(b, "pupsourcing_connections", "gauge", "Database connections of running workers (one each).");
     pup_metrics_printf(b, "pupsourcing_connections %d\n", connections);
@@ -533,11 +578,9 @@ static int runner_run(lua_State *L) {
             pup_lua_unblock_signals(&old);
             return pup_lua_push_error(L, &e);
         }
-        if (r->json_log)
-            fprintf(stderr, "{\"time\":%.3f,\"level\":\"info\",\"msg\":\"metrics on http://%s/metrics and /healthz\"}\n",
-                    realtime(), pup_metrics_address(r->metrics));
-        else
-            fprintf(stderr, "pupsourcing: metrics on http://%s/metrics and /healthz\n", pup_metrics_address(r->metrics));
+        char msg[400];
+        snprintf(msg, sizeof msg, "metrics on http://%s/metrics and /healthz", pup_metrics_address(r->metrics));
+        pup_lua_log_line(r->json_log, "info", "", msg);
     }
     int start_err = 0;
     worker *unstarted = NULL;
@@ -559,15 +602,10 @@ static int runner_run(lua_State *L) {
         int sig = sigtimedwait(&set, NULL, &ts);
         if (sig > 0 && !stopping) {
             stopping = interrupted = 1;
-            const char *name = sig == SIGINT ? "SIGINT" : "SIGTERM";
-            struct timespec now_ts;
-            clock_gettime(CLOCK_REALTIME, &now_ts);
-            if (r->json_log)
-                fprintf(stderr, "{\"time\":%.3f,\"level\":\"info\",\"msg\":\"%s received, finishing the current batches\"}\n",
-                        (double)now_ts.tv_sec + now_ts.tv_nsec / 1e9, name);
-            else
-                fprintf(stderr, "%spupsourcing: %s received, finishing the current batches\n",
-                        isatty(2) ? "\n" : "", name);
+            char msg[80];
+            snprintf(msg, sizeof msg, "%s received, finishing the current batches", sig == SIGINT ? "SIGINT" : "SIGTERM");
+            if (!r->json_log && isatty(2)) fputc('\n', stderr); /* off the progress line */
+            pup_lua_log_line(r->json_log, "info", "", msg);
             if (write(r->stop[1], "x", 1) < 0) {
             }
         }

@@ -124,6 +124,18 @@ int pup_conn_ok(pup_conn *c);
  * session settings) is gone when it differs from the value seen when taking it. */
 unsigned long pup_conn_session(const pup_conn *c);
 
+/* True when the connection goes through a connection pooler (PgBouncer, ...): libpq was
+ * given a backend pid that is not the server's. Such a connection prepares no named
+ * statements (a transaction-mode pool runs each transaction on any server connection):
+ * every statement is sent as text, unnamed, with the parameter types described once. */
+int pup_conn_pooled(const pup_conn *c);
+
+/* For holders of session state (processors: advisory locks, LISTEN): 0 on a direct
+ * connection or a pool in session mode (after which named statements are used again);
+ * -1 with a clear error (invalid_argument) behind transaction or statement pooling.
+ * Behind a pooler it probes with a second connection, once per session. */
+int pup_conn_require_session(pup_conn *c, pup_error *err);
+
 /* Returns the cached statement for sql, preparing and describing it on first use.
  * Inside pipeline mode the queue is synced first (see pup_conn_pipeline_*). COPY is
  * refused (PUP_ERR_INVALID_ARGUMENT). NULL on error. */

@@ -115,7 +115,7 @@ int pup_lua_handler_deadline(lua_State *L, double *left, int *limit_ms);
 void pup_lua_unblock_signals(const sigset_t *old);
 
 /* One log line on stderr: "pupsourcing: <prefix><msg>", or with json set one JSON object
- * {"time", "level", "msg"}. */
+ * {"time" (RFC 3339, UTC), "level", "msg"}. */
 void pup_lua_log_line(int json, const char *level, const char *prefix, const char *msg);
 
 

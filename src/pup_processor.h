@@ -96,6 +96,32 @@ void pup_processor_release(pup_processor *p);
 int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int *waiting,
                         pup_error *err);
 
+/* One log record of pup_processor_run: what happened (event), the line text logs show
+ * (msg) and the fields a structured log adds. Events: "start", "layout" (a group's
+ * partition count changed), "lease_gained", "lease_lost", "standby", "retry" (err,
+ * retry_in_ms), "reconnected", "hole" (waited on longer than PUP_HOLE_LOG_SECONDS),
+ * "hole_passed", "stop" (reason, err when it failed). Lifecycle records (start, layout,
+ * a first lease, hole, stop) are new lines a caller may leave out; the others are the
+ * lines pup_processor_run always logged. */
+#define PUP_HOLE_LOG_SECONDS 5
+typedef struct pup_log_rec {
+    const char *level; /* "info", "warning", "error" */
+    const char *event;
+    const char *msg;
+    int lifecycle;
+    const char *projection;
+    int group;          /* a group worker: partition is meaningless, worker and held tell */
+    int partition, total_partitions;
+    const char *worker; /* owner id (host/pid/random) */
+    int held;
+    long long position; /* the checkpoint */
+    const pup_error *err;           /* retry, stop after a failure; else NULL */
+    int retry_in_ms;                /* retry */
+    long long hole;                 /* hole, hole_passed: its first position */
+    double hole_since;              /* hole, hole_passed: Unix seconds */
+    const char *reason;             /* stop */
+} pup_log_rec;
+
 /* Runs batches until stopped: reads stop_fd (readable = stop) between batches and
  * while idle waits for a NOTIFY or the poll interval. Retries transient failures with
  * capped backoff (reconnecting in place), takes over as standby when needed. With
@@ -105,9 +131,15 @@ typedef struct pup_run_opts {
     int once;
     void (*progress)(void *ud, const pup_processor *p); /* after each batch; may be NULL */
     void (*log)(void *ud, const char *line);            /* may be NULL: stderr */
+    void (*record)(void *ud, const pup_log_rec *rec);   /* instead of log when set */
     void *ud;
 } pup_run_opts;
 int pup_processor_run(pup_processor *p, const pup_run_opts *o, pup_error *err);
+
+/* Upper bounds (seconds) of the batch duration histogram's buckets; one more bucket
+ * counts the batches above the last. */
+#define PUP_BATCH_BUCKET_BOUNDS {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
+#define PUP_BATCH_BUCKETS 11
 
 /* Counters for progress and reports. */
 typedef struct pup_processor_stats {
@@ -118,6 +150,17 @@ typedef struct pup_processor_stats {
     int standby;
     int held;            /* partitions held */
     long long retries;   /* transient failures retried by pup_processor_run */
+    long long handler_errors; /* handler failures seen by pup_processor_run */
+    /* created_at (Unix ms) of the first event after the checkpoint, as the last batch saw
+     * it (the next one in its window, else its last while the head is beyond); 0 when the
+     * batch reached the head. The lag in seconds is now minus this. */
+    long long oldest_pending_ms;
+    /* Committed batches that moved the checkpoint: how many took at most bound i of
+     * PUP_BATCH_BUCKET_BOUNDS (each counted in its own bucket only; the last is above
+     * every bound), and their total duration in microseconds. */
+    long long batch_buckets[PUP_BATCH_BUCKETS + 1];
+    long long batch_us;
+    long long batch_started_ms; /* Unix ms when the batch in progress began; 0 between batches */
 } pup_processor_stats;
 void pup_processor_stats_get(const pup_processor *p, pup_processor_stats *s);
 const pup_projection_cfg *pup_processor_cfg(const pup_processor *p);

@@ -23,15 +23,53 @@ int pup_proc_listen(pup_processor *p, pup_error *err) {
     return 0;
 }
 
-static void logf_(const pup_run_opts *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void logf_(const pup_run_opts *o, const char *fmt, ...) {
+/* Logs rec (its event, level and extra fields set by the caller) with the processor's
+ * fields and the printf-style text: to o->record, else (lifecycle records left out) to
+ * o->log or stderr. The one log function of the loop. */
+static void plog(pup_processor *p, const pup_run_opts *o, pup_log_rec *rec, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void plog(pup_processor *p, const pup_run_opts *o, pup_log_rec *rec, const char *fmt, ...) {
     char line[1200];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(line, sizeof line, fmt, ap);
     va_end(ap);
-    if (o->log) o->log(o->ud, line);
+    rec->msg = line;
+    if (!rec->level) rec->level = "info";
+    rec->projection = p->name;
+    rec->group = p->cfg.group;
+    rec->partition = p->cfg.partition_key;
+    rec->total_partitions = p->cfg.group ? p->total : p->cfg.total_partitions;
+    rec->worker = p->owner;
+    rec->held = p->nheld;
+    rec->position = p->stats.position;
+    if (o->record) o->record(o->ud, rec);
+    else if (rec->lifecycle) return;
+    else if (o->log) o->log(o->ud, line);
     else fprintf(stderr, "pupsourcing: %s\n", line);
+}
+
+/* "projection X partition k/N" or "projection X (group worker W)", for log lines. */
+static const char *who(const pup_processor *p, char *buf, size_t size) {
+    if (p->cfg.group) snprintf(buf, size, "projection %s (group worker %s)", p->name, p->owner);
+    else snprintf(buf, size, "projection %s partition %d/%d", p->name, p->cfg.partition_key, p->cfg.total_partitions);
+    return buf;
+}
+
+/* A hole waited on longer than PUP_HOLE_LOG_SECONDS, logged once; and its passing. */
+static void note_hole(pup_processor *p, const pup_run_opts *o, long long *told) {
+    char w[400];
+    if (p->wait_lo && *told != p->wait_lo && pup_proc_now() - p->wait_since >= PUP_HOLE_LOG_SECONDS) {
+        pup_log_rec rec = {.level = "warning", .event = "hole", .lifecycle = 1, .hole = p->wait_lo,
+                           .hole_since = p->wait_since};
+        plog(p, o, &rec, "%s: waiting %.0f s on position %lld (a transaction that may still write it is open)",
+             who(p, w, sizeof w), pup_proc_now() - p->wait_since, p->wait_lo);
+        *told = p->wait_lo;
+    } else if (*told && *told != p->wait_lo) {
+        pup_log_rec rec = {.event = "hole_passed", .lifecycle = 1, .hole = *told};
+        plog(p, o, &rec, "%s: passed position %lld", who(p, w, sizeof w), *told);
+        *told = 0;
+    }
 }
 
 static int stopped(const pup_run_opts *o) {
@@ -91,9 +129,10 @@ static int hole_changed(pup_processor *p, pup_error *err) {
 
 /* Stopped at a hole: its commit notifies, a rollback does not, so look again soon,
  * cheaply, until the hole may have changed (or a heartbeat is due). 1: stop. */
-static int wait_at_hole(pup_processor *p, const pup_run_opts *o, pup_error *err) {
+static int wait_at_hole(pup_processor *p, const pup_run_opts *o, long long *told, pup_error *err) {
     int hole_ms = 2, changed = 0;
     while (!changed) {
+        note_hole(p, o, told);
         if (wait_for(p, o, hole_ms)) return 1;
         hole_ms = hole_ms * 2 > 50 ? 50 : hole_ms * 2;
         if (p->cfg.group && pup_proc_mono() >= p->next_tick) break;
@@ -102,22 +141,45 @@ static int wait_at_hole(pup_processor *p, const pup_run_opts *o, pup_error *err)
     return 0;
 }
 
-/* Logs a change between standby and active, once. */
-static void tell_standby(pup_processor *p, const pup_run_opts *o, int acquired, int *told) {
-    if (!acquired && !*told) {
-        if (p->cfg.group)
-            logf_(o, "projection %s: group worker %s holds no partition yet", p->name, p->owner);
-        else
-            logf_(o, "projection %s partition %d/%d: standby (another processor holds it)",
-                  p->name, p->cfg.partition_key, p->cfg.total_partitions);
-    } else if (acquired && *told) {
-        if (p->cfg.group)
-            logf_(o, "projection %s: group worker %s took over %d partition(s)", p->name, p->owner, p->nheld);
-        else
-            logf_(o, "projection %s partition %d/%d: took over", p->name, p->cfg.partition_key,
-                  p->cfg.total_partitions);
+/* What the loop has logged, so each change is logged once. */
+typedef struct told {
+    int standby;      /* "standby" logged, not yet taken over */
+    int held;         /* partitions held at the last look (-1: before the first) */
+    int total;        /* a group's partition count at the last look */
+    long long hole;   /* the hole logged as waited on (0: none) */
+} told;
+
+/* Logs a change between standby and active, once; and a group's layout and leases. */
+static void tell_standby(pup_processor *p, const pup_run_opts *o, int acquired, told *t) {
+    char w[400];
+    if (p->cfg.group && t->total && t->total != p->total) {
+        pup_log_rec rec = {.event = "layout", .lifecycle = 1};
+        plog(p, o, &rec, "%s: the group now has %d partitions (was %d)", who(p, w, sizeof w), p->total, t->total);
     }
-    *told = !acquired;
+    t->total = p->total;
+    if (!acquired && !t->standby) {
+        pup_log_rec rec = {.event = t->held > 0 ? "lease_lost" : "standby"};
+        if (p->cfg.group)
+            plog(p, o, &rec, "projection %s: group worker %s holds no partition yet", p->name, p->owner);
+        else
+            plog(p, o, &rec, "projection %s partition %d/%d: standby (another processor holds it)",
+                 p->name, p->cfg.partition_key, p->cfg.total_partitions);
+    } else if (acquired && t->standby) {
+        pup_log_rec rec = {.event = "lease_gained"};
+        if (p->cfg.group)
+            plog(p, o, &rec, "projection %s: group worker %s took over %d partition(s)", p->name, p->owner, p->nheld);
+        else
+            plog(p, o, &rec, "projection %s partition %d/%d: took over", p->name, p->cfg.partition_key,
+                 p->cfg.total_partitions);
+    } else if (acquired && t->held != p->nheld) { /* a first lease, or a group's share changed */
+        pup_log_rec rec = {.event = p->nheld > t->held ? "lease_gained" : "lease_lost", .lifecycle = 1};
+        if (p->cfg.group)
+            plog(p, o, &rec, "%s: holds %d of %d partitions %s", who(p, w, sizeof w), p->nheld, p->total, p->held_list);
+        else
+            plog(p, o, &rec, "%s: holds the partition from position %lld", who(p, w, sizeof w), p->stats.position);
+    }
+    t->standby = !acquired;
+    t->held = p->nheld;
 }
 
 /* After a failure: 0 to retry (after the backoff, reconnected if the connection is
@@ -125,12 +187,14 @@ static void tell_standby(pup_processor *p, const pup_run_opts *o, int acquired, 
 static int retry_after(pup_processor *p, const pup_run_opts *o, pup_error *err, int *backoff_ms) {
     if (!pup_error_is_transient(err)) return -1;
     p->stats.retries++; /* before the log line, which publishes the stats */
-    logf_(o, "%s; retrying in %d ms", err->message, *backoff_ms);
+    pup_log_rec rec = {.level = "warning", .event = "retry", .err = err, .retry_in_ms = *backoff_ms};
+    plog(p, o, &rec, "%s; retrying in %d ms", err->message, *backoff_ms);
     if (wait_for(p, o, *backoff_ms)) return 1;
     *backoff_ms = *backoff_ms * 2 > 5000 ? 5000 : *backoff_ms * 2;
     if (!pup_conn_ok(p->conn)) { /* the next acquire sees the new session and starts over */
         pup_error e2;
-        if (pup_conn_reset(p->conn, &e2) == 0) logf_(o, "projection %s: reconnected", p->name);
+        pup_log_rec rec = {.event = "reconnected"};
+        if (pup_conn_reset(p->conn, &e2) == 0) plog(p, o, &rec, "projection %s: reconnected", p->name);
     }
     return 0;
 }
@@ -146,9 +210,10 @@ static const char *policy_name(const pup_processor *p) {
 }
 
 /* A batch dead-lettered the poison event and moved past it. */
-static void tell_dead_letter(const pup_processor *p, const pup_run_opts *o) {
+static void tell_dead_letter(pup_processor *p, const pup_run_opts *o) {
     const pup_poison *x = &p->poison;
-    logf_(o, "projection %s partition %d/%d: gave up on the event at global position %lld after %d attempt(s)"
+    pup_log_rec rec = {.level = "warning", .event = "poison"};
+    plog(p, o, &rec, "projection %s partition %d/%d: gave up on the event at global position %lld after %d attempt(s)"
           " (on_error = %s); dead-lettered in %s, moving on: %.*s", p->name, x->part, p->total, x->pos, x->attempts,
           policy_name(p), p->store->dead_letters, first_line(x->error), x->error);
 }
@@ -165,7 +230,8 @@ static void record_failure(pup_processor *p, const pup_run_opts *o, const pup_er
     PGresult *r = pup_proc_run(p, &e, p->store->sql_failure_set, 5, p->name, total, event ? keys : p->held_list,
                                event ? pos : NULL, err->message);
     if (!r) {
-        logf_(o, "projection %s: could not record its failure in %s: %s", p->name, p->store->failures, e.message);
+        pup_log_rec rec = {.level = "warning", .event = "poison"};
+        plog(p, o, &rec, "projection %s: could not record its failure in %s: %s", p->name, p->store->failures, e.message);
         return;
     }
     PQclear(r);
@@ -188,18 +254,28 @@ static int handler_failed(pup_processor *p, const pup_run_opts *o, pup_error *er
     if (delay > cap) delay = cap;
     x->retry_at = pup_proc_mono() + delay;
     int max = p->cfg.on_error == PUP_ON_ERROR_RETRY && p->cfg.max_attempts > 0 ? p->cfg.max_attempts : 1;
-    logf_(o, "projection %s partition %d/%d: handler failed at global position %lld (attempt %d of %d,"
+    pup_log_rec rec = {.level = "warning", .event = "poison"};
+    plog(p, o, &rec, "projection %s partition %d/%d: handler failed at global position %lld (attempt %d of %d,"
           " on_error = %s); trying it again in %.3g s: %.*s", p->name, x->part, p->total, x->pos, x->attempts, max,
           policy_name(p), delay, first_line(x->error), x->error);
     return 0;
 }
 
+/* Counts a committed batch that moved the checkpoint in the duration histogram. */
+static void note_batch(pup_processor *p, double seconds) {
+    static const double bounds[PUP_BATCH_BUCKETS] = PUP_BATCH_BUCKET_BOUNDS;
+    int b = 0;
+    while (b < PUP_BATCH_BUCKETS && seconds > bounds[b]) b++;
+    p->stats.batch_buckets[b]++;
+    p->stats.batch_us += (long long)(seconds * 1e6);
+}
+
 /* One turn: take partitions, run a batch, wait as it says. 1: stop; 0: go on; -1 with err. */
-static int turn(pup_processor *p, const pup_run_opts *o, long long *target, int *told, int *backoff_ms,
+static int turn(pup_processor *p, const pup_run_opts *o, long long *target, told *t, int *backoff_ms,
                 pup_error *err) {
     int acquired;
     if (pup_processor_acquire(p, &acquired, err) < 0) return -1;
-    tell_standby(p, o, acquired, told);
+    tell_standby(p, o, acquired, t);
     if (!acquired) return wait_for(p, o, p->cfg.group ? 200 : 1000);
     double retry_in = p->poison.retry_at - pup_proc_mono(); /* a poison event's backoff (group: heartbeats go on) */
     if (p->poison.retry_at > 0 && retry_in > 0) return wait_for(p, o, (int)(retry_in * 1000) + 1);
@@ -207,23 +283,36 @@ static int turn(pup_processor *p, const pup_run_opts *o, long long *target, int 
     if (*target < 0 && o->once && (*target = pup_store_head(p->store, p->conn, err)) < 0) return -1;
     int handled, waiting;
     long long advanced, dead = p->poison.dead_count;
-    if (pup_processor_batch(p, &handled, &advanced, &waiting, err) < 0) return -1;
+    double t0 = pup_proc_mono();
+    p->stats.batch_started_ms = (long long)(pup_proc_now() * 1000);
+    if (o->progress) o->progress(o->ud, p); /* a batch that runs long shows as one */
+    int rc = pup_processor_batch(p, &handled, &advanced, &waiting, err);
+    p->stats.batch_started_ms = 0;
+    if (rc < 0) return -1;
+    if (advanced > 0) note_batch(p, pup_proc_mono() - t0);
     if (p->poison.dead_count != dead) tell_dead_letter(p, o);
     *backoff_ms = 100;
     if (o->progress) o->progress(o->ud, p);
     if (o->once && p->stats.position >= *target) return 1;
-    if (waiting) return wait_at_hole(p, o, err);
+    note_hole(p, o, &t->hole);
+    if (waiting) return wait_at_hole(p, o, &t->hole, err);
     if (advanced > 0) return 0; /* more may be waiting */
     return wait_for(p, o, p->cfg.poll_interval_ms);
 }
 
-static int run_loop(pup_processor *p, const pup_run_opts *o, pup_error *err) {
+static int run_loop(pup_processor *p, const pup_run_opts *o, const char **reason, pup_error *err) {
     long long target = -1;
-    int backoff_ms = 100, told_standby = 0;
+    int backoff_ms = 100;
+    told t = {.held = -1};
     for (;;) {
-        if (stopped(o)) return 0;
-        int rc = turn(p, o, &target, &told_standby, &backoff_ms, err);
+        if (stopped(o)) {
+            *reason = "stop requested";
+            return 0;
+        }
+        int rc = turn(p, o, &target, &t, &backoff_ms, err);
         if (rc == 0) continue;
+        if (rc > 0 && o->once && !stopped(o)) *reason = "caught up (once)";
+        if (rc < 0 && err->code == PUP_ERR_HANDLER) p->stats.handler_errors++;
         if (rc < 0) rc = retry_after(p, o, err, &backoff_ms);
         if (rc < 0) rc = handler_failed(p, o, err);
         if (rc != 0) return rc > 0 ? 0 : -1;
@@ -231,7 +320,20 @@ static int run_loop(pup_processor *p, const pup_run_opts *o, pup_error *err) {
 }
 
 int pup_processor_run(pup_processor *p, const pup_run_opts *o, pup_error *err) {
-    int rc = run_loop(p, o, err);
+    char w[400];
+    pup_log_rec start = {.event = "start", .lifecycle = 1};
+    if (p->cfg.group)
+        plog(p, o, &start, "%s: starting (group of %d partitions, batch size %d)", who(p, w, sizeof w),
+             p->cfg.total_partitions, p->cfg.batch_size);
+    else
+        plog(p, o, &start, "%s: starting (batch size %d)", who(p, w, sizeof w), p->cfg.batch_size);
+    const char *reason = "stop requested";
+    long long handled = p->stats.handled;
+    int rc = run_loop(p, o, &reason, err);
     pup_processor_release(p); /* a group worker hands its partitions over at once */
+    pup_log_rec stop = {.level = rc < 0 ? "error" : "info", .event = "stop", .lifecycle = 1,
+                        .err = rc < 0 ? err : NULL, .reason = rc < 0 ? "failed" : reason};
+    plog(p, o, &stop, "%s: stopped at position %lld (%s; %lld event(s) handled)", who(p, w, sizeof w),
+         p->stats.position, stop.reason, p->stats.handled - handled);
     return rc;
 }

@@ -29,7 +29,7 @@ local json_log = false
 
 local function log(msg, level)
   if json_log then
-    io.stderr:write(pup.json.encode { time = pup.now(), level = level or "info", msg = msg }, "\n")
+    require("pupsourcing.core")._log_line(true, level or "info", msg) -- RFC 3339 time, as the run's own lines
   else
     io.stderr:write("pupsourcing: ", msg, "\n")
   end
@@ -204,7 +204,8 @@ local RUN = {
       files = files, workers = workers, partition_key = not workers and key or nil,
       total_partitions = not workers and total or nil, batch_size = batch,
       poll_interval = poll and poll / 1000 or nil, once = a.once and true or false,
-      database_url = a.database_url, store = store_opts(a), log_format = fmt,
+      database_url = a.database_url, store = store_opts(a),
+      log_format = a.log_format, -- given: lifecycle lines too (docs/operations.md, "Logs")
       handler_timeout = limit and limit / 1000, group = a.group and true or nil,
       lease_ttl = ttl and ttl / 1000 or nil, metrics_addr = a.metrics_addr,
       fail_fast = a.fail_fast and true or nil,
