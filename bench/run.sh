@@ -28,6 +28,8 @@ W3_AGGS=$((10000 / div))     # aggregates, 10 UserCreated each
 W3_PER=10
 W3_EVENTS=$((W3_AGGS * W3_PER))
 W5_N=$((2000 / div))         # appends, one every 10 ms
+W6_N=$((8000 / div))         # appends of 1 event per W6 measurement, shared by the writers
+W6_WRITERS="1 8 16"
 IDLE_S=30; [ $quick = 1 ] && IDLE_S=2
 
 log() { printf '%s\n' "$*" >&2; }
@@ -147,6 +149,43 @@ for w in w1 w2; do
   put $w "$(eps $w)"
   put ${w}_ceiling "$(eps ${w}_ceiling)"
   log "   ${w^^} $(get $w) events/s, ceiling $(get ${w}_ceiling)"
+done
+
+# ---- W6: concurrent writers of 1-event appends ----
+# w6_round C N: C processes of bench/append.lua, N appends each, started together (they
+# connect and warm up first, then wait for a common wall-clock time); events / (last end -
+# first start). Then the same N appends from C pgbench clients (ceiling_w1.sql, no NOTIFY).
+w6_round() {
+  local c=$1 n=$2 u i at out
+  u=$(newdb "pupbench_w6_$c")
+  at=$(date +%s.%N | awk -v c="$c" '{ printf "%.3f", $1 + 2 + c * 0.15 }')
+  local pids=()
+  for ((i = 0; i < c; i++)); do
+    "$bin" "$bench/append.lua" --url "$u" --appends "$n" --events 1 --start-at "$at" >"$tmp/w6.$i" &
+    pids+=($!)
+  done
+  for i in "${pids[@]}"; do wait "$i" || { log "W6 writer failed"; return 1; }; done
+  out=$(cat "$tmp"/w6.* | tr ' ' '\n' | awk -F= '$1 == "start" && (s == "" || $2 < s) { s = $2 }
+    $1 == "end" && $2 > e { e = $2 } END { printf "%.4f", e - s }')
+  rm -f "$tmp"/w6.*
+  acc "w6_$c" $((c * n)) "$out"
+  check "w6_${c}_events" "$(sql "$u" -c "SELECT count(*) FROM events")" $((c * (n + 5)))
+  sql "$ADMIN" -c "DROP DATABASE pupbench_w6_$c WITH (FORCE)" >/dev/null
+  u=$(newdb "pupbench_w6c_$c")
+  local e
+  e=$(pgbench_eps "$bench/ceiling_w1.sql" "$c" "$n" 1 "$u")
+  acc "w6_${c}_ceiling" $((c * n)) "$(calc "$c * $n / $e" 4)"
+  check "w6c_${c}_events" "$(sql "$u" -c "SELECT count(*) FROM events")" $((c * n))
+  sql "$ADMIN" -c "DROP DATABASE pupbench_w6c_$c WITH (FORCE)" >/dev/null
+}
+log "== W6: $W6_N appends of 1 event from 1, 8 and 16 concurrent writers, in $PROUNDS rounds alternating with pgbench -c 1/8/16"
+for ((r = 0; r < PROUNDS; r++)); do
+  for c in $W6_WRITERS; do w6_round "$c" $((W6_N / PROUNDS / c)); done
+done
+for c in $W6_WRITERS; do
+  put "w6_$c" "$(eps "w6_$c")"
+  put "w6_${c}_ceiling" "$(eps "w6_${c}_ceiling")"
+  log "   W6 $c writer(s): $(get "w6_$c") events/s, ceiling $(get "w6_${c}_ceiling")"
 done
 
 # ---- W3/W4 seed ----
@@ -290,6 +329,12 @@ table=$tmp/table.md
   echo "|---|---:|---:|---:|---|---|"
   echo "| W1 append 1 event/tx | $(fmt "$w1") | $(fmt "$w1c") | $(ratio "$w1" "$w1c") | ≥ 0.9 of ceiling | $(verdict ge "$(ratio "$w1" "$w1c")" 0.9) ($(ratio "$w1" "$w1c") / 0.9 = $(calc "$w1 / $w1c / 0.9" 2)x) |"
   echo "| W2 append 50 events/tx | $(fmt "$w2") | $(fmt "$w2c") | $(ratio "$w2" "$w2c") | ≥ 40,000 events/s | $(verdict ge "$w2" 40000) ($(calc "$w2 / 40000" 2)x of goal) |"
+  for c in $W6_WRITERS; do
+    a=$(get "w6_$c") b=$(get "w6_${c}_ceiling")
+    if [ "$c" = 8 ]; then goal="≥ 0.9 of ceiling"; res="$(verdict ge "$(ratio "$a" "$b")" 0.9) ($(ratio "$a" "$b") / 0.9 = $(calc "$a / $b / 0.9" 2)x)"
+    else goal="(reported)"; res=""; fi
+    echo "| W6 $c concurrent writer(s), 1 event/append | $(fmt "$a") | $(fmt "$b") | $(ratio "$a" "$b") | $goal | $res |"
+  done
   echo "| W3 catch-up, batch 100 | $(fmt "$w3a") | $(fmt "$c3a") | $(ratio "$w3a" "$c3a") | (Go: ~6,200) | $(calc "$w3a / 6200" 1)x Go |"
   echo "| W3 catch-up, batch 1000 | $(fmt "$w3b") | $(fmt "$c3b") | $(ratio "$w3b" "$c3b") | ≥ 30,000 and ≥ 0.6 of ceiling | $(verdict ge "$w3b" 30000) ($(calc "$w3b / 30000" 2)x of 30,000), $(verdict ge "$(ratio "$w3b" "$c3b")" 0.6) ($(ratio "$w3b" "$c3b") vs 0.6) |"
   echo "| W4 --workers 4, batch 100 | $(fmt "$w4a") | $(fmt "$c4a") | $(ratio "$w4a" "$c4a") | exact; faster than W3 given the cores | exact: $( [ -z "$(get check_w4_b100_sum_n)" ] && echo yes || echo NO ); $(ratio "$w4a" "$w3a")x W3 |"
