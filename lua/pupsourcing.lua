@@ -60,7 +60,16 @@ function M.check_projection(p, where)
   end
   local bad = name_problem(p.name)
   if bad then error(("%s: %s"):format(where, bad), 0) end
-  if type(p.handle) ~= "function" then
+  if p.handle ~= nil and p.handle_batch ~= nil then
+    error(("%s: projection %q: has both `handle` and `handle_batch`: give one (handle_batch(tx, events) gets"
+      .. " a batch's events at once)"):format(where, p.name), 0)
+  end
+  if p.handle_batch ~= nil then
+    if type(p.handle_batch) ~= "function" then
+      error(("%s: projection %q: `handle_batch` must be a function, got %s")
+        :format(where, p.name, type(p.handle_batch)), 0)
+    end
+  elseif type(p.handle) ~= "function" then
     error(("%s: projection %q: `handle` must be a function, got %s"):format(where, p.name, type(p.handle)), 0)
   end
   for _, f in ipairs { "setup", "reset" } do
