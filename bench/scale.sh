@@ -52,6 +52,7 @@ printf '| t (s) | VmRSS (MiB) | lowest checkpoint | events/s so far |\n|---:|---
 peak=0
 while kill -0 "$run_pid" 2>/dev/null; do
   sleep 5
+  kill -0 "$run_pid" 2>/dev/null || break
   rss=$(awk '$1 == "VmRSS:" { print $2 }' "/proc/$run_pid/status" 2>/dev/null || echo 0)
   [ -n "$rss" ] || rss=0
   [ "$rss" -gt "$peak" ] && peak=$rss
