@@ -821,7 +821,11 @@ static PGresult *run_then_notify(pup_conn *c, const char *name, const pup_params
                PQpipelineSync(c->pg);
     int notified = sent && PQsendQueryPrepared(c->pg, NOTIFY_STMT, 1, v, NULL, NULL, 0) && PQpipelineSync(c->pg);
     PGresult *r = sent ? read_group(c) : NULL;
-    if (notified) PQclear(read_group(c));
+    if (notified) {
+        PGresult *n = read_group(c);
+        if (PQresultStatus(n) != PGRES_TUPLES_OK) c->notify_ready = 0; /* e.g. a DEALLOCATE ALL: prepared again next time */
+        PQclear(n);
+    }
     if (!PQexitPipelineMode(c->pg)) {
         pup_error ignored;
         if (settle_pipeline(c, &ignored) < 0 && pup_conn_ok(c)) pup_conn_reset(c, &ignored);
