@@ -148,4 +148,43 @@ describe("wake-ups after the commit", function()
     H.signal(p, "TERM")
     assert.equal(0, H.wait_exit(p, 5), H.stderr_of(p))
   end)
+
+  it("an append inside a processor's batch (a reactor) wakes another processor when the batch commits", function()
+    -- the reactor appends a MailQueued per Ordered in its batch; the mailer only sees MailQueued
+    H.write_file(dir .. "/react.lua", ([[
+local pup = require "pupsourcing"
+local store = pup.store { events_table = %q, aggregate_heads_table = %q, checkpoints_table = %q }
+return { name = "nc_reactor", event_types = { "Ordered" }, handle = function(tx, e)
+  assert(store:append(tx, pup.any(), { { aggregate_type = "Mail", aggregate_id = e.aggregate_id,
+    event_type = "MailQueued", payload = "{}" } }))
+end }
+]]):format(T.events_table, T.aggregate_heads_table, T.checkpoints_table))
+    H.write_file(dir .. "/mailer.lua", [[
+return { name = "nc_mailer", event_types = { "MailQueued" }, handle = function(tx, e)
+  assert(tx:exec("INSERT INTO t_nc_seen (pos) VALUES ($1)", e.global_position)) end }
+]])
+    for _, f in ipairs { "react.lua", "mailer.lua" } do
+      local words = { H.bin }
+      for _, a in ipairs(H.with_tables(T, { "run", "--poll-interval", "60000", dir .. "/" .. f })) do
+        words[#words + 1] = a
+      end
+      procs[#procs + 1] = H.spawn(words)
+    end
+    pup.sleep(1) -- both started, caught up (nothing yet) and waiting
+    for i = 1, 3 do
+      local t0 = pup.now()
+      assert(store:append(w, pup.any(), { H.event { aggregate_id = "order-" .. i, event_type = "Ordered" } }))
+      H.wait_until("the mail of order " .. i, 10, function()
+        for _, p in ipairs(procs) do assert.is_nil(H.exit_code(p), H.stderr_of(p)) end
+        return seen() == i
+      end, 0.005)
+      local dt = pup.now() - t0
+      io.stderr:write(("notify_commit: reactor's append handled %.1f ms after the order\n"):format(dt * 1000))
+      assert.is_true(dt < 2, ("the mailer saw the reactor's append after %.2f s (no NOTIFY at the batch's commit)"):format(dt))
+    end
+    for _, p in ipairs(procs) do
+      H.signal(p, "TERM")
+      assert.equal(0, H.wait_exit(p, 5), H.stderr_of(p))
+    end
+  end)
 end)
