@@ -50,9 +50,10 @@ static char *fmt(const char *f, ...) {
 /* One statement per append: check the expected version, insert the events (versions
  * from the current one, positions in version order) and move the head, all or nothing
  * (the NOTIFY follows the commit: pup_conn_exec_notify). $3 NULL = any. The current
- * version is the greater of the head row and the highest event version (one index probe): events written by another tool without a head
- * row, or without moving it, do not block the aggregate. `source` yields the events'
- * columns: binary arrays for many events, plain parameters for one. */
+ * version is the greater of the head row and the highest event version (one index
+ * probe): events written by another tool without a head row, or without moving it, do
+ * not block the aggregate. `source` yields the events' columns: binary arrays for many
+ * events, plain parameters for one. */
 static char *append_sql(const pup_store *s, const char *source) {
     return fmt(
         "WITH cur AS (SELECT GREATEST((SELECT aggregate_version FROM %s"
