@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# pupsourcing benchmarks (issue 6): W1, W2, W3, W4, W5, Idle and memory, each next to what
+# pupsourcing benchmarks (issues 6, 13): W1, W2, W6, W3, W3-set, W4, W5, Idle and memory, each next to what
 # PostgreSQL itself does on the same machine in the same run. See bench/README.md.
 #
 #   bash bench/run.sh            full run (about 5 minutes); rewrites the figures in bench/RESULTS.md
@@ -28,6 +28,8 @@ W3_AGGS=$((10000 / div))     # aggregates, 10 UserCreated each
 W3_PER=10
 W3_EVENTS=$((W3_AGGS * W3_PER))
 W5_N=$((2000 / div))         # appends, one every 10 ms
+W6_N=$((8000 / div))         # appends of 1 event per W6 measurement, shared by the writers
+W6_WRITERS="1 8 16"
 IDLE_S=30; [ $quick = 1 ] && IDLE_S=2
 
 log() { printf '%s\n' "$*" >&2; }
@@ -149,6 +151,43 @@ for w in w1 w2; do
   log "   ${w^^} $(get $w) events/s, ceiling $(get ${w}_ceiling)"
 done
 
+# ---- W6: concurrent writers of 1-event appends ----
+# w6_round C N: C processes of bench/append.lua, N appends each, started together (they
+# connect and warm up first, then wait for a common wall-clock time); events / (last end -
+# first start). Then the same N appends from C pgbench clients (ceiling_w1.sql, no NOTIFY).
+w6_round() {
+  local c=$1 n=$2 u i at out
+  u=$(newdb "pupbench_w6_$c")
+  at=$(date +%s.%N | awk -v c="$c" '{ printf "%.3f", $1 + 2 + c * 0.15 }')
+  local pids=()
+  for ((i = 0; i < c; i++)); do
+    "$bin" "$bench/append.lua" --url "$u" --appends "$n" --events 1 --start-at "$at" >"$tmp/w6.$i" &
+    pids+=($!)
+  done
+  for i in "${pids[@]}"; do wait "$i" || { log "W6 writer failed"; return 1; }; done
+  out=$(cat "$tmp"/w6.* | tr ' ' '\n' | awk -F= '$1 == "start" && (s == "" || $2 < s) { s = $2 }
+    $1 == "end" && $2 > e { e = $2 } END { printf "%.4f", e - s }')
+  rm -f "$tmp"/w6.*
+  acc "w6_$c" $((c * n)) "$out"
+  check "w6_${c}_events" "$(sql "$u" -c "SELECT count(*) FROM events")" $((c * (n + 5)))
+  sql "$ADMIN" -c "DROP DATABASE pupbench_w6_$c WITH (FORCE)" >/dev/null
+  u=$(newdb "pupbench_w6c_$c")
+  local e
+  e=$(pgbench_eps "$bench/ceiling_w1.sql" "$c" "$n" 1 "$u")
+  acc "w6_${c}_ceiling" $((c * n)) "$(calc "$c * $n / $e" 4)"
+  check "w6c_${c}_events" "$(sql "$u" -c "SELECT count(*) FROM events")" $((c * n))
+  sql "$ADMIN" -c "DROP DATABASE pupbench_w6c_$c WITH (FORCE)" >/dev/null
+}
+log "== W6: $W6_N appends of 1 event from 1, 8 and 16 concurrent writers, in $PROUNDS rounds alternating with pgbench -c 1/8/16"
+for ((r = 0; r < PROUNDS; r++)); do
+  for c in $W6_WRITERS; do w6_round "$c" $((W6_N / PROUNDS / c)); done
+done
+for c in $W6_WRITERS; do
+  put "w6_$c" "$(eps "w6_$c")"
+  put "w6_${c}_ceiling" "$(eps "w6_${c}_ceiling")"
+  log "   W6 $c writer(s): $(get "w6_$c") events/s, ceiling $(get "w6_${c}_ceiling")"
+done
+
 # ---- W3/W4 seed ----
 log "== seeding $W3_EVENTS UserCreated over $W3_AGGS aggregates"
 u=$(newdb pupbench_seed)
@@ -173,7 +212,7 @@ proj_run() {
   local head
   head=$(sql "$u" -c "SELECT max(global_position) FROM events")
   check "${name}_checkpoints" "$(sql "$u" -c "SELECT count(*) FILTER (WHERE last_global_position = $head) || '/' || count(*) FROM projection_checkpoints")" "$workers/$workers"
-  if [ "$file" = "$bench/proj_stats.lua" ]; then
+  if [ "$file" = "$bench/proj_stats.lua" ] || [ "$file" = "$bench/proj_stats_set.lua" ]; then
     check "${name}_sum_n" "$(sql "$u" -c "SELECT coalesce(sum(n), 0) FROM user_stats")" "$W3_EVENTS"
     check "${name}_rows" "$(sql "$u" -c "SELECT count(*) FILTER (WHERE n = $W3_PER) FROM user_stats")" "$W3_AGGS"
   fi
@@ -205,7 +244,23 @@ pipe_ceiling() {
   sql "$ADMIN" -c "DROP DATABASE pupbench_$name WITH (FORCE)" >/dev/null
 }
 
+# set_ceiling NAME BATCH: the W3 read model by one set-based upsert per BATCH positions, a
+# server-side loop (bench/ceiling_w3_set.sql), on a copy of the seeded database.
+set_ceiling() {
+  local name=$1 b=$2 u ms
+  u=$(newdb "pupbench_$name" pupbench_seed)
+  sql "$u" -c "CHECKPOINT" >/dev/null
+  ms=$(sql "$u" -v batch="$b" -f "$bench/ceiling_w3_set.sql" | awk '/^Time:/ { print $2 }' | tail -n 1)
+  acc "$name" "$W3_EVENTS" "$(calc "$ms / 1000" 4)"
+  check "${name}_sum_n" "$(sql "$u" -c "SELECT coalesce(sum(n), 0) FROM user_stats")" "$W3_EVENTS"
+  log "   $name: $(calc "$W3_EVENTS / $ms * 1000") events/s"
+  sql "$ADMIN" -c "DROP DATABASE pupbench_$name WITH (FORCE)" >/dev/null
+}
+
 for ((r = 0; r < PROUNDS; r++)); do
+  log "== W3-set: handle_batch, one statement per batch of 1000 (round $((r + 1))/$PROUNDS)"
+  proj_run w3set_b1000 "$bench/proj_stats_set.lua" 1 1000
+  set_ceiling w3setc_b1000 1000
   log "== W3: projection catch-up, 1 worker (round $((r + 1))/$PROUNDS)"
   for b in 100 1000; do
     proj_run "w3_b$b" "$bench/proj_stats.lua" 1 $b
@@ -219,10 +274,10 @@ for ((r = 0; r < PROUNDS; r++)); do
     pipe_ceiling "w4c_b$b" 4 $b
   done
 done
-for n in w3_b100 w3_b1000 w3c_b100 w3c_b1000 noop_b100 noop_b1000 w4_b100 w4_b1000 w4c_b100 w4c_b1000; do
+for n in w3set_b1000 w3setc_b1000 w3_b100 w3_b1000 w3c_b100 w3c_b1000 noop_b100 noop_b1000 w4_b100 w4_b1000 w4c_b100 w4c_b1000; do
   put $n "$(eps $n)"
 done
-for n in w3_b100 w3_b1000 noop_b1000 w4_b1000; do put ${n}_cpu "$(eps ${n}_cpu | cut -d. -f1)"; done
+for n in w3set_b1000 w3_b100 w3_b1000 noop_b1000 w4_b1000; do put ${n}_cpu "$(eps ${n}_cpu | cut -d. -f1)"; done
 
 # ---- W5 latency and Idle ----
 log "== W5: one append every 10 ms, $W5_N appends, processor idle"
@@ -290,24 +345,32 @@ table=$tmp/table.md
   echo "|---|---:|---:|---:|---|---|"
   echo "| W1 append 1 event/tx | $(fmt "$w1") | $(fmt "$w1c") | $(ratio "$w1" "$w1c") | ≥ 0.9 of ceiling | $(verdict ge "$(ratio "$w1" "$w1c")" 0.9) ($(ratio "$w1" "$w1c") / 0.9 = $(calc "$w1 / $w1c / 0.9" 2)x) |"
   echo "| W2 append 50 events/tx | $(fmt "$w2") | $(fmt "$w2c") | $(ratio "$w2" "$w2c") | ≥ 40,000 events/s | $(verdict ge "$w2" 40000) ($(calc "$w2 / 40000" 2)x of goal) |"
+  for c in $W6_WRITERS; do
+    a=$(get "w6_$c") b=$(get "w6_${c}_ceiling")
+    if [ "$c" = 8 ]; then goal="≥ 0.9 of ceiling"; res="$(verdict ge "$(ratio "$a" "$b")" 0.9) ($(ratio "$a" "$b") / 0.9 = $(calc "$a / $b / 0.9" 2)x)"
+    else goal="(reported)"; res=""; fi
+    echo "| W6 $c concurrent writer(s), 1 event/append | $(fmt "$a") | $(fmt "$b") | $(ratio "$a" "$b") | $goal | $res |"
+  done
   echo "| W3 catch-up, batch 100 | $(fmt "$w3a") | $(fmt "$c3a") | $(ratio "$w3a" "$c3a") | (Go: ~6,200) | $(calc "$w3a / 6200" 1)x Go |"
   echo "| W3 catch-up, batch 1000 | $(fmt "$w3b") | $(fmt "$c3b") | $(ratio "$w3b" "$c3b") | ≥ 30,000 and ≥ 0.6 of ceiling | $(verdict ge "$w3b" 30000) ($(calc "$w3b / 30000" 2)x of 30,000), $(verdict ge "$(ratio "$w3b" "$c3b")" 0.6) ($(ratio "$w3b" "$c3b") vs 0.6) |"
+  ws=$(get w3set_b1000) cs=$(get w3setc_b1000)
+  echo "| W3-set (handle_batch, 1 statement/batch), batch 1000 | $(fmt "$ws") | $(fmt "$cs") | $(ratio "$ws" "$cs") | ≥ 150,000 and ≥ 0.8 of set-based ceiling | $(verdict ge "$ws" 150000) ($(calc "$ws / 150000" 2)x of 150,000), $(verdict ge "$(ratio "$ws" "$cs")" 0.8) ($(ratio "$ws" "$cs") vs 0.8) |"
   echo "| W4 --workers 4, batch 100 | $(fmt "$w4a") | $(fmt "$c4a") | $(ratio "$w4a" "$c4a") | exact; faster than W3 given the cores | exact: $( [ -z "$(get check_w4_b100_sum_n)" ] && echo yes || echo NO ); $(ratio "$w4a" "$w3a")x W3 |"
   echo "| W4 --workers 4, batch 1000 | $(fmt "$w4b") | $(fmt "$c4b") | $(ratio "$w4b" "$c4b") | exact; faster than W3 given the cores | exact: $( [ -z "$(get check_w4_b1000_sum_n)" ] && echo yes || echo NO ); $(ratio "$w4b" "$w3b")x W3 |"
   echo "| no-op handler, batch 100 | $(fmt "$na") | | | (Lua-handler overhead) | |"
-  echo "| no-op handler, batch 1000 | $(fmt "$nb") | | | (Lua-handler overhead) | |"
+  echo "| no-op handler, batch 1000 | $(fmt "$nb") | | | ≥ 400,000 (catch-up) | $(verdict ge "$nb" 400000) ($(calc "$nb / 400000" 2)x) |"
   echo
   echo "| measure | value | goal | result |"
   echo "|---|---:|---|---|"
-  echo "| W5 commit-to-handler median | $(get w5_p50) ms | < 20 ms | $(verdict lt "$(get w5_p50)" 20) |"
-  echo "| W5 commit-to-handler p99 | $(get w5_p99) ms (max $(get w5_max) ms; $(get w5_over5) of $W5_N over 5 ms) | < 100 ms | $(verdict lt "$(get w5_p99)" 100) |"
+  echo "| W5 commit-to-handler median | $(get w5_p50) ms | < 5 ms | $(verdict lt "$(get w5_p50)" 5) |"
+  echo "| W5 commit-to-handler p99 | $(get w5_p99) ms (max $(get w5_max) ms; $(get w5_over5) of $W5_N over 5 ms) | < 50 ms | $(verdict lt "$(get w5_p99)" 50) |"
   echo "| W5 from the append call (upper bound) median / p99 | $(get w5_call_p50) / $(get w5_call_p99) ms | | |"
   echo "| Idle CPU (${IDLE_S} s) | $(get idle_pct)% of a core | < 1% | $(verdict lt "$(get idle_pct)" 1) |"
   echo "| peak RSS, W3 batch 1000, 1 worker | $(mib "$(get w3_b1000_rss_kib)") MiB | < 32 MiB per worker | $(verdict lt "$(get w3_b1000_rss_kib)" 32768) |"
   echo "| peak RSS, W4 batch 1000, 4 workers (per worker) | $(mib "$(get w4_b1000_rss_kib)") MiB ($(mib "$(($(get w4_b1000_rss_kib) / 4))") MiB) | < 32 MiB per worker | $(verdict lt "$(($(get w4_b1000_rss_kib) / 4))" 32768) |"
   echo "| RSS over time (W5 processor: start, after W5, after idle; VmHWM) | $(mib "$(get w5_rss_start_kib)") → $(mib "$(get w5_rss_end_kib)") → $(mib "$(get idle_rss_kib)") MiB (HWM $(mib "$(get w5_hwm_kib)")) | flat | $(verdict lt "$(get idle_rss_kib)" $(( $(get w5_rss_start_kib) + 1024 ))) |"
   echo
-  echo "CPU of \`pupsourcing run\` during catch-up (user+sys over wall time): W3 b100 $(get w3_b100_cpu)%, W3 b1000 $(get w3_b1000_cpu)%, no-op b1000 $(get noop_b1000_cpu)%, W4 b1000 $(get w4_b1000_cpu)% of one core."
+  echo "CPU of \`pupsourcing run\` during catch-up (user+sys over wall time): W3-set b1000 $(get w3set_b1000_cpu)%, W3 b100 $(get w3_b100_cpu)%, W3 b1000 $(get w3_b1000_cpu)%, no-op b1000 $(get noop_b1000_cpu)%, W4 b1000 $(get w4_b1000_cpu)% of one core."
   echo "Library figures and ceilings alternate: W1/W2 in $ROUNDS rounds, W3/W4 and the no-op runs in $PROUNDS; each is total events / total time over its rounds."
   echo "Set-based insert of the $W3_EVENTS seed events (one INSERT ... SELECT): $(get seed_ms) ms."
 } >"$table"

@@ -59,6 +59,7 @@ end
 M.projection_fields = {
   name = true, handle = true, setup = true, reset = true, aggregate_types = true, event_types = true,
   batch_size = true, on_error = true, max_attempts = true, retry_backoff = true, kind = true,
+  handle_batch = true,
 }
 
 -- Why the poison policy fields (on_error, max_attempts, retry_backoff) are wrong, or nil.
@@ -92,7 +93,16 @@ function M.check_projection(p, where)
   end
   local bad = name_problem(p.name)
   if bad then error(("%s: %s"):format(where, bad), 0) end
-  if type(p.handle) ~= "function" then
+  if p.handle ~= nil and p.handle_batch ~= nil then
+    error(("%s: projection %q: has both `handle` and `handle_batch`: give one (handle_batch(tx, events) gets"
+      .. " a batch's events at once)"):format(where, p.name), 0)
+  end
+  if p.handle_batch ~= nil then
+    if type(p.handle_batch) ~= "function" then
+      error(("%s: projection %q: `handle_batch` must be a function, got %s")
+        :format(where, p.name, type(p.handle_batch)), 0)
+    end
+  elseif type(p.handle) ~= "function" then
     error(("%s: projection %q: `handle` must be a function, got %s"):format(where, p.name, type(p.handle)), 0)
   end
   -- kind: "projection" (the default: handle(tx, event) in the batch transaction) or
@@ -101,6 +111,10 @@ function M.check_projection(p, where)
   if kind ~= nil and kind ~= "projection" and kind ~= "reactor" then
     error(("%s: projection %q: unknown `kind` %s (\"projection\" or \"reactor\")")
       :format(where, p.name, type(kind) == "string" and ("%q"):format(kind) or tostring(kind)), 0)
+  end
+  if kind == "reactor" and p.handle_batch ~= nil then
+    error(("%s: reactor %q: takes handle(event), not handle_batch: a reactor gets no transaction")
+      :format(where, p.name), 0)
   end
   if kind == "reactor" then
     local info = debug.getinfo(p.handle, "u")

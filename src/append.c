@@ -266,7 +266,7 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
     } else if (bind_arrays(buf, events, n) < 0)
         return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
 
-    PGresult *r = pup_conn_exec(c, st, p, 1, err);
+    PGresult *r = pup_conn_exec_notify(c, st, p, 1, s->channel, err);
     if (!r) {
         /* A concurrent writer took the same aggregate version first. Other unique keys
          * (a duplicate event_id) are the caller's mistake, not a race. */

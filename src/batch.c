@@ -20,6 +20,7 @@
 
 #define FIRST_EVENT_COL 4 /* xmin, head, generation, mine, then PUP_EVENT_COLUMNS */
 #define TAG_GUARD (-2)    /* pipeline tag of the statement that checks the batch transaction */
+#define TAG_BATCH (-3)    /* pipeline tag of handle_batch's statements */
 
 /* Names the event a handler failure belongs to. */
 static int event_error(pup_processor *p, const PGresult *r, int row, pup_error *err) {
@@ -178,7 +179,37 @@ typedef struct walk {
     int first_row;        /* the row of the first event handled */
     int dead_row;         /* the row of the event to dead-letter (-1: none) */
     double started;       /* when the batch began (monotonic seconds) */
+    pup_event *evs;       /* handle_batch: the events to give it (pointing into r) */
+    int nevs, capevs;
 } walk;
+
+/* Names the positions of a failed handle_batch, or the event it said the failure is of. */
+static int batch_error(pup_processor *p, walk *w, long long pos, pup_error *err) {
+    for (int i = w->first_row; pos > 0 && i < w->nrows; i++)
+        if (pup_be_int(PQgetvalue(w->r, i, FIRST_EVENT_COL), 8) == pos) {
+            pup_error_prefix(err, "handle_batch (batch of %d event(s) at global positions %lld..%lld): ", w->nevs,
+                             w->evs[0].global_position, w->evs[w->nevs - 1].global_position);
+            return event_error(p, w->r, i, err);
+        }
+    pup_error_prefix(err, "projection %s: handle_batch failed on the batch of %d event(s) at global positions "
+                     "%lld..%lld: ", p->name, w->nevs, w->nevs ? w->evs[0].global_position : 0,
+                     w->nevs ? w->evs[w->nevs - 1].global_position : 0);
+    if (!pup_error_is_transient(err)) err->code = PUP_ERR_HANDLER;
+    return pup_proc_context(p, err);
+}
+
+/* Step 3b: handle_batch over the events the walk collected. */
+static int run_handle_batch(pup_processor *p, walk *w, pup_error *err) {
+    long long pos = 0;
+    long tag;
+    pup_conn_set_tag(p->conn, TAG_BATCH);
+    if (p->h.handle_batch(p->h.ud, p->conn, w->evs, w->nevs, &pos, err) < 0) return batch_error(p, w, pos, err);
+    if (pup_conn_failure(p->conn, &tag)) {
+        *err = *pup_conn_failure(p->conn, NULL);
+        return batch_error(p, w, 0, err);
+    }
+    return 0;
+}
 
 /* Step 3: one event of the window that passed the gap rule: to the handler if it is
  * ours and new. */
@@ -195,6 +226,18 @@ static int handle_event(pup_processor *p, walk *w, int i, long long pos, pup_err
         return 0; /* handled under the previous partitioning */
     if (!w->opened && queue(p, p->sql_open, i, err) < 0) return pup_proc_context(p, err);
     w->opened = 1;
+    if (w->nhandle++ == 0) w->first_row = i;
+    if (p->h.handle_batch) { /* given to handle_batch at the end of the walk */
+        if (w->nevs == w->capevs) {
+            int cap = w->capevs ? w->capevs * 2 : 256;
+            pup_event *e = realloc(w->evs, cap * sizeof *e);
+            if (!e) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
+            w->evs = e;
+            w->capevs = cap;
+        }
+        w->evs[w->nevs++] = ev;
+        return 0;
+    }
     pup_conn_set_tag(p->conn, i);
     long tag;
     int rc = p->h.handle(p->h.ud, p->conn, &ev, err);
@@ -205,7 +248,6 @@ static int handle_event(pup_processor *p, walk *w, int i, long long pos, pup_err
         return event_error(p, r, (int)tag, err);
     }
     if (rc < 0) return event_error(p, r, i, err);
-    if (w->nhandle++ == 0) w->first_row = i;
     return 0;
 }
 
@@ -243,6 +285,7 @@ static int end_pipeline(pup_processor *p, walk *w, pup_error *err) {
      * a handler ending the transaction. */
     if (pup_conn_pipeline_end(p->conn, err, &tag) < 0)
         return tag == TAG_GUARD && !pup_error_is_transient(err) ? ended_error(p, err)
+               : tag == TAG_BATCH ? batch_error(p, w, 0, err)
                : tag >= 0 && tag < w->nrows ? event_error(p, w->r, (int)tag, err) : pup_proc_context(p, err);
     if (PQtransactionStatus(pup_conn_pg(p->conn)) != PQTRANS_INTRANS) return ended_error(p, err);
     return 0;
@@ -337,6 +380,7 @@ static int batch_body(pup_processor *p, walk *w, uint64_t xmin, double deadline,
                       pup_error *err) {
     if (pup_conn_pipeline_begin(p->conn, err) < 0) return pup_proc_context(p, err);
     int rc = walk_window(p, w, xmin, deadline, err);
+    if (rc == 0 && w->nevs > 0) rc = run_handle_batch(p, w, err);
     if (rc == 0) rc = end_pipeline(p, w, err);
     *waiting = w->wait_lo != 0;
     if (w->wait_lo != p->wait_lo) p->wait_since = pup_proc_now();
@@ -391,6 +435,7 @@ static int batch_once(pup_processor *p, int *handled, long long *advanced, int *
     w.nrows = PQgetisnull(r, 0, FIRST_EVENT_COL) ? 0 : PQntuples(r);
     int rc = batch_body(p, &w, xmin, deadline, waiting, err);
     if (rc == 0) p->stats.oldest_pending_ms = oldest_pending(&w, p->stats.head);
+    free(w.evs);
     PQclear(r);
     if (rc == 0 && pup_conn_commit(p->conn, err) < 0) rc = pup_proc_context(p, err);
     if (rc < 0) {

@@ -17,6 +17,13 @@
 #define STMT_CACHE_MAX 256    /* beyond this, statements are prepared unnamed each time */
 #define PIPELINE_WINDOW 512   /* read results back before this many are queued */
 
+/* The wake-up of an append, sent as a transaction of its own after the append's commit:
+ * a transaction that notifies holds PostgreSQL's database-wide notify lock through its
+ * commit's WAL flush, which serialises the commits of concurrent writers (no group commit).
+ * This one writes no WAL, so its commit does not wait for a flush. */
+#define NOTIFY_STMT "pup_notify"
+#define NOTIFY_SQL "SELECT pg_notify($1, '')"
+
 #define COPY_REFUSED "COPY is not supported on pupsourcing connections (use INSERT, e.g. " \
                      "INSERT ... SELECT FROM unnest($1::text[]))"
 /* Our text for PostgreSQL's "cached plan must not change result type" (SQLSTATE 0A000,
@@ -43,6 +50,8 @@ struct pup_conn {
      * server connection. Cleared when pup_conn_require_session proves session pooling. */
     int pooled;
     unsigned long probed; /* session + 1 once pup_conn_require_session passed */
+    int notify_ready; /* NOTIFY_STMT is prepared in this session */
+    char owed[128];   /* channel owed a NOTIFY once the open transaction commits ("": none) */
 };
 
 /* Every error code with the stable name Lua sees in err.code: the one table of them. */
@@ -411,6 +420,8 @@ int pup_conn_reset(pup_conn *c, pup_error *err) {
     c->npending = c->pending_head = 0;
     c->failed = 0;
     c->replan = 0;
+    c->notify_ready = 0;
+    c->owed[0] = '\0'; /* what the lost transaction committed is unknown: listeners poll */
     if (PQstatus(c->pg) != CONNECTION_OK) return pup_error_from_pg(err, c->pg, NULL);
     session_defaults(c);
     return 0;
@@ -764,6 +775,7 @@ static void forget_statements(pup_conn *c) {
     stmt_free(&c->unnamed);
     c->nstmts = 0;
     c->replan = 0;
+    c->notify_ready = 0;
 }
 
 const pup_stmt *pup_conn_prepare(pup_conn *c, const char *sql, pup_error *err) {
@@ -858,6 +870,7 @@ PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
 
 int pup_conn_command(pup_conn *c, const char *sql, pup_error *err) {
     PGresult *r = PQexec(c->pg, sql);
+    pup_conn_settle_notify(c, r);
     if (PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK) {
         PQclear(r);
         return 0;
@@ -869,6 +882,7 @@ int pup_conn_command(pup_conn *c, const char *sql, pup_error *err) {
 
 void pup_conn_rollback(pup_conn *c) {
     pup_error ignored;
+    c->owed[0] = '\0';
     if (pup_conn_in_pipeline(c) && settle_pipeline(c, &ignored) < 0 && pup_conn_ok(c))
         pup_conn_reset(c, &ignored); /* stuck in pipeline mode: a new session ends it all */
     if (pup_conn_ok(c) && PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
@@ -878,8 +892,140 @@ void pup_conn_rollback(pup_conn *c) {
     c->failed = 0;
 }
 
+/* ---- wake-ups after the commit ---- */
+
+/* Prepares NOTIFY_STMT once a session (outside pipeline mode). */
+static int prepare_notify(pup_conn *c) {
+    if (c->notify_ready) return 0;
+    PGresult *r = PQprepare(c->pg, NOTIFY_STMT, NOTIFY_SQL, 1, NULL);
+    c->notify_ready = PQresultStatus(r) == PGRES_COMMAND_OK;
+    PQclear(r);
+    return c->notify_ready ? 0 : -1;
+}
+
+/* Reads one sync group's results in pipeline mode, up to its Sync; returns the first
+ * (the caller clears it), NULL if there was none (a broken connection). */
+static PGresult *read_group(pup_conn *c) {
+    PGresult *first = NULL, *r;
+    int nulls = 0;
+    while (nulls < 2) {
+        if (!(r = PQgetResult(c->pg))) {
+            if (!pup_conn_ok(c)) nulls++; /* a broken connection gives no Sync */
+            nulls++;
+            continue;
+        }
+        nulls = 0;
+        ExecStatusType st = PQresultStatus(r);
+        if (st == PGRES_PIPELINE_SYNC) {
+            PQclear(r);
+            break;
+        }
+        if (!first) first = r;
+        else PQclear(r);
+    }
+    return first;
+}
+
+/* Runs the prepared statement `name` (COMMIT when NULL) and then NOTIFY_STMT on channel,
+ * each in a sync group of its own, so the notification is a transaction of its own that
+ * starts after the statement committed: one round trip. Outside pipeline mode with
+ * NOTIFY_STMT prepared. Returns the statement's result (NULL if the connection broke);
+ * the notification's outcome is not waited for beyond reading it: a lost one costs
+ * listeners a poll interval, nothing else. */
+static PGresult *run_then_notify(pup_conn *c, const char *name, const pup_params *p, int binary_result,
+                                 const char *channel) {
+    if (!PQenterPipelineMode(c->pg)) return NULL;
+    const char *v[1] = {channel};
+    int sent = (name ? PQsendQueryPrepared(c->pg, name, p ? p->n : 0, p ? p->values : NULL,
+                                           p ? p->lengths : NULL, p ? p->formats : NULL, binary_result)
+                     : PQsendQueryParams(c->pg, "COMMIT", 0, NULL, NULL, NULL, NULL, 0)) &&
+               PQpipelineSync(c->pg);
+    int notified = sent && PQsendQueryPrepared(c->pg, NOTIFY_STMT, 1, v, NULL, NULL, 0) && PQpipelineSync(c->pg);
+    PGresult *r = sent ? read_group(c) : NULL;
+    if (notified) {
+        PGresult *n = read_group(c);
+        if (PQresultStatus(n) != PGRES_TUPLES_OK) c->notify_ready = 0; /* e.g. a DEALLOCATE ALL: prepared again next time */
+        PQclear(n);
+    }
+    if (!PQexitPipelineMode(c->pg)) {
+        pup_error ignored;
+        if (settle_pipeline(c, &ignored) < 0 && pup_conn_ok(c)) pup_conn_reset(c, &ignored);
+    }
+    return r;
+}
+
+/* NOTIFY channel now, through the statement cache (inside a transaction: delivered at its
+ * commit). 0, or -1 with err. */
+static int notify_now(pup_conn *c, const char *channel, pup_error *err) {
+    pup_params q = {0};
+    const pup_stmt *nst = pup_params_reset(&q, 1) == 0 ? pup_conn_prepare(c, NOTIFY_SQL, err) : NULL;
+    PGresult *n = NULL;
+    if (nst) {
+        pup_params_text(&q, 0, channel, strlen(channel));
+        n = pup_conn_exec(c, nst, &q, 0, err);
+    }
+    pup_params_free(&q);
+    PQclear(n);
+    return n ? 0 : -1;
+}
+
+PGresult *pup_conn_exec_notify(pup_conn *c, const pup_stmt *st, const pup_params *p, int binary_result,
+                               const char *channel, pup_error *err) {
+    if (pup_conn_in_pipeline(c) || PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
+        PGresult *r = pup_conn_exec(c, st, p, binary_result, err);
+        if (!r || strcmp(c->owed, channel) == 0) return r;
+        if (!c->owed[0] && strlen(channel) < sizeof c->owed) {
+            strcpy(c->owed, channel); /* pup_conn_commit sends it */
+            return r;
+        }
+        /* Owed to another channel already (two stores' tables in one transaction): this
+         * one notifies inside the transaction, which PostgreSQL delivers at its commit. */
+        if (notify_now(c, channel, err) == 0) return r;
+        PQclear(r);
+        return NULL;
+    }
+    if (c->pooled) {
+        /* Behind a transaction pool the named NOTIFY_STMT may be on another server
+         * connection: the statement, then its wake-up as a statement of its own. */
+        PGresult *r = pup_conn_exec(c, st, p, binary_result, err);
+        pup_error ignored; /* a lost wake-up costs listeners a poll interval */
+        if (r) notify_now(c, channel, &ignored);
+        return r;
+    }
+    char name[sizeof st->name];
+    snprintf(name, sizeof name, "%s", st->name);
+    if (prepare_notify(c) < 0) return pup_conn_exec(c, st, p, binary_result, err);
+    PGresult *r = run_then_notify(c, name, p, binary_result, channel);
+    if (r && stale_plan(r) && PQtransactionStatus(c->pg) == PQTRANS_IDLE) {
+        /* As pup_conn_exec: prepared again (after the others are forgotten) and run once more. */
+        PQclear(r);
+        char *sql = strdup(st->sql);
+        c->replan = 1;
+        const pup_stmt *fresh = sql ? pup_conn_prepare(c, sql, err) : NULL;
+        free(sql);
+        if (!fresh) return NULL;
+        snprintf(name, sizeof name, "%s", fresh->name);
+        r = prepare_notify(c) == 0 ? run_then_notify(c, name, p, binary_result, channel) : NULL;
+    }
+    ExecStatusType s = PQresultStatus(r);
+    if (r && (s == PGRES_TUPLES_OK || s == PGRES_COMMAND_OK)) return r;
+    pup_error local;
+    if (!err) err = &local;
+    pup_error_from_pg(err, c->pg, r);
+    PQclear(r);
+    note_failure(c, err, c->tag);
+    return NULL;
+}
+
 int pup_conn_commit(pup_conn *c, pup_error *err) {
-    PGresult *r = PQexec(c->pg, "COMMIT");
+    /* An append in this transaction owes its listeners a wake-up, sent behind the COMMIT. */
+    int owed = c->owed[0] && PQtransactionStatus(c->pg) == PQTRANS_INTRANS && !pup_conn_in_pipeline(c);
+    /* (behind a transaction pool, NOTIFY_STMT may be on another server connection) */
+    int notify = owed && !c->pooled && prepare_notify(c) == 0;
+    char channel[sizeof c->owed];
+    memcpy(channel, c->owed, sizeof channel);
+    PGresult *r = notify ? run_then_notify(c, NULL, NULL, 0, c->owed) : PQexec(c->pg, "COMMIT");
+    c->owed[0] = '\0';
     if (PQresultStatus(r) != PGRES_COMMAND_OK) {
         pup_error_from_pg(err, c->pg, r);
         PQclear(r);
@@ -888,11 +1034,24 @@ int pup_conn_commit(pup_conn *c, pup_error *err) {
     /* An aborted transaction answers COMMIT with ROLLBACK: that is a failure too. */
     int rolled_back = strcmp(PQcmdStatus(r), "ROLLBACK") == 0;
     PQclear(r);
+    if (!rolled_back && owed && !notify) {
+        pup_error ignored; /* a lost wake-up costs listeners a poll interval */
+        notify_now(c, channel, &ignored);
+    }
     if (!rolled_back) return 0;
     if (c->failed && err) *err = c->failure;
     else pup_error_set(err, PUP_ERR_DATABASE, "the transaction was aborted");
     if (err) pup_error_prefix(err, "COMMIT rolled back: ");
     return -1;
+}
+
+void pup_conn_settle_notify(pup_conn *c, PGresult *r) {
+    if (!c->owed[0] || PQtransactionStatus(c->pg) != PQTRANS_IDLE) return;
+    if (r && strcmp(PQcmdStatus(r), "COMMIT") == 0) {
+        PGresult *n = PQexecParams(c->pg, NOTIFY_SQL, 1, NULL, (const char *const[]){c->owed}, NULL, NULL, 0);
+        PQclear(n);
+    }
+    c->owed[0] = '\0';
 }
 
 int pup_stmt_param_is_bytea(const pup_stmt *st, int i) {

@@ -469,6 +469,7 @@ static int run_sql(lua_State *L, int want_rows) {
             *box = pup_conn_exec(c, st, NULL, 0, &err);
         } else {
             *box = PQexec(pup_conn_pg(c), sql);
+            pup_conn_settle_notify(c, *box); /* a COMMIT here sends an append's wake-up */
             ExecStatusType s = PQresultStatus(*box);
             if (s != PGRES_COMMAND_OK && s != PGRES_TUPLES_OK) {
                 pup_error_from_pg(&err, pup_conn_pg(c), *box);

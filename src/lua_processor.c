@@ -164,6 +164,66 @@ static int call_projection(lproc *lp, const char *fname, const pup_event *ev, pu
     return rc;
 }
 
+/* handle_batch(tx, events), run in one protected call (the events' list is built inside
+ * it). Returns nothing, or, for a `return nil, err`, the message and the position err
+ * names (err.position, an integer; nil if none). */
+typedef struct batch_ctx {
+    lproc *lp;
+    const pup_event *evs;
+    int n;
+} batch_ctx;
+
+static int batch_call(lua_State *L) {
+    const batch_ctx *cx = lua_touserdata(L, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, cx->lp->proj_ref);
+    if (lua_getfield(L, -1, "handle_batch") != LUA_TFUNCTION)
+        return luaL_error(L, "projection field handle_batch is not a function anymore (got %s)", luaL_typename(L, -1));
+    lua_rawgeti(L, LUA_REGISTRYINDEX, cx->lp->tx_ref);
+    lua_createtable(L, cx->n, 0);
+    for (int i = 0; i < cx->n; i++) {
+        pup_lua_push_event(L, &cx->evs[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_call(L, 2, 2);
+    if (lua_toboolean(L, -2) || lua_isnil(L, -1)) return 0;
+    int e = lua_gettop(L);
+    lua_pushnil(L);
+    if (lua_type(L, e) == LUA_TTABLE) {
+        if (lua_getfield(L, e, "position") == LUA_TNUMBER && lua_isinteger(L, -1)) lua_replace(L, e + 1);
+        else lua_pop(L, 1);
+        if (lua_getfield(L, e, "message") == LUA_TSTRING) {
+            lua_pushvalue(L, e + 1);
+            return 2;
+        }
+        lua_pop(L, 1);
+    }
+    luaL_tolstring(L, e, NULL);
+    lua_pushvalue(L, e + 1);
+    return 2;
+}
+
+static int cb_handle_batch(void *ud, pup_conn *c, const pup_event *evs, int n, long long *pos, pup_error *err) {
+    (void)c;
+    lproc *lp = ud;
+    lua_State *L = lp->L;
+    batch_ctx cx = {lp, evs, n};
+    int timed = lp->handler_timeout_ms > 0;
+    if (timed) deadline_start(L, lp->vm, lp->handler_timeout_ms);
+    lua_pushcfunction(L, batch_call);
+    lua_pushlightuserdata(L, &cx);
+    int rc = pup_lua_pcall(L, 1, 2, err);
+    if (timed) deadline_stop(L, lp->vm);
+    if (rc != LUA_OK) return -1;
+    rc = 0;
+    if (lua_type(L, -2) == LUA_TSTRING) {
+        if (lua_isinteger(L, -1)) *pos = lua_tointeger(L, -1);
+        pup_error_set(err, PUP_ERR_HANDLER, "handle_batch returned an error: %s", lua_tostring(L, -2));
+        rc = -1;
+    }
+    lua_pop(L, 2);
+    return rc;
+}
+
 static int cb_setup(void *ud, pup_conn *c, pup_error *err) {
     (void)c;
     return call_projection(ud, "setup", NULL, err);
@@ -314,9 +374,12 @@ static int l_processor(lua_State *L) {
     lp->handler_timeout_ms = timeout_ms;
     lp->reactor = reactor;
     cfg.statement_timeout_ms = timeout_ms;
-    pup_handler h = {lp, NULL, cb_handle};
+    pup_handler h = {lp, NULL, cb_handle, NULL};
     lua_getfield(L, 2, "setup");
     if (lua_isfunction(L, -1)) h.setup = cb_setup;
+    lua_pop(L, 1);
+    lua_getfield(L, 2, "handle_batch");
+    if (lua_isfunction(L, -1)) h.handle_batch = cb_handle_batch;
     lua_pop(L, 1);
     pup_error err;
     lp->p = pup_processor_new(store, c, &cfg, &h, &err);

@@ -54,6 +54,7 @@ struct runner {
     char *log_format; /* as given ("text", "json"), or NULL: no lifecycle lines */
     int lease_ttl_ms; /* 0: the processor's default */
     int stop[2];
+    pthread_t supervisor; /* runs run()'s loop: a worker that ends wakes it (SIGURG) */
     pup_metrics *metrics; /* bound by pup.runner, serving during run() */
     pthread_mutex_t mu;   /* the workers' names and holes, for the metrics thread */
     int mu_init;
@@ -193,6 +194,7 @@ static void *worker_main(void *arg) {
     __atomic_store_n(&w->done, 1, __ATOMIC_RELEASE);
     if (stop_all && write(r->stop[1], "x", 1) < 0) {
     }
+    pthread_kill(r->supervisor, SIGURG); /* its loop looks at once (run --once exits when done) */
     return NULL;
 }
 
@@ -569,6 +571,8 @@ static int runner_run(lua_State *L) {
     sigemptyset(&set);
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGURG); /* from a worker that ended (ignored by default, should one stray) */
+    r->supervisor = pthread_self();
     pthread_sigmask(SIG_BLOCK, &set, &old); /* workers and the metrics thread inherit the mask */
     if (r->metrics) {
         r->process_start = process_start_time();
@@ -600,7 +604,7 @@ static int runner_run(lua_State *L) {
         if (done == r->n) break;
         struct timespec ts = {0, 200 * 1000 * 1000};
         int sig = sigtimedwait(&set, NULL, &ts);
-        if (sig > 0 && !stopping) {
+        if (sig > 0 && sig != SIGURG && !stopping) {
             stopping = interrupted = 1;
             char msg[80];
             snprintf(msg, sizeof msg, "%s received, finishing the current batches", sig == SIGINT ? "SIGINT" : "SIGTERM");
@@ -621,6 +625,11 @@ static int runner_run(lua_State *L) {
     pup_metrics_free(r->metrics); /* serves until every worker has stopped */
     r->metrics = NULL;
     show_progress(r, mono() - t0, 1);
+    sigset_t urg;
+    sigemptyset(&urg);
+    sigaddset(&urg, SIGURG);
+    while (sigtimedwait(&urg, NULL, &(struct timespec){0, 0}) > 0) {
+    } /* the workers' wake-ups, not left pending for the caller */
     pup_lua_unblock_signals(&old);
 
     if (unstarted) {

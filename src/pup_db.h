@@ -150,16 +150,30 @@ const pup_stmt *pup_conn_prepare(pup_conn *c, const char *sql, pup_error *err);
 PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
                         int binary_result, pup_error *err);
 
+/* pup_conn_exec for a write that listeners of channel must hear of once it is committed
+ * (an append). Outside a transaction the statement commits on its own and a NOTIFY
+ * follows it as a transaction of its own, pipelined behind it in the same round trip:
+ * the write's commit does not take PostgreSQL's notify lock, which would serialise the
+ * commits of concurrent writers. Inside a transaction (or pipeline mode) the NOTIFY is
+ * owed: pup_conn_commit sends it behind the COMMIT, a rollback forgets it. */
+PGresult *pup_conn_exec_notify(pup_conn *c, const pup_stmt *st, const pup_params *p, int binary_result,
+                               const char *channel, pup_error *err);
+/* For a statement sent around pup_conn_command/pup_conn_commit (a script through the
+ * simple protocol), r its result: when it ended the transaction, sends the NOTIFY an
+ * append in it owed if it committed, forgets it if not. */
+void pup_conn_settle_notify(pup_conn *c, PGresult *r);
+
 /* Runs a parameterless command (BEGIN, COMMIT, SET ...) outside pipeline mode.
  * Returns 0, or -1 with err set. */
 int pup_conn_command(pup_conn *c, const char *sql, pup_error *err);
 
-/* Commits the open transaction. A transaction the server had aborted answers COMMIT with
+/* Commits the open transaction (and sends the NOTIFY an append in it owes, pipelined
+ * behind the COMMIT). A transaction the server had aborted answers COMMIT with
  * ROLLBACK: that returns -1 too, with the statement failure that aborted it. */
 int pup_conn_commit(pup_conn *c, pup_error *err);
 
 /* Rolls back whatever is open (leaving pipeline mode first), best effort: the way out
- * of a failed transaction. Forgets the recorded failure. */
+ * of a failed transaction. Forgets the recorded failure and any NOTIFY owed. */
 void pup_conn_rollback(pup_conn *c);
 
 /* Pipeline mode, for handler writes: pup_conn_send() queues a statement and returns at

@@ -53,6 +53,11 @@ typedef struct pup_handler {
     void *ud;
     int (*setup)(void *ud, pup_conn *c, pup_error *err);           /* may be NULL */
     int (*handle)(void *ud, pup_conn *c, const pup_event *ev, pup_error *err);
+    /* May be NULL. When set, handle is not called: this gets the batch's events that pass
+     * the gap rule and are ours, in order, at once (handle_batch), before the checkpoint.
+     * A failure fails the whole batch; *pos may name the event it belongs to (else 0). */
+    int (*handle_batch)(void *ud, pup_conn *c, const pup_event *evs, int n, long long *pos,
+                        pup_error *err);
 } pup_handler;
 
 typedef struct pup_processor pup_processor;

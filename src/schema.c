@@ -48,15 +48,15 @@ static char *fmt(const char *f, ...) {
 }
 
 /* One statement per append: check the expected version, insert the events (versions
- * from the current one, positions in version order), move the head and notify, all or
- * nothing. $3 NULL = any. The current version is the greater of the head row and the
- * highest event version (one index probe): events written by another tool without a head
- * row, or without moving it, do not block the aggregate. `source` yields the events'
- * columns: binary arrays for many events, plain parameters for one; `id_cast` casts the
- * trace ids to uuid columns (the Go library's tables); `ids` the events' event_ids
- * as uuid[]. When one of those ids exists nothing is written and `dup` says so (append.c
- * then tells a retry of the same append from a duplicate), without failing the statement:
- * a caller's transaction goes on. */
+ * from the current one, positions in version order) and move the head, all or nothing
+ * (the NOTIFY follows the commit: pup_conn_exec_notify). $3 NULL = any. The current
+ * version is the greater of the head row and the highest event version (one index
+ * probe): events written by another tool without a head row, or without moving it, do
+ * not block the aggregate. `source` yields the events' columns: binary arrays for many
+ * events, plain parameters for one; `id_cast` casts the trace ids to uuid columns (the Go
+ * library's tables); `ids` the events' event_ids as uuid[]. When one of those ids exists
+ * nothing is written and `dup` says so (append.c then tells a retry of the same append
+ * from a duplicate), without failing the statement: a caller's transaction goes on. */
 static char *append_sql(const pup_store *s, const char *source, const char *ids, const char *id_cast) {
     return fmt(
         "WITH cur AS (SELECT GREATEST((SELECT aggregate_version FROM %s"
@@ -77,13 +77,11 @@ static char *append_sql(const pup_store *s, const char *source, const char *ids,
         " SELECT $1, $2, max(aggregate_version), now() FROM ins HAVING count(*) > 0"
         " ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET"
         " aggregate_version = EXCLUDED.aggregate_version, updated_at = EXCLUDED.updated_at"
-        " RETURNING 1),"
-        " note AS (SELECT pg_notify('%s', '') FROM head)"
+        " RETURNING 1)"
         " SELECT cur.v, ins.global_position, ins.aggregate_version, cur.dup"
-        " FROM cur CROSS JOIN (SELECT count(*) FROM note) n LEFT JOIN ins ON true"
+        " FROM cur LEFT JOIN ins ON true"
         " ORDER BY ins.aggregate_version",
-        s->q_heads, s->q_events, s->q_events, ids, s->q_events, id_cast, id_cast, id_cast, source, s->q_heads,
-        s->channel);
+        s->q_heads, s->q_events, s->q_events, ids, s->q_events, id_cast, id_cast, id_cast, source, s->q_heads);
 }
 
 /* The table name without its schema. */

@@ -141,7 +141,7 @@ static pup_processor *fresh(const pup_store *st, pup_conn *pc, pup_conn *c, fixt
     cfg.total_partitions = 1;
     cfg.batch_size = 100;
     cfg.statement_timeout_ms = timeout_ms;
-    pup_handler h = {f, NULL, handle};
+    pup_handler h = {.ud = f, .handle = handle};
     pup_error err;
     pup_processor *p = pup_processor_new(st, pc, &cfg, &h, &err);
     int acquired = 0;

@@ -1,0 +1,190 @@
+-- Issue 13: an append's wake-up (NOTIFY) is sent after its commit, in a transaction of its
+-- own, so notifying writers' commits are not serialised by PostgreSQL's notify lock. A
+-- waiting processor (--poll-interval 60 s, so only a NOTIFY can wake it in time) must still
+-- be woken at once by every way of committing an append, and never by a rolled-back one.
+local pup = require "pupsourcing"
+local H = require "spec.helpers"
+
+local PROJ = [[
+return { name = "notify_commit", handle = function(tx, e)
+  assert(tx:exec("INSERT INTO t_nc_seen (pos) VALUES ($1)", e.global_position)) end }
+]]
+
+describe("wake-ups after the commit", function()
+  local store, db, T, dir, procs, w
+
+  before_each(function()
+    store, db, T = H.fresh_store("nc")
+    assert(db:exec("DROP TABLE IF EXISTS t_nc_seen"))
+    assert(db:exec("CREATE TABLE t_nc_seen (pos bigint NOT NULL)"))
+    dir = H.tmpdir()
+    H.write_file(dir .. "/nc.lua", PROJ)
+    procs = {}
+    w = H.connect() -- the writer
+  end)
+
+  after_each(function()
+    for _, p in ipairs(procs) do H.reap(p) end
+    pcall(w.close, w)
+    db:close()
+    H.rmdir(dir)
+  end)
+
+  local function seen() return assert(db:query("SELECT count(*) AS n FROM t_nc_seen"))[1].n end
+  local function ev(id) return { H.event { aggregate_id = id } } end
+
+  -- The processor's backend: every statement it sends has a new query_start.
+  local function backend_query_start()
+    local rows = assert(db:query([[SELECT a.query_start::text AS qs FROM pg_stat_activity a
+        JOIN pg_locks l USING (pid) WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+        AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($1, 0)]],
+      "pupsourcing/" .. T.checkpoints_table .. "/notify_commit/0/1"))
+    assert.equal(1, #rows, "the processor's backend")
+    return rows[1].qs
+  end
+
+  -- Asserts that the processor sends no statement for `seconds` (it was not woken).
+  local function assert_not_woken(seconds, what)
+    local qs, t0 = backend_query_start(), pup.now()
+    while pup.now() - t0 < seconds do
+      assert.equal(qs, backend_query_start(), what .. " woke the processor")
+      pup.sleep(0.01)
+    end
+  end
+
+  -- Runs commit() (which commits one append) and asserts the event is handled within 1 s of
+  -- its return, far below the 60 s poll interval.
+  local function assert_wakes(what, commit)
+    local n = seen()
+    local t0 = pup.now()
+    commit()
+    H.wait_until(what .. ": the event handled", 10, function() return seen() > n end, 0.005)
+    local dt = pup.now() - t0
+    io.stderr:write(("notify_commit: %s handled %.1f ms after the commit\n"):format(what, dt * 1000))
+    assert.is_true(dt < 1, ("%s: handled %.2f s after the commit (not woken by a NOTIFY)"):format(what, dt))
+  end
+
+  it("every committed append wakes a waiting processor at once; rolled-back ones never do", function()
+    assert(store:append(w, pup.any(), ev("nc-0")))
+    local words = { H.bin }
+    for _, a in ipairs(H.with_tables(T, { "run", "--poll-interval", "60000", dir .. "/nc.lua" })) do
+      words[#words + 1] = a
+    end
+    local p = H.spawn(words)
+    procs[#procs + 1] = p
+    H.wait_until("the first event handled", 20, function()
+      assert.is_nil(H.exit_code(p), H.stderr_of(p))
+      return seen() == 1
+    end, 0.02)
+    pup.sleep(0.3) -- past the batch that found nothing more
+
+    assert_wakes("an append on its own", function() assert(store:append(w, pup.any(), ev("nc-1"))) end)
+    pup.sleep(0.2)
+    assert_wakes("db:transaction", function()
+      assert(w:transaction(function(tx)
+        assert(store:append(tx, pup.any(), ev("nc-2")))
+        pup.sleep(0.2) -- nothing is handled before the commit
+        assert.equal(2, seen())
+        assert(tx:exec("SELECT 1"))
+      end))
+    end)
+    pup.sleep(0.2)
+    assert_wakes("db:begin and tx:commit", function()
+      local tx = assert(w:begin())
+      assert(store:append(tx, pup.any(), ev("nc-3")))
+      assert(tx:commit())
+    end)
+    pup.sleep(0.2)
+    assert_wakes("BEGIN and COMMIT through db:exec", function()
+      assert(w:exec("BEGIN"))
+      assert(store:append(w, pup.any(), ev("nc-4")))
+      assert(w:exec("COMMIT"))
+    end)
+    pup.sleep(0.2)
+    assert_wakes("two appends in one db:transaction", function()
+      assert(w:transaction(function(tx)
+        assert(store:append(tx, pup.any(), ev("nc-5")))
+        assert(store:append(tx, pup.any(), ev("nc-5")))
+      end))
+    end)
+    H.wait_until("both events of the last transaction", 5, function() return seen() == 7 end, 0.005)
+    pup.sleep(0.3)
+
+    -- Rolled back, by every way: no wake-up, neither then nor at the connection's next commit.
+    local before = seen()
+    assert.is_nil(w:transaction(function(tx)
+      assert(store:append(tx, pup.any(), ev("nc-r1")))
+      return nil, "undo"
+    end))
+    assert.is_nil(w:transaction(function(tx)
+      assert(store:append(tx, pup.any(), ev("nc-r2")))
+      error("raised")
+    end))
+    local tx = assert(w:begin())
+    assert(store:append(tx, pup.any(), ev("nc-r3")))
+    assert(tx:rollback())
+    assert(w:exec("BEGIN"))
+    assert(store:append(w, pup.any(), ev("nc-r4")))
+    assert(w:exec("ROLLBACK"))
+    do -- closed by going out of scope
+      local t <close> = assert(w:begin())
+      assert(store:append(t, pup.any(), ev("nc-r5")))
+    end
+    assert_not_woken(0.5, "a rolled-back append")
+    -- the next commits on that connection append nothing: no wake-up owed any more
+    assert(w:transaction(function(t) assert(t:exec("SELECT 1")) end))
+    tx = assert(w:begin())
+    assert(tx:commit())
+    assert_not_woken(0.5, "a commit after rolled-back appends")
+    assert.equal(before, seen())
+    assert.equal(0, assert(db:query(("SELECT count(*) AS n FROM %s WHERE aggregate_id LIKE 'nc-r%%'")
+      :format(T.events_table)))[1].n)
+
+    -- a failed append on its own changes nothing; the next one still wakes
+    local ok, err = store:append(w, pup.exact(99), ev("nc-1"))
+    assert.is_nil(ok)
+    assert.equal("optimistic_concurrency", err.code)
+    assert_wakes("an append after a conflict", function() assert(store:append(w, pup.any(), ev("nc-6"))) end)
+    H.signal(p, "TERM")
+    assert.equal(0, H.wait_exit(p, 5), H.stderr_of(p))
+  end)
+
+  it("an append inside a processor's batch (a reactor) wakes another processor when the batch commits", function()
+    -- the reactor appends a MailQueued per Ordered in its batch; the mailer only sees MailQueued
+    H.write_file(dir .. "/react.lua", ([[
+local pup = require "pupsourcing"
+local store = pup.store { events_table = %q, aggregate_heads_table = %q, checkpoints_table = %q }
+return { name = "nc_reactor", event_types = { "Ordered" }, handle = function(tx, e)
+  assert(store:append(tx, pup.any(), { { aggregate_type = "Mail", aggregate_id = e.aggregate_id,
+    event_type = "MailQueued", payload = "{}" } }))
+end }
+]]):format(T.events_table, T.aggregate_heads_table, T.checkpoints_table))
+    H.write_file(dir .. "/mailer.lua", [[
+return { name = "nc_mailer", event_types = { "MailQueued" }, handle = function(tx, e)
+  assert(tx:exec("INSERT INTO t_nc_seen (pos) VALUES ($1)", e.global_position)) end }
+]])
+    for _, f in ipairs { "react.lua", "mailer.lua" } do
+      local words = { H.bin }
+      for _, a in ipairs(H.with_tables(T, { "run", "--poll-interval", "60000", dir .. "/" .. f })) do
+        words[#words + 1] = a
+      end
+      procs[#procs + 1] = H.spawn(words)
+    end
+    pup.sleep(1) -- both started, caught up (nothing yet) and waiting
+    for i = 1, 3 do
+      local t0 = pup.now()
+      assert(store:append(w, pup.any(), { H.event { aggregate_id = "order-" .. i, event_type = "Ordered" } }))
+      H.wait_until("the mail of order " .. i, 10, function()
+        for _, p in ipairs(procs) do assert.is_nil(H.exit_code(p), H.stderr_of(p)) end
+        return seen() == i
+      end, 0.005)
+      local dt = pup.now() - t0
+      io.stderr:write(("notify_commit: reactor's append handled %.1f ms after the order\n"):format(dt * 1000))
+      assert.is_true(dt < 2, ("the mailer saw the reactor's append after %.2f s (no NOTIFY at the batch's commit)"):format(dt))
+    end
+    for _, p in ipairs(procs) do
+      H.signal(p, "TERM")
+      assert.equal(0, H.wait_exit(p, 5), H.stderr_of(p))
+    end
+  end)
+end)
