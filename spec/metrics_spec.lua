@@ -294,6 +294,27 @@ describe("run --metrics-addr", function()
     assert.equal(1, H.wait_exit(proc, 20))
   end)
 
+  it("counts the events a projection gave up on (on_error = skip) as dead letters", function()
+    local path = dir .. "/met_skip.lua"
+    H.write_file(path, PROJ:format("met_skip", "0", "met_skip"):gsub("\nreturn {\n", "\nreturn {\n  on_error = \"skip\",\n", 1))
+    local proc = spawn_run({ path }, { "--metrics-addr", "127.0.0.1:0" })
+    local addr = address_of(proc)
+    assert(store:append(db, pup.any(), { H.event { aggregate_id = "k-1", event_type = "Poison" } }))
+    assert(store:append(db, pup.any(), H.events(2, { aggregate_id = "k-2" })))
+    local text
+    local l = 'projection="met_skip",partition="0"'
+    H.wait_until(function() return "a dead letter and lag 0 in:\n" .. tostring(text) end, 20, function()
+      local code
+      code, text = curl("http://" .. addr .. "/metrics")
+      return code == 200 and sample(text, "pupsourcing_dead_letters_total", l) == 1
+        and sample(text, "pupsourcing_lag_events", l) == 0
+    end, 0.1)
+    assert.equal(2, counted("met_skip"))
+    assert.equal(1, sample(text, "pupsourcing_handler_errors_total", l))
+    assert.equal(1, sample(text, "pupsourcing_running", l))
+    assert.truthy(text:find("\n# TYPE pupsourcing_dead_letters_total counter\n", 1, true))
+  end)
+
   it("a bad --metrics-addr fails run up front (exit 2), nothing processed", function()
     local file = projection("met_addr")
     assert(store:append(db, pup.any(), H.events(3)))

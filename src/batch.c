@@ -482,6 +482,7 @@ int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int
                         pup_error *err) {
     p->poison.fresh = 0;
     int rc = batch_once(p, handled, advanced, waiting, err);
+    if (rc < 0 && err->code == PUP_ERR_HANDLER) p->stats.handler_errors++; /* skipped ones too */
     if (rc < 0 && p->poison.fresh && err->code == PUP_ERR_HANDLER && p->cfg.on_error != PUP_ON_ERROR_STOP)
         rc = poisoned(p, handled, advanced, waiting, err);
     if (rc == 0 && *advanced > 0 && !p->poison.failure_clear) {

@@ -494,6 +494,7 @@ static void share_progress(void *ud, const pup_processor *p) {
     __atomic_store_n(&lp->shared->held, s.held, __ATOMIC_RELAXED);
     __atomic_store_n(&lp->shared->retries, s.retries, __ATOMIC_RELAXED);
     __atomic_store_n(&lp->shared->handler_errors, s.handler_errors, __ATOMIC_RELAXED);
+    __atomic_store_n(&lp->shared->dead_letters, s.dead_letters, __ATOMIC_RELAXED);
     __atomic_store_n(&lp->shared->oldest_pending_ms, s.oldest_pending_ms, __ATOMIC_RELAXED);
     for (int b = 0; b <= PUP_BATCH_BUCKETS; b++)
         __atomic_store_n(&lp->shared->batch_buckets[b], s.batch_buckets[b], __ATOMIC_RELAXED);

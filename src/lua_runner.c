@@ -408,7 +408,7 @@ typedef struct worker_view {
     char name[256], partition[16];
     pup_processor_stats s;
     int running, failed, handler_failed;
-    long long hole, handler_errors;
+    long long hole, handler_errors, dead_letters;
     double hole_age, lag_seconds, batch_running;
     long long batch_buckets[PUP_BATCH_BUCKETS + 1], batch_us;
 } worker_view;
@@ -421,6 +421,7 @@ static void view_worker(runner *r, worker *w, double now, worker_view *v) {
     v->s.held = __atomic_load_n(&w->stats.held, __ATOMIC_RELAXED);
     v->s.retries = __atomic_load_n(&w->stats.retries, __ATOMIC_RELAXED);
     v->handler_errors = __atomic_load_n(&w->stats.handler_errors, __ATOMIC_RELAXED);
+    v->dead_letters = __atomic_load_n(&w->stats.dead_letters, __ATOMIC_RELAXED);
     long long oldest = __atomic_load_n(&w->stats.oldest_pending_ms, __ATOMIC_RELAXED);
     v->lag_seconds = oldest > 0 && now > oldest / 1000.0 ? now - oldest / 1000.0 : 0;
     for (int b = 0; b <= PUP_BATCH_BUCKETS; b++)
@@ -442,8 +443,8 @@ static void view_worker(runner *r, worker *w, double now, worker_view *v) {
 }
 
 /* The families of /metrics, in the order shown. */
-enum { M_POSITION, M_HEAD, M_LAG, M_LAG_SECONDS, M_BATCH_RUNNING, M_HANDLED, M_ERRORS, M_RETRIES, M_HOLE,
-       M_HOLE_AGE, M_STANDBY, M_HELD, M_RUNNING, M_COUNT };
+enum { M_POSITION, M_HEAD, M_LAG, M_LAG_SECONDS, M_BATCH_RUNNING, M_HANDLED, M_ERRORS, M_DEAD, M_RETRIES,
+       M_HOLE, M_HOLE_AGE, M_STANDBY, M_HELD, M_RUNNING, M_COUNT };
 static const struct {
     const char *name, *type, *help;
 } families[M_COUNT] = {
@@ -455,6 +456,8 @@ static const struct {
     {"pupsourcing_batch_running_seconds", "gauge", "How long the batch in progress has run (0 between batches)."},
     {"pupsourcing_events_handled_total", "counter", "Events given to the handler since the process started."},
     {"pupsourcing_handler_errors_total", "counter", "Handler failures that stopped the worker (the others go on unless --fail-fast)."},
+    {"pupsourcing_dead_letters_total", "counter",
+     "Events given up on (on_error skip or retry) and written to the dead-letter table by this process."},
     {"pupsourcing_retries_total", "counter", "Transient failures retried (lost connection, serialization failure, ...)."},
     {"pupsourcing_waiting_position", "gauge", "The first hole in the positions the partition waits on (0: none)."},
     {"pupsourcing_waiting_seconds", "gauge", "How long the partition has waited on that hole (0: none)."},
@@ -510,7 +513,7 @@ static void render_metrics(void *ud, pup_metrics_buf *b) {
             pup_metrics_label(b, 0, "partition", x->partition);
             long long lag = x->s.head > x->s.position ? x->s.head - x->s.position : 0;
             long long val[M_COUNT] = {x->s.position, x->s.head, lag, 0, 0, x->s.handled, x->handler_errors,
-                                      x->s.retries, x->hole, 0, x->s.standby, x->s.held, x->running};
+                                      x->dead_letters, x->s.retries, x->hole, 0, x->s.standby, x->s.held, x->running};
             if (f == M_HOLE_AGE) pup_metrics_printf(b, "} %.3f\n", x->hole_age);
             else if (f == M_LAG_SECONDS) pup_metrics_printf(b, "} %.3f\n", x->lag_seconds);
             else if (f == M_BATCH_RUNNING) pup_metrics_printf(b, "} %.3f\n", x->batch_running);

@@ -155,7 +155,8 @@ typedef struct pup_processor_stats {
     int standby;
     int held;            /* partitions held */
     long long retries;   /* transient failures retried by pup_processor_run */
-    long long handler_errors; /* handler failures seen by pup_processor_run */
+    long long handler_errors; /* handler failures of batches (those skipped or retried too) */
+    long long dead_letters;   /* events this processor gave up on (on_error) and dead-lettered */
     /* created_at (Unix ms) of the first event after the checkpoint, as the last batch saw
      * it (the next one in its window, else its last while the head is beyond); 0 when the
      * batch reached the head. The lag in seconds is now minus this. */

@@ -290,7 +290,10 @@ static int turn(pup_processor *p, const pup_run_opts *o, long long *target, told
     p->stats.batch_started_ms = 0;
     if (rc < 0) return -1;
     if (advanced > 0) note_batch(p, pup_proc_mono() - t0);
-    if (p->poison.dead_count != dead) tell_dead_letter(p, o);
+    if (p->poison.dead_count != dead) {
+        p->stats.dead_letters = p->poison.dead_count;
+        tell_dead_letter(p, o);
+    }
     *backoff_ms = 100;
     if (o->progress) o->progress(o->ud, p);
     if (o->once && p->stats.position >= *target) return 1;
@@ -312,7 +315,6 @@ static int run_loop(pup_processor *p, const pup_run_opts *o, const char **reason
         int rc = turn(p, o, &target, &t, &backoff_ms, err);
         if (rc == 0) continue;
         if (rc > 0 && o->once && !stopped(o)) *reason = "caught up (once)";
-        if (rc < 0 && err->code == PUP_ERR_HANDLER) p->stats.handler_errors++;
         if (rc < 0) rc = retry_after(p, o, err, &backoff_ms);
         if (rc < 0) rc = handler_failed(p, o, err);
         if (rc != 0) return rc > 0 ? 0 : -1;
