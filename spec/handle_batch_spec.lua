@@ -139,6 +139,42 @@ describe("handle_batch", function()
     p:close()
   end)
 
+  it("under on_error = skip the event the handler names is dead-lettered; the rest applied once", function()
+    local pos = append(db, "hb-s", 6)
+    local bad = pos[4]
+    local p = pup.processor(db, set_based("hb_skip", {
+      on_error = "skip",
+      handle_batch = function(tx, events)
+        for _, e in ipairs(events) do
+          if e.global_position == bad then return nil, { position = bad, message = "cannot take this one" } end
+        end
+        local list = {}
+        for i, e in ipairs(events) do list[i] = e.global_position end
+        assert(tx:exec(("INSERT INTO %s (pos, batch, idx) SELECT p, 1, 1 FROM unnest($1::bigint[]) AS p"):format(RM),
+          "{" .. table.concat(list, ",") .. "}"))
+      end,
+    }), { store = store, batch_size = 100 })
+    local total = 0
+    for _ = 1, 3 do total = total + assert(p:run_once()) end
+    p:close()
+    local rows = q("SELECT pos FROM " .. RM .. " ORDER BY pos")
+    local got = {}
+    for i, r in ipairs(rows) do got[i] = r.pos end
+    assert.same({ pos[1], pos[2], pos[3], pos[5], pos[6] }, got)
+    local dead = q(('SELECT global_position, error FROM "%s_dead_letters" WHERE projection_name = $1')
+      :format(T.checkpoints_table), "hb_skip")
+    assert.equal(1, #dead)
+    assert.equal(bad, dead[1].global_position)
+    assert.matches("cannot take this one", dead[1].error, 1, true)
+    assert.equal(pos[6], checkpoint("hb_skip"))
+  end)
+
+  it("is refused on a reactor (it gets no transaction)", function()
+    local ok, err = pcall(pup.check_projection, { name = "r", kind = "reactor", handle_batch = function() end })
+    assert.is_false(ok)
+    assert.matches("takes handle(event), not handle_batch", err, 1, true)
+  end)
+
   it("is validated: a function, and not together with handle", function()
     local ok, err = pcall(pup.check_projection, { name = "x", handle = function() end, handle_batch = function() end })
     assert.is_false(ok)

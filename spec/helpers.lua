@@ -48,6 +48,7 @@ function M.drop_tables(db, name)
   local t = M.tables(name)
   local cp = t.checkpoints_table
   for _, tbl in ipairs { t.events_table, t.aggregate_heads_table, cp, cp .. "_workers", cp .. "_groups",
+                         cp .. "_dead_letters", cp .. "_failures",
                          t.events_table .. "_snapshots" } do
     assert(db:exec('DROP TABLE IF EXISTS "' .. tbl .. '" CASCADE'))
   end
