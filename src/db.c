@@ -824,6 +824,18 @@ done:
     return out;
 }
 
+/* r when it succeeded; else NULL with err (the connection's failure noted), r cleared. */
+static PGresult *result_or_failure(pup_conn *c, PGresult *r, pup_error *err) {
+    ExecStatusType s = PQresultStatus(r);
+    if (r && (s == PGRES_TUPLES_OK || s == PGRES_COMMAND_OK)) return r;
+    pup_error local;
+    if (!err) err = &local;
+    pup_error_from_pg(err, c->pg, r);
+    PQclear(r);
+    note_failure(c, err, c->tag);
+    return NULL;
+}
+
 PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
                         int binary_result, pup_error *err) {
     PGresult *r;
@@ -858,14 +870,7 @@ PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
             }
         }
     }
-    ExecStatusType s = PQresultStatus(r);
-    if (s == PGRES_TUPLES_OK || s == PGRES_COMMAND_OK) return r;
-    pup_error local;
-    if (!err) err = &local;
-    pup_error_from_pg(err, c->pg, r);
-    PQclear(r);
-    note_failure(c, err, c->tag);
-    return NULL;
+    return result_or_failure(c, r, err);
 }
 
 int pup_conn_command(pup_conn *c, const char *sql, pup_error *err) {
@@ -1007,14 +1012,7 @@ PGresult *pup_conn_exec_notify(pup_conn *c, const pup_stmt *st, const pup_params
         snprintf(name, sizeof name, "%s", fresh->name);
         r = prepare_notify(c) == 0 ? run_then_notify(c, name, p, binary_result, channel) : NULL;
     }
-    ExecStatusType s = PQresultStatus(r);
-    if (r && (s == PGRES_TUPLES_OK || s == PGRES_COMMAND_OK)) return r;
-    pup_error local;
-    if (!err) err = &local;
-    pup_error_from_pg(err, c->pg, r);
-    PQclear(r);
-    note_failure(c, err, c->tag);
-    return NULL;
+    return result_or_failure(c, r, err);
 }
 
 int pup_conn_commit(pup_conn *c, pup_error *err) {
