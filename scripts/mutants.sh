@@ -29,6 +29,30 @@ cd "$root"
 # new line; exactly one space follows the colon, the rest of the line is the text.
 mutations() {
   cat <<'EOF'
+name: dead-letter-not-written
+why: issue 12: a skipped poison event moves the checkpoint without its dead letter
+file: src/batch.c
+old: if (rc == 0 && w->dead_row >= 0) rc = dead_letter(p, w, err);
+new: if (rc == 0 && w->dead_row >= 0 && 0) rc = dead_letter(p, w, err);
+tests: ^lua\.poison$
+
+name: rollback-keeps-owed-notify
+why: issue 13: a rolled-back append's wake-up is sent at the connection's next commit
+file: src/db.c
+old: void pup_conn_rollback(pup_conn *c) {
+old+:     pup_error ignored;
+old+:     c->owed[0] = '\0';
+new: void pup_conn_rollback(pup_conn *c) {
+new+:     pup_error ignored;
+tests: ^lua\.notify_commit$
+
+name: inline-runs-on-retried-append
+why: issue 15: a retried append (the same event_ids) applies its inline projections twice
+file: lua/pupsourcing/aggregate.lua
+old: if res.retried then return end -- the same append again: its handlers ran with it
+new: -- (retried appends run the handlers again)
+tests: ^lua\.inline_projections$
+
 name: gap-bound-snapshot-xmax
 why: issue 17 #1: a hole's bound from the snapshot's xmax, not the reader's own xid
 file: src/batch.c
@@ -39,15 +63,15 @@ tests: ^lua\.ordering$
 name: lease-fence-owner-or-lease
 why: issue 17 #2: the group checkpoint write accepts another worker's valid lease
 file: src/processor.c
-old: " AND owner = $7 AND lease_expires_at > clock_timestamp() RETURNING partition_key",
-new: " AND (owner = $7 OR lease_expires_at > clock_timestamp()) RETURNING partition_key",
+old: " AND owner = $7 AND lease_expires_at > clock_timestamp() AND generation = $8"
+new: " AND (owner = $7 OR lease_expires_at > clock_timestamp()) AND generation = $8"
 tests: ^lua\.fence$
 
 name: checkpoint-fence-ge
 why: issue 17 #3: a checkpoint moved forward under a running batch is overwritten
 file: src/processor.c
-old: " WHERE c.last_global_position = $8 RETURNING 1",
-new: " WHERE c.last_global_position >= $8 RETURNING 1",
+old: " AND last_global_position = $8 AND generation = $9 RETURNING 1",
+new: " AND last_global_position >= $8 AND generation = $9 RETURNING 1",
 tests: ^lua\.fence$
 
 name: exact-negative-accepted
@@ -121,22 +145,22 @@ tests: ^c\.test_gap$
 name: checkpoint-unfenced
 why: the static checkpoint write is not fenced at all
 file: src/processor.c
-old: " WHERE c.last_global_position = $8 RETURNING 1",
-new: " WHERE c.last_global_position = $8 OR true RETURNING 1",
+old: " AND last_global_position = $8 AND generation = $9 RETURNING 1",
+new: " AND (last_global_position = $8 OR true) AND generation = $9 RETURNING 1",
 tests: ^lua\.fence$
 
 name: lease-fence-no-expiry
 why: a worker whose lease lapsed still commits
 file: src/processor.c
-old: " AND owner = $7 AND lease_expires_at > clock_timestamp() RETURNING partition_key",
-new: " AND owner = $7 RETURNING partition_key",
+old: " AND owner = $7 AND lease_expires_at > clock_timestamp() AND generation = $8"
+new: " AND owner = $7 AND generation = $8"
 tests: ^lua\.fence$
 
 name: lease-fence-count-ignored
 why: a group batch commits although some of its partitions' leases were lost
 file: src/batch.c
-old: if (group && n != p->nheld) {
-new: if (group && n == 0 && p->nheld == 0) {
+old: if (n != (group ? p->nheld : 1)) return pup_proc_fenced(p, from, n, err);
+new: if (group ? n == 0 && p->nheld == 0 : n != 1) return pup_proc_fenced(p, from, n, err);
 tests: ^lua\.fence$
 
 name: append-head-only
@@ -157,15 +181,15 @@ timeout: 120
 name: append-expected-ahead
 why: append's expected-version check accepts an expected version ahead of the stream
 file: src/schema.c
-old: " ok AS (SELECT v FROM cur WHERE $3::bigint IS NULL OR v = $3::bigint),"
-new: " ok AS (SELECT v FROM cur WHERE $3::bigint IS NULL OR v <= $3::bigint),"
+old: " ok AS (SELECT v FROM cur WHERE NOT dup AND ($3::bigint IS NULL OR v = $3::bigint)),"
+new: " ok AS (SELECT v FROM cur WHERE NOT dup AND ($3::bigint IS NULL OR v <= $3::bigint)),"
 tests: ^lua\.store_append$
 
 name: append-expected-off-by-one
 why: append's expected-version check compares with the next version instead of the current
 file: src/schema.c
-old: " ok AS (SELECT v FROM cur WHERE $3::bigint IS NULL OR v = $3::bigint),"
-new: " ok AS (SELECT v FROM cur WHERE $3::bigint IS NULL OR v + 1 = $3::bigint),"
+old: " ok AS (SELECT v FROM cur WHERE NOT dup AND ($3::bigint IS NULL OR v = $3::bigint)),"
+new: " ok AS (SELECT v FROM cur WHERE NOT dup AND ($3::bigint IS NULL OR v + 1 = $3::bigint)),"
 tests: ^lua\.store_append$
 
 name: append-no-stream-as-any
