@@ -287,6 +287,16 @@ describe("store:append", function()
       assert_invalid(evs, 2, "causation_id")
     end)
 
+    it("invalid_event names an unknown (misspelt) field instead of dropping it", function()
+      local id = h.uid("inv3")
+      local evs = h.events(2, { aggregate_id = id })
+      evs[2].payloadd = { amount = 1 }
+      assert_invalid(evs, 2, "unknown field payloadd")
+      evs = h.events(1, { aggregate_id = id })
+      evs[1][1] = "x"
+      assert_invalid(evs, 1, "unknown field (a key that is not a string)")
+    end)
+
     it("invalid_event for events of different aggregates in one append", function()
       local id = h.uid("mix")
       local evs = h.events(3, { aggregate_id = id })

@@ -199,6 +199,24 @@ static const struct { const char *name; int required, json; } event_fields[NFIEL
     {"metadata", 0, 1}, {"event_id", 0, 0}, {"causation_id", 0, 0}, {"correlation_id", 0, 0},
     {"trace_id", 0, 0}, {"created_at", 0, 0}, {"event_version", 0, 0}};
 
+/* The first key of the event table at -1 that is not one of event_fields (a misspelt
+ * field would be dropped silently), or NULL. The text stays valid while the table does. */
+static const char *unknown_field(lua_State *L) {
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+        lua_pop(L, 1);
+        int ok = 0;
+        if (lua_type(L, -1) == LUA_TSTRING)
+            for (int f = 0; f < NFIELDS && !ok; f++) ok = strcmp(lua_tostring(L, -1), event_fields[f].name) == 0;
+        if (!ok) {
+            const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "(a key that is not a string)";
+            lua_pop(L, 1);
+            return k;
+        }
+    }
+    return NULL;
+}
+
 /* Checks field f of the event at -2 whose value is at -1 and leaves the value to keep
  * (nil when absent; a table encoded to JSON). Returns why it is bad, or NULL. */
 static const char *check_field(lua_State *L, int f) {
@@ -320,6 +338,11 @@ static int store_append(lua_State *L) {
         if (lua_geti(L, 4, i + 1) != LUA_TTABLE) {
             pup_error_set(&err, PUP_ERR_INVALID_EVENT, "event %d: must be a table, got %s", i + 1,
                           luaL_typename(L, -1));
+            return pup_lua_push_error(L, &err);
+        }
+        const char *unknown = unknown_field(L);
+        if (unknown) {
+            pup_error_set(&err, PUP_ERR_INVALID_EVENT, "event %d: unknown field %.80s", i + 1, unknown);
             return pup_lua_push_error(L, &err);
         }
         for (int f = 0; f < NFIELDS; f++) {
