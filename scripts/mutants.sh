@@ -293,8 +293,8 @@ tests: ^lua\.read_events_gaps$
 name: append-no-dup-check
 why: issue 12: an append whose event_id exists fails with a raw unique violation instead of returning the original positions
 file: src/schema.c
-old: " EXISTS (SELECT 1 FROM %s WHERE event_id = ANY(%s)) AS dup),"
-new: " false AND EXISTS (SELECT 1 FROM %s WHERE event_id = ANY(%s)) AS dup),"
+old: " EXISTS (SELECT 1 FROM %s AS d(id) WHERE (SELECT true FROM %s WHERE event_id = d.id::uuid)) AS dup),"
+new: " false AND EXISTS (SELECT 1 FROM %s AS d(id) WHERE (SELECT true FROM %s WHERE event_id = d.id::uuid)) AS dup),"
 tests: ^lua\.append_idempotent$
 
 name: append-same-payload-bytes-only

@@ -54,7 +54,7 @@ static char *fmt(const char *f, ...) {
  * probe): events written by another tool without a head row, or without moving it, do
  * not block the aggregate. `source` yields the events' columns: binary arrays for many
  * events, plain parameters for one; `id_cast` casts the trace ids to uuid columns (the Go
- * library's tables); `ids` the events' event_ids as uuid[]. When one of those ids exists
+ * library's tables); `ids` a row source of the events' event_ids (text). When one of them exists
  * nothing is written and `dup` says so (append.c then tells a retry of the same append
  * from a duplicate), without failing the statement: a caller's transaction goes on. */
 static char *append_sql(const pup_store *s, const char *source, const char *ids, const char *id_cast) {
@@ -62,7 +62,7 @@ static char *append_sql(const pup_store *s, const char *source, const char *ids,
         "WITH cur AS (SELECT GREATEST((SELECT aggregate_version FROM %s"
         " WHERE aggregate_type = $1 AND aggregate_id = $2), (SELECT max(aggregate_version) FROM %s"
         " WHERE aggregate_type = $1 AND aggregate_id = $2), 0) AS v,"
-        " EXISTS (SELECT 1 FROM %s WHERE event_id = ANY(%s)) AS dup),"
+        " EXISTS (SELECT 1 FROM %s AS d(id) WHERE (SELECT true FROM %s WHERE event_id = d.id::uuid)) AS dup),"
         " ok AS (SELECT v FROM cur WHERE NOT dup AND ($3::bigint IS NULL OR v = $3::bigint)),"
         " ins AS (INSERT INTO %s (aggregate_type, aggregate_id, aggregate_id_hash, aggregate_version,"
         " event_id, event_type, event_version, payload, metadata, causation_id, correlation_id,"
@@ -81,7 +81,7 @@ static char *append_sql(const pup_store *s, const char *source, const char *ids,
         " SELECT cur.v, ins.global_position, ins.aggregate_version, cur.dup"
         " FROM cur LEFT JOIN ins ON true"
         " ORDER BY ins.aggregate_version",
-        s->q_heads, s->q_events, s->q_events, ids, s->q_events, id_cast, id_cast, id_cast, source, s->q_heads);
+        s->q_heads, s->q_events, ids, s->q_events, s->q_events, id_cast, id_cast, id_cast, source, s->q_heads);
 }
 
 /* The table name without its schema. */
@@ -222,7 +222,10 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
                        " $9::text[], $10::text[], $11::text[], $12::text[]) WITH ORDINALITY";
     const char *one = "(SELECT $4::text, $5::text, $6::text, $7::bytea, $8::text,"
                       " $9::text, $10::text, $11::text, $12::text, 1::bigint)";
-    const char *many_ids = "$4::text[]::uuid[]", *one_id = "ARRAY[$4::text::uuid]";
+    /* The event_ids, one row each: every id is probed by its own index lookup (a scalar
+     * subquery is never turned into a join), so a plan made while the table was empty
+     * never becomes a scan of the whole table as it grows (a generic plan stays). */
+    const char *many_ids = "unnest($4::text[])", *one_id = "(VALUES ($4::text))";
     s->sql_append = append_sql(s, many, many_ids, "");
     s->sql_append_one = append_sql(s, one, one_id, "");
     s->sql_append_uuid = append_sql(s, many, many_ids, "::uuid");
