@@ -29,6 +29,13 @@ cd "$root"
 # new line; exactly one space follows the colon, the rest of the line is the text.
 mutations() {
   cat <<'EOF'
+name: result-without-sync-acked
+why: issue 16: an append whose session ended before its Sync (the commit's synchronous-standby wait) counts as done
+file: src/db.c
+old: if (!synced) {
+new: if (0 && !synced) {
+tests: ^lua\.failover$
+
 name: dead-letter-not-written
 why: issue 12: a skipped poison event moves the checkpoint without its dead letter
 file: src/batch.c

@@ -252,4 +252,49 @@ describe("failover to a promoted synchronous standby", function()
     assert.same({ n = 3, d = 3 }, assert(db:query("SELECT count(*) AS n, count(DISTINCT pos) AS d FROM t_folost_seen"))[1])
     db:close()
   end)
+
+  it("an append whose commit never got the synchronous standby's answer is not acknowledged", function()
+    -- The implicit transaction of an append commits at its Sync; with a synchronous
+    -- standby that never answers the commit waits, and a session ended there has sent the
+    -- statement's result but not the Sync's. That is no success: the append must return a
+    -- connection error (it once returned the result, and a failover lost acknowledged
+    -- appends).
+    if not bindir then
+      pending("PostgreSQL server binaries not found: run scripts/deps.sh")
+      return
+    end
+    dir = H.tmpdir()
+    os.execute("chmod 755 " .. dir)
+    primary = dir .. "/primary"
+    local p1 = pg_start(primary, 20000 + math.random(0, 20000))
+    local url = ("postgresql://postgres@127.0.0.1:%d/pupsourcing"):format(p1)
+    local db = H.connect(url)
+    local T = H.tables("fosync")
+    local store = pup.store(T)
+    assert(store:migrate(db))
+    assert(db:exec("ALTER SYSTEM SET synchronous_standby_names = 'nobody'"))
+    assert(db:query("SELECT pg_reload_conf()"))
+    pup.sleep(0.2)
+    -- Ends the session that waits for the standby (wait_event SyncRep), from another process.
+    local killer = dir .. "/killer.lua"
+    H.write_file(killer, [[
+local pup = require "pupsourcing"
+local db = assert(pup.connect(arg[1]))
+for _ = 1, 200 do
+  local r = assert(db:query("SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity WHERE wait_event = 'SyncRep'"))
+  if r[1].n > 0 then print("terminated") return end
+  pup.sleep(0.05)
+end
+print("nothing waited")
+]])
+    local k = H.spawn { H.bin, killer, url }
+    procs[#procs + 1] = k
+    local w = H.connect(url)
+    local res, err = store:append(w, pup.any(), { H.event { aggregate_id = "sync-1" } })
+    assert.equal(0, H.wait_exit(k, 20))
+    assert.equal("terminated\n", H.stdout_of(k))
+    assert.is_nil(res, "an append whose commit the standby never acknowledged was reported as done")
+    assert.equal("connection", err.code, tostring(err))
+    db:close()
+  end)
 end)

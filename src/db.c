@@ -909,10 +909,13 @@ static int prepare_notify(pup_conn *c) {
 }
 
 /* Reads one sync group's results in pipeline mode, up to its Sync; returns the first
- * (the caller clears it), NULL if there was none (a broken connection). */
+ * (the caller clears it), NULL if there was none or the Sync never came (a broken
+ * connection). An implicit transaction commits at its Sync, so a statement's result
+ * without it is no success: the commit (and a synchronous standby's acknowledgement of
+ * it) may not have happened. */
 static PGresult *read_group(pup_conn *c) {
     PGresult *first = NULL, *r;
-    int nulls = 0;
+    int nulls = 0, synced = 0;
     while (nulls < 2) {
         if (!(r = PQgetResult(c->pg))) {
             if (!pup_conn_ok(c)) nulls++; /* a broken connection gives no Sync */
@@ -923,10 +926,15 @@ static PGresult *read_group(pup_conn *c) {
         ExecStatusType st = PQresultStatus(r);
         if (st == PGRES_PIPELINE_SYNC) {
             PQclear(r);
+            synced = 1;
             break;
         }
         if (!first) first = r;
         else PQclear(r);
+    }
+    if (!synced) {
+        PQclear(first);
+        return NULL;
     }
     return first;
 }
