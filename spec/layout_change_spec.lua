@@ -37,12 +37,8 @@ end
 describe("one live layout per projection", function()
   local g
   after_each(function()
-    if g then
-      for _, p in ipairs(g.procs) do H.reap(p) end
-      g.db:close()
-      H.rmdir(g.dir)
-      g = nil
-    end
+    if g then g:close() end
+    g = nil
   end)
 
   it("4 -> 2 -> 1 -> group of 16 -> 3 workers with writers appending: the counter is exact", function()

@@ -27,12 +27,8 @@ end
 describe("reset and rebuild are fenced", function()
   local g
   after_each(function()
-    if g then
-      for _, p in ipairs(g.procs) do H.reap(p) end
-      g.db:close()
-      H.rmdir(g.dir)
-      g = nil
-    end
+    if g then g:close() end
+    g = nil
   end)
 
   -- start() starts the processors of area g and returns them

@@ -53,10 +53,12 @@ static int event_error(pup_processor *p, const PGresult *r, int row, pup_error *
     return -1;
 }
 
-/* A handler ended the batch transaction (ROLLBACK, COMMIT, BEGIN after either): the
- * writes of earlier events are gone or were committed apart from the checkpoint. */
-static int ended_error(pup_processor *p, pup_error *err) {
-    /* A lost connection leaves no transaction either: retried, not blamed on a handler. */
+/* The batch transaction is gone (failed: the guard statement failed with err). A lost
+ * or ending session leaves no transaction: retried. Else a handler ended it (ROLLBACK,
+ * COMMIT, BEGIN after either): the writes of earlier events are gone or were committed
+ * apart from the checkpoint. */
+static int ended_error(pup_processor *p, int failed, pup_error *err) {
+    if (failed && pup_error_is_transient(err)) return pup_proc_context(p, err);
     if (!pup_conn_ok(p->conn)) {
         if (err->code != PUP_ERR_CONNECTION) pup_error_from_pg(err, pup_conn_pg(p->conn), NULL);
         return pup_proc_context(p, err);
@@ -281,13 +283,11 @@ static int end_pipeline(pup_processor *p, walk *w, pup_error *err) {
         (queue(p, p->sql_guard, TAG_GUARD, err) < 0 || (p->sql_untimed && queue(p, p->sql_untimed, TAG_GUARD, err) < 0)))
         return pup_proc_context(p, err);
     long tag = -1;
-    /* A lost session fails the guard too: that is the connection's failure (retried), not
-     * a handler ending the transaction. */
     if (pup_conn_pipeline_end(p->conn, err, &tag) < 0)
-        return tag == TAG_GUARD && !pup_error_is_transient(err) ? ended_error(p, err)
+        return tag == TAG_GUARD ? ended_error(p, 1, err)
                : tag == TAG_BATCH ? batch_error(p, w, 0, err)
                : tag >= 0 && tag < w->nrows ? event_error(p, w->r, (int)tag, err) : pup_proc_context(p, err);
-    if (PQtransactionStatus(pup_conn_pg(p->conn)) != PQTRANS_INTRANS) return ended_error(p, err);
+    if (PQtransactionStatus(pup_conn_pg(p->conn)) != PQTRANS_INTRANS) return ended_error(p, 0, err);
     return 0;
 }
 
