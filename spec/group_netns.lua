@@ -119,13 +119,6 @@ local function postgres()
   return ("postgresql://postgres@%s:5432/pupsourcing"):format(DB_ADDR)
 end
 
--- The backend xid of a worker's open transaction that wrote (nil if none).
-local function open_xid(proc)
-  local r = g:one("SELECT backend_xid::text AS x FROM pg_stat_activity WHERE application_name = $1 AND backend_xid IS NOT NULL",
-    "grp-" .. proc.pid)
-  return r and r.x or nil
-end
-
 local function seen_by(pid)
   return g:one(("SELECT count(*) AS n FROM %s WHERE pid = $1"):format(g.seen), pid).n
 end
@@ -165,10 +158,10 @@ local function main()
       g:append(("x%d-"):format(attempt), 30, 20)
       extra = extra + 600
     end
-    H.wait_until("worker 2 to be in a batch", 10, function() return open_xid(w[2]) ~= nil end, 0.005)
+    H.wait_until("worker 2 to be in a batch", 10, function() return g:open_xid(w[2]) ~= nil end, 0.005)
     must("ip link set " .. HOST_IF[2] .. " down")
     pup.sleep(0.05)
-    xid = open_xid(w[2])
+    xid = g:halted_xid(w[2])
     if xid then break end
     must("ip link set " .. HOST_IF[2] .. " up")
     pup.sleep(0.3)
@@ -208,7 +201,7 @@ local function main()
     local rc = H.wait_exit(p, 10)
     check(rc == 0, ("worker %d exit code %s: %s"):format(i, tostring(rc), H.stderr_of(p)))
   end
-  local n = g:one(("SELECT count(*) AS n FROM %s WHERE (xid::numeric %% 4294967296)::text = $1"):format(g.seen), xid).n
+  local n = g:rows_of_xid(xid)
   check(n == 0, ("the cut-off worker's transaction %s committed %d row(s) after it lost its lease"):format(xid, n))
   local ok, why = g:exact()
   check(ok, why)

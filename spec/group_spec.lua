@@ -13,18 +13,6 @@ local function case(name, title, fn)
   it("[" .. name .. "] " .. title, fn)
 end
 
--- The backend xid of a worker's open transaction (nil when it is not inside one that wrote).
-local function open_xid(g, proc)
-  local r = g:one("SELECT backend_xid::text AS x FROM pg_stat_activity WHERE application_name = $1 AND backend_xid IS NOT NULL",
-    "grp-" .. proc.pid)
-  return r and r.x or nil
-end
-
--- Rows of the seen log written by transaction xid (a 32-bit xid from pg_stat_activity).
-local function rows_of_xid(g, xid)
-  return g:one(("SELECT count(*) AS n FROM %s WHERE (xid::numeric %% 4294967296)::text = $1"):format(g.seen), xid).n
-end
-
 -- Who waits on a lock, for failure messages.
 local function lock_waits(g)
   local out = {}
@@ -35,14 +23,14 @@ local function lock_waits(g)
   return table.concat(out, "; ")
 end
 
--- SIGSTOPs a worker inside a transaction that wrote to the read model (retrying with
--- SIGCONT until it is caught in one); returns that transaction's xid.
+-- SIGSTOPs a worker inside a transaction that wrote to the read model and is not
+-- committing (retrying with SIGCONT until it is caught in one); returns that transaction's xid.
 local function freeze_in_tx(g, proc)
-  H.wait_until("worker " .. proc.pid .. " to be handling events", 10, function() return open_xid(g, proc) ~= nil end, 0.005)
+  H.wait_until("worker " .. proc.pid .. " to be handling events", 10, function() return g:open_xid(proc) ~= nil end, 0.005)
   for _ = 1, 100 do
     H.signal(proc, "STOP")
     pup.sleep(0.05)
-    local xid = open_xid(g, proc)
+    local xid = g:halted_xid(proc)
     if xid then return xid end
     H.signal(proc, "CONT")
     pup.sleep(0.01 + math.random() * 0.05)
@@ -180,7 +168,7 @@ describe("worker groups", function()
     H.wait_until(function() return "the group to catch up: " .. g:describe() end, 30, function() return g:caught_up() end, 0.1)
     g:wait_settled(alive(w1, w4, w5, w6, w7), 5)
     stop_all { w1, w4, w5, w6, w7 }
-    assert.equal(0, rows_of_xid(g, xid), "the frozen worker's transaction " .. xid .. " committed after it lost its lease")
+    assert.equal(0, g:rows_of_xid(xid), "the frozen worker's transaction " .. xid .. " committed after it lost its lease")
     assert_exact(g)
     assert.same({}, problems)
     -- every worker handled events
@@ -258,7 +246,7 @@ describe("worker groups", function()
     g:finish_writers(30)
     H.wait_until(function() return "the group to catch up: " .. g:describe() end, 40, function() return g:caught_up() end, 0.1)
     stop_all { a, b }
-    assert.equal(0, rows_of_xid(g, xid), "the frozen worker's transaction " .. xid .. " committed after it lost its lease")
+    assert.equal(0, g:rows_of_xid(xid), "the frozen worker's transaction " .. xid .. " committed after it lost its lease")
     assert_exact(g)
     assert.same({}, problems)
   end)

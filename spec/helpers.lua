@@ -604,6 +604,30 @@ function G:wait_settled(procs, seconds, what)
   end)
 end
 
+-- The backend xid of a worker's open transaction that wrote (nil if none). uncommitted:
+-- not one whose backend runs the COMMIT the worker sent before it was stopped or cut off
+-- (a slow WAL flush): that one commits under a valid lease, as it should.
+function G:open_xid(proc, uncommitted)
+  local r = self:one("SELECT backend_xid::text AS x FROM pg_stat_activity WHERE application_name = $1"
+    .. " AND backend_xid IS NOT NULL" .. (uncommitted and " AND NOT (state = 'active' AND query ILIKE 'commit%')" or ""),
+    "grp-" .. proc.pid)
+  return r and r.x or nil
+end
+
+-- After the worker was stopped or cut off, the xid of its open transaction that is not
+-- committing and stays so (a COMMIT still on its way would have arrived); nil if none.
+function G:halted_xid(proc)
+  local xid = self:open_xid(proc, true)
+  if not xid then return nil end
+  pup().sleep(0.1)
+  return self:open_xid(proc, true) == xid and xid or nil
+end
+
+-- Rows of the seen log written by transaction xid (a 32-bit xid from pg_stat_activity).
+function G:rows_of_xid(xid)
+  return self:one(("SELECT count(*) AS n FROM %s WHERE (xid::numeric %% 4294967296)::text = $1"):format(self.seen), xid).n
+end
+
 -- Every checkpoint of the current count at the head, nothing left of a previous count.
 function G:caught_up()
   local t, prev = self:total()
