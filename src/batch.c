@@ -19,6 +19,7 @@
 #include <time.h>
 
 #define FIRST_EVENT_COL 4 /* xmin, head, generation, mine, then PUP_EVENT_COLUMNS */
+#define FIRST_EVENT_ROW 1 /* row 0 is the read's header: xmin, head, generation */
 #define TAG_GUARD (-2)    /* pipeline tag of the statement that checks the batch transaction */
 #define TAG_BATCH (-3)    /* pipeline tag of handle_batch's statements */
 
@@ -174,7 +175,7 @@ static PGresult *read_window(pup_processor *p, const pup_stmt *st, long long fro
 /* A batch in progress. */
 typedef struct walk {
     const PGresult *r;
-    int nrows;
+    int nrows;            /* rows of r: the header, then the window (FIRST_EVENT_ROW on) */
     long long from, last; /* checkpoint before, and the position processed up to */
     long long wait_lo;    /* the first undecided hole (0: none) */
     int nhandle, opened;
@@ -256,7 +257,7 @@ static int handle_event(pup_processor *p, walk *w, int i, long long pos, pup_err
 /* Step 2: walks the window's positions by the gap rule, handling what passes. */
 static int walk_window(pup_processor *p, walk *w, uint64_t xmin, double deadline, pup_error *err) {
     long long seen = w->from;
-    for (int i = 0; i < w->nrows; i++) {
+    for (int i = FIRST_EVENT_ROW; i < w->nrows; i++) {
         if (deadline > 0 && w->nhandle > 0 && pup_proc_mono() > deadline) break; /* commit what is done */
         long long pos = pup_be_int(PQgetvalue(w->r, i, FIRST_EVENT_COL), 8);
         w->wait_lo = pup_gaps_step(&p->gaps, seen, pos, xmin, w->wait_lo);
@@ -349,30 +350,19 @@ static int overlong(pup_processor *p, walk *w, pup_error *err) {
     return event_error(p, w->r, w->first_row, err);
 }
 
-/* "YYYY-MM-DDTHH:MM:SS.UUUUUUZ" (PUP_EVENT_COLUMNS' created_at) as Unix ms; 0 if not that. */
-static long long iso_ms(const char *s) {
-    struct tm tm = {0};
-    int us = 0;
-    if (sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d.%6dZ", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour, &tm.tm_min,
-               &tm.tm_sec, &us) != 7)
-        return 0;
-    tm.tm_year -= 1900;
-    tm.tm_mon -= 1;
-    return (long long)timegm(&tm) * 1000 + us / 1000;
-}
-
 /* For the lag in seconds: created_at (Unix ms) of the first event after the new
  * checkpoint, from the window (its last row when the head lies beyond it); 0: caught up. */
 static long long oldest_pending(const walk *w, long long head) {
-    if (w->last >= head || w->nrows == 0) return 0;
+    if (w->last >= head || w->nrows <= FIRST_EVENT_ROW) return 0;
     int row = w->nrows - 1;
-    for (int i = 0; i < w->nrows; i++)
+    for (int i = FIRST_EVENT_ROW; i < w->nrows; i++)
         if (pup_be_int(PQgetvalue(w->r, i, FIRST_EVENT_COL), 8) > w->last) {
             row = i;
             break;
         }
-    if (PQgetisnull(w->r, row, FIRST_EVENT_COL + 12)) return 0;
-    return iso_ms(PQgetvalue(w->r, row, FIRST_EVENT_COL + 12));
+    pup_event ev;
+    pup_event_from_row(w->r, row, FIRST_EVENT_COL, &ev);
+    return ev.created_at / 1000;
 }
 
 /* Steps 2-6 inside the open transaction, with the window read. */
@@ -422,6 +412,12 @@ static int batch_once(pup_processor *p, int *handled, long long *advanced, int *
         pup_conn_rollback(p->conn);
         return pup_proc_context(p, err);
     }
+    if (PQntuples(r) < FIRST_EVENT_ROW || PQgetisnull(r, 0, 0) || !PQgetisnull(r, 0, FIRST_EVENT_COL)) {
+        PQclear(r); /* never seen: UNION ALL runs its branches in turn */
+        pup_conn_rollback(p->conn);
+        pup_error_set(err, PUP_ERR_DATABASE, "the window read came without its header row");
+        return pup_proc_context(p, err);
+    }
     uint64_t xmin = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
     p->stats.head = strtoll(PQgetvalue(r, 0, 1), NULL, 10);
     long long gen = PQgetisnull(r, 0, 2) ? p->gen : strtoll(PQgetvalue(r, 0, 2), NULL, 10);
@@ -432,7 +428,7 @@ static int batch_once(pup_processor *p, int *handled, long long *advanced, int *
         return pup_proc_context(p, err);
     }
     w.r = r;
-    w.nrows = PQgetisnull(r, 0, FIRST_EVENT_COL) ? 0 : PQntuples(r);
+    w.nrows = PQntuples(r);
     int rc = batch_body(p, &w, xmin, deadline, waiting, err);
     if (rc == 0) p->stats.oldest_pending_ms = oldest_pending(&w, p->stats.head);
     free(w.evs);

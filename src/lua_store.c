@@ -124,7 +124,9 @@ void pup_lua_push_event(lua_State *L, const pup_event *ev) {
     set_str(L, "causation_id", ev->causation_id);
     set_str(L, "correlation_id", ev->correlation_id);
     set_str(L, "trace_id", ev->trace_id);
-    set_str(L, "created_at", ev->created_at);
+    char at[40];
+    lua_pushlstring(L, at, (size_t)pup_format_time(ev->created_at, at, sizeof at));
+    lua_setfield(L, -2, "created_at");
     luaL_setmetatable(L, PUP_EVENT_MT);
     /* Upcasters registered in this Lua state (pup.upcast, lua/pupsourcing/aggregate.lua):
      * the registry holds their function only while there are some. It upcasts in place;

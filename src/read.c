@@ -6,8 +6,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define SAFE_FIRST_COL 2 /* xmin, mine, then PUP_EVENT_COLUMNS */
+#define PG_EPOCH_US 946684800000000LL /* 2000-01-01 UTC, PostgreSQL's epoch, in Unix microseconds */
 
 int pup_store_error(pup_error *err) {
     if (err && err->code == PUP_ERR_DATABASE && strcmp(err->sqlstate, "42P01") == 0) {
@@ -40,7 +42,50 @@ void pup_event_from_row(const PGresult *r, int row, int first, pup_event *ev) {
     ev->causation_id = column(r, row, first + 9);
     ev->correlation_id = column(r, row, first + 10);
     ev->trace_id = column(r, row, first + 11);
-    ev->created_at = column(r, row, first + 12);
+    /* binary timestamptz: microseconds since 2000-01-01 UTC */
+    ev->created_at = PQgetisnull(r, row, first + 12) ? 0
+                   : pup_be_int(PQgetvalue(r, row, first + 12), 8) + PG_EPOCH_US;
+}
+
+/* Writes the n-digit decimal v at out (zero-padded). */
+static char *digits(char *out, long long v, int n) {
+    for (int i = n - 1; i >= 0; i--, v /= 10) out[i] = (char)('0' + v % 10);
+    return out + n;
+}
+
+/* By hand: snprintf was the largest cost of pushing an event to Lua. */
+int pup_format_time(long long unix_us, char *buf, size_t size) {
+    long long secs = unix_us / 1000000, us = unix_us % 1000000;
+    if (us < 0) {
+        us += 1000000;
+        secs--;
+    }
+    time_t t = (time_t)secs;
+    struct tm tm;
+    if (!gmtime_r(&t, &tm) || tm.tm_year + 1900 < 0 || tm.tm_year + 1900 > 9999)
+        return snprintf(buf, size, "%s", unix_us < 0 ? "-infinity" : "infinity");
+    char s[32], *o = s;
+    o = digits(o, tm.tm_year + 1900, 4);
+    *o++ = '-';
+    o = digits(o, tm.tm_mon + 1, 2);
+    *o++ = '-';
+    o = digits(o, tm.tm_mday, 2);
+    *o++ = 'T';
+    o = digits(o, tm.tm_hour, 2);
+    *o++ = ':';
+    o = digits(o, tm.tm_min, 2);
+    *o++ = ':';
+    o = digits(o, tm.tm_sec, 2);
+    *o++ = '.';
+    o = digits(o, us, 6);
+    *o++ = 'Z';
+    size_t n = (size_t)(o - s);
+    if (size) { /* as snprintf: truncated to fit, NUL-terminated */
+        size_t k = n < size - 1 ? n : size - 1;
+        memcpy(buf, s, k);
+        buf[k] = '\0';
+    }
+    return (int)n;
 }
 
 PGresult *pup_store_read(const pup_store *s, pup_conn *c, long long after, long long limit,

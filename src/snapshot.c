@@ -25,7 +25,7 @@ PGresult *pup_snapshot_read(const pup_store *s, pup_conn *c, pup_str type, pup_s
              "WITH snap AS (SELECT version, state FROM %s WHERE aggregate_type = $1"
              " AND aggregate_id = $2 AND snapshot_version = $3)"
              " SELECT 0::bigint, $1::text, $2::text, version, NULL::text, NULL::text, NULL::int,"
-             " state, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text FROM snap"
+             " state, NULL::text, NULL::text, NULL::text, NULL::text, NULL::timestamptz FROM snap"
              " UNION ALL (SELECT " PUP_EVENT_COLUMNS " FROM %s WHERE aggregate_type = $1"
              " AND aggregate_id = $2 AND aggregate_version > COALESCE((SELECT version FROM snap), 0))"
              " ORDER BY 4",

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "pup_db.h"
 #include "pup_store.h"
@@ -132,8 +133,14 @@ int main(void) {
                ev.metadata.p != NULL && strstr(ev.metadata.p, "source") &&
                ev.causation_id.len == 5 && ev.correlation_id.p == NULL && ev.event_version == 1,
            "first event's fields", NULL);
-        tap_ok(ev.event_id.len == 36 && ev.created_at.len > 19 && ev.created_at.p[ev.created_at.len - 1] == 'Z',
-           "event_id is a UUID; created_at is ISO 8601 UTC", NULL);
+        long long now_us = (long long)time(NULL) * 1000000;
+        tap_ok(ev.event_id.len == 36 && ev.created_at > now_us - 600000000LL && ev.created_at < now_us + 600000000LL,
+           "event_id is a UUID; created_at is the server's clock, in Unix microseconds", NULL);
+        char at[40];
+        tap_ok(pup_format_time(0, at, sizeof at) == 27 && strcmp(at, "1970-01-01T00:00:00.000000Z") == 0 &&
+               pup_format_time(-1, at, sizeof at) == 27 && strcmp(at, "1969-12-31T23:59:59.999999Z") == 0 &&
+               pup_format_time(946684800123456LL, at, sizeof at) == 27 && strcmp(at, "2000-01-01T00:00:00.123456Z") == 0,
+           "created_at is shown as ISO 8601 UTC with microseconds", NULL);
         pup_event_from_row(r, 1, 0, &ev);
         tap_ok(ev.payload.len == sizeof bytes && memcmp(ev.payload.p, bytes, sizeof bytes) == 0,
            "payload bytes with NULs round-trip", NULL);
