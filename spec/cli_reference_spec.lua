@@ -28,13 +28,6 @@ local function label_flags(text, into)
   return into
 end
 
-local function sorted(set)
-  local out = {}
-  for k in pairs(set) do out[#out + 1] = k end
-  table.sort(out)
-  return out
-end
-
 -- The README reference: { [command] = flags, every = flags of every command }.
 local function reference()
   local readme = H.read_file(H.source_dir .. "/README.md")
@@ -72,7 +65,7 @@ describe("README CLI reference", function()
       for f in pairs(ref.every) do want[f] = true end
       local got = label_flags(r.stdout)
       assert.is_true(got["--help"] and got["--database-url"] and true, r.stdout) -- the parse found flags
-      assert.same(sorted(want), sorted(got))
+      assert.same(H.sorted(want), H.sorted(got))
     end)
   end
 

@@ -100,6 +100,14 @@ function M.shquote(s)
   return "'" .. s:gsub("'", "'\\''") .. "'"
 end
 
+-- The keys of a set, sorted.
+function M.sorted(set)
+  local out = {}
+  for k in pairs(set) do out[#out + 1] = k end
+  table.sort(out)
+  return out
+end
+
 function M.read_file(path)
   local f = assert(io.open(path, "rb"))
   local s = f:read("a")

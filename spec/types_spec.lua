@@ -40,13 +40,6 @@ local function public(t)
   return out
 end
 
-local function sorted(set)
-  local out = {}
-  for k in pairs(set) do out[#out + 1] = k end
-  table.sort(out)
-  return out
-end
-
 -- The exported names of `t` against the annotations of class `class`: functions as
 -- functions, anything else as fields, both ways.
 local function same(class, t)
@@ -54,8 +47,8 @@ local function same(class, t)
   for k, ty in pairs(public(t)) do
     if ty == "function" then want_f[k] = true else want_v[k] = true end
   end
-  assert.same(sorted(want_f), sorted(functions[class] or {}), class .. ": annotated functions")
-  assert.same(sorted(want_v), sorted(fields[class] or {}), class .. ": annotated fields")
+  assert.same(H.sorted(want_f), H.sorted(functions[class] or {}), class .. ": annotated functions")
+  assert.same(H.sorted(want_v), H.sorted(fields[class] or {}), class .. ": annotated fields")
 end
 
 local function methods(obj)
@@ -77,7 +70,7 @@ describe("LuaLS annotations (types.lua)", function()
     same("pup", pup)
     same("JSON", pup.json)
     same("DeadLetters", pup.dead_letters)
-    assert.same(sorted(public(pup.limits)), sorted(fields.Limits))
+    assert.same(H.sorted(public(pup.limits)), H.sorted(fields.Limits))
   end)
 
   it("covers store, db, tx, processor and runner methods", function()

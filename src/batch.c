@@ -182,8 +182,7 @@ typedef struct walk {
     int first_row;        /* the row of the first event handled */
     int dead_row;         /* the row of the event to dead-letter (-1: none) */
     double started;       /* when the batch began (monotonic seconds) */
-    pup_event *evs;       /* handle_batch: the events to give it (pointing into r) */
-    int nevs, capevs;
+    int nevs;             /* handle_batch: the events to give it, in p->evs (pointing into r) */
 } walk;
 
 /* Names the positions of a failed handle_batch, or the event it said the failure is of. */
@@ -191,12 +190,12 @@ static int batch_error(pup_processor *p, walk *w, long long pos, pup_error *err)
     for (int i = w->first_row; pos > 0 && i < w->nrows; i++)
         if (pup_be_int(PQgetvalue(w->r, i, FIRST_EVENT_COL), 8) == pos) {
             pup_error_prefix(err, "handle_batch (batch of %d event(s) at global positions %lld..%lld): ", w->nevs,
-                             w->evs[0].global_position, w->evs[w->nevs - 1].global_position);
+                             p->evs[0].global_position, p->evs[w->nevs - 1].global_position);
             return event_error(p, w->r, i, err);
         }
     pup_error_prefix(err, "projection %s: handle_batch failed on the batch of %d event(s) at global positions "
-                     "%lld..%lld: ", p->name, w->nevs, w->nevs ? w->evs[0].global_position : 0,
-                     w->nevs ? w->evs[w->nevs - 1].global_position : 0);
+                     "%lld..%lld: ", p->name, w->nevs, w->nevs ? p->evs[0].global_position : 0,
+                     w->nevs ? p->evs[w->nevs - 1].global_position : 0);
     if (!pup_error_is_transient(err)) err->code = PUP_ERR_HANDLER;
     return pup_proc_context(p, err);
 }
@@ -206,7 +205,7 @@ static int run_handle_batch(pup_processor *p, walk *w, pup_error *err) {
     long long pos = 0;
     long tag;
     pup_conn_set_tag(p->conn, TAG_BATCH);
-    if (p->h.handle_batch(p->h.ud, p->conn, w->evs, w->nevs, &pos, err) < 0) return batch_error(p, w, pos, err);
+    if (p->h.handle_batch(p->h.ud, p->conn, p->evs, w->nevs, &pos, err) < 0) return batch_error(p, w, pos, err);
     if (pup_conn_failure(p->conn, &tag)) {
         *err = *pup_conn_failure(p->conn, NULL);
         return batch_error(p, w, 0, err);
@@ -231,14 +230,14 @@ static int handle_event(pup_processor *p, walk *w, int i, long long pos, pup_err
     w->opened = 1;
     if (w->nhandle++ == 0) w->first_row = i;
     if (p->h.handle_batch) { /* given to handle_batch at the end of the walk */
-        if (w->nevs == w->capevs) {
-            int cap = w->capevs ? w->capevs * 2 : 256;
-            pup_event *e = realloc(w->evs, cap * sizeof *e);
+        if (w->nevs == p->capevs) {
+            int cap = p->capevs ? p->capevs * 2 : 256;
+            pup_event *e = realloc(p->evs, cap * sizeof *e);
             if (!e) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
-            w->evs = e;
-            w->capevs = cap;
+            p->evs = e;
+            p->capevs = cap;
         }
-        w->evs[w->nevs++] = ev;
+        p->evs[w->nevs++] = ev;
         return 0;
     }
     pup_conn_set_tag(p->conn, i);
@@ -431,7 +430,6 @@ static int batch_once(pup_processor *p, int *handled, long long *advanced, int *
     w.nrows = PQntuples(r);
     int rc = batch_body(p, &w, xmin, deadline, waiting, err);
     if (rc == 0) p->stats.oldest_pending_ms = oldest_pending(&w, p->stats.head);
-    free(w.evs);
     PQclear(r);
     if (rc == 0 && pup_conn_commit(p->conn, err) < 0) rc = pup_proc_context(p, err);
     if (rc < 0) {

@@ -260,6 +260,7 @@ void pup_processor_free(pup_processor *p) {
     free(p->held_list);
     free(p->old_cp);
     pup_params_free(&p->params);
+    free(p->evs);
     free(p);
 }
 

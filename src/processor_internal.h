@@ -64,6 +64,8 @@ struct pup_processor {
     long long gen; /* the generation (reset count) the checkpoints held belong to; 0: none yet */
     int reload;    /* static: a reset was noticed, claim the layout and read the row again */
     pup_params params;
+    pup_event *evs; /* handle_batch's events of the batch in progress (kept for the next) */
+    int capevs;
     int setup_done, locked, listening;
     unsigned long session; /* pup_conn_session() when `locked`/`listening` were taken */
     /* The partitions held, with their checkpoints (valid where held). */
