@@ -324,6 +324,20 @@ file: lua/pupsourcing/subscribe.lua
 old: if fn(ev) == false then return core._cursor_at(next_cursor, ev.global_position), "stopped" end
 new: if fn(ev) == false then return next_cursor, "stopped" end
 tests: ^lua\.subscribe$
+
+name: read-ahead-empty-window-used
+why: issue 13: an empty window read ahead decides "caught up", so an append just after it waits for a poll
+file: src/batch.c
+old: if (r && PQntuples(r) > FIRST_EVENT_ROW && p->ahead_from == from && p->ahead_gen == p->gen &&
+new: if (r && p->ahead_from == from && p->ahead_gen == p->gen &&
+tests: ^lua\.read_ahead$
+
+name: created-at-epoch
+why: issue 13: created_at read in PostgreSQL's epoch (2000-01-01) as if it were Unix time
+file: src/read.c
+old: : pup_be_int(PQgetvalue(r, row, first + 12), 8) + PG_EPOCH_US;
+new: : pup_be_int(PQgetvalue(r, row, first + 12), 8);
+tests: ^(c\.test_store|lua\.store_read)$
 EOF
 }
 

@@ -22,6 +22,7 @@
 #define FIRST_EVENT_ROW 1 /* row 0 is the read's header: xmin, head, generation */
 #define TAG_GUARD (-2)    /* pipeline tag of the statement that checks the batch transaction */
 #define TAG_BATCH (-3)    /* pipeline tag of handle_batch's statements */
+#define TAG_AHEAD (-4)    /* pipeline tag of the read-ahead of the next window */
 
 /* Names the event a handler failure belongs to. */
 static int event_error(pup_processor *p, const PGresult *r, int row, pup_error *err) {
@@ -122,11 +123,19 @@ static int write_checkpoint(pup_processor *p, long long from, long long to, pup_
 
 /* Queues a statement prepared before the batch began (preparing inside the pipeline
  * would sync it) behind the handlers' statements. */
-static int queue(pup_processor *p, const char *sql, long tag, pup_error *err) {
+static int queue(pup_processor *p, const char *sql, long tag, const pup_params *q, pup_error *err) {
     const pup_stmt *st = pup_conn_prepare(p->conn, sql, err);
     if (!st) return -1;
     pup_conn_set_tag(p->conn, tag);
-    return pup_conn_send(p->conn, st, NULL, err);
+    return pup_conn_send(p->conn, st, q, err);
+}
+
+/* Queues the statement that opens the handlers' part of the batch (p->sql_open). */
+static int queue_open(pup_processor *p, long tag, pup_error *err) {
+    pup_params *q = &p->params;
+    if (pup_params_reset(q, 1) < 0) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
+    pup_params_text(q, 0, p->gen_key, strlen(p->gen_key));
+    return queue(p, p->sql_open, tag, q, err);
 }
 
 /* Prepares the batch's statements outside the pipeline (a cache lookup once warm); the
@@ -148,30 +157,6 @@ static double batch_deadline(const pup_processor *p) {
     return deadline;
 }
 
-/* Step 1: the snapshot's xmin, the log head and the window after `from`. */
-static PGresult *read_window(pup_processor *p, const pup_stmt *st, long long from, pup_error *err) {
-    pup_params *q = &p->params;
-    int n = 4;
-    if (pup_params_reset(q, 6 + (p->scope[0] != NULL) + (p->scope[1] != NULL)) < 0) {
-        pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
-        return NULL;
-    }
-    for (int k = 0; k < 2; k++)
-        if (p->scope[k]) pup_params_text(q, n++, p->scope[k], strlen(p->scope[k]));
-    pup_params_text(q, n++, p->gen_key, strlen(p->gen_key));
-    pup_params_text(q, n, p->name, strlen(p->name));
-    pup_params_int(q, 0, from);
-    pup_params_int(q, 2, p->total);
-    pup_params_text(q, 3, p->held_list, strlen(p->held_list));
-    /* Other partitions' events only advance the position: read enough rows that about
-     * batch_size of them are ours, so N partitions commit as often as one. */
-    long long window = (long long)p->cfg.batch_size * p->total / (p->nheld ? p->nheld : 1);
-    pup_params_int(q, 1, window > 100000 ? 100000 : window);
-    PGresult *r = pup_conn_exec(p->conn, st, q, 1, err);
-    if (!r) pup_store_error(err);
-    return r;
-}
-
 /* A batch in progress. */
 typedef struct walk {
     const PGresult *r;
@@ -183,7 +168,71 @@ typedef struct walk {
     int dead_row;         /* the row of the event to dead-letter (-1: none) */
     double started;       /* when the batch began (monotonic seconds) */
     int nevs;             /* handle_batch: the events to give it, in p->evs (pointing into r) */
+    PGresult *ahead;      /* the next window, read ahead from ahead_from (read_ahead) */
+    long long ahead_from;
 } walk;
+
+/* Other partitions' events only advance the position: read enough rows that about
+ * batch_size of them are ours, so N partitions commit as often as one. */
+static long long window_size(const pup_processor *p) {
+    long long window = (long long)p->cfg.batch_size * p->total / (p->nheld ? p->nheld : 1);
+    return window > 100000 ? 100000 : window;
+}
+
+/* The read's parameters for the window after `from`, in p->params. */
+static int window_params(pup_processor *p, long long from, pup_error *err) {
+    pup_params *q = &p->params;
+    int n = 4;
+    if (pup_params_reset(q, 6 + (p->scope[0] != NULL) + (p->scope[1] != NULL)) < 0)
+        return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
+    for (int k = 0; k < 2; k++)
+        if (p->scope[k]) pup_params_text(q, n++, p->scope[k], strlen(p->scope[k]));
+    pup_params_text(q, n++, p->gen_key, strlen(p->gen_key));
+    pup_params_text(q, n, p->name, strlen(p->name));
+    pup_params_int(q, 0, from);
+    pup_params_int(q, 2, p->total);
+    pup_params_text(q, 3, p->held_list, strlen(p->held_list));
+    pup_params_int(q, 1, window_size(p));
+    return 0;
+}
+
+/* Step 1: the snapshot's xmin, the log head and the window after `from`. */
+static PGresult *read_window(pup_processor *p, const pup_stmt *st, long long from, pup_error *err) {
+    if (window_params(p, from, err) < 0) return NULL;
+    PGresult *r = pup_conn_exec(p->conn, st, &p->params, 1, err);
+    if (!r) pup_store_error(err);
+    return r;
+}
+
+/* Read-ahead in catch-up. While the client walks a full window, the server reads the
+ * next one: queued first in this batch's pipeline, it is a snapshot of the log like any
+ * other, and using it in the next batch is as if that batch had been slow to start. The
+ * next batch takes it only when it starts where this one ended, in the same generation,
+ * session and partitions (take_ahead; a change of partitions drops it); its handlers take
+ * the generation lock again before they write (sql_open), and its checkpoint write is
+ * fenced as always. Static partitions only: a group's partitions move between batches
+ * and its batches stop at a deadline, so a window read ahead would rarely be the next. */
+static int read_ahead(pup_processor *p, const pup_stmt *st, walk *w, pup_error *err) {
+    if (p->cfg.group || w->nrows - FIRST_EVENT_ROW < window_size(p) || p->poison.stop_at || p->wait_lo) return 0;
+    w->ahead_from = pup_be_int(PQgetvalue(w->r, w->nrows - 1, FIRST_EVENT_COL), 8);
+    pup_conn_set_tag(p->conn, TAG_AHEAD);
+    if (window_params(p, w->ahead_from, err) < 0 || pup_conn_send_kept(p->conn, st, &p->params, err) < 0)
+        return pup_proc_context(p, err);
+    return 0;
+}
+
+/* The window read ahead by the last batch if it is the one after `from` (else NULL).
+ * Not an empty one: "caught up" is decided by a fresh read, so an append whose wake-up
+ * was taken before this batch is never left to the poll interval. */
+static PGresult *take_ahead(pup_processor *p, long long from) {
+    PGresult *r = p->ahead;
+    p->ahead = NULL;
+    if (r && PQntuples(r) > FIRST_EVENT_ROW && p->ahead_from == from && p->ahead_gen == p->gen &&
+        p->ahead_session == pup_conn_session(p->conn) && !p->poison.stop_at)
+        return r;
+    PQclear(r);
+    return NULL;
+}
 
 /* Names the positions of a failed handle_batch, or the event it said the failure is of. */
 static int batch_error(pup_processor *p, walk *w, long long pos, pup_error *err) {
@@ -226,7 +275,7 @@ static int handle_event(pup_processor *p, walk *w, int i, long long pos, pup_err
     if (p->old_cp && pos <= p->old_max &&
         pos <= p->old_cp[pup_partition_of(ev.aggregate_id.p, ev.aggregate_id.len, p->old_total)])
         return 0; /* handled under the previous partitioning */
-    if (!w->opened && queue(p, p->sql_open, i, err) < 0) return pup_proc_context(p, err);
+    if (!w->opened && queue_open(p, i, err) < 0) return pup_proc_context(p, err);
     w->opened = 1;
     if (w->nhandle++ == 0) w->first_row = i;
     if (p->h.handle_batch) { /* given to handle_batch at the end of the walk */
@@ -280,7 +329,7 @@ static int walk_window(pup_processor *p, walk *w, uint64_t xmin, double deadline
  * the Sync), then the pipeline's end, failures attributed to their event. */
 static int end_pipeline(pup_processor *p, walk *w, pup_error *err) {
     if (w->opened &&
-        (queue(p, p->sql_guard, TAG_GUARD, err) < 0 || (p->sql_untimed && queue(p, p->sql_untimed, TAG_GUARD, err) < 0)))
+        (queue(p, p->sql_guard, TAG_GUARD, NULL, err) < 0 || (p->sql_untimed && queue(p, p->sql_untimed, TAG_GUARD, NULL, err) < 0)))
         return pup_proc_context(p, err);
     long tag = -1;
     if (pup_conn_pipeline_end(p->conn, err, &tag) < 0)
@@ -365,12 +414,14 @@ static long long oldest_pending(const walk *w, long long head) {
 }
 
 /* Steps 2-6 inside the open transaction, with the window read. */
-static int batch_body(pup_processor *p, walk *w, uint64_t xmin, double deadline, int *waiting,
-                      pup_error *err) {
+static int batch_body(pup_processor *p, const pup_stmt *st, walk *w, uint64_t xmin, double deadline,
+                      int *waiting, pup_error *err) {
     if (pup_conn_pipeline_begin(p->conn, err) < 0) return pup_proc_context(p, err);
-    int rc = walk_window(p, w, xmin, deadline, err);
+    int rc = read_ahead(p, st, w, err);
+    if (rc == 0) rc = walk_window(p, w, xmin, deadline, err);
     if (rc == 0 && w->nevs > 0) rc = run_handle_batch(p, w, err);
     if (rc == 0) rc = end_pipeline(p, w, err);
+    if (rc == 0) w->ahead = pup_conn_take_kept(p->conn);
     *waiting = w->wait_lo != 0;
     if (w->wait_lo != p->wait_lo) p->wait_since = pup_proc_now();
     p->wait_lo = w->wait_lo;
@@ -406,7 +457,8 @@ static int batch_once(pup_processor *p, int *handled, long long *advanced, int *
     if (pup_conn_command(p->conn, "BEGIN", err) < 0) return pup_proc_context(p, err);
     pup_conn_clear_failure(p->conn);
     double deadline = batch_deadline(p);
-    PGresult *r = read_window(p, st, w.from, err);
+    PGresult *r = take_ahead(p, w.from);
+    if (!r) r = read_window(p, st, w.from, err);
     if (!r) {
         pup_conn_rollback(p->conn);
         return pup_proc_context(p, err);
@@ -428,10 +480,17 @@ static int batch_once(pup_processor *p, int *handled, long long *advanced, int *
     }
     w.r = r;
     w.nrows = PQntuples(r);
-    int rc = batch_body(p, &w, xmin, deadline, waiting, err);
+    int rc = batch_body(p, st, &w, xmin, deadline, waiting, err);
     if (rc == 0) p->stats.oldest_pending_ms = oldest_pending(&w, p->stats.head);
     PQclear(r);
     if (rc == 0 && pup_conn_commit(p->conn, err) < 0) rc = pup_proc_context(p, err);
+    if (rc == 0 && w.ahead) { /* for the next batch, if it starts there (take_ahead) */
+        p->ahead = w.ahead;
+        p->ahead_from = w.ahead_from;
+        p->ahead_gen = p->gen;
+        p->ahead_session = pup_conn_session(p->conn);
+    } else
+        PQclear(w.ahead);
     if (rc < 0) {
         pup_conn_rollback(p->conn);
         pup_gaps_forget(&p->gaps, 0, 1); /* holes noted by this batch are noted again next time */

@@ -52,6 +52,11 @@ struct pup_conn {
     unsigned long probed; /* session + 1 once pup_conn_require_session passed */
     int notify_ready; /* NOTIFY_STMT is prepared in this session */
     char owed[128];   /* channel owed a NOTIFY once the open transaction commits ("": none) */
+    /* pup_conn_send_kept: the tag of the queued statement whose rows are kept (while
+     * keeping), and its result once read. */
+    int keeping;
+    long keep_tag;
+    PGresult *kept;
 };
 
 /* Every error code with the stable name Lua sees in err.code: the one table of them. */
@@ -398,6 +403,7 @@ void pup_conn_close(pup_conn *c) {
     stmt_free(&c->unnamed);
     free(c->stmts);
     free(c->pending);
+    PQclear(c->kept);
     free(c);
 }
 
@@ -418,6 +424,9 @@ int pup_conn_reset(pup_conn *c, pup_error *err) {
     stmt_free(&c->unnamed);
     c->nstmts = 0; /* the server forgot them with the old session */
     c->npending = c->pending_head = 0;
+    c->keeping = 0;
+    PQclear(c->kept);
+    c->kept = NULL;
     c->failed = 0;
     c->replan = 0;
     c->notify_ready = 0;
@@ -560,6 +569,7 @@ static int read_pending(pup_conn *c, pup_error *err) {
         long tag = c->pending[c->pending_head];
         PGresult *r;
         int got = 0;
+        int keep = c->keeping && tag == c->keep_tag;
         while ((r = PQgetResult(c->pg)) != NULL) {
             got = 1;
             ExecStatusType st = PQresultStatus(r);
@@ -568,8 +578,10 @@ static int read_pending(pup_conn *c, pup_error *err) {
                 pup_error_from_pg(&e, c->pg, r);
                 note_failure(c, &e, tag);
             }
-            PQclear(r);
+            if (keep && st == PGRES_TUPLES_OK && !c->kept) c->kept = r;
+            else PQclear(r);
         }
+        if (keep) c->keeping = 0;
         if (!got && !pup_conn_ok(c)) {
             pup_error_from_pg(err, c->pg, NULL);
             note_failure(c, err, tag);
@@ -667,6 +679,33 @@ int pup_conn_send(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_erro
         return -1;
     }
     return push_pending(c, err);
+}
+
+int pup_conn_send_kept(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_error *err) {
+    if (!pup_conn_in_pipeline(c) || c->keeping || c->kept)
+        return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "pup_conn_send_kept: not in pipeline mode, or one kept already");
+    if (c->npending >= PIPELINE_WINDOW && drain(c, err) < 0) return -1;
+    if (!send_stmt(c, st, p, 1)) {
+        pup_error_from_pg(err, c->pg, NULL);
+        note_failure(c, err, c->tag);
+        return -1;
+    }
+    if (push_pending(c, err) < 0) return -1;
+    c->keeping = 1;
+    c->keep_tag = c->tag;
+    /* Sent now, not with the queue's next flush: the server works on it meanwhile. */
+    if (PQflush(c->pg) < 0) {
+        pup_error_from_pg(err, c->pg, NULL);
+        note_failure(c, err, c->tag);
+        return -1;
+    }
+    return 0;
+}
+
+PGresult *pup_conn_take_kept(pup_conn *c) {
+    PGresult *r = c->kept;
+    c->kept = NULL;
+    return r;
 }
 
 int pup_conn_pipeline_sync(pup_conn *c, pup_error *err) {
@@ -895,6 +934,9 @@ void pup_conn_rollback(pup_conn *c) {
         PQclear(r);
     }
     c->failed = 0;
+    c->keeping = 0; /* a kept result belonged to what was rolled back */
+    PQclear(c->kept);
+    c->kept = NULL;
 }
 
 /* ---- wake-ups after the commit ---- */

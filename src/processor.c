@@ -64,6 +64,8 @@ int pup_proc_set_total(pup_processor *p, int total) {
     free(p->held);
     free(p->cp);
     free(p->held_list);
+    PQclear(p->ahead); /* read for the partitions held before */
+    p->ahead = NULL;
     p->held = held;
     p->cp = cp;
     p->held_list = list;
@@ -81,6 +83,8 @@ void pup_proc_hold(pup_processor *p, int k, long long pos) {
 }
 
 void pup_proc_held_done(pup_processor *p) {
+    PQclear(p->ahead); /* read for the partitions held before */
+    p->ahead = NULL;
     size_t n = 0;
     p->held_list[n++] = '{';
     for (int k = 0; k < p->total; k++)
@@ -124,15 +128,19 @@ static void name_owner(pup_processor *p) {
              (unsigned long)(ts.tv_nsec ^ (long)(uintptr_t)p) & 0xffffff);
 }
 
+/* The generation lock, taken again (or first, after a read-ahead: batch.c) before the
+ * handlers write: $1 is the lock's key. */
+#define OPEN_LOCK "pg_advisory_xact_lock_shared(hashtextextended($1::text, 0))"
+
 /* The statements around the handlers and the one that watches a hole. */
 static int build_batch_sql(pup_processor *p) {
     if (p->cfg.statement_timeout_ms > 0) {
         if (asprintf(&p->sql_open, "SELECT set_config('pupsourcing.batch', 'open', true),"
-                     " set_config('statement_timeout', '%dms', true)", p->cfg.statement_timeout_ms) < 0)
+                     " set_config('statement_timeout', '%dms', true), " OPEN_LOCK, p->cfg.statement_timeout_ms) < 0)
             p->sql_open = NULL;
         p->sql_untimed = "SET LOCAL statement_timeout TO DEFAULT";
     } else
-        p->sql_open = strdup("SELECT set_config('pupsourcing.batch', 'open', true)");
+        p->sql_open = strdup("SELECT set_config('pupsourcing.batch', 'open', true), " OPEN_LOCK);
     if (asprintf(&p->sql_hole,
                  "SELECT EXISTS (SELECT 1 FROM %s WHERE global_position BETWEEN $1 AND $2),"
                  " pg_snapshot_xmin(pg_current_snapshot())::text", p->store->q_events) < 0)
@@ -261,6 +269,7 @@ void pup_processor_free(pup_processor *p) {
     free(p->old_cp);
     pup_params_free(&p->params);
     free(p->evs);
+    PQclear(p->ahead);
     free(p);
 }
 

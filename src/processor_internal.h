@@ -66,6 +66,11 @@ struct pup_processor {
     pup_params params;
     pup_event *evs; /* handle_batch's events of the batch in progress (kept for the next) */
     int capevs;
+    /* The window after ahead_from, read ahead by the last batch in generation ahead_gen
+     * and session ahead_session (batch.c, read_ahead); NULL: none. */
+    PGresult *ahead;
+    long long ahead_from, ahead_gen;
+    unsigned long ahead_session;
     int setup_done, locked, listening;
     unsigned long session; /* pup_conn_session() when `locked`/`listening` were taken */
     /* The partitions held, with their checkpoints (valid where held). */

@@ -184,6 +184,12 @@ int pup_conn_pipeline_begin(pup_conn *c, pup_error *err);
 void pup_conn_set_tag(pup_conn *c, long tag);
 int pup_conn_in_pipeline(const pup_conn *c);
 int pup_conn_send(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_error *err);
+/* Queues st like pup_conn_send, with binary results, and keeps its result for
+ * pup_conn_take_kept instead of discarding it (one kept statement at a time). */
+int pup_conn_send_kept(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_error *err);
+/* The kept statement's rows once its result was read (NULL: not sent, not read yet, or
+ * failed); the caller clears it. */
+PGresult *pup_conn_take_kept(pup_conn *c);
 /* Syncs and reads every pending result, staying in pipeline mode (tx:savepoint settles
  * the statements before it). Failures are recorded as usual (pup_conn_failure); returns
  * -1 with err set only when the connection broke. */
