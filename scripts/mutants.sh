@@ -100,7 +100,8 @@ why: issue 17 #6: a pipelined statement's result leaks unless it failed
 file: src/db.c
 old:                 note_failure(c, &e, tag);
 old+:             }
-old+:             PQclear(r);
+old+:             if (keep && st == PGRES_TUPLES_OK && !c->kept) c->kept = r;
+old+:             else PQclear(r);
 new:                 note_failure(c, &e, tag);
 new+:                 PQclear(r);
 new+:             }
@@ -272,8 +273,8 @@ tests: ^lua\.partition$|^c\.test_store$
 name: scope-filter-or
 why: an event in scope by aggregate type OR event type is handed to the projection
 file: src/processor.c
-old: "SELECT (%s AND %s) AS mine, "
-new: "SELECT (%s OR %s) AS mine, "
+old: " UNION ALL (SELECT NULL, NULL, NULL, (%s AND %s) AS mine, "
+new: " UNION ALL (SELECT NULL, NULL, NULL, (%s OR %s) AS mine, "
 tests: ^lua\.(processor|projections)$
 
 name: scope-array-unescaped

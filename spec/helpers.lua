@@ -55,6 +55,24 @@ function M.drop_tables(db, name)
   assert(db:exec('DROP SEQUENCE IF EXISTS "' .. t.events_table .. '_global_position_seq" CASCADE'))
 end
 
+-- Extra connections a case opens, closed together after it, also when it fails (an open
+-- transaction left behind would block the next case's DROP TABLE):
+--   local conns = H.connections()  ...  conns:connect()  ...  after_each: conns:close_all()
+function M.connections()
+  local list = {}
+  return {
+    connect = function()
+      local c = M.connect()
+      list[#list + 1] = c
+      return c
+    end,
+    close_all = function()
+      for _, c in ipairs(list) do c:close() end
+      list = {}
+    end,
+  }
+end
+
 -- A migrated store on empty tables of its own: returns store, db, table names.
 -- `db` is a new connection unless one is given.
 function M.fresh_store(name, db)

@@ -5,14 +5,8 @@ local H = require "spec.helpers"
 
 describe("gap-safe reading", function()
   local store, db, names, seen
-  -- Every connection a case opens is closed after it, also when it fails: an open
-  -- transaction left behind would block the next case's DROP TABLE.
-  local conns = {}
-  local function connect()
-    local c = H.connect()
-    conns[#conns + 1] = c
-    return c
-  end
+  local conns = H.connections()
+  local connect = conns.connect
 
   local function projection()
     return {
@@ -48,8 +42,7 @@ describe("gap-safe reading", function()
   end)
 
   after_each(function()
-    for _, c in ipairs(conns) do c:close() end
-    conns = {}
+    conns.close_all()
     db:close()
   end)
 

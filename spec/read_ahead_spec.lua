@@ -9,12 +9,8 @@ local H = require "spec.helpers"
 
 describe("read-ahead", function()
   local store, db, names, T
-  local conns = {}
-  local function connect()
-    local c = H.connect()
-    conns[#conns + 1] = c
-    return c
-  end
+  local conns = H.connections()
+  local connect = conns.connect
 
   -- A NON-idempotent read model: one row per handled event, with its payload's i.
   local function projection(over)
@@ -82,8 +78,7 @@ describe("read-ahead", function()
   end)
 
   after_each(function()
-    for _, c in ipairs(conns) do c:close() end
-    conns = {}
+    conns.close_all()
     db:exec("DROP TABLE IF EXISTS " .. T)
     db:close()
   end)

@@ -6,12 +6,8 @@ local H = require "spec.helpers"
 
 describe("read_events (gap-safe)", function()
   local store, db
-  local conns = {}
-  local function connect()
-    local c = H.connect()
-    conns[#conns + 1] = c
-    return c
-  end
+  local conns = H.connections()
+  local connect = conns.connect
 
   local function append(conn, id, over)
     local ev = H.event(over)
@@ -24,8 +20,7 @@ describe("read_events (gap-safe)", function()
   end)
 
   after_each(function()
-    for _, c in ipairs(conns) do c:close() end
-    conns = {}
+    conns.close_all()
     db:close()
   end)
 

@@ -26,12 +26,8 @@ end
 
 describe("pup.subscribe", function()
   local store, db, dir
-  local conns = {}
-  local function connect()
-    local c = H.connect()
-    conns[#conns + 1] = c
-    return c
-  end
+  local conns = H.connections()
+  local connect = conns.connect
 
   before_each(function()
     store, db = H.fresh_store("subs")
@@ -41,8 +37,7 @@ describe("pup.subscribe", function()
   end)
 
   after_each(function()
-    for _, c in ipairs(conns) do c:close() end
-    conns = {}
+    conns.close_all()
     db:close()
     H.rmdir(dir)
   end)

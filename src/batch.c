@@ -1,6 +1,7 @@
 /*
  * batch.c -- one batch of a projection: one transaction that
  *   1. reads the snapshot and the next window of the log in one statement (read_window),
+ *      or takes the window the batch before read ahead (read_ahead, take_ahead),
  *   2. walks the positions by the gap rule (gap.c): contiguous ones are processed, a hole
  *      stops the batch unless a snapshot proved it dead (walk),
  *   3. hands each of our partitions' events to the handler, whose statements are
@@ -16,7 +17,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #define FIRST_EVENT_COL 4 /* xmin, head, generation, mine, then PUP_EVENT_COLUMNS */
 #define FIRST_EVENT_ROW 1 /* row 0 is the read's header: xmin, head, generation */
