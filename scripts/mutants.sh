@@ -238,8 +238,8 @@ tests: ^lua\.retry$
 name: pipeline-failure-first-row
 why: a pipelined handler statement's failure is blamed on the batch's first event
 file: src/batch.c
-old: tag >= 0 && tag < w->nrows ? event_error(p, w->r, (int)tag, err)
-new: tag >= 0 && tag < w->nrows ? event_error(p, w->r, FIRST_EVENT_ROW, err)
+old: tag >= FIRST_EVENT_ROW && tag < w->nrows ? event_error(p, w->r, (int)tag, err)
+new: tag >= FIRST_EVENT_ROW && tag < w->nrows ? event_error(p, w->r, FIRST_EVENT_ROW, err)
 tests: ^lua\.(retry|processor)$
 
 name: pipeline-failure-noticing-row

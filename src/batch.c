@@ -296,6 +296,8 @@ static int handle_event(pup_processor *p, walk *w, int i, long long pos, pup_err
      * failure, even when this handler then failed on the aborted transaction. */
     if (pup_conn_failure(p->conn, &tag) && (rc == 0 || tag != i)) {
         *err = *pup_conn_failure(p->conn, NULL);
+        /* not an event's: the read-ahead queued before the walk (a lost session) */
+        if (tag < FIRST_EVENT_ROW || tag >= w->nrows) return pup_proc_context(p, err);
         return event_error(p, r, (int)tag, err);
     }
     if (rc < 0) return event_error(p, r, i, err);
@@ -335,7 +337,7 @@ static int end_pipeline(pup_processor *p, walk *w, pup_error *err) {
     if (pup_conn_pipeline_end(p->conn, err, &tag) < 0)
         return tag == TAG_GUARD ? ended_error(p, 1, err)
                : tag == TAG_BATCH ? batch_error(p, w, 0, err)
-               : tag >= 0 && tag < w->nrows ? event_error(p, w->r, (int)tag, err) : pup_proc_context(p, err);
+               : tag >= FIRST_EVENT_ROW && tag < w->nrows ? event_error(p, w->r, (int)tag, err) : pup_proc_context(p, err);
     if (PQtransactionStatus(pup_conn_pg(p->conn)) != PQTRANS_INTRANS) return ended_error(p, 0, err);
     return 0;
 }
