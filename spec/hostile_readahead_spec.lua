@@ -95,6 +95,13 @@ describe("hostile read-ahead", function()
     error("no catch-up in 60 s; at " .. tostring(p:stats().position) .. ", head " .. head())
   end
 
+  -- Catches up, then the read model is the log, in order, and the counter exact.
+  local function exact_after(p, allow_errors)
+    catch_up(p, allow_errors)
+    assert.same(log(), model())
+    counter_exact()
+  end
+
   local function fresh()
     conns.close_all()
     if db then db:close() end
@@ -134,9 +141,7 @@ describe("hostile read-ahead", function()
             append(db, "c", 3 * bs + 2, "E1")
             for _ = 1, before do assert(p:run_once()) end
             assert(tx:commit())
-            catch_up(p)
-            assert.same(log(), model())
-            counter_exact()
+            exact_after(p)
           end
         end
       end
@@ -170,9 +175,7 @@ describe("hostile read-ahead", function()
           assert(n, tostring(err))
         end
         for _, tx in ipairs(held) do assert(tx:commit()) end
-        catch_up(p)
-        assert.same(log(), model())
-        counter_exact()
+        exact_after(p)
       end
     end
   end)
@@ -193,9 +196,7 @@ describe("hostile read-ahead", function()
             assert(pup.reset(rc, projection { batch_size = bs }, store))
             -- appends after the reset too: the stale window cannot know them
             append(db, "z", bs, "E1")
-            catch_up(p, true)
-            assert.same(log(), model())
-            counter_exact()
+            exact_after(p, true)
             local st = assert(pup.status(db, store))
             assert.equal(log()[#log()], st[1].position)
           end
@@ -212,9 +213,7 @@ describe("hostile read-ahead", function()
         append(db, "a", 3 * bs, "E1")
         assert(p:run_once())
         assert(pup.reset(db, projection { batch_size = bs }, store))
-        catch_up(p, true)
-        assert.same(log(), model())
-        counter_exact()
+        exact_after(p, true)
       end
     end
   end)
@@ -274,9 +273,7 @@ describe("hostile read-ahead", function()
             return r
           end
           local p = pup.processor(db, proj, { store = store })
-          catch_up(p, true)
-          assert.same(log(), model())
-          counter_exact()
+          exact_after(p, true)
         end
       end
     end)
@@ -326,9 +323,7 @@ describe("hostile read-ahead", function()
       end
       local p = pup.processor(db, proj, { store = store })
       append(db, "a", 10 * bs + 3, "E1")
-      catch_up(p)
-      assert.same(log(), model())
-      counter_exact()
+      exact_after(p)
     end
   end)
 
@@ -363,9 +358,7 @@ describe("hostile read-ahead", function()
           p:run_once()
         end
         for _, tx in ipairs(held) do assert(tx:commit()) end
-        catch_up(p, true)
-        assert.same(log(), model())
-        counter_exact()
+        exact_after(p, true)
       end
     end
   end)

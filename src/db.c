@@ -396,6 +396,13 @@ static void stmt_free(pup_stmt *s) {
     memset(s, 0, sizeof *s);
 }
 
+/* Forgets a kept result and any statement whose rows were to be kept. */
+static void drop_kept(pup_conn *c) {
+    c->keeping = 0;
+    PQclear(c->kept);
+    c->kept = NULL;
+}
+
 void pup_conn_close(pup_conn *c) {
     if (!c) return;
     if (c->pg) PQfinish(c->pg);
@@ -424,9 +431,7 @@ int pup_conn_reset(pup_conn *c, pup_error *err) {
     stmt_free(&c->unnamed);
     c->nstmts = 0; /* the server forgot them with the old session */
     c->npending = c->pending_head = 0;
-    c->keeping = 0;
-    PQclear(c->kept);
-    c->kept = NULL;
+    drop_kept(c);
     c->failed = 0;
     c->replan = 0;
     c->notify_ready = 0;
@@ -665,6 +670,20 @@ static PGresult *exec_stmt(pup_conn *c, const pup_stmt *st, const pup_params *p,
                           p ? p->formats : NULL, binary_result);
 }
 
+/* A libpq failure to queue or send, noted against the current tag; returns -1. */
+static int send_failed(pup_conn *c, pup_error *err) {
+    pup_error_from_pg(err, c->pg, NULL);
+    note_failure(c, err, c->tag);
+    return -1;
+}
+
+/* Queues st in pipeline mode behind the pending statements. */
+static int queue_stmt(pup_conn *c, const pup_stmt *st, const pup_params *p, int binary_result, pup_error *err) {
+    if (c->npending >= PIPELINE_WINDOW && drain(c, err) < 0) return -1;
+    if (!send_stmt(c, st, p, binary_result)) return send_failed(c, err);
+    return push_pending(c, err);
+}
+
 int pup_conn_send(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_error *err) {
     if (!pup_conn_in_pipeline(c)) {
         PGresult *r = pup_conn_exec(c, st, p, 0, err);
@@ -672,34 +691,17 @@ int pup_conn_send(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_erro
         PQclear(r);
         return 0;
     }
-    if (c->npending >= PIPELINE_WINDOW && drain(c, err) < 0) return -1;
-    if (!send_stmt(c, st, p, 0)) {
-        pup_error_from_pg(err, c->pg, NULL);
-        note_failure(c, err, c->tag);
-        return -1;
-    }
-    return push_pending(c, err);
+    return queue_stmt(c, st, p, 0, err);
 }
 
 int pup_conn_send_kept(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_error *err) {
     if (!pup_conn_in_pipeline(c) || c->keeping || c->kept)
         return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "pup_conn_send_kept: not in pipeline mode, or one kept already");
-    if (c->npending >= PIPELINE_WINDOW && drain(c, err) < 0) return -1;
-    if (!send_stmt(c, st, p, 1)) {
-        pup_error_from_pg(err, c->pg, NULL);
-        note_failure(c, err, c->tag);
-        return -1;
-    }
-    if (push_pending(c, err) < 0) return -1;
+    if (queue_stmt(c, st, p, 1, err) < 0) return -1;
     c->keeping = 1;
     c->keep_tag = c->tag;
     /* Sent now, not with the queue's next flush: the server works on it meanwhile. */
-    if (PQflush(c->pg) < 0) {
-        pup_error_from_pg(err, c->pg, NULL);
-        note_failure(c, err, c->tag);
-        return -1;
-    }
-    return 0;
+    return PQflush(c->pg) < 0 ? send_failed(c, err) : 0;
 }
 
 PGresult *pup_conn_take_kept(pup_conn *c) {
@@ -934,9 +936,7 @@ void pup_conn_rollback(pup_conn *c) {
         PQclear(r);
     }
     c->failed = 0;
-    c->keeping = 0; /* a kept result belonged to what was rolled back */
-    PQclear(c->kept);
-    c->kept = NULL;
+    drop_kept(c); /* it belonged to what was rolled back */
 }
 
 /* ---- wake-ups after the commit ---- */

@@ -64,8 +64,6 @@ int pup_proc_set_total(pup_processor *p, int total) {
     free(p->held);
     free(p->cp);
     free(p->held_list);
-    PQclear(p->ahead); /* read for the partitions held before */
-    p->ahead = NULL;
     p->held = held;
     p->cp = cp;
     p->held_list = list;
