@@ -24,7 +24,7 @@ describe("append plan", function()
           return "ARRAY[" .. table.concat(t, ",") .. "]"
         end
         local n = 5
-        local q = ("EXPLAIN EXECUTE %s('T', 'x', NULL, %s, %s, %s, %s, %s, %s, %s, %s, %s, 1)"):format(r.name,
+        local q = ("EXPLAIN EXECUTE %s('T', 'x', NULL, %s, %s, %s, %s, %s, %s, %s, %s, %s, 1, true)"):format(r.name,
           arr("NULL::text", n), arr("'E'", n), arr("'1'", n), arr("'\\x00'::bytea", n), arr("NULL::text", n),
           arr("NULL::text", n), arr("NULL::text", n), arr("NULL::text", n), arr("NULL::text", n))
         local text = {}

@@ -31,8 +31,12 @@ local db, v, retries = connect(), 0, 0
 local ack = assert(io.open(ackfile, "w"))
 while not exists(stopfile) do
   while true do
-    local ok, err = store:append(db, pup.exact(v), { { aggregate_type = "W", aggregate_id = agg,
-      event_type = "N", payload = { n = v + 1 } } })
+    local evs = { { aggregate_type = "W", aggregate_id = agg, event_type = "N", payload = { n = v + 1 } } }
+    -- every other append in a transaction of its own: its COMMIT, not the statement, is
+    -- what the standby acknowledges (sent with its wake-up, src/db.c commit_then_notify)
+    local ok, err
+    if v % 2 == 0 then ok, err = store:append(db, pup.exact(v), evs)
+    else ok, err = db:transaction(function(tx) return store:append(tx, pup.exact(v), evs) end) end
     if ok or err.code == "optimistic_concurrency" then break end
     -- lost connection; 25006: a session that went read-only under us
     if err.code ~= "connection" and err.sqlstate ~= "25006" then error(tostring(err)) end

@@ -246,13 +246,18 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
     const pup_stmt *st = pup_conn_prepare(c, n == 1 ? (uuids ? s->sql_append_one_uuid : s->sql_append_one)
                                                     : (uuids ? s->sql_append_uuid : s->sql_append), err);
     if (!st) return pup_store_error(err);
-    if (pup_params_reset(&buf->params, 4 + NARRAYS) < 0)
+    if (pup_params_reset(&buf->params, 5 + NARRAYS) < 0)
         return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     pup_params *p = &buf->params;
     pup_params_text(p, 0, aggregate_type, type_len);
     pup_params_text(p, 1, aggregate_id, id_len);
     if (expected != PUP_ANY) pup_params_int(p, 2, expected);
     pup_params_int(p, 3 + NARRAYS, pup_fnv1a32(aggregate_id, id_len));
+    /* Outside a transaction the statement commits on its own and is its own wake-up
+     * (coalesced: schema.c); inside one, the wake-up is owed to the commit. */
+    PGconn *pg = pup_conn_pg(c);
+    int own = PQtransactionStatus(pg) == PQTRANS_IDLE && !pup_conn_in_pipeline(c);
+    pup_params_text(p, 4 + NARRAYS, own ? "t" : "f", 1);
     if (n == 1) {
         const pup_event_in *e = events;
         const pup_str *cols[NARRAYS] = {&e->event_id, &e->event_type, NULL, &e->payload, &e->metadata,
@@ -266,7 +271,12 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
     } else if (bind_arrays(buf, events, n) < 0)
         return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
 
-    PGresult *r = pup_conn_exec_notify(c, st, p, 1, s->channel, err);
+    PGresult *r = own ? pup_conn_exec(c, st, p, 1, err) : pup_conn_exec_notify(c, st, p, 1, s->channel, err);
+    if (!r && own && pup_conn_ok(c) && PQtransactionStatus(pg) == PQTRANS_IDLE) {
+        /* It may have failed holding the wake-up's turn, which let others skip theirs. */
+        pup_error ignored;
+        pup_conn_notify(c, s->channel, &ignored);
+    }
     if (!r) {
         /* A concurrent writer took the same aggregate version first. Other unique keys
          * (a duplicate event_id) are the caller's mistake, not a race. */

@@ -18,8 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FIRST_EVENT_COL 4 /* xmin, head, generation, mine, then PUP_EVENT_COLUMNS */
-#define FIRST_EVENT_ROW 1 /* row 0 is the read's header: xmin, head, generation */
+#define FIRST_EVENT_COL 5 /* xmin, head, generation, drawn, mine, then PUP_EVENT_COLUMNS */
+#define FIRST_EVENT_ROW 1 /* row 0 is the read's header: xmin, head, generation, drawn */
 #define TAG_GUARD (-2)    /* pipeline tag of the statement that checks the batch transaction */
 #define TAG_BATCH (-3)    /* pipeline tag of handle_batch's statements */
 #define TAG_AHEAD (-4)    /* pipeline tag of the read-ahead of the next window */
@@ -473,6 +473,7 @@ static int batch_once(pup_processor *p, int *handled, long long *advanced, int *
     }
     uint64_t xmin = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
     p->stats.head = strtoll(PQgetvalue(r, 0, 1), NULL, 10);
+    p->stats.drawn = PQgetisnull(r, 0, 3) ? 0 : strtoll(PQgetvalue(r, 0, 3), NULL, 10);
     long long gen = PQgetisnull(r, 0, 2) ? p->gen : strtoll(PQgetvalue(r, 0, 2), NULL, 10);
     if (gen != p->gen) { /* reset while we were idle */
         PQclear(r);

@@ -17,10 +17,11 @@
 #define STMT_CACHE_MAX 256    /* beyond this, statements are prepared unnamed each time */
 #define PIPELINE_WINDOW 512   /* read results back before this many are queued */
 
-/* The wake-up of an append, sent as a transaction of its own after the append's commit:
- * a transaction that notifies holds PostgreSQL's database-wide notify lock through its
- * commit's WAL flush, which serialises the commits of concurrent writers (no group commit).
- * This one writes no WAL, so its commit does not wait for a flush. */
+/* The wake-up owed by an append inside a transaction, sent as a transaction of its own
+ * after the COMMIT: a transaction that notifies holds PostgreSQL's database-wide notify
+ * lock through its commit's WAL flush, which would serialise the commits of concurrent
+ * writers (no group commit). This one writes no WAL, so its commit does not wait for a
+ * flush. (An append outside a transaction is its own, coalesced wake-up: schema.c.) */
 #define NOTIFY_STMT "pup_notify"
 #define NOTIFY_SQL "SELECT pg_notify($1, '')"
 
@@ -981,20 +982,15 @@ static PGresult *read_group(pup_conn *c) {
     return first;
 }
 
-/* Runs the prepared statement `name` (COMMIT when NULL) and then NOTIFY_STMT on channel,
- * each in a sync group of its own, so the notification is a transaction of its own that
- * starts after the statement committed: one round trip. Outside pipeline mode with
- * NOTIFY_STMT prepared. Returns the statement's result (NULL if the connection broke);
- * the notification's outcome is not waited for beyond reading it: a lost one costs
- * listeners a poll interval, nothing else. */
-static PGresult *run_then_notify(pup_conn *c, const char *name, const pup_params *p, int binary_result,
-                                 const char *channel) {
+/* Sends COMMIT and then NOTIFY_STMT on channel, each in a sync group of its own, so the
+ * notification is a transaction of its own that starts after the commit: one round trip.
+ * Outside pipeline mode with NOTIFY_STMT prepared. Returns COMMIT's result (NULL if the
+ * connection broke); the notification's outcome is not waited for beyond reading it: a
+ * lost one costs listeners a poll interval, nothing else. */
+static PGresult *commit_then_notify(pup_conn *c, const char *channel) {
     if (!PQenterPipelineMode(c->pg)) return NULL;
     const char *v[1] = {channel};
-    int sent = (name ? PQsendQueryPrepared(c->pg, name, p ? p->n : 0, p ? p->values : NULL,
-                                           p ? p->lengths : NULL, p ? p->formats : NULL, binary_result)
-                     : PQsendQueryParams(c->pg, "COMMIT", 0, NULL, NULL, NULL, NULL, 0)) &&
-               PQpipelineSync(c->pg);
+    int sent = PQsendQueryParams(c->pg, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) && PQpipelineSync(c->pg);
     int notified = sent && PQsendQueryPrepared(c->pg, NOTIFY_STMT, 1, v, NULL, NULL, 0) && PQpipelineSync(c->pg);
     PGresult *r = sent ? read_group(c) : NULL;
     if (notified) {
@@ -1009,9 +1005,7 @@ static PGresult *run_then_notify(pup_conn *c, const char *name, const pup_params
     return r;
 }
 
-/* NOTIFY channel now, through the statement cache (inside a transaction: delivered at its
- * commit). 0, or -1 with err. */
-static int notify_now(pup_conn *c, const char *channel, pup_error *err) {
+int pup_conn_notify(pup_conn *c, const char *channel, pup_error *err) {
     pup_params q = {0};
     const pup_stmt *nst = pup_params_reset(&q, 1) == 0 ? pup_conn_prepare(c, NOTIFY_SQL, err) : NULL;
     PGresult *n = NULL;
@@ -1026,43 +1020,17 @@ static int notify_now(pup_conn *c, const char *channel, pup_error *err) {
 
 PGresult *pup_conn_exec_notify(pup_conn *c, const pup_stmt *st, const pup_params *p, int binary_result,
                                const char *channel, pup_error *err) {
-    if (pup_conn_in_pipeline(c) || PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
-        PGresult *r = pup_conn_exec(c, st, p, binary_result, err);
-        if (!r || strcmp(c->owed, channel) == 0) return r;
-        if (!c->owed[0] && strlen(channel) < sizeof c->owed) {
-            strcpy(c->owed, channel); /* pup_conn_commit sends it */
-            return r;
-        }
-        /* Owed to another channel already (two stores' tables in one transaction): this
-         * one notifies inside the transaction, which PostgreSQL delivers at its commit. */
-        if (notify_now(c, channel, err) == 0) return r;
-        PQclear(r);
-        return NULL;
-    }
-    if (c->pooled) {
-        /* Behind a transaction pool the named NOTIFY_STMT may be on another server
-         * connection: the statement, then its wake-up as a statement of its own. */
-        PGresult *r = pup_conn_exec(c, st, p, binary_result, err);
-        pup_error ignored; /* a lost wake-up costs listeners a poll interval */
-        if (r) notify_now(c, channel, &ignored);
+    PGresult *r = pup_conn_exec(c, st, p, binary_result, err);
+    if (!r || strcmp(c->owed, channel) == 0) return r;
+    if (!c->owed[0] && strlen(channel) < sizeof c->owed) {
+        strcpy(c->owed, channel); /* pup_conn_commit sends it */
         return r;
     }
-    char name[sizeof st->name];
-    snprintf(name, sizeof name, "%s", st->name);
-    if (prepare_notify(c) < 0) return pup_conn_exec(c, st, p, binary_result, err);
-    PGresult *r = run_then_notify(c, name, p, binary_result, channel);
-    if (r && stale_plan(r) && PQtransactionStatus(c->pg) == PQTRANS_IDLE) {
-        /* As pup_conn_exec: prepared again (after the others are forgotten) and run once more. */
-        PQclear(r);
-        char *sql = strdup(st->sql);
-        c->replan = 1;
-        const pup_stmt *fresh = sql ? pup_conn_prepare(c, sql, err) : NULL;
-        free(sql);
-        if (!fresh) return NULL;
-        snprintf(name, sizeof name, "%s", fresh->name);
-        r = prepare_notify(c) == 0 ? run_then_notify(c, name, p, binary_result, channel) : NULL;
-    }
-    return result_or_failure(c, r, err);
+    /* Owed to another channel already (two stores' tables in one transaction): this one
+     * notifies inside the transaction, which PostgreSQL delivers at its commit. */
+    if (pup_conn_notify(c, channel, err) == 0) return r;
+    PQclear(r);
+    return NULL;
 }
 
 int pup_conn_commit(pup_conn *c, pup_error *err) {
@@ -1072,7 +1040,7 @@ int pup_conn_commit(pup_conn *c, pup_error *err) {
     int notify = owed && !c->pooled && prepare_notify(c) == 0;
     char channel[sizeof c->owed];
     memcpy(channel, c->owed, sizeof channel);
-    PGresult *r = notify ? run_then_notify(c, NULL, NULL, 0, c->owed) : PQexec(c->pg, "COMMIT");
+    PGresult *r = notify ? commit_then_notify(c, c->owed) : PQexec(c->pg, "COMMIT");
     c->owed[0] = '\0';
     if (PQresultStatus(r) != PGRES_COMMAND_OK) {
         pup_error_from_pg(err, c->pg, r);
@@ -1084,7 +1052,7 @@ int pup_conn_commit(pup_conn *c, pup_error *err) {
     PQclear(r);
     if (!rolled_back && owed && !notify) {
         pup_error ignored; /* a lost wake-up costs listeners a poll interval */
-        notify_now(c, channel, &ignored);
+        pup_conn_notify(c, channel, &ignored);
     }
     if (!rolled_back) return 0;
     if (c->failed && err) *err = c->failure;

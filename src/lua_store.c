@@ -450,6 +450,7 @@ static int store_read_events_raw(lua_State *L) {
 typedef struct lcursor {
     pup_cursor c;
     long long waiting; /* the first undecided hole the last read stopped at (0: none) */
+    long long in_flight; /* pup_safe_read's in_flight of the last read (0: none) */
     char events[PUP_NAME_MAX];
 } lcursor;
 
@@ -457,17 +458,20 @@ static lcursor *push_cursor(lua_State *L, const pup_cursor *from, const char *ev
     lcursor *k = lua_newuserdatauv(L, sizeof *k, 0);
     k->c = *from;
     k->waiting = 0;
+    k->in_flight = 0;
     snprintf(k->events, sizeof k->events, "%s", events);
     luaL_setmetatable(L, PUP_CURSOR_MT);
     return k;
 }
 
-/* cursor.position: read up to here; cursor.waiting: the hole it waits at (nil: none). */
+/* cursor.position: read up to here; cursor.waiting: the hole it waits at (nil: none);
+ * cursor.in_flight: the last position drawn, above what the read saw (nil: none). */
 static int cursor_index(lua_State *L) {
     lcursor *k = luaL_checkudata(L, 1, PUP_CURSOR_MT);
     const char *f = luaL_checkstring(L, 2);
     if (strcmp(f, "position") == 0) lua_pushinteger(L, k->c.position);
     else if (strcmp(f, "waiting") == 0 && k->waiting) lua_pushinteger(L, k->waiting);
+    else if (strcmp(f, "in_flight") == 0 && k->in_flight) lua_pushinteger(L, k->in_flight);
     else if (strcmp(f, "events_table") == 0) lua_pushstring(L, k->events);
     else lua_pushnil(L);
     return 1;
@@ -583,6 +587,7 @@ static int store_read_events(lua_State *L) {
         }
         pup_lua_result_clear(box);
         next->waiting = rd.waiting;
+        next->in_flight = rd.in_flight;
         if (!rd.more || got >= limit) break;
     }
     lua_pushvalue(L, out);

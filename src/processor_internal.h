@@ -88,6 +88,11 @@ struct pup_processor {
     long long wait_lo; /* the first undecided hole (0: none), and since when */
     double wait_since;
     long long recorded_wait; /* waiting_position last written to the checkpoint row */
+    /* The last position drawn (stats.drawn) run_loop.c looked again for, since when and
+     * its next step (drawn_wait). */
+    long long drawn_looked;
+    double drawn_since;
+    int drawn_ms;
     /* Group: the event whose one-event batch outlasted the lease (0: none). A second such
      * batch in a row on it stops the worker: it can never commit under its lease. */
     long long overlong_pos;

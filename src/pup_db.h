@@ -150,14 +150,16 @@ const pup_stmt *pup_conn_prepare(pup_conn *c, const char *sql, pup_error *err);
 PGresult *pup_conn_exec(pup_conn *c, const pup_stmt *st, const pup_params *p,
                         int binary_result, pup_error *err);
 
-/* pup_conn_exec for a write that listeners of channel must hear of once it is committed
- * (an append). Outside a transaction the statement commits on its own and a NOTIFY
- * follows it as a transaction of its own, pipelined behind it in the same round trip:
- * the write's commit does not take PostgreSQL's notify lock, which would serialise the
- * commits of concurrent writers. Inside a transaction (or pipeline mode) the NOTIFY is
- * owed: pup_conn_commit sends it behind the COMMIT, a rollback forgets it. */
+/* pup_conn_exec inside a transaction for a write that listeners of channel must hear of
+ * once it is committed (an append in a caller's transaction): the NOTIFY is owed, and
+ * pup_conn_commit sends it behind the COMMIT as a transaction of its own (the write's
+ * commit does not take PostgreSQL's notify lock, which would serialise the commits of
+ * concurrent writers); a rollback forgets it. */
 PGresult *pup_conn_exec_notify(pup_conn *c, const pup_stmt *st, const pup_params *p, int binary_result,
                                const char *channel, pup_error *err);
+/* NOTIFY channel now (inside a transaction: PostgreSQL delivers it at the commit).
+ * 0, or -1 with err. */
+int pup_conn_notify(pup_conn *c, const char *channel, pup_error *err);
 /* For a statement sent around pup_conn_command/pup_conn_commit (a script through the
  * simple protocol), r its result: when it ended the transaction, sends the NOTIFY an
  * append in it owed if it committed, forgets it if not. */

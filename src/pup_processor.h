@@ -151,6 +151,10 @@ typedef struct pup_processor_stats {
     long long handled;   /* events handled since creation */
     long long position;  /* checkpoint */
     long long head;      /* log head seen by the last batch */
+    /* The last position drawn (the sequence) as the last batch saw it: above head, appends
+     * are in flight, and one may have left its wake-up to another's (docs/ordering.md,
+     * "Wake-ups"): read again soon. */
+    long long drawn;
     long long waiting_position; /* hole waited at, 0 if none */
     int standby;
     int held;            /* partitions held */

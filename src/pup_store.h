@@ -178,6 +178,11 @@ typedef struct pup_safe_read {
     int found;  /* rows in scope among the passed ones */
     int more;   /* 1: the window was full and passed whole: more may follow at once */
     long long waiting; /* the first undecided hole (0: none) */
+    /* The last position drawn when it lies above every position the read could see: an
+     * append not committed yet, or rolled back (0: none; set only when the window was
+     * read whole). Its wake-up may have been another append's, sent before its commit:
+     * a follower reads again soon (run_loop.c, drawn_wait). */
+    long long in_flight;
 } pup_safe_read;
 
 /* Reads the window after cur->position (at most `window` rows of any scope) and walks it

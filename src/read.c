@@ -8,7 +8,7 @@
 #include <string.h>
 #include <time.h>
 
-#define SAFE_FIRST_COL 2 /* xmin, mine, then PUP_EVENT_COLUMNS */
+#define SAFE_FIRST_COL 3 /* xmin, drawn, mine, then PUP_EVENT_COLUMNS */
 #define PG_EPOCH_US 946684800000000LL /* 2000-01-01 UTC, PostgreSQL's epoch, in Unix microseconds */
 
 int pup_store_error(pup_error *err) {
@@ -180,7 +180,7 @@ int pup_store_read_safe(const pup_store *s, pup_conn *c, pup_cursor *cur, const 
         if (wait_lo) continue; /* noted, so one bound decides every hole of the window */
         next.position = pos;
         out->passed = i + 1;
-        if (PQgetvalue(r, i, 1)[0]) out->found++;
+        if (PQgetvalue(r, i, SAFE_FIRST_COL - 1)[0]) out->found++;
     }
     pup_gaps_forget(&next.gaps, next.position, 0);
     uint64_t bound = 0;
@@ -193,12 +193,16 @@ int pup_store_read_safe(const pup_store *s, pup_conn *c, pup_cursor *cur, const 
     out->r = r;
     out->waiting = wait_lo;
     out->more = !wait_lo && nrows == window && out->passed == nrows;
+    /* The window read whole: positions drawn above its last row are not visible yet. */
+    long long top = nrows ? pup_be_int(PQgetvalue(r, nrows - 1, SAFE_FIRST_COL), 8) : cur->position;
+    long long drawn = pup_be_int(PQgetvalue(r, 0, 1), 8);
+    if (nrows < window && drawn > top) out->in_flight = drawn;
     *cur = next;
     return 0;
 }
 
 int pup_safe_event(const pup_safe_read *rd, int i, pup_event *ev) {
-    if (i >= rd->passed || !PQgetvalue(rd->r, i, 1)[0]) return 0;
+    if (i >= rd->passed || !PQgetvalue(rd->r, i, SAFE_FIRST_COL - 1)[0]) return 0;
     pup_event_from_row(rd->r, i, SAFE_FIRST_COL, ev);
     return 1;
 }

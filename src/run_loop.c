@@ -1,9 +1,10 @@
 /*
  * run_loop.c -- the loop around batches (pup_processor_run): take the partitions (or wait
  * as a standby), run a batch, then either run the next one at once (it moved), look
- * cheaply at the hole it stopped at, or sleep until a NOTIFY of the events table, the
- * poll interval or the next heartbeat. Transient failures are retried with capped
- * backoff, reconnecting in place; a stop fd ends the loop between batches.
+ * cheaply at the hole it stopped at, look again soon at positions drawn above the head,
+ * or sleep until a NOTIFY of the events table, the poll interval or the next heartbeat.
+ * Transient failures are retried with capped backoff, reconnecting in place; a stop fd
+ * ends the loop between batches.
  */
 #include "processor_internal.h"
 
@@ -139,6 +140,30 @@ static int wait_at_hole(pup_processor *p, const pup_run_opts *o, long long *told
         if ((changed = hole_changed(p, err)) < 0) return -1;
     }
     return 0;
+}
+
+/* How long positions drawn above the head are looked for again (drawn_wait). */
+#define DRAWN_LOOK_SECONDS 1.0
+
+/* The wait after a batch that found nothing new. Positions drawn above the head belong to
+ * appends not yet committed (or rolled back); an append outside a transaction leaves its
+ * wake-up to another's already under way (schema.c, APPEND_WAKE_UP), which may come before
+ * its own commit. So look again soon, 2 ms doubling to 50 ms, for DRAWN_LOOK_SECONDS from
+ * when a new last position was drawn; after that (a rollback's positions stay drawn), or
+ * with none drawn, wait for a wake-up or the poll interval. */
+static int drawn_wait(pup_processor *p, int poll_ms) {
+    if (p->stats.drawn <= p->stats.head) return poll_ms;
+    double now = pup_proc_mono();
+    if (p->stats.drawn != p->drawn_looked) {
+        p->drawn_looked = p->stats.drawn;
+        p->drawn_since = now;
+        p->drawn_ms = 2;
+    } else if (now - p->drawn_since > DRAWN_LOOK_SECONDS) {
+        return poll_ms;
+    } else {
+        p->drawn_ms = p->drawn_ms * 2 > 50 ? 50 : p->drawn_ms * 2;
+    }
+    return p->drawn_ms < poll_ms ? p->drawn_ms : poll_ms;
 }
 
 /* What the loop has logged, so each change is logged once. */
@@ -300,7 +325,7 @@ static int turn(pup_processor *p, const pup_run_opts *o, long long *target, told
     note_hole(p, o, &t->hole);
     if (waiting) return wait_at_hole(p, o, &t->hole, err);
     if (advanced > 0) return 0; /* more may be waiting */
-    return wait_for(p, o, p->cfg.poll_interval_ms);
+    return wait_for(p, o, drawn_wait(p, p->cfg.poll_interval_ms));
 }
 
 static int run_loop(pup_processor *p, const pup_run_opts *o, const char **reason, pup_error *err) {

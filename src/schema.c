@@ -49,12 +49,17 @@ static char *fmt(const char *f, ...) {
 
 /* One statement per append: check the expected version, insert the events (versions
  * from the current one, positions in version order) and move the head, all or nothing
- * (the NOTIFY follows the commit: pup_conn_exec_notify). $3 NULL = any. The current
+ * $3 NULL = any. The current
  * version is the greater of the head row and the highest event version (one index
  * probe): events written by another tool without a head row, or without moving it, do
  * not block the aggregate. When an event_id exists nothing is written and `dup` says so
  * (append.c then tells a retry of the same append from a duplicate), without failing the
- * statement: a caller's transaction goes on. `id_cast` casts the trace ids to uuid
+ * statement: a caller's transaction goes on. With $14 true (an append outside a
+ * transaction: append.c) the statement is also the wake-up, coalesced: it notifies only if
+ * no other append's wake-up is under way (a transaction-scoped advisory lock, tried after
+ * the insert drew the positions, so a reader woken by that other append already sees them
+ * drawn: docs/ordering.md, "Wake-ups"). PostgreSQL serialises the commits of notifying
+ * transactions, so one notifier at a time lets the others commit together. `id_cast` casts the trace ids to uuid
  * columns (the Go library's tables). Two shapes share these parts: many events (binary
  * arrays) and one (plain parameters, without the unnest, its sort and the head's
  * aggregate: a fifth of the server's time on a 1-event append). %s: heads, events. */
@@ -67,6 +72,10 @@ static char *fmt(const char *f, ...) {
     " ins AS (INSERT INTO %s (aggregate_type, aggregate_id, aggregate_id_hash, aggregate_version," \
     " event_id, event_type, event_version, payload, metadata, causation_id, correlation_id,"    \
     " trace_id, created_at)"
+#define APPEND_WAKE_UP                                                                 \
+    " CASE WHEN $14::boolean AND ins.aggregate_version = cur.v + 1 AND"                    \
+    " pg_try_advisory_xact_lock(hashtextextended('pupsourcing.wake-up/%s', 0))"            \
+    " THEN pg_notify('%s', '') END"
 #define APPEND_HEAD_CONFLICT                                 \
     " ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET" \
     " aggregate_version = EXCLUDED.aggregate_version, updated_at = EXCLUDED.updated_at"
@@ -89,9 +98,10 @@ static char *append_sql(const pup_store *s, const char *id_cast) {
                " head AS (INSERT INTO %s (aggregate_type, aggregate_id, aggregate_version, updated_at)"
                " SELECT $1, $2, max(aggregate_version), now() FROM ins HAVING count(*) > 0"
                APPEND_HEAD_CONFLICT ")"
-               " SELECT cur.v, ins.global_position, ins.aggregate_version, cur.dup"
+               " SELECT cur.v, ins.global_position, ins.aggregate_version, cur.dup," APPEND_WAKE_UP
                " FROM cur LEFT JOIN ins ON true ORDER BY ins.aggregate_version",
-               s->q_heads, s->q_events, s->q_events, s->q_events, id_cast, id_cast, id_cast, s->q_heads);
+               s->q_heads, s->q_events, s->q_events, s->q_events, id_cast, id_cast, id_cast, s->q_heads,
+               s->events, s->channel);
 }
 
 static char *append_one_sql(const pup_store *s, const char *id_cast) {
@@ -104,8 +114,10 @@ static char *append_one_sql(const pup_store *s, const char *id_cast) {
                " FROM cur WHERE " APPEND_EXPECTED " RETURNING global_position, aggregate_version),"
                " head AS (INSERT INTO %s (aggregate_type, aggregate_id, aggregate_version, updated_at)"
                " SELECT $1, $2, aggregate_version, now() FROM ins" APPEND_HEAD_CONFLICT ")"
-               " SELECT cur.v, ins.global_position, ins.aggregate_version, cur.dup FROM cur LEFT JOIN ins ON true",
-               s->q_heads, s->q_events, s->q_events, s->q_events, id_cast, id_cast, id_cast, s->q_heads);
+               " SELECT cur.v, ins.global_position, ins.aggregate_version, cur.dup," APPEND_WAKE_UP
+               " FROM cur LEFT JOIN ins ON true",
+               s->q_heads, s->q_events, s->q_events, s->q_events, id_cast, id_cast, id_cast, s->q_heads,
+               s->events, s->channel);
 }
 
 /* The table name without its schema. */
@@ -256,16 +268,18 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
                         " AND ($4::bigint < 0 OR aggregate_version <= $4::bigint)"
                         " ORDER BY aggregate_version", E);
     s->sql_head = fmt("SELECT COALESCE(max(global_position), 0) FROM %s", E);
-    /* The gap-safe read (read.c): the snapshot's xmin and the window in one statement, as
-     * the processor's; rows outside the scope ($3, $4: text[] or NULL) come without body. */
+    /* The gap-safe read (read.c): the snapshot's xmin, the last position drawn and the
+     * window in one statement, as the processor's; rows outside the scope ($3, $4: text[]
+     * or NULL) come without body. */
 #define PUP_IN_SCOPE "($3::text[] IS NULL OR aggregate_type = ANY($3::text[])) AND" \
                      " ($4::text[] IS NULL OR event_type = ANY($4::text[]))"
-    s->sql_read_safe = fmt("SELECT pg_snapshot_xmin(snap.s)::text, e.* FROM (SELECT pg_current_snapshot() AS s) snap"
+    s->sql_read_safe = fmt("SELECT pg_snapshot_xmin(snap.s)::text, snap.drawn, e.* FROM (SELECT pg_current_snapshot() AS s,"
+                           " (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM %s) AS drawn) snap"
                            " LEFT JOIN LATERAL (SELECT " PUP_IN_SCOPE " AS mine, "
                            PUP_EVENT_COLUMNS_WITH("CASE WHEN " PUP_IN_SCOPE " THEN payload END",
                                                   "CASE WHEN " PUP_IN_SCOPE " THEN metadata::text END")
                            " FROM %s WHERE global_position > $1 ORDER BY global_position LIMIT $2) e ON true"
-                           " ORDER BY e.global_position", E);
+                           " ORDER BY e.global_position", s->q_sequence, E);
 #undef PUP_IN_SCOPE
     /* An append whose event_id exists (append.c): the stored events of those ids. */
     s->sql_same_events = fmt("SELECT event_id::text, global_position, aggregate_type, aggregate_id::text,"

@@ -27,6 +27,7 @@ local function follow(db, store, opts, fn)
   local poll = seconds(opts, "poll_interval", 1)
   local idle = seconds(opts, "idle_timeout", nil)
   local cursor, last_event, hole_wait = opts.from, core.now(), 0.002
+  local flight, flight_since, flight_wait -- the in-flight position looked for, since, next wait
   while true do
     local events, next_cursor = store:read_events(db, cursor, read_opts)
     if not events then return nil, next_cursor, cursor end
@@ -44,7 +45,19 @@ local function follow(db, store, opts, fn)
       core.sleep(hole_wait)
       hole_wait = math.min(hole_wait * 2, 0.05)
     else
-      local ok, err = store:wait(db, idle and math.min(poll, idle - (now - last_event)) or poll)
+      -- An append in flight above what was read may have left its wake-up to another's,
+      -- already sent: look again soon, for up to a second per new in-flight position (as
+      -- processors: docs/ordering.md, "Wake-ups").
+      local wait = poll
+      if cursor.in_flight and cursor.in_flight ~= flight then
+        flight, flight_since, flight_wait = cursor.in_flight, now, 0.002
+        wait = flight_wait
+      elseif cursor.in_flight and now - flight_since <= 1 then
+        flight_wait = math.min(flight_wait * 2, 0.05)
+        wait = flight_wait
+      end
+      if idle then wait = math.min(wait, idle - (now - last_event)) end
+      local ok, err = store:wait(db, math.min(wait, poll))
       if ok == nil then return nil, err, cursor end
     end
   end

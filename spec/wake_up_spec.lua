@@ -1,0 +1,161 @@
+-- Issue 13: an append outside a transaction is its own wake-up, coalesced: it notifies only
+-- if no other append's wake-up is under way (src/schema.c, APPEND_WAKE_UP). A reader woken
+-- by that other append can read before this one commits, so it looks again at positions
+-- drawn above what it saw (src/run_loop.c, drawn_wait; cursor.in_flight of
+-- store:read_events, used by pup.subscribe). Processors and subscribers here poll every
+-- 60 s: only a wake-up, or that second look, brings an event in time.
+local pup = require "pupsourcing"
+local H = require "spec.helpers"
+
+local PROJ = [[
+return { name = "wake_up", handle = function(tx, e)
+  assert(tx:exec("INSERT INTO t_wu_seen (pos) VALUES ($1)", e.global_position)) end }
+]]
+
+describe("coalesced wake-ups", function()
+  local store, db, T, dir, procs
+
+  before_each(function()
+    store, db, T = H.fresh_store("wu")
+    assert(db:exec("DROP TABLE IF EXISTS t_wu_seen"))
+    assert(db:exec("CREATE TABLE t_wu_seen (pos bigint NOT NULL)"))
+    -- A slow commit: events of type Slow sleep 0.4 s in a deferred trigger, after their
+    -- append statement (and its try for the wake-up) and before the commit.
+    assert(db:exec([[CREATE OR REPLACE FUNCTION t_wu_slow() RETURNS trigger LANGUAGE plpgsql AS
+      $$ BEGIN PERFORM pg_sleep(0.4); RETURN NULL; END $$]]))
+    assert(db:exec(([[CREATE CONSTRAINT TRIGGER t_wu_slow AFTER INSERT ON %s DEFERRABLE INITIALLY DEFERRED
+      FOR EACH ROW WHEN (NEW.aggregate_type = 'Slow') EXECUTE FUNCTION t_wu_slow()]]):format(T.events_table)))
+    dir = H.tmpdir()
+    H.write_file(dir .. "/wu.lua", PROJ)
+    procs = {}
+  end)
+
+  after_each(function()
+    for _, p in ipairs(procs) do H.reap(p) end
+    db:close()
+    H.rmdir(dir)
+  end)
+
+  local function seen(pos)
+    if pos then return assert(db:query("SELECT count(*) AS n FROM t_wu_seen WHERE pos = $1", pos))[1].n end
+    return assert(db:query("SELECT count(*) AS n FROM t_wu_seen"))[1].n
+  end
+
+  local function start(p)
+    procs[#procs + 1] = p
+    return p
+  end
+
+  -- A processor and a subscriber, both polling every 60 s, caught up with the log's first
+  -- event. The subscriber prints each position it gets.
+  local function start_readers()
+    local events = T.events_table
+    H.write_file(dir .. "/sub.lua", ([[
+local pup = require "pupsourcing"
+local db = assert(pup.connect())
+local store = pup.store { events_table = %q, aggregate_heads_table = %q, checkpoints_table = %q }
+io.stdout:setvbuf("line")
+print(assert(pup.subscribe(db, { from = 0, store = store, poll_interval = 60, idle_timeout = 30 }, function(e)
+  print("event " .. e.global_position)
+end)))
+]]):format(events, T.aggregate_heads_table, T.checkpoints_table))
+    local sub = start(H.spawn { H.bin, dir .. "/sub.lua" })
+    local words = { H.bin }
+    for _, a in ipairs(H.with_tables(T, { "run", "--poll-interval", "60000", dir .. "/wu.lua" })) do
+      words[#words + 1] = a
+    end
+    local run = start(H.spawn(words))
+    local first = assert(store:append(db, pup.any(), { H.event { aggregate_id = "wu-0" } })).global_positions[1]
+    H.wait_until("both readers have the first event", 20, function()
+      assert.is_nil(H.exit_code(run), H.stderr_of(run))
+      assert.is_nil(H.exit_code(sub), H.stderr_of(sub))
+      return seen(first) == 1 and H.stdout_of(sub):find("event " .. first .. "\n", 1, true) ~= nil
+    end, 0.02)
+    pup.sleep(0.3) -- past their reads that found nothing more: both wait for a wake-up
+    return run, sub
+  end
+
+  it("an append that left its wake-up to another's, committing after it, is still read at once", function()
+    local run, sub = start_readers()
+    -- Another append, in a transaction that holds the wake-up's turn (as an append outside a
+    -- transaction does from its statement to its end).
+    local hold = H.connect()
+    local tx = assert(hold:begin())
+    local h = assert(store:append(tx, pup.any(), { H.event { aggregate_id = "wu-h" } })).global_positions[1]
+    assert.is_true(assert(tx:query("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0)) AS got",
+      "pupsourcing.wake-up/" .. T.events_table))[1].got)
+    -- An append on its own, which finds the turn taken: it draws its position, skips its
+    -- NOTIFY and commits 0.4 s later (the trigger), after the other one's wake-up.
+    H.write_file(dir .. "/slow.lua", ([[
+local pup = require "pupsourcing"
+local db = assert(pup.connect())
+assert(db:exec("SET application_name = 'wu_slow'"))
+local store = pup.store { events_table = %q, aggregate_heads_table = %q, checkpoints_table = %q }
+print(assert(store:append(db, pup.any(), { { aggregate_type = "Slow", aggregate_id = "wu-s",
+  event_type = "Slowed", payload = "{}" } })).global_positions[1])
+]]):format(T.events_table, T.aggregate_heads_table, T.checkpoints_table))
+    local slow = start(H.spawn { H.bin, dir .. "/slow.lua" })
+    H.wait_until("the slow append in its commit", 20, function()
+      return assert(db:query("SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'wu_slow'"
+        .. " AND wait_event = 'PgSleep'"))[1].n == 1
+    end, 0.005)
+    local t0 = pup.now()
+    assert(tx:commit()) -- the other append's wake-up: the slow one is drawn, not committed
+    hold:close()
+    assert.equal(0, H.wait_exit(slow, 10), H.stderr_of(slow))
+    local s = math.tointeger(tonumber(H.stdout_of(slow):match("^(%d+)")))
+    assert.is_true(s > h, "the slow append drew its position after the other one")
+    H.wait_until("the processor has both events", 10, function() return seen(h) == 1 and seen(s) == 1 end, 0.005)
+    local dt = pup.now() - t0
+    H.wait_until("the subscriber has both events", 10, function()
+      local out = H.stdout_of(sub)
+      return out:find("event " .. h .. "\n", 1, true) and out:find("event " .. s .. "\n", 1, true)
+    end, 0.005)
+    local dt_sub = pup.now() - t0
+    io.stderr:write(("wake_up: the slow append read %.0f ms (processor) and %.0f ms (subscriber) after the"
+      .. " other's commit\n"):format(dt * 1000, dt_sub * 1000))
+    assert.is_true(dt < 3, ("the processor read the slow append %.2f s after the wake-up"):format(dt))
+    assert.is_true(dt_sub < 3, ("the subscriber read the slow append %.2f s after the wake-up"):format(dt_sub))
+    assert.is_nil(H.exit_code(run), H.stderr_of(run))
+  end)
+
+  it("8 writers appending at once: every event read once, at once, by a processor and a subscriber", function()
+    local run, sub = start_readers()
+    H.write_file(dir .. "/writer.lua", ([[
+local pup = require "pupsourcing"
+local db = assert(pup.connect())
+local store = pup.store { events_table = %q, aggregate_heads_table = %q, checkpoints_table = %q }
+local me, at = arg[1], tonumber(arg[2])
+pup.sleep(math.max(0, at - pup.now()))
+for i = 1, 150 do
+  assert(store:append(db, pup.any(), { { aggregate_type = "Burst", aggregate_id = me .. "-" .. i,
+    event_type = "Burst", payload = "{}" } }))
+  if i %% 30 == 0 then pup.sleep(0.05) end -- quiet moments: a wake-up lost there shows
+end
+]]):format(T.events_table, T.aggregate_heads_table, T.checkpoints_table))
+    local at = pup.now() + 1
+    local writers = {}
+    for i = 1, 8 do writers[i] = start(H.spawn { H.bin, dir .. "/writer.lua", "w" .. i, tostring(at) }) end
+    for _, w in ipairs(writers) do assert.equal(0, H.wait_exit(w, 60), H.stderr_of(w)) end
+    local t0 = pup.now()
+    local total = assert(db:query("SELECT count(*) AS n FROM " .. T.events_table))[1].n
+    assert.equal(1 + 8 * 150, total)
+    H.wait_until("the processor has every event", 10, function() return seen() == total end, 0.01)
+    H.wait_until("the subscriber has every event", 10, function()
+      local _, n = H.stdout_of(sub):gsub("event %d+\n", "")
+      return n == total
+    end, 0.01)
+    local dt = pup.now() - t0
+    io.stderr:write(("wake_up: caught up %.0f ms after the last writer ended\n"):format(dt * 1000))
+    assert.is_true(dt < 3, ("caught up %.2f s after the last writer ended"):format(dt))
+    -- once each
+    assert.equal(0, assert(db:query("SELECT count(*) AS n FROM (SELECT pos FROM t_wu_seen GROUP BY pos"
+      .. " HAVING count(*) > 1) d"))[1].n)
+    local got = {}
+    for p in H.stdout_of(sub):gmatch("event (%d+)\n") do
+      assert.is_nil(got[p], "the subscriber got position " .. p .. " twice")
+      got[p] = true
+    end
+    assert.is_nil(H.exit_code(run), H.stderr_of(run))
+  end)
+end)
