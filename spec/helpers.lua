@@ -708,4 +708,56 @@ end
 math.randomseed(os.time(), tonumber(tostring({}):match("0x(%x+)") or "1", 16) or 1)
 
 package.loaded["spec.helpers"] = M
+-- A fixture for specs that run `pupsourcing run` on projection `name`, which writes each
+-- handled position to t_<prefix>_seen (pos): a fresh store, that table, a scratch directory
+-- with the projection as <prefix>.lua, and the processes it spawned, which :close() reaps.
+-- Fields: store, db, T (table names), dir, file.
+local Fixture = {}
+Fixture.__index = Fixture
+
+function M.processor_fixture(prefix, name)
+  local f = setmetatable({ procs = {}, seen_table = "t_" .. prefix .. "_seen" }, Fixture)
+  f.store, f.db, f.T = M.fresh_store(prefix)
+  assert(f.db:exec("DROP TABLE IF EXISTS " .. f.seen_table))
+  assert(f.db:exec("CREATE TABLE " .. f.seen_table .. " (pos bigint NOT NULL)"))
+  f.dir = M.tmpdir()
+  f.file = f.dir .. "/" .. prefix .. ".lua"
+  M.write_file(f.file, ([[
+return { name = %q, handle = function(tx, e)
+  assert(tx:exec("INSERT INTO %s (pos) VALUES ($1)", e.global_position)) end }
+]]):format(name, f.seen_table))
+  return f
+end
+
+-- M.spawn(words), reaped by :close().
+function Fixture:spawn(words)
+  local p = M.spawn(words)
+  self.procs[#self.procs + 1] = p
+  return p
+end
+
+-- Spawns `pupsourcing run --poll-interval poll_ms FILE` on the store's tables (FILE: the
+-- fixture's projection unless given).
+function Fixture:run(poll_ms, file)
+  local words = { M.bin }
+  for _, a in ipairs(M.with_tables(self.T, { "run", "--poll-interval", tostring(poll_ms), file or self.file })) do
+    words[#words + 1] = a
+  end
+  return self:spawn(words)
+end
+
+-- The rows of the seen table (those of position pos when given).
+function Fixture:seen(pos)
+  if pos then
+    return assert(self.db:query("SELECT count(*) AS n FROM " .. self.seen_table .. " WHERE pos = $1", pos))[1].n
+  end
+  return assert(self.db:query("SELECT count(*) AS n FROM " .. self.seen_table))[1].n
+end
+
+function Fixture:close()
+  for _, p in ipairs(self.procs) do M.reap(p) end
+  self.db:close()
+  M.rmdir(self.dir)
+end
+
 return M

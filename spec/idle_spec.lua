@@ -4,11 +4,6 @@
 local pup = require "pupsourcing"
 local H = require "spec.helpers"
 
-local PROJ = [[
-return { name = "idle_counter", handle = function(tx, e)
-  assert(tx:exec("INSERT INTO t_idle_seen (pos) VALUES ($1)", e.global_position)) end }
-]]
-
 local TICK = 100 -- clock ticks per second of /proc/PID/stat (getconf CLK_TCK)
 
 -- utime + stime of a process (all its threads), in seconds.
@@ -21,34 +16,17 @@ local function cpu_seconds(pid)
 end
 
 describe("an idle processor", function()
-  local store, db, T, dir, procs
+  local f, store, db, T
 
   before_each(function()
-    store, db, T = H.fresh_store("idle")
-    assert(db:exec("DROP TABLE IF EXISTS t_idle_seen"))
-    assert(db:exec("CREATE TABLE t_idle_seen (pos bigint NOT NULL)"))
-    dir = H.tmpdir()
-    H.write_file(dir .. "/idle.lua", PROJ)
-    procs = {}
+    f = H.processor_fixture("idle", "idle_counter")
+    store, db, T = f.store, f.db, f.T
   end)
 
-  after_each(function()
-    for _, p in ipairs(procs) do H.reap(p) end
-    db:close()
-    H.rmdir(dir)
-  end)
+  after_each(function() f:close() end)
 
-  local function start(poll_ms)
-    local words = { H.bin }
-    for _, a in ipairs(H.with_tables(T, { "run", "--poll-interval", tostring(poll_ms), dir .. "/idle.lua" })) do
-      words[#words + 1] = a
-    end
-    local p = H.spawn(words)
-    procs[#procs + 1] = p
-    return p
-  end
-
-  local function seen() return assert(db:query("SELECT count(*) AS n FROM t_idle_seen"))[1].n end
+  local function start(poll_ms) return f:run(poll_ms) end
+  local function seen() return f:seen() end
 
 
   for _, poll in ipairs { 1000, 60000 } do

@@ -5,32 +5,21 @@
 local pup = require "pupsourcing"
 local H = require "spec.helpers"
 
-local PROJ = [[
-return { name = "notify_commit", handle = function(tx, e)
-  assert(tx:exec("INSERT INTO t_nc_seen (pos) VALUES ($1)", e.global_position)) end }
-]]
-
 describe("wake-ups after the commit", function()
-  local store, db, T, dir, procs, w
+  local f, store, db, T, dir, w
 
   before_each(function()
-    store, db, T = H.fresh_store("nc")
-    assert(db:exec("DROP TABLE IF EXISTS t_nc_seen"))
-    assert(db:exec("CREATE TABLE t_nc_seen (pos bigint NOT NULL)"))
-    dir = H.tmpdir()
-    H.write_file(dir .. "/nc.lua", PROJ)
-    procs = {}
+    f = H.processor_fixture("nc", "notify_commit")
+    store, db, T, dir = f.store, f.db, f.T, f.dir
     w = H.connect() -- the writer
   end)
 
   after_each(function()
-    for _, p in ipairs(procs) do H.reap(p) end
     pcall(w.close, w)
-    db:close()
-    H.rmdir(dir)
+    f:close()
   end)
 
-  local function seen() return assert(db:query("SELECT count(*) AS n FROM t_nc_seen"))[1].n end
+  local function seen() return f:seen() end
   local function ev(id) return { H.event { aggregate_id = id } } end
 
   -- The processor's backend: every statement it sends has a new query_start.
@@ -70,12 +59,7 @@ describe("wake-ups after the commit", function()
 
   it("every committed append wakes a waiting processor at once; rolled-back ones never do", function()
     assert(store:append(w, pup.any(), ev("nc-0")))
-    local words = { H.bin }
-    for _, a in ipairs(H.with_tables(T, { "run", "--poll-interval", "60000", dir .. "/nc.lua" })) do
-      words[#words + 1] = a
-    end
-    local p = H.spawn(words)
-    procs[#procs + 1] = p
+    local p = f:run(60000)
     H.wait_until("the first event handled", 20, function()
       assert.is_nil(H.exit_code(p), H.stderr_of(p))
       return seen() == 1
@@ -170,26 +154,20 @@ end }
 return { name = "nc_mailer", event_types = { "MailQueued" }, handle = function(tx, e)
   assert(tx:exec("INSERT INTO t_nc_seen (pos) VALUES ($1)", e.global_position)) end }
 ]])
-    for _, f in ipairs { "react.lua", "mailer.lua" } do
-      local words = { H.bin }
-      for _, a in ipairs(H.with_tables(T, { "run", "--poll-interval", "60000", dir .. "/" .. f })) do
-        words[#words + 1] = a
-      end
-      procs[#procs + 1] = H.spawn(words)
-    end
+    for _, file in ipairs { "react.lua", "mailer.lua" } do f:run(60000, dir .. "/" .. file) end
     pup.sleep(1) -- both started, caught up (nothing yet) and waiting
     for i = 1, 3 do
       local t0 = pup.now()
       assert(store:append(w, pup.any(), { H.event { aggregate_id = "order-" .. i, event_type = "Ordered" } }))
       H.wait_until("the mail of order " .. i, 10, function()
-        for _, p in ipairs(procs) do assert.is_nil(H.exit_code(p), H.stderr_of(p)) end
+        for _, p in ipairs(f.procs) do assert.is_nil(H.exit_code(p), H.stderr_of(p)) end
         return seen() == i
       end, 0.005)
       local dt = pup.now() - t0
       io.stderr:write(("notify_commit: reactor's append handled %.1f ms after the order\n"):format(dt * 1000))
       assert.is_true(dt < 2, ("the mailer saw the reactor's append after %.2f s (no NOTIFY at the batch's commit)"):format(dt))
     end
-    for _, p in ipairs(procs) do
+    for _, p in ipairs(f.procs) do
       H.signal(p, "TERM")
       assert.equal(0, H.wait_exit(p, 5), H.stderr_of(p))
     end

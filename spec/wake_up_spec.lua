@@ -7,44 +7,24 @@
 local pup = require "pupsourcing"
 local H = require "spec.helpers"
 
-local PROJ = [[
-return { name = "wake_up", handle = function(tx, e)
-  assert(tx:exec("INSERT INTO t_wu_seen (pos) VALUES ($1)", e.global_position)) end }
-]]
-
 describe("coalesced wake-ups", function()
-  local store, db, T, dir, procs
+  local f, store, db, T, dir
 
   before_each(function()
-    store, db, T = H.fresh_store("wu")
-    assert(db:exec("DROP TABLE IF EXISTS t_wu_seen"))
-    assert(db:exec("CREATE TABLE t_wu_seen (pos bigint NOT NULL)"))
+    f = H.processor_fixture("wu", "wake_up")
+    store, db, T, dir = f.store, f.db, f.T, f.dir
     -- A slow commit: events of type Slow sleep 0.4 s in a deferred trigger, after their
     -- append statement (and its try for the wake-up) and before the commit.
     assert(db:exec([[CREATE OR REPLACE FUNCTION t_wu_slow() RETURNS trigger LANGUAGE plpgsql AS
       $$ BEGIN PERFORM pg_sleep(0.4); RETURN NULL; END $$]]))
     assert(db:exec(([[CREATE CONSTRAINT TRIGGER t_wu_slow AFTER INSERT ON %s DEFERRABLE INITIALLY DEFERRED
       FOR EACH ROW WHEN (NEW.aggregate_type = 'Slow') EXECUTE FUNCTION t_wu_slow()]]):format(T.events_table)))
-    dir = H.tmpdir()
-    H.write_file(dir .. "/wu.lua", PROJ)
-    procs = {}
   end)
 
-  after_each(function()
-    for _, p in ipairs(procs) do H.reap(p) end
-    db:close()
-    H.rmdir(dir)
-  end)
+  after_each(function() f:close() end)
 
-  local function seen(pos)
-    if pos then return assert(db:query("SELECT count(*) AS n FROM t_wu_seen WHERE pos = $1", pos))[1].n end
-    return assert(db:query("SELECT count(*) AS n FROM t_wu_seen"))[1].n
-  end
-
-  local function start(p)
-    procs[#procs + 1] = p
-    return p
-  end
+  local function seen(pos) return f:seen(pos) end
+  local function start(words) return f:spawn(words) end
 
   -- A processor and a subscriber, both polling every 60 s, caught up with the log's first
   -- event. The subscriber prints each position it gets.
@@ -59,12 +39,8 @@ print(assert(pup.subscribe(db, { from = 0, store = store, poll_interval = 60, id
   print("event " .. e.global_position)
 end)))
 ]]):format(events, T.aggregate_heads_table, T.checkpoints_table))
-    local sub = start(H.spawn { H.bin, dir .. "/sub.lua" })
-    local words = { H.bin }
-    for _, a in ipairs(H.with_tables(T, { "run", "--poll-interval", "60000", dir .. "/wu.lua" })) do
-      words[#words + 1] = a
-    end
-    local run = start(H.spawn(words))
+    local sub = start { H.bin, dir .. "/sub.lua" }
+    local run = f:run(60000)
     local first = assert(store:append(db, pup.any(), { H.event { aggregate_id = "wu-0" } })).global_positions[1]
     H.wait_until("both readers have the first event", 20, function()
       assert.is_nil(H.exit_code(run), H.stderr_of(run))
@@ -94,7 +70,7 @@ local store = pup.store { events_table = %q, aggregate_heads_table = %q, checkpo
 print(assert(store:append(db, pup.any(), { { aggregate_type = "Slow", aggregate_id = "wu-s",
   event_type = "Slowed", payload = "{}" } })).global_positions[1])
 ]]):format(T.events_table, T.aggregate_heads_table, T.checkpoints_table))
-    local slow = start(H.spawn { H.bin, dir .. "/slow.lua" })
+    local slow = start { H.bin, dir .. "/slow.lua" }
     H.wait_until("the slow append in its commit", 20, function()
       return assert(db:query("SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'wu_slow'"
         .. " AND wait_event = 'PgSleep'"))[1].n == 1
@@ -135,7 +111,7 @@ end
 ]]):format(T.events_table, T.aggregate_heads_table, T.checkpoints_table))
     local at = pup.now() + 1
     local writers = {}
-    for i = 1, 8 do writers[i] = start(H.spawn { H.bin, dir .. "/writer.lua", "w" .. i, tostring(at) }) end
+    for i = 1, 8 do writers[i] = start { H.bin, dir .. "/writer.lua", "w" .. i, tostring(at) } end
     for _, w in ipairs(writers) do assert.equal(0, H.wait_exit(w, 60), H.stderr_of(w)) end
     local t0 = pup.now()
     local total = assert(db:query("SELECT count(*) AS n FROM " .. T.events_table))[1].n
