@@ -13,10 +13,11 @@ describe("coalesced wake-ups", function()
   before_each(function()
     f = H.processor_fixture("wu", "wake_up")
     store, db, T, dir = f.store, f.db, f.T, f.dir
-    -- A slow commit: events of type Slow sleep 0.4 s in a deferred trigger, after their
-    -- append statement (and its try for the wake-up) and before the commit.
+    -- A slow commit: an event of type Slow with aggregate_id "<name>-<ms>" sleeps that long in
+    -- a deferred trigger, after its append statement (and its try for the wake-up's turn)
+    -- and before the commit.
     assert(db:exec([[CREATE OR REPLACE FUNCTION t_wu_slow() RETURNS trigger LANGUAGE plpgsql AS
-      $$ BEGIN PERFORM pg_sleep(0.4); RETURN NULL; END $$]]))
+      $$ BEGIN PERFORM pg_sleep(split_part(NEW.aggregate_id, '-', 2)::int / 1000.0); RETURN NULL; END $$]]))
     assert(db:exec(([[CREATE CONSTRAINT TRIGGER t_wu_slow AFTER INSERT ON %s DEFERRABLE INITIALLY DEFERRED
       FOR EACH ROW WHEN (NEW.aggregate_type = 'Slow') EXECUTE FUNCTION t_wu_slow()]]):format(T.events_table)))
   end)
@@ -51,6 +52,32 @@ end)))
     return run, sub
   end
 
+  -- An append outside a transaction in a process of its own (application_name app) of an
+  -- event of type Slow (see the trigger); returns the process once the append sleeps in
+  -- its commit. position_of(proc) is the position it printed.
+  local function slow_append(app, id)
+    H.write_file(dir .. "/" .. app .. ".lua", ([[
+local pup = require "pupsourcing"
+local db = assert(pup.connect())
+assert(db:exec("SET application_name = '%s'"))
+local store = pup.store { events_table = %q, aggregate_heads_table = %q, checkpoints_table = %q }
+print(assert(store:append(db, pup.any(), { { aggregate_type = "Slow", aggregate_id = %q,
+  event_type = "Slowed", payload = "{}" } })).global_positions[1])
+]]):format(app, T.events_table, T.aggregate_heads_table, T.checkpoints_table, id))
+    local p = start { H.bin, dir .. "/" .. app .. ".lua" }
+    H.wait_until(app .. " in its commit", 20, function()
+      assert.is_nil(H.exit_code(p), H.stderr_of(p))
+      return assert(db:query("SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = $1"
+        .. " AND wait_event = 'PgSleep'", app))[1].n == 1
+    end, 0.002)
+    return p
+  end
+
+  local function position_of(p)
+    assert.equal(0, H.wait_exit(p, 20), H.stderr_of(p))
+    return math.tointeger(tonumber(H.stdout_of(p):match("^(%d+)")))
+  end
+
   it("an append that left its wake-up to another's, committing after it, is still read at once", function()
     local run, sub = start_readers()
     -- Another append, in a transaction that holds the wake-up's turn (as an append outside a
@@ -61,25 +88,13 @@ end)))
     assert.is_true(assert(tx:query("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0)) AS got",
       "pupsourcing.wake-up/" .. T.events_table))[1].got)
     -- An append on its own, which finds the turn taken: it draws its position, skips its
-    -- NOTIFY and commits 0.4 s later (the trigger), after the other one's wake-up.
-    H.write_file(dir .. "/slow.lua", ([[
-local pup = require "pupsourcing"
-local db = assert(pup.connect())
-assert(db:exec("SET application_name = 'wu_slow'"))
-local store = pup.store { events_table = %q, aggregate_heads_table = %q, checkpoints_table = %q }
-print(assert(store:append(db, pup.any(), { { aggregate_type = "Slow", aggregate_id = "wu-s",
-  event_type = "Slowed", payload = "{}" } })).global_positions[1])
-]]):format(T.events_table, T.aggregate_heads_table, T.checkpoints_table))
-    local slow = start { H.bin, dir .. "/slow.lua" }
-    H.wait_until("the slow append in its commit", 20, function()
-      return assert(db:query("SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'wu_slow'"
-        .. " AND wait_event = 'PgSleep'"))[1].n == 1
-    end, 0.005)
+    -- NOTIFY and commits 0.1 s later (the trigger), after the other one's wake-up; it is
+    -- faster than WAKE_UP_SLOW_SECONDS (append.c), so it does not notify after its commit.
+    local slow = slow_append("wu_slow", "s-100")
     local t0 = pup.now()
     assert(tx:commit()) -- the other append's wake-up: the slow one is drawn, not committed
     hold:close()
-    assert.equal(0, H.wait_exit(slow, 10), H.stderr_of(slow))
-    local s = math.tointeger(tonumber(H.stdout_of(slow):match("^(%d+)")))
+    local s = position_of(slow)
     assert.is_true(s > h, "the slow append drew its position after the other one")
     H.wait_until("the processor has both events", 10, function() return seen(h) == 1 and seen(s) == 1 end, 0.005)
     local dt = pup.now() - t0
@@ -93,6 +108,50 @@ print(assert(store:append(db, pup.any(), { { aggregate_type = "Slow", aggregate_
     assert.is_true(dt < 3, ("the processor read the slow append %.2f s after the wake-up"):format(dt))
     assert.is_true(dt_sub < 3, ("the subscriber read the slow append %.2f s after the wake-up"):format(dt_sub))
     assert.is_nil(H.exit_code(run), H.stderr_of(run))
+  end)
+
+  it("an append that left its wake-up to another's and commits long after it notifies after its commit", function()
+    local run, sub = start_readers()
+    local a = slow_append("wu_a", "a-200")  -- takes the turn, commits 0.2 s later
+    local b = slow_append("wu_b", "b-1700") -- finds it taken, commits 1.7 s later: past the readers' look
+    local pa = position_of(a)
+    local pb = position_of(b)
+    local t0 = pup.now() -- b has committed
+    assert.is_true(pb > pa)
+    H.wait_until("both readers have the slow append", 10, function()
+      return seen(pb) == 1 and H.stdout_of(sub):find("event " .. pb .. "\n", 1, true) ~= nil
+    end, 0.005)
+    local dt = pup.now() - t0
+    io.stderr:write(("wake_up: an append 1.5 s slower than the wake-up it left its own to was read %.0f ms"
+      .. " after its commit\n"):format(dt * 1000))
+    assert.is_true(dt < 1, ("read %.2f s after its commit"):format(dt))
+    assert.is_nil(H.exit_code(run), H.stderr_of(run))
+  end)
+
+  it("a role that may read the events table only (not its sequence) reads the log", function()
+    local url = H.url()
+    url = url:find("://[^/]*@") and url:gsub("://[^@/]*@", "://pup_wu_ro@", 1) or url:gsub("://", "://pup_wu_ro@", 1)
+    pcall(db.exec, db, "DROP ROLE IF EXISTS pup_wu_ro")
+    assert(db:exec("CREATE ROLE pup_wu_ro LOGIN"))
+    assert(db:exec("GRANT SELECT ON " .. T.events_table .. " TO pup_wu_ro"))
+    local ok, err = pcall(function()
+      local p1 = assert(store:append(db, pup.any(), { H.event { aggregate_id = "wu-ro" } })).global_positions[1]
+      local tx = assert(db:begin()) -- drawn above the head, not committed
+      assert(store:append(tx, pup.any(), { H.event { aggregate_id = "wu-ro2" } }))
+      local ro = assert(pup.connect(url))
+      local events, cursor = store:read_events(ro, 0)
+      ro:close()
+      assert(tx:rollback())
+      assert(events, tostring(cursor))
+      assert.equal(1, #events)
+      assert.equal(p1, events[1].global_position)
+      assert.is_nil(cursor.in_flight) -- unknown without the sequence: wake-ups and polls only
+      events = store:read_events(db, 0) -- the owner reads the same
+      assert.equal(1, #events)
+    end)
+    assert(db:exec("REVOKE ALL ON " .. T.events_table .. " FROM pup_wu_ro"))
+    assert(db:exec("DROP ROLE pup_wu_ro"))
+    assert(ok, err)
   end)
 
   it("8 writers appending at once: every event read once, at once, by a processor and a subscriber", function()

@@ -12,10 +12,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #define TEXTOID 25
 #define BYTEAOID 17
 #define NARRAYS 9
+/* An append that left its wake-up to another's and took longer than this from its send to
+ * its commit's answer notifies once after it: readers look again at positions drawn above
+ * the head for 1 s after they first see them (run_loop.c, drawn_wait), and its position was
+ * drawn after it was sent, so a faster one has committed well within that look. */
+#define WAKE_UP_SLOW_SECONDS 0.25
 
 void pup_append_buf_free(pup_append_buf *b) {
     free(b->data);
@@ -271,10 +277,13 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
     } else if (bind_arrays(buf, events, n) < 0)
         return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
 
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     PGresult *r = own ? pup_conn_exec(c, st, p, 1, err) : pup_conn_exec_notify(c, st, p, 1, s->channel, err);
-    if (!r && own && pup_conn_ok(c) && PQtransactionStatus(pg) == PQTRANS_IDLE) {
-        /* It may have failed holding the wake-up's turn, which let others skip theirs. */
-        pup_error ignored;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double took = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+    if (r && own && took > WAKE_UP_SLOW_SECONDS && !PQgetisnull(r, 0, 1) && PQgetisnull(r, 0, 4)) {
+        pup_error ignored; /* wrote, skipped its wake-up (column 4 NULL), and was slow */
         pup_conn_notify(c, s->channel, &ignored);
     }
     if (!r) {
@@ -294,6 +303,13 @@ int pup_store_append(const pup_store *s, pup_conn *c, pup_append_buf *buf,
             if (rep)
                 return pup_error_set(err, PUP_ERR_INVALID_EVENT, "append: event_id %.36s is given twice", twice);
             err->code = PUP_ERR_CONFLICT;
+        }
+        /* Failed after its insert (at the commit, say), it may have held the wake-up's turn
+         * while others skipped theirs. Lost races and bad input fail before that. */
+        if (own && err && err->code != PUP_ERR_CONFLICT && strncmp(err->sqlstate, "22", 2) != 0 &&
+            strcmp(err->sqlstate, "23505") != 0 && pup_conn_ok(c) && PQtransactionStatus(pg) == PQTRANS_IDLE) {
+            pup_error ignored;
+            pup_conn_notify(c, s->channel, &ignored);
         }
         return pup_store_error(err);
     }

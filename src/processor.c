@@ -171,14 +171,14 @@ static int build_read_sql(pup_processor *p) {
                  "SELECT pg_snapshot_xmin(pg_current_snapshot())::text,"
                  " (SELECT COALESCE(max(global_position), 0) FROM %s)::text,"
                  " (SELECT generation FROM %s WHERE projection_name = $%d)::text,"
-                 " (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM %s)::text,"
+                 " " PUP_LAST_DRAWN "::text,"
                  " NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
                  " WHERE pg_advisory_xact_lock_shared(hashtextextended($%d::text, 0)) IS NOT NULL"
                  " UNION ALL (SELECT NULL, NULL, NULL, NULL, (%s AND %s) AS mine, "
                  PUP_EVENT_COLUMNS_WITH("CASE WHEN %s AND %s AND %s THEN payload END",
                                         "CASE WHEN %s AND %s THEN metadata::text END")
                  " FROM %s WHERE global_position > $1 ORDER BY global_position LIMIT $2)",
-                 E, p->store->q_groups, next + 1, p->store->q_sequence, next, atypes, etypes, atypes, etypes, ours,
+                 E, p->store->q_groups, next + 1, p->store->q_sequence, p->store->q_sequence, next, atypes, etypes, atypes, etypes, ours,
                  atypes, etypes, E) < 0)
         p->sql_read = NULL;
     return p->sql_read ? 0 : -1;

@@ -153,6 +153,12 @@ int pup_format_time(long long unix_us, char *buf, size_t size);
     "event_type, event_version, " payload ", " metadata ", causation_id::text, "                \
     "correlation_id::text, trace_id::text, created_at::timestamptz"
 #define PUP_EVENT_COLUMNS PUP_EVENT_COLUMNS_WITH("payload", "metadata::text")
+/* The last position drawn from the events' sequence (0: none, or a role without SELECT or
+ * USAGE on it, which then waits for wake-ups and polls only: docs/ordering.md, "Wake-ups").
+ * Both %s: the quoted sequence name. */
+#define PUP_LAST_DRAWN                                                                      \
+    "COALESCE(CASE WHEN has_sequence_privilege('%s', 'SELECT, USAGE')"                     \
+    " THEN pg_sequence_last_value('%s') END, 0)"
 void pup_event_from_row(const PGresult *r, int row, int first, pup_event *ev);
 
 /* Reads up to limit events with global_position > after, ascending. Raw reads: events

@@ -90,7 +90,10 @@ static int wait_for(pup_processor *p, const pup_run_opts *o, int ms) {
             PQfreemem(nt);
             any = 1;
         }
-        if (any) return stopped(o);
+        if (any) {
+            p->drawn_looked = 0; /* news: look again at what is drawn above the head */
+            return stopped(o);
+        }
     }
     if (p->cfg.group) {
         int until_tick = (int)((p->next_tick - pup_proc_mono()) * 1000) + 1;
@@ -107,7 +110,10 @@ static int wait_for(pup_processor *p, const pup_run_opts *o, int ms) {
     if (sock >= 0) {
         PQconsumeInput(pg);
         PGnotify *nt;
-        while ((nt = PQnotifies(pg)) != NULL) PQfreemem(nt);
+        while ((nt = PQnotifies(pg)) != NULL) {
+            PQfreemem(nt);
+            p->drawn_looked = 0;
+        }
     }
     return 0;
 }
@@ -149,8 +155,10 @@ static int wait_at_hole(pup_processor *p, const pup_run_opts *o, long long *told
  * appends not yet committed (or rolled back); an append outside a transaction leaves its
  * wake-up to another's already under way (schema.c, APPEND_WAKE_UP), which may come before
  * its own commit. So look again soon, 2 ms doubling to 50 ms, for DRAWN_LOOK_SECONDS from
- * when a new last position was drawn; after that (a rollback's positions stay drawn), or
- * with none drawn, wait for a wake-up or the poll interval. */
+ * when a new last position was drawn or news came (a wake-up, a batch that moved); after
+ * that (a rollback's positions stay drawn), or with none drawn, wait for a wake-up or the
+ * poll interval. An append that skipped its wake-up and is slower than that to commit
+ * notifies after its commit (append.c, WAKE_UP_SLOW_SECONDS). */
 static int drawn_wait(pup_processor *p, int poll_ms) {
     if (p->stats.drawn <= p->stats.head) return poll_ms;
     double now = pup_proc_mono();
@@ -324,7 +332,10 @@ static int turn(pup_processor *p, const pup_run_opts *o, long long *target, told
     if (o->once && p->stats.position >= *target) return 1;
     note_hole(p, o, &t->hole);
     if (waiting) return wait_at_hole(p, o, &t->hole, err);
-    if (advanced > 0) return 0; /* more may be waiting */
+    if (advanced > 0) {
+        p->drawn_looked = 0; /* an append committed: look again at what is drawn above it */
+        return 0;            /* more may be waiting */
+    }
     return wait_for(p, o, drawn_wait(p, p->cfg.poll_interval_ms));
 }
 

@@ -274,12 +274,12 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
 #define PUP_IN_SCOPE "($3::text[] IS NULL OR aggregate_type = ANY($3::text[])) AND" \
                      " ($4::text[] IS NULL OR event_type = ANY($4::text[]))"
     s->sql_read_safe = fmt("SELECT pg_snapshot_xmin(snap.s)::text, snap.drawn, e.* FROM (SELECT pg_current_snapshot() AS s,"
-                           " (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM %s) AS drawn) snap"
+                           " " PUP_LAST_DRAWN " AS drawn) snap"
                            " LEFT JOIN LATERAL (SELECT " PUP_IN_SCOPE " AS mine, "
                            PUP_EVENT_COLUMNS_WITH("CASE WHEN " PUP_IN_SCOPE " THEN payload END",
                                                   "CASE WHEN " PUP_IN_SCOPE " THEN metadata::text END")
                            " FROM %s WHERE global_position > $1 ORDER BY global_position LIMIT $2) e ON true"
-                           " ORDER BY e.global_position", s->q_sequence, E);
+                           " ORDER BY e.global_position", s->q_sequence, s->q_sequence, E);
 #undef PUP_IN_SCOPE
     /* An append whose event_id exists (append.c): the stored events of those ids. */
     s->sql_same_events = fmt("SELECT event_id::text, global_position, aggregate_type, aggregate_id::text,"

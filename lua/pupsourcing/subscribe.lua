@@ -37,7 +37,7 @@ local function follow(db, store, opts, fn)
     cursor = next_cursor
     local now = core.now()
     if #events > 0 then
-      last_event, hole_wait = now, 0.002
+      last_event, hole_wait, flight = now, 0.002, nil -- news: look again at what is in flight
     elseif idle and now - last_event >= idle then
       return cursor, "idle"
     elseif cursor.waiting then
@@ -46,8 +46,8 @@ local function follow(db, store, opts, fn)
       hole_wait = math.min(hole_wait * 2, 0.05)
     else
       -- An append in flight above what was read may have left its wake-up to another's,
-      -- already sent: look again soon, for up to a second per new in-flight position (as
-      -- processors: docs/ordering.md, "Wake-ups").
+      -- already sent: look again soon, for up to a second from a new in-flight position or
+      -- news (events, a wake-up), as processors do (docs/ordering.md, "Wake-ups").
       local wait = poll
       if cursor.in_flight and cursor.in_flight ~= flight then
         flight, flight_since, flight_wait = cursor.in_flight, now, 0.002
@@ -59,6 +59,7 @@ local function follow(db, store, opts, fn)
       if idle then wait = math.min(wait, idle - (now - last_event)) end
       local ok, err = store:wait(db, math.min(wait, poll))
       if ok == nil then return nil, err, cursor end
+      if ok then flight = nil end
     end
   end
 end
