@@ -176,12 +176,12 @@ typedef struct pup_cursor {
     pup_gaps gaps;
 } pup_cursor;
 
-/* One window of a gap-safe read: rows [0, passed) passed the gap rule (the others are
- * above an undecided hole); pup_safe_event() gives those in scope. */
+/* One window of a gap-safe read: its events [0, passed) passed the gap rule (the others
+ * are above an undecided hole); pup_safe_event() gives those in scope. */
 typedef struct pup_safe_read {
-    PGresult *r; /* binary; the caller PQclears it */
+    PGresult *r; /* binary, a header row before the window's; the caller PQclears it */
     int passed;
-    int found;  /* rows in scope among the passed ones */
+    int found;  /* events in scope among the passed ones */
     int more;   /* 1: the window was full and passed whole: more may follow at once */
     long long waiting; /* the first undecided hole (0: none) */
     /* The last position drawn when it lies above every position the read could see: an
@@ -200,7 +200,7 @@ typedef struct pup_safe_read {
  * with err (nothing to clear). */
 int pup_store_read_safe(const pup_store *s, pup_conn *c, pup_cursor *cur, const char *const scope[2],
                         long long window, long long limit, pup_safe_read *out, pup_error *err);
-/* Row i of a safe read when it passed and is in scope: fills ev and returns 1; else 0. */
+/* Event i of a safe read when it passed and is in scope: fills ev and returns 1; else 0. */
 int pup_safe_event(const pup_safe_read *rd, int i, pup_event *ev);
 
 /* Makes a failure of one of the store's own statements on a missing relation (42P01)

@@ -9,6 +9,7 @@
 #include <time.h>
 
 #define SAFE_FIRST_COL 3 /* xmin, drawn, mine, then PUP_EVENT_COLUMNS */
+#define SAFE_FIRST_ROW 1 /* row 0 is the header: xmin, drawn */
 #define PG_EPOCH_US 946684800000000LL /* 2000-01-01 UTC, PostgreSQL's epoch, in Unix microseconds */
 
 int pup_store_error(pup_error *err) {
@@ -167,20 +168,23 @@ int pup_store_read_safe(const pup_store *s, pup_conn *c, pup_cursor *cur, const 
     PGresult *r = pup_conn_exec(c, st, &p, 1, err);
     pup_params_free(&p);
     if (!r) return pup_store_error(err);
+    if (PQntuples(r) < SAFE_FIRST_ROW || PQgetisnull(r, 0, 0) || !PQgetisnull(r, 0, SAFE_FIRST_COL)) {
+        PQclear(r); /* never seen: UNION ALL runs its branches in turn */
+        return pup_error_set(err, PUP_ERR_DATABASE, "read_events: the read came without its header row");
+    }
     /* The walk of batch.c over a copy of the cursor: the caller's moves only on success. */
     pup_cursor next = *cur;
     uint64_t xmin = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
-    int nrows = PQgetisnull(r, 0, SAFE_FIRST_COL) ? 0 : PQntuples(r);
+    int nrows = PQntuples(r) - SAFE_FIRST_ROW;
     long long seen = cur->position, wait_lo = 0;
-    int i = 0;
-    for (; i < nrows && out->found < limit; i++) {
-        long long pos = pup_be_int(PQgetvalue(r, i, SAFE_FIRST_COL), 8);
+    for (int i = 0; i < nrows && out->found < limit; i++) {
+        long long pos = pup_be_int(PQgetvalue(r, SAFE_FIRST_ROW + i, SAFE_FIRST_COL), 8);
         wait_lo = pup_gaps_step(&next.gaps, seen, pos, xmin, wait_lo);
         seen = pos;
         if (wait_lo) continue; /* noted, so one bound decides every hole of the window */
         next.position = pos;
         out->passed = i + 1;
-        if (PQgetvalue(r, i, SAFE_FIRST_COL - 1)[0]) out->found++;
+        if (PQgetvalue(r, SAFE_FIRST_ROW + i, SAFE_FIRST_COL - 1)[0]) out->found++;
     }
     pup_gaps_forget(&next.gaps, next.position, 0);
     uint64_t bound = 0;
@@ -194,7 +198,7 @@ int pup_store_read_safe(const pup_store *s, pup_conn *c, pup_cursor *cur, const 
     out->waiting = wait_lo;
     out->more = !wait_lo && nrows == window && out->passed == nrows;
     /* The window read whole: positions drawn above its last row are not visible yet. */
-    long long top = nrows ? pup_be_int(PQgetvalue(r, nrows - 1, SAFE_FIRST_COL), 8) : cur->position;
+    long long top = nrows ? pup_be_int(PQgetvalue(r, SAFE_FIRST_ROW + nrows - 1, SAFE_FIRST_COL), 8) : cur->position;
     long long drawn = pup_be_int(PQgetvalue(r, 0, 1), 8);
     if (nrows < window && drawn > top) out->in_flight = drawn;
     *cur = next;
@@ -202,7 +206,7 @@ int pup_store_read_safe(const pup_store *s, pup_conn *c, pup_cursor *cur, const 
 }
 
 int pup_safe_event(const pup_safe_read *rd, int i, pup_event *ev) {
-    if (i >= rd->passed || !PQgetvalue(rd->r, i, SAFE_FIRST_COL - 1)[0]) return 0;
-    pup_event_from_row(rd->r, i, SAFE_FIRST_COL, ev);
+    if (i >= rd->passed || !PQgetvalue(rd->r, SAFE_FIRST_ROW + i, SAFE_FIRST_COL - 1)[0]) return 0;
+    pup_event_from_row(rd->r, SAFE_FIRST_ROW + i, SAFE_FIRST_COL, ev);
     return 1;
 }

@@ -268,18 +268,18 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
                         " AND ($4::bigint < 0 OR aggregate_version <= $4::bigint)"
                         " ORDER BY aggregate_version", E);
     s->sql_head = fmt("SELECT COALESCE(max(global_position), 0) FROM %s", E);
-    /* The gap-safe read (read.c): the snapshot's xmin, the last position drawn and the
-     * window in one statement, as the processor's; rows outside the scope ($3, $4: text[]
-     * or NULL) come without body. */
+    /* The gap-safe read (read.c): in one statement, as the processor's, a header row (the
+     * snapshot's xmin, the last position drawn) and then the window (UNION ALL runs its
+     * branches in turn); rows outside the scope ($3, $4: text[] or NULL) come without body. */
 #define PUP_IN_SCOPE "($3::text[] IS NULL OR aggregate_type = ANY($3::text[])) AND" \
                      " ($4::text[] IS NULL OR event_type = ANY($4::text[]))"
-    s->sql_read_safe = fmt("SELECT pg_snapshot_xmin(snap.s)::text, snap.drawn, e.* FROM (SELECT pg_current_snapshot() AS s,"
-                           " " PUP_LAST_DRAWN " AS drawn) snap"
-                           " LEFT JOIN LATERAL (SELECT " PUP_IN_SCOPE " AS mine, "
+    s->sql_read_safe = fmt("SELECT pg_snapshot_xmin(pg_current_snapshot())::text, " PUP_LAST_DRAWN ","
+                           " NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
+                           " UNION ALL (SELECT NULL, NULL, " PUP_IN_SCOPE " AS mine, "
                            PUP_EVENT_COLUMNS_WITH("CASE WHEN " PUP_IN_SCOPE " THEN payload END",
                                                   "CASE WHEN " PUP_IN_SCOPE " THEN metadata::text END")
-                           " FROM %s WHERE global_position > $1 ORDER BY global_position LIMIT $2) e ON true"
-                           " ORDER BY e.global_position", s->q_sequence, s->q_sequence, E);
+                           " FROM %s WHERE global_position > $1 ORDER BY global_position LIMIT $2)",
+                           s->q_sequence, s->q_sequence, E);
 #undef PUP_IN_SCOPE
     /* An append whose event_id exists (append.c): the stored events of those ids. */
     s->sql_same_events = fmt("SELECT event_id::text, global_position, aggregate_type, aggregate_id::text,"
