@@ -465,15 +465,14 @@ static int batch_once(pup_processor *p, int *handled, long long *advanced, int *
         pup_conn_rollback(p->conn);
         return pup_proc_context(p, err);
     }
-    if (PQntuples(r) < FIRST_EVENT_ROW || PQgetisnull(r, 0, 0) || !PQgetisnull(r, 0, FIRST_EVENT_COL)) {
-        PQclear(r); /* never seen: UNION ALL runs its branches in turn */
+    if (!pup_window_header_ok(r, FIRST_EVENT_COL, err)) {
+        PQclear(r);
         pup_conn_rollback(p->conn);
-        pup_error_set(err, PUP_ERR_DATABASE, "the window read came without its header row");
         return pup_proc_context(p, err);
     }
     uint64_t xmin = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
     p->stats.head = strtoll(PQgetvalue(r, 0, 1), NULL, 10);
-    p->stats.drawn = PQgetisnull(r, 0, 3) ? 0 : strtoll(PQgetvalue(r, 0, 3), NULL, 10);
+    p->stats.drawn = strtoll(PQgetvalue(r, 0, 3), NULL, 10);
     long long gen = PQgetisnull(r, 0, 2) ? p->gen : strtoll(PQgetvalue(r, 0, 2), NULL, 10);
     if (gen != p->gen) { /* reset while we were idle */
         PQclear(r);

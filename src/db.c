@@ -1063,11 +1063,11 @@ int pup_conn_commit(pup_conn *c, pup_error *err) {
 
 void pup_conn_settle_notify(pup_conn *c, PGresult *r) {
     if (!c->owed[0] || PQtransactionStatus(c->pg) != PQTRANS_IDLE) return;
-    if (r && strcmp(PQcmdStatus(r), "COMMIT") == 0) {
-        PGresult *n = PQexecParams(c->pg, NOTIFY_SQL, 1, NULL, (const char *const[]){c->owed}, NULL, NULL, 0);
-        PQclear(n);
-    }
+    char channel[sizeof c->owed];
+    memcpy(channel, c->owed, sizeof channel);
     c->owed[0] = '\0';
+    pup_error ignored; /* a lost wake-up costs listeners a poll interval */
+    if (r && strcmp(PQcmdStatus(r), "COMMIT") == 0) pup_conn_notify(c, channel, &ignored);
 }
 
 int pup_stmt_param_is_bytea(const pup_stmt *st, int i) {

@@ -200,6 +200,10 @@ typedef struct pup_safe_read {
  * with err (nothing to clear). */
 int pup_store_read_safe(const pup_store *s, pup_conn *c, pup_cursor *cur, const char *const scope[2],
                         long long window, long long limit, pup_safe_read *out, pup_error *err);
+/* A window read (the processor's, the gap-safe one) begins with its header row: row 0
+ * with column 0 set and first_event_col NULL (UNION ALL runs its branches in turn, so
+ * this never fails but on a changed statement). 1 if so, else 0 with err set. */
+int pup_window_header_ok(const PGresult *r, int first_event_col, pup_error *err);
 /* Event i of a safe read when it passed and is in scope: fills ev and returns 1; else 0. */
 int pup_safe_event(const pup_safe_read *rd, int i, pup_event *ev);
 

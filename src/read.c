@@ -154,6 +154,12 @@ static int draw_bound(pup_conn *c, uint64_t *bound, pup_error *err) {
     return 0;
 }
 
+int pup_window_header_ok(const PGresult *r, int first_event_col, pup_error *err) {
+    if (PQntuples(r) >= 1 && !PQgetisnull(r, 0, 0) && PQgetisnull(r, 0, first_event_col)) return 1;
+    pup_error_set(err, PUP_ERR_DATABASE, "the window read came without its header row");
+    return 0;
+}
+
 int pup_store_read_safe(const pup_store *s, pup_conn *c, pup_cursor *cur, const char *const scope[2],
                         long long window, long long limit, pup_safe_read *out, pup_error *err) {
     memset(out, 0, sizeof *out);
@@ -168,9 +174,9 @@ int pup_store_read_safe(const pup_store *s, pup_conn *c, pup_cursor *cur, const 
     PGresult *r = pup_conn_exec(c, st, &p, 1, err);
     pup_params_free(&p);
     if (!r) return pup_store_error(err);
-    if (PQntuples(r) < SAFE_FIRST_ROW || PQgetisnull(r, 0, 0) || !PQgetisnull(r, 0, SAFE_FIRST_COL)) {
-        PQclear(r); /* never seen: UNION ALL runs its branches in turn */
-        return pup_error_set(err, PUP_ERR_DATABASE, "read_events: the read came without its header row");
+    if (!pup_window_header_ok(r, SAFE_FIRST_COL, err)) {
+        PQclear(r);
+        return -1;
     }
     /* The walk of batch.c over a copy of the cursor: the caller's moves only on success. */
     pup_cursor next = *cur;

@@ -79,22 +79,25 @@ static int stopped(const pup_run_opts *o) {
     return poll(&f, 1, 0) > 0 && (f.revents & POLLIN);
 }
 
+/* Reads the notifications that arrived; 1 if there were any. Each is news: the look at
+ * positions drawn above the head starts again (drawn_wait). */
+static int take_notifications(pup_processor *p, PGconn *pg) {
+    PGnotify *nt;
+    int any = 0;
+    PQconsumeInput(pg);
+    while ((nt = PQnotifies(pg)) != NULL) {
+        PQfreemem(nt);
+        any = 1;
+    }
+    if (any) p->drawn_looked = 0;
+    return any;
+}
+
 /* Waits up to ms for a notification, the stop fd or the timeout. Returns 1 if stop. */
 static int wait_for(pup_processor *p, const pup_run_opts *o, int ms) {
     PGconn *pg = pup_conn_pg(p->conn);
     /* A notification read during the last batch is already queued: no need to wait. */
-    if (p->listening && pup_conn_ok(p->conn) && PQconsumeInput(pg)) {
-        PGnotify *nt;
-        int any = 0;
-        while ((nt = PQnotifies(pg)) != NULL) {
-            PQfreemem(nt);
-            any = 1;
-        }
-        if (any) {
-            p->drawn_looked = 0; /* news: look again at what is drawn above the head */
-            return stopped(o);
-        }
-    }
+    if (p->listening && pup_conn_ok(p->conn) && take_notifications(p, pg)) return stopped(o);
     if (p->cfg.group) {
         int until_tick = (int)((p->next_tick - pup_proc_mono()) * 1000) + 1;
         if (until_tick < ms) ms = until_tick < 0 ? 0 : until_tick;
@@ -107,14 +110,7 @@ static int wait_for(pup_processor *p, const pup_run_opts *o, int ms) {
     int rc = poll(fds, (nfds_t)n, ms);
     if (rc < 0 && errno != EINTR) return 0;
     if (o->stop_fd >= 0 && (fds[0].revents & POLLIN)) return 1;
-    if (sock >= 0) {
-        PQconsumeInput(pg);
-        PGnotify *nt;
-        while ((nt = PQnotifies(pg)) != NULL) {
-            PQfreemem(nt);
-            p->drawn_looked = 0;
-        }
-    }
+    if (sock >= 0) take_notifications(p, pg);
     return 0;
 }
 
