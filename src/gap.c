@@ -55,3 +55,21 @@ void pup_gaps_set_bound(pup_gaps *s, uint64_t xid) {
     for (int k = 0; k < s->n; k++)
         if (s->g[k].bound == PUP_GAP_PENDING) s->g[k].bound = xid;
 }
+
+double pup_drawn_look_wait(pup_drawn_look *l, long long in_flight, double now, double poll) {
+    if (in_flight <= 0) return poll;
+    if (in_flight != l->drawn) {
+        l->drawn = in_flight;
+        l->since = now;
+        l->wait = 0.002;
+    } else if (now - l->since > PUP_DRAWN_LOOK_SECONDS) {
+        return poll;
+    } else {
+        l->wait = l->wait * 2 > 0.05 ? 0.05 : l->wait * 2;
+    }
+    return l->wait < poll ? l->wait : poll;
+}
+
+void pup_drawn_look_restart(pup_drawn_look *l) {
+    l->drawn = 0;
+}

@@ -2,6 +2,7 @@
  * lua_store.c -- the store object: append, read_events, read_aggregate_stream, migrate,
  * schema_sql; and persisted events as Lua tables. See pup_lua.h.
  */
+#include "pup_gap.h"
 #include "pup_lua.h"
 
 #include <errno.h>
@@ -601,6 +602,32 @@ static double mono_now(void) {
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* core._drawn_look() --> the look at positions drawn above the head that processors
+ * take between reads (pup_drawn_look_wait, pup_gap.h), for pup.subscribe:
+ * look:wait(cursor.in_flight, poll) --> seconds to wait; look:restart() on news. */
+#define PUP_DRAWN_LOOK_MT "pupsourcing.drawn_look"
+
+static int l_drawn_look(lua_State *L) {
+    pup_drawn_look *l = lua_newuserdatauv(L, sizeof *l, 0);
+    memset(l, 0, sizeof *l);
+    luaL_setmetatable(L, PUP_DRAWN_LOOK_MT);
+    return 1;
+}
+
+static int drawn_look_wait(lua_State *L) {
+    pup_drawn_look *l = luaL_checkudata(L, 1, PUP_DRAWN_LOOK_MT);
+    lua_Integer in_flight = luaL_optinteger(L, 2, 0);
+    lua_Number poll = luaL_checknumber(L, 3);
+    luaL_argcheck(L, poll >= 0, 3, "poll must be a number of seconds from 0");
+    lua_pushnumber(L, pup_drawn_look_wait(l, in_flight, mono_now(), poll));
+    return 1;
+}
+
+static int drawn_look_restart(lua_State *L) {
+    pup_drawn_look_restart(luaL_checkudata(L, 1, PUP_DRAWN_LOOK_MT));
+    return 0;
+}
+
 /* store:wait(db, seconds) --> true when an append's notification arrived (the db
  * listens on the store's channel from its first call on), false when the time passed |
  * nil, err. A wake-up only: read again either way. Other notifications on db are consumed. */
@@ -877,6 +904,10 @@ void pup_lua_open_store(lua_State *L) {
 
     luaL_newmetatable(L, "pupsourcing.expected");
     lua_pop(L, 1);
+
+    static const luaL_Reg look_methods[] = {{"wait", drawn_look_wait}, {"restart", drawn_look_restart}, {NULL, NULL}};
+    pup_lua_class(L, PUP_DRAWN_LOOK_MT, look_methods, NULL, NULL);
+    lua_pop(L, 1);
     lua_pushcfunction(L, l_any);
     lua_setfield(L, -2, "any");
     lua_pushcfunction(L, l_no_stream);
@@ -890,4 +921,6 @@ void pup_lua_open_store(lua_State *L) {
     lua_setfield(L, -2, "uuid");
     lua_pushcfunction(L, l_cursor_at);
     lua_setfield(L, -2, "_cursor_at");
+    lua_pushcfunction(L, l_drawn_look);
+    lua_setfield(L, -2, "_drawn_look");
 }

@@ -3,7 +3,7 @@
  * is split by concern:
  *   processor.c  the object: configuration, the SQL texts it owns, the partitions held
  *   batch.c      one batch: read, walk by the gap rule, handlers, checkpoint, commit
- *   gap.c        the gap rule itself, pure (pup_gap.h)
+ *   gap.c        the gap rule itself and the look at drawn positions, pure (pup_gap.h)
  *   lease.c      taking partitions: the static lock, the worker group's lease protocol
  *   run_loop.c   the loop around batches: standby, waiting for NOTIFY, retries
  * Names here are pup_proc_*: internal to the library, not part of its API.
@@ -88,11 +88,7 @@ struct pup_processor {
     long long wait_lo; /* the first undecided hole (0: none), and since when */
     double wait_since;
     long long recorded_wait; /* waiting_position last written to the checkpoint row */
-    /* The last position drawn (stats.drawn) run_loop.c looked again for, since when and
-     * its next step (drawn_wait). */
-    long long drawn_looked;
-    double drawn_since;
-    int drawn_ms;
+    pup_drawn_look drawn_look; /* run_loop.c's look at positions drawn above the head */
     /* Group: the event whose one-event batch outlasted the lease (0: none). A second such
      * batch in a row on it stops the worker: it can never commit under its lease. */
     long long overlong_pos;

@@ -1,6 +1,7 @@
 /*
  * pup_gap.h -- the gap rule (gap.c), pure code: no database, no I/O. docs/ordering.md
- * explains it; processors apply it to each batch they read (batch.c).
+ * explains it; processors apply it to each batch they read (batch.c). Also the look at
+ * positions drawn above the head that followers take between reads (end of this file).
  *
  * Positions come from a sequence drawn before commit, so a transaction still running
  * leaves a hole below positions that are already visible. A batch may pass a hole only
@@ -55,5 +56,28 @@ int pup_gaps_pending(const pup_gaps *s);
 
 /* Gives every pending hole the bound `xid`, drawn after the snapshot that saw them. */
 void pup_gaps_set_bound(pup_gaps *s, uint64_t xid);
+
+/* Positions drawn above the head belong to appends not yet committed (or rolled back). An
+ * append outside a transaction may leave its wake-up to another's, which can come before
+ * its own commit (docs/ordering.md, "Wake-ups"). So a follower whose read found nothing new
+ * looks again soon, 2 ms doubling to 50 ms, for PUP_DRAWN_LOOK_SECONDS from when a new last
+ * position was drawn or news came; after that (a rollback's positions stay drawn), or with
+ * none drawn, it waits for a wake-up or its poll interval. Processors (run_loop.c) and
+ * pup.subscribe (lua_store.c) share it. Zero-initialised. */
+#define PUP_DRAWN_LOOK_SECONDS 1.0
+
+typedef struct pup_drawn_look {
+    long long drawn; /* the last drawn position looked for (0: none, or news since) */
+    double since;    /* when that look started (monotonic seconds) */
+    double wait;     /* its last wait (seconds) */
+} pup_drawn_look;
+
+/* The wait in seconds before the next read, after one that found nothing new: in_flight
+ * is the last position drawn if it is above what the read saw (else 0), now the monotonic
+ * time, poll the follower's poll interval (also the longest wait returned). */
+double pup_drawn_look_wait(pup_drawn_look *l, long long in_flight, double now, double poll);
+
+/* News (a wake-up, events read): the next wait starts the look again. */
+void pup_drawn_look_restart(pup_drawn_look *l);
 
 #endif

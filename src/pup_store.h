@@ -187,7 +187,7 @@ typedef struct pup_safe_read {
     /* The last position drawn when it lies above every position the read could see: an
      * append not committed yet, or rolled back (0: none; set only when the window was
      * read whole). Its wake-up may have been another append's, sent before its commit:
-     * a follower reads again soon (run_loop.c, drawn_wait). */
+     * a follower reads again soon (pup_drawn_look_wait, pup_gap.h). */
     long long in_flight;
 } pup_safe_read;
 

@@ -89,7 +89,7 @@ static int take_notifications(pup_processor *p, PGconn *pg) {
         PQfreemem(nt);
         any = 1;
     }
-    if (any) p->drawn_looked = 0;
+    if (any) pup_drawn_look_restart(&p->drawn_look);
     return any;
 }
 
@@ -144,30 +144,14 @@ static int wait_at_hole(pup_processor *p, const pup_run_opts *o, long long *told
     return 0;
 }
 
-/* How long positions drawn above the head are looked for again (drawn_wait). */
-#define DRAWN_LOOK_SECONDS 1.0
-
-/* The wait after a batch that found nothing new. Positions drawn above the head belong to
- * appends not yet committed (or rolled back); an append outside a transaction leaves its
- * wake-up to another's already under way (schema.c, APPEND_WAKE_UP), which may come before
- * its own commit. So look again soon, 2 ms doubling to 50 ms, for DRAWN_LOOK_SECONDS from
- * when a new last position was drawn or news came (a wake-up, a batch that moved); after
- * that (a rollback's positions stay drawn), or with none drawn, wait for a wake-up or the
- * poll interval. An append that skipped its wake-up and is slower than that to commit
- * notifies after its commit (append.c, WAKE_UP_SLOW_SECONDS). */
+/* The wait after a batch that found nothing new: soon while positions drawn above the head
+ * may be appends whose wake-up came before their commit (pup_drawn_look_wait, pup_gap.h);
+ * an append that skipped its wake-up and is slower than that to commit notifies after its
+ * commit (append.c, WAKE_UP_SLOW_SECONDS). */
 static int drawn_wait(pup_processor *p, int poll_ms) {
-    if (p->stats.drawn <= p->stats.head) return poll_ms;
-    double now = pup_proc_mono();
-    if (p->stats.drawn != p->drawn_looked) {
-        p->drawn_looked = p->stats.drawn;
-        p->drawn_since = now;
-        p->drawn_ms = 2;
-    } else if (now - p->drawn_since > DRAWN_LOOK_SECONDS) {
-        return poll_ms;
-    } else {
-        p->drawn_ms = p->drawn_ms * 2 > 50 ? 50 : p->drawn_ms * 2;
-    }
-    return p->drawn_ms < poll_ms ? p->drawn_ms : poll_ms;
+    long long in_flight = p->stats.drawn > p->stats.head ? p->stats.drawn : 0;
+    double s = pup_drawn_look_wait(&p->drawn_look, in_flight, pup_proc_mono(), poll_ms / 1000.0);
+    return (int)(s * 1000 + 0.5);
 }
 
 /* What the loop has logged, so each change is logged once. */
@@ -329,7 +313,7 @@ static int turn(pup_processor *p, const pup_run_opts *o, long long *target, told
     note_hole(p, o, &t->hole);
     if (waiting) return wait_at_hole(p, o, &t->hole, err);
     if (advanced > 0) {
-        p->drawn_looked = 0; /* an append committed: look again at what is drawn above it */
+        pup_drawn_look_restart(&p->drawn_look); /* an append committed: look again above it */
         return 0;            /* more may be waiting */
     }
     return wait_for(p, o, drawn_wait(p, p->cfg.poll_interval_ms));

@@ -27,7 +27,7 @@ local function follow(db, store, opts, fn)
   local poll = seconds(opts, "poll_interval", 1)
   local idle = seconds(opts, "idle_timeout", nil)
   local cursor, last_event, hole_wait = opts.from, core.now(), 0.002
-  local flight, flight_since, flight_wait -- the in-flight position looked for, since, next wait
+  local look = core._drawn_look() -- at positions drawn above what was read (in flight)
   while true do
     local events, next_cursor = store:read_events(db, cursor, read_opts)
     if not events then return nil, next_cursor, cursor end
@@ -37,7 +37,8 @@ local function follow(db, store, opts, fn)
     cursor = next_cursor
     local now = core.now()
     if #events > 0 then
-      last_event, hole_wait, flight = now, 0.002, nil -- news: look again at what is in flight
+      last_event, hole_wait = now, 0.002
+      look:restart() -- news: look again at what is in flight
     elseif idle and now - last_event >= idle then
       return cursor, "idle"
     elseif cursor.waiting then
@@ -46,20 +47,12 @@ local function follow(db, store, opts, fn)
       hole_wait = math.min(hole_wait * 2, 0.05)
     else
       -- An append in flight above what was read may have left its wake-up to another's,
-      -- already sent: look again soon, for up to a second from a new in-flight position or
-      -- news (events, a wake-up), as processors do (docs/ordering.md, "Wake-ups").
-      local wait = poll
-      if cursor.in_flight and cursor.in_flight ~= flight then
-        flight, flight_since, flight_wait = cursor.in_flight, now, 0.002
-        wait = flight_wait
-      elseif cursor.in_flight and now - flight_since <= 1 then
-        flight_wait = math.min(flight_wait * 2, 0.05)
-        wait = flight_wait
-      end
+      -- already sent: look again soon, as processors do (docs/ordering.md, "Wake-ups").
+      local wait = look:wait(cursor.in_flight, poll)
       if idle then wait = math.min(wait, idle - (now - last_event)) end
       local ok, err = store:wait(db, math.min(wait, poll))
       if ok == nil then return nil, err, cursor end
-      if ok then flight = nil end
+      if ok then look:restart() end
     end
   end
 end

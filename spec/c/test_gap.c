@@ -1,8 +1,9 @@
 /*
  * test_gap.c -- the gap rule (gap.c) alone, without a database: holes, their bounds, the
  * xmin decisions, the xmax trap, many holes at once and the PUP_MAX_GAPS overflow. Each
- * case walks positions as a batch does (pup_gaps_step) and checks where it stops. Prints
- * TAP; exits non-zero on any failure.
+ * case walks positions as a batch does (pup_gaps_step) and checks where it stops. Also the
+ * look at positions drawn above the head (pup_drawn_look_wait). Prints TAP; exits non-zero
+ * on any failure.
  */
 #include <stdio.h>
 #include <string.h>
@@ -137,6 +138,27 @@ static void overflow(void) {
        "the next batch notes the rest, pending, and still waits");
 }
 
+/* The wait in ms (rounded) of one look at `in_flight` at time `now`. */
+static int look_ms(pup_drawn_look *l, long long in_flight, double now, double poll) {
+    return (int)(pup_drawn_look_wait(l, in_flight, now, poll) * 1000 + 0.5);
+}
+
+/* Positions drawn above the head: looked at again 2 ms doubling to 50 ms, for one second
+ * from a new last position drawn or news; never longer than the poll interval. */
+static void drawn_look(void) {
+    pup_drawn_look l = {0};
+    ok(look_ms(&l, 0, 10, 60) == 60000, "nothing in flight: the poll interval");
+    int steps[] = {2, 4, 8, 16, 32, 50, 50}, good = 1;
+    for (int i = 0; i < 7; i++) good &= look_ms(&l, 7, 10 + i * 0.1, 60) == steps[i];
+    ok(good, "in flight: 2 ms doubling to 50 ms");
+    ok(look_ms(&l, 7, 11.01, 60) == 60000, "the same position after a second: the poll interval");
+    ok(look_ms(&l, 9, 11.02, 60) == 2, "a new last position drawn: the look starts again");
+    ok(look_ms(&l, 9, 12.5, 60) == 60000, "...for a second");
+    pup_drawn_look_restart(&l);
+    ok(look_ms(&l, 9, 12.6, 60) == 2, "news: the look at the same position starts again");
+    ok(look_ms(&l, 9, 12.7, 0.001) == 1, "never longer than the poll interval");
+}
+
 int main(void) {
     contiguous();
     new_hole_waits();
@@ -145,5 +167,6 @@ int main(void) {
     xmax_trap();
     many_holes();
     overflow();
+    drawn_look();
     return tap_done();
 }
