@@ -9,7 +9,9 @@
  *   4. checks the handlers left that transaction open (end_pipeline),
  *   5. draws the bound of the holes it noted (draw_bound),
  *   6. writes the checkpoint, fenced by the start position or the leases
- *      (write_checkpoint), and commits.
+ *      (write_checkpoint), and commits; or, with the next window read ahead and nothing
+ *      left to decide, queues the checkpoint and the COMMIT and walks the next window while
+ *      the server commits (chain).
  * A failure rolls everything back: the checkpoint and the handlers' writes move together.
  */
 #include "processor_internal.h"
@@ -23,6 +25,10 @@
 #define TAG_GUARD (-2)    /* pipeline tag of the statement that checks the batch transaction */
 #define TAG_BATCH (-3)    /* pipeline tag of handle_batch's statements */
 #define TAG_AHEAD (-4)    /* pipeline tag of the read-ahead of the next window */
+#define TAG_CHECKPOINT (-5) /* chain: the checkpoint write queued behind a batch */
+#define TAG_COMMIT (-6)     /* chain: its COMMIT */
+#define TAG_BEGIN (-7)      /* chain: the next batch's BEGIN */
+#define CHAIN_SECONDS 1.0   /* a chain returns to the run loop (stop, progress) this often */
 
 /* Names the event a handler failure belongs to. */
 static int event_error(pup_processor *p, const PGresult *r, int row, pup_error *err) {
@@ -88,14 +94,11 @@ static int run_setup(pup_processor *p, pup_error *err) {
     return 0;
 }
 
-/* Writes the checkpoint(s) of a batch that moved from `from` to `to`; fails when a row
- * moved under us (static), a lease was lost (group) or a reset started a new generation
- * (pup_proc_fenced). */
-static int write_checkpoint(pup_processor *p, long long from, long long to, pup_error *err) {
+/* The checkpoint write's parameters for a batch that moved from `from` to `to`, in
+ * p->params. */
+static int checkpoint_params(pup_processor *p, long long from, long long to, pup_error *err) {
     pup_params *q = &p->params;
     int group = p->cfg.group;
-    const pup_stmt *st = pup_conn_prepare(p->conn, group ? p->sql_lease_checkpoint : p->sql_checkpoint, err);
-    if (!st) return pup_store_error(err);
     if (pup_params_reset(q, group ? 8 : 9) < 0) return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     pup_params_text(q, 0, p->name, strlen(p->name));
     pup_params_int(q, 1, p->total);
@@ -112,7 +115,18 @@ static int write_checkpoint(pup_processor *p, long long from, long long to, pup_
         pup_params_int(q, 7, from);
         pup_params_int(q, 8, p->gen);
     }
-    PGresult *r = pup_conn_exec(p->conn, st, q, 0, err);
+    return 0;
+}
+
+/* Writes the checkpoint(s) of a batch that moved from `from` to `to`; fails when a row
+ * moved under us (static), a lease was lost (group) or a reset started a new generation
+ * (pup_proc_fenced). */
+static int write_checkpoint(pup_processor *p, long long from, long long to, pup_error *err) {
+    int group = p->cfg.group;
+    const pup_stmt *st = pup_conn_prepare(p->conn, group ? p->sql_lease_checkpoint : p->sql_checkpoint, err);
+    if (!st) return pup_store_error(err);
+    if (checkpoint_params(p, from, to, err) < 0) return -1;
+    PGresult *r = pup_conn_exec(p->conn, st, &p->params, 0, err);
     if (!r) return pup_store_error(err);
     int n = PQntuples(r);
     PQclear(r);
@@ -142,7 +156,8 @@ static int queue_open(pup_processor *p, long tag, pup_error *err) {
  * read last, as later prepares may move the cache. */
 static const pup_stmt *prepare_batch(pup_processor *p, pup_error *err) {
     if (!pup_conn_prepare(p->conn, p->sql_open, err) || !pup_conn_prepare(p->conn, p->sql_guard, err) ||
-        (p->sql_untimed && !pup_conn_prepare(p->conn, p->sql_untimed, err)))
+        (p->sql_untimed && !pup_conn_prepare(p->conn, p->sql_untimed, err)) ||
+        (!p->cfg.group && !pup_conn_prepare(p->conn, p->sql_checkpoint_fenced, err)))
         return NULL;
     return pup_conn_prepare(p->conn, p->sql_read, err);
 }
@@ -335,7 +350,8 @@ static int end_pipeline(pup_processor *p, walk *w, pup_error *err) {
         return pup_proc_context(p, err);
     long tag = -1;
     if (pup_conn_pipeline_end(p->conn, err, &tag) < 0)
-        return tag == TAG_GUARD ? ended_error(p, 1, err)
+        return tag == TAG_CHECKPOINT || tag == TAG_COMMIT || tag == TAG_BEGIN ? pup_proc_context(p, err)
+               : tag == TAG_GUARD ? ended_error(p, 1, err)
                : tag == TAG_BATCH ? batch_error(p, w, 0, err)
                : tag >= FIRST_EVENT_ROW && tag < w->nrows ? event_error(p, w->r, (int)tag, err) : pup_proc_context(p, err);
     if (PQtransactionStatus(pup_conn_pg(p->conn)) != PQTRANS_INTRANS) return ended_error(p, 0, err);
@@ -415,7 +431,7 @@ static long long oldest_pending(const walk *w, long long head) {
     return ev.created_at / 1000;
 }
 
-/* Steps 2-6 inside the open transaction, with the window read. */
+/* Steps 2-5 inside the open transaction, with the window read. */
 static int batch_body(pup_processor *p, const pup_stmt *st, walk *w, uint64_t xmin, double deadline,
                       int *waiting, pup_error *err) {
     if (pup_conn_pipeline_begin(p->conn, err) < 0) return pup_proc_context(p, err);
@@ -432,12 +448,87 @@ static int batch_body(pup_processor *p, const pup_stmt *st, walk *w, uint64_t xm
     if (rc == 0 && pup_gaps_pending(&p->gaps) && (rc = draw_bound(p, &bound, err)) == 0)
         pup_gaps_set_bound(&p->gaps, bound);
     if (rc == 0 && w->dead_row >= 0) rc = dead_letter(p, w, err);
-    if (rc == 0 && (w->last != w->from || p->wait_lo != p->recorded_wait))
-        rc = write_checkpoint(p, w->from, w->last, err) < 0 ? overlong(p, w, err) : 0;
     return rc;
 }
 
-static int batch_once(pup_processor *p, int *handled, long long *advanced, int *waiting,
+/* Step 6, chained: with the next window read ahead and nothing left to decide before the
+ * checkpoint (no hole waiting or pending a bound, no dead letter, no poison redone: also
+ * read_ahead's conditions), the batch queues its checkpoint write (raising when fenced),
+ * its COMMIT and the next batch's BEGIN, and the next batch walks that window while the
+ * server commits; their results are read with that batch's (end_pipeline). Its statements
+ * run after the COMMIT, in the same session, so its handlers see this batch's writes as
+ * after any COMMIT. Returns 1 when w cannot chain (nothing queued). */
+static int chain(pup_processor *p, walk *w, double chain_started, pup_error *err) {
+    if (p->cfg.group || !w->ahead || PQntuples(w->ahead) <= FIRST_EVENT_ROW || w->ahead_from != w->last ||
+        w->last == w->from || p->wait_lo || p->recorded_wait || pup_gaps_pending(&p->gaps) || w->dead_row >= 0 ||
+        p->poison.stop_at || pup_proc_mono() - chain_started > CHAIN_SECONDS)
+        return 1;
+    const pup_stmt *st = pup_conn_prepare(p->conn, p->sql_checkpoint_fenced, err);
+    if (!st || checkpoint_params(p, w->from, w->last, err) < 0) return pup_proc_context(p, err);
+    static const long tags[3] = {TAG_CHECKPOINT, TAG_COMMIT, TAG_BEGIN};
+    int rc = pup_conn_commit_behind(p->conn, st, &p->params, tags, err);
+    return rc < 0 ? pup_proc_context(p, err) : rc;
+}
+
+/* After a failure of the batch chained behind `prev`: whether prev committed. Its
+ * checkpoint and COMMIT were queued before anything of this batch, so it did unless the
+ * first failure read is theirs, or the session broke before their results came (the next
+ * acquire then reads the checkpoints again). */
+static int prev_committed(pup_processor *p) {
+    pup_error ignored;
+    long tag = 0;
+    if (pup_conn_in_pipeline(p->conn)) pup_conn_pipeline_end(p->conn, &ignored, NULL);
+    const pup_error *f = pup_conn_failure(p->conn, &tag);
+    if (!pup_conn_ok(p->conn)) return 0;
+    return !f || (tag != TAG_CHECKPOINT && tag != TAG_COMMIT);
+}
+
+/* The checkpoint moved to w->last: held partitions, counts and stats (the duration of a
+ * batch that moved it, for the histogram). */
+static void moved(pup_processor *p, const walk *w, int *handled, long long *advanced) {
+    if (w->last > w->from) {
+        static const double bounds[PUP_BATCH_BUCKETS] = PUP_BATCH_BUCKET_BOUNDS;
+        double seconds = pup_proc_mono() - w->started;
+        int b = 0;
+        while (b < PUP_BATCH_BUCKETS && seconds > bounds[b]) b++;
+        p->stats.batch_buckets[b]++;
+        p->stats.batch_us += (long long)(seconds * 1e6);
+    }
+    for (int k = 0; k < p->total; k++)
+        if (p->held[k] && p->cp[k] < w->last) p->cp[k] = w->last;
+    *handled += w->nhandle;
+    *advanced += w->last - w->from;
+    p->stats.handled += w->nhandle;
+    p->stats.position = w->last;
+    p->stats.waiting_position = p->wait_lo;
+}
+
+/* The header of window r (its snapshot's xmin, the head, the last position drawn) into
+ * the stats and *xmin, its generation into *gen; -1 when it is malformed. */
+static int read_header(pup_processor *p, const PGresult *r, uint64_t *xmin, long long *gen, pup_error *err) {
+    if (!pup_window_header_ok(r, FIRST_EVENT_COL, err)) return pup_proc_context(p, err);
+    *xmin = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
+    p->stats.head = strtoll(PQgetvalue(r, 0, 1), NULL, 10);
+    p->stats.drawn = strtoll(PQgetvalue(r, 0, 3), NULL, 10);
+    *gen = PQgetisnull(r, 0, 2) ? p->gen : strtoll(PQgetvalue(r, 0, 2), NULL, 10);
+    return 0;
+}
+
+/* A batch failed: rolled back, with the holes it noted (noted again next time). With
+ * `behind`, the batch chained behind failed too if the first failure is its checkpoint's
+ * fence. */
+static int batch_failed(pup_processor *p, PGresult *r, walk *w, const walk *behind, pup_error *err) {
+    long tag = 0;
+    int fenced = behind && pup_conn_failure(p->conn, &tag) && tag == TAG_CHECKPOINT &&
+                 strcmp(pup_conn_failure(p->conn, NULL)->sqlstate, "22012") == 0;
+    PQclear(r);
+    PQclear(w->ahead);
+    pup_conn_rollback(p->conn);
+    pup_gaps_forget(&p->gaps, 0, 1);
+    return fenced ? pup_proc_fenced(p, behind->from, 0, err) : -1;
+}
+
+static int batch_once(pup_processor *p, int chained, int *handled, long long *advanced, int *waiting,
                       pup_error *err) {
     *handled = 0;
     *advanced = 0;
@@ -451,61 +542,69 @@ static int batch_once(pup_processor *p, int *handled, long long *advanced, int *
         pup_store_error(err);
         return pup_proc_context(p, err);
     }
-    walk w = {.from = -1, .started = pup_proc_mono(), .dead_row = -1};
+    long long from = -1;
     for (int k = 0; k < p->total; k++)
-        if (p->held[k] && (w.from < 0 || p->cp[k] < w.from)) w.from = p->cp[k];
-    w.last = w.from;
+        if (p->held[k] && (from < 0 || p->cp[k] < from)) from = p->cp[k];
     /* The handler time limit is set after the read and lifted before the checkpoint. */
     if (pup_conn_command(p->conn, "BEGIN", err) < 0) return pup_proc_context(p, err);
     pup_conn_clear_failure(p->conn);
-    double deadline = batch_deadline(p);
-    PGresult *r = take_ahead(p, w.from);
-    if (!r) r = read_window(p, st, w.from, err);
+    double deadline = batch_deadline(p), started = pup_proc_mono();
+    PGresult *r = take_ahead(p, from);
+    if (!r) r = read_window(p, st, from, err);
     if (!r) {
         pup_conn_rollback(p->conn);
         return pup_proc_context(p, err);
     }
-    if (!pup_window_header_ok(r, FIRST_EVENT_COL, err)) {
+    walk prev;     /* the batch chained behind this one (chain) */
+    int behind = 0; /* 1 while prev's checkpoint and COMMIT results are not read */
+    for (;;) {
+        walk w = {.from = from, .last = from, .started = behind ? pup_proc_mono() : started, .dead_row = -1,
+                  .r = r, .nrows = PQntuples(r)};
+        uint64_t xmin = 0;
+        long long gen = p->gen;
+        int rc = read_header(p, r, &xmin, &gen, err);
+        if (rc == 0 && gen == p->gen) rc = batch_body(p, st, &w, xmin, deadline, waiting, err);
+        if (behind && ((rc == 0 && gen == p->gen) || prev_committed(p))) {
+            moved(p, &prev, handled, advanced);
+            behind = 0;
+        }
+        if (rc == 0 && gen != p->gen) { /* reset while we were idle */
+            batch_failed(p, r, &w, NULL, err);
+            pup_proc_reset_seen(p, gen, err);
+            return pup_proc_context(p, err);
+        }
+        if (rc < 0) return batch_failed(p, r, &w, behind ? &prev : NULL, err);
+        p->stats.oldest_pending_ms = oldest_pending(&w, p->stats.head);
+        int c = chained ? chain(p, &w, started, err) : 1;
+        if (c < 0) return batch_failed(p, r, &w, NULL, err);
+        if (c == 0) { /* the next window was read ahead in this transaction: take_ahead's checks */
+            PQclear(r);
+            r = w.ahead;
+            from = w.last;
+            prev = w;
+            prev.r = prev.ahead = NULL;
+            behind = 1;
+            if ((st = prepare_batch(p, err)) != NULL) continue;
+            pup_store_error(err);
+            if (prev_committed(p)) moved(p, &prev, handled, advanced);
+            w.ahead = NULL;
+            return batch_failed(p, r, &w, NULL, err);
+        }
+        if (w.last != w.from || p->wait_lo != p->recorded_wait)
+            rc = write_checkpoint(p, w.from, w.last, err) < 0 ? overlong(p, &w, err) : 0;
         PQclear(r);
-        pup_conn_rollback(p->conn);
-        return pup_proc_context(p, err);
+        r = NULL;
+        if (rc == 0 && pup_conn_commit(p->conn, err) < 0) rc = pup_proc_context(p, err);
+        if (rc < 0) return batch_failed(p, NULL, &w, NULL, err);
+        if (w.ahead) { /* for the next batch, if it starts there (take_ahead) */
+            p->ahead = w.ahead;
+            p->ahead_from = w.ahead_from;
+            p->ahead_gen = p->gen;
+            p->ahead_session = pup_conn_session(p->conn);
+        }
+        moved(p, &w, handled, advanced);
+        return 0;
     }
-    uint64_t xmin = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
-    p->stats.head = strtoll(PQgetvalue(r, 0, 1), NULL, 10);
-    p->stats.drawn = strtoll(PQgetvalue(r, 0, 3), NULL, 10);
-    long long gen = PQgetisnull(r, 0, 2) ? p->gen : strtoll(PQgetvalue(r, 0, 2), NULL, 10);
-    if (gen != p->gen) { /* reset while we were idle */
-        PQclear(r);
-        pup_conn_rollback(p->conn);
-        pup_proc_reset_seen(p, gen, err);
-        return pup_proc_context(p, err);
-    }
-    w.r = r;
-    w.nrows = PQntuples(r);
-    int rc = batch_body(p, st, &w, xmin, deadline, waiting, err);
-    if (rc == 0) p->stats.oldest_pending_ms = oldest_pending(&w, p->stats.head);
-    PQclear(r);
-    if (rc == 0 && pup_conn_commit(p->conn, err) < 0) rc = pup_proc_context(p, err);
-    if (rc == 0 && w.ahead) { /* for the next batch, if it starts there (take_ahead) */
-        p->ahead = w.ahead;
-        p->ahead_from = w.ahead_from;
-        p->ahead_gen = p->gen;
-        p->ahead_session = pup_conn_session(p->conn);
-    } else
-        PQclear(w.ahead);
-    if (rc < 0) {
-        pup_conn_rollback(p->conn);
-        pup_gaps_forget(&p->gaps, 0, 1); /* holes noted by this batch are noted again next time */
-        return -1;
-    }
-    for (int k = 0; k < p->total; k++)
-        if (p->held[k] && p->cp[k] < w.last) p->cp[k] = w.last;
-    *handled = w.nhandle;
-    *advanced = w.last - w.from;
-    p->stats.handled += w.nhandle;
-    p->stats.position = w.last;
-    p->stats.waiting_position = p->wait_lo;
-    return 0;
 }
 
 /* A batch failed on an event (p->poison) and was rolled back, its projection skips or
@@ -522,7 +621,7 @@ static int poisoned(pup_processor *p, int *handled, long long *advanced, int *wa
     x->stop_at = pos;
     x->dead = dead;
     x->fresh = 0;
-    int rc = batch_once(p, handled, advanced, waiting, err);
+    int rc = batch_once(p, 0, handled, advanced, waiting, err);
     x->stop_at = 0;
     if (rc == 0 && dead && p->stats.position >= pos) x->dead_count = dead_before + 1;
     if (rc == 0 && !dead) {
@@ -535,8 +634,13 @@ static int poisoned(pup_processor *p, int *handled, long long *advanced, int *wa
 
 int pup_processor_batch(pup_processor *p, int *handled, long long *advanced, int *waiting,
                         pup_error *err) {
+    return pup_proc_batch(p, 0, handled, advanced, waiting, err);
+}
+
+int pup_proc_batch(pup_processor *p, int chained, int *handled, long long *advanced, int *waiting,
+                   pup_error *err) {
     p->poison.fresh = 0;
-    int rc = batch_once(p, handled, advanced, waiting, err);
+    int rc = batch_once(p, chained, handled, advanced, waiting, err);
     if (rc < 0 && err->code == PUP_ERR_HANDLER) p->stats.handler_errors++; /* skipped ones too */
     if (rc < 0 && p->poison.fresh && err->code == PUP_ERR_HANDLER && p->cfg.on_error != PUP_ON_ERROR_STOP)
         rc = poisoned(p, handled, advanced, waiting, err);

@@ -711,6 +711,22 @@ PGresult *pup_conn_take_kept(pup_conn *c) {
     return r;
 }
 
+int pup_conn_commit_behind(pup_conn *c, const pup_stmt *st, const pup_params *p, const long tags[3],
+                           pup_error *err) {
+    if (c->pooled || c->owed[0]) return 1;
+    if (pup_conn_pipeline_begin(c, err) < 0) return -1;
+    static const char *const commands[] = {"COMMIT", "BEGIN"};
+    c->tag = tags[0];
+    if (queue_stmt(c, st, p, 0, err) < 0) return -1;
+    for (int i = 0; i < 2; i++) {
+        c->tag = tags[i + 1];
+        if (c->npending >= PIPELINE_WINDOW && drain(c, err) < 0) return -1;
+        if (!PQsendQueryParams(c->pg, commands[i], 0, NULL, NULL, NULL, NULL, 0)) return send_failed(c, err);
+        if (push_pending(c, err) < 0) return -1;
+    }
+    return PQflush(c->pg) < 0 ? send_failed(c, err) : 0;
+}
+
 int pup_conn_pipeline_sync(pup_conn *c, pup_error *err) {
     if (!pup_conn_in_pipeline(c)) return 0;
     return sync_pipeline(c, err);

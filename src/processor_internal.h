@@ -50,7 +50,7 @@ struct pup_processor {
     pup_projection_cfg cfg;
     char *name;
     pup_handler h;
-    char *sql_read, *sql_checkpoint, *sql_lease_checkpoint;
+    char *sql_read, *sql_checkpoint, *sql_checkpoint_fenced, *sql_lease_checkpoint;
     /* Queued around the handlers of a batch: open marks the batch transaction (and sets
      * the handler time limit); guard fails unless that transaction is still the one open;
      * the time limit is then lifted for the checkpoint write. */
@@ -111,6 +111,12 @@ void pup_proc_held_done(pup_processor *p); /* rebuilds held_list */
 void pup_proc_drop_all(pup_processor *p);
 /* Forgets the previous partitioning's checkpoints (repartition settled). */
 void pup_proc_forget_old(pup_processor *p);
+
+/* batch.c: pup_processor_batch; with `chained` (the run loop), a batch that reads ahead a
+ * full window may commit behind the next window's batch, and so on for up to a second
+ * (batch.c, chain): *handled and *advanced add up the batches that committed. */
+int pup_proc_batch(pup_processor *p, int chained, int *handled, long long *advanced, int *waiting,
+                   pup_error *err);
 
 /* lease.c */
 int pup_proc_lease_sql_init(pup_processor *p);

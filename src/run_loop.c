@@ -275,14 +275,6 @@ static int handler_failed(pup_processor *p, const pup_run_opts *o, pup_error *er
 }
 
 /* Counts a committed batch that moved the checkpoint in the duration histogram. */
-static void note_batch(pup_processor *p, double seconds) {
-    static const double bounds[PUP_BATCH_BUCKETS] = PUP_BATCH_BUCKET_BOUNDS;
-    int b = 0;
-    while (b < PUP_BATCH_BUCKETS && seconds > bounds[b]) b++;
-    p->stats.batch_buckets[b]++;
-    p->stats.batch_us += (long long)(seconds * 1e6);
-}
-
 /* One turn: take partitions, run a batch, wait as it says. 1: stop; 0: go on; -1 with err. */
 static int turn(pup_processor *p, const pup_run_opts *o, long long *target, told *t, int *backoff_ms,
                 pup_error *err) {
@@ -296,13 +288,12 @@ static int turn(pup_processor *p, const pup_run_opts *o, long long *target, told
     if (*target < 0 && o->once && (*target = pup_store_head(p->store, p->conn, err)) < 0) return -1;
     int handled, waiting;
     long long advanced, dead = p->poison.dead_count;
-    double t0 = pup_proc_mono();
     p->stats.batch_started_ms = (long long)(pup_proc_now() * 1000);
     if (o->progress) o->progress(o->ud, p); /* a batch that runs long shows as one */
-    int rc = pup_processor_batch(p, &handled, &advanced, &waiting, err);
+    int rc = pup_proc_batch(p, 1, &handled, &advanced, &waiting, err);
     p->stats.batch_started_ms = 0;
+    if (rc < 0 && advanced > 0) *backoff_ms = 100; /* batches committed before it failed: a new failure */
     if (rc < 0) return -1;
-    if (advanced > 0) note_batch(p, pup_proc_mono() - t0);
     if (p->poison.dead_count != dead) {
         p->stats.dead_letters = p->poison.dead_count;
         tell_dead_letter(p, o);
