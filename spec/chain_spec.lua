@@ -8,32 +8,50 @@
 local pup = require "pupsourcing"
 local H = require "spec.helpers"
 
+-- A deferred constraint trigger on g.seen that fails the COMMIT of the transaction that
+-- inserted position `pos`, once (40001: retried as transient), or with `code`.
+local function fail_commit_once(g, name, pos, code)
+  assert(g.db:exec("DROP SEQUENCE IF EXISTS t_" .. name .. "_fails"))
+  assert(g.db:exec("CREATE SEQUENCE t_" .. name .. "_fails"))
+  assert(g.db:exec(([[CREATE OR REPLACE FUNCTION t_%s_check() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF NEW.pos = %d AND nextval('t_%s_fails') = 1 THEN
+        RAISE EXCEPTION 'deferred check failed at commit' USING ERRCODE = '%s';
+      END IF;
+      RETURN NULL;
+    END $$]]):format(name, pos, name, code or "40001")))
+  assert(g.db:exec(("CREATE CONSTRAINT TRIGGER t_%s_check AFTER INSERT ON %s DEFERRABLE INITIALLY DEFERRED"
+    .. " FOR EACH ROW EXECUTE FUNCTION t_%s_check()"):format(name, g.seen, name)))
+end
+
+local function nth_pos(g, n)
+  return g:one(('SELECT global_position AS p FROM "%s" ORDER BY global_position OFFSET %d LIMIT 1')
+    :format(g.names.events_table, n)).p
+end
+
 describe("commit behind the next batch", function()
-  local g
+  local g, db, p
 
   after_each(function()
-    if g then g:close() end
-    g = nil
+    if p then p:close() end
+    if db then db:close() end
+    if g then
+      for _, name in ipairs { "chn_cf", "chh_np", "chh_cp", "chh_sp" } do
+        g.db:exec("DROP FUNCTION IF EXISTS t_" .. name .. "_check() CASCADE")
+        g.db:exec("DROP SEQUENCE IF EXISTS t_" .. name .. "_fails")
+      end
+      g.db:exec("DROP TABLE IF EXISTS t_chh_np_extra")
+      g:close()
+    end
+    g, db, p = nil, nil, nil
   end)
 
   it("a COMMIT that fails behind the next batch: both roll back, retried from the first, exact", function()
     g = H.group("chn_cf", { batch_size = 10 })
     g:append("a", 4, 50) -- 200 events, 20 full windows: catch-up chains them
-    local pos = g:one(('SELECT global_position AS p FROM "%s" ORDER BY global_position OFFSET 24 LIMIT 1')
-      :format(g.names.events_table)).p
     -- The third batch's COMMIT fails once (a deferred check, as a serialization failure:
-    -- retried). The sequence counts the failures: nextval is not rolled back.
-    assert(g.db:exec("DROP SEQUENCE IF EXISTS t_chn_cf_fails"))
-    assert(g.db:exec("CREATE SEQUENCE t_chn_cf_fails"))
-    assert(g.db:exec(([[CREATE OR REPLACE FUNCTION t_chn_cf_check() RETURNS trigger LANGUAGE plpgsql AS $$
-      BEGIN
-        IF NEW.pos = %d AND nextval('t_chn_cf_fails') = 1 THEN
-          RAISE EXCEPTION 'deferred check failed at commit' USING ERRCODE = '40001';
-        END IF;
-        RETURN NULL;
-      END $$]]):format(pos)))
-    assert(g.db:exec(("CREATE CONSTRAINT TRIGGER t_chn_cf_check AFTER INSERT ON %s DEFERRABLE INITIALLY DEFERRED"
-      .. " FOR EACH ROW EXECUTE FUNCTION t_chn_cf_check()"):format(g.seen)))
+    -- retried) while the fourth is walked.
+    fail_commit_once(g, "chn_cf", nth_pos(g, 24))
     local r = g:cli { "run", "--once", g.file }
     assert.equal(0, r.code, r.output)
     assert.is_truthy(r.stderr:find("deferred check failed at commit", 1, true), r.output)
@@ -43,14 +61,12 @@ describe("commit behind the next batch", function()
     assert(ok, why)
     local cp = g:one(('SELECT last_global_position AS p FROM "%s"'):format(g.names.checkpoints_table)).p
     assert.equal(g:head(), cp)
-    assert(g.db:exec("DROP FUNCTION t_chn_cf_check() CASCADE"))
-    assert(g.db:exec("DROP SEQUENCE t_chn_cf_fails"))
   end)
 
   it("a reset during a chained catch-up fences the batch behind: started over, exact", function()
     g = H.group("chn_rs", { batch_size = 10 })
     g:append("a", 10, 300) -- 3,000 events: hundreds of windows, chained
-    local db = H.connect()
+    db = H.connect()
     local proj = pup.load_projection(g.file)
     local handle, reset = proj.handle, nil
     local first = g:one(('SELECT min(global_position) AS p FROM "%s"'):format(g.names.events_table)).p
@@ -62,7 +78,7 @@ describe("commit behind the next batch", function()
         g.procs[#g.procs + 1] = reset
       end
     end
-    local p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
+    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
     local n = assert(p:run { once = true })
     assert.is_truthy(reset, "the reset was started")
     assert.equal(0, H.wait_exit(reset, 30), H.stderr_of(reset))
@@ -74,7 +90,80 @@ describe("commit behind the next batch", function()
     assert(ok, why)
     assert.equal(2, g:one(('SELECT generation AS n FROM "%s" WHERE projection_name = $1'):format(g.groups_table),
       "grp_counter").n)
-    p:close()
-    db:close()
+  end)
+
+  -- What a handler of the batch in hand may do while the COMMIT behind it fails: the
+  -- session is then outside any transaction until the next Sync, and nothing of this
+  -- batch may run (or commit) there.
+  it("failed COMMIT behind, next window's handler prepares a new statement: nothing doubled", function()
+    g = H.group("chh_np", { batch_size = 10 })
+    g:append("a", 4, 50)
+    local pos = nth_pos(g, 24)        -- in the third window
+    local fourth = nth_pos(g, 30)     -- the fourth window's first event
+    fail_commit_once(g, "chh_np", pos)
+    assert(g.db:exec("DROP TABLE IF EXISTS t_chh_np_extra"))
+    assert(g.db:exec("CREATE TABLE t_chh_np_extra (pos bigint NOT NULL)"))
+    db = H.connect()
+    local proj = pup.load_projection(g.file)
+    local handle = proj.handle
+    proj.handle = function(tx, e)
+      handle(tx, e)
+      if e.global_position >= fourth then
+        -- SQL text not seen before on this connection: prepared (the pipeline settles)
+        assert(tx:exec(("INSERT INTO t_chh_np_extra (pos) VALUES ($1) /* %d */"):format(e.global_position),
+          e.global_position))
+      end
+    end
+    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
+    local n = assert(p:run { once = true })
+    local ok, why = g:exact()
+    assert(ok, tostring(why) .. " (handled " .. tostring(n) .. ")")
+    local x = g:one("SELECT count(*) AS n, count(DISTINCT pos) AS d FROM t_chh_np_extra")
+    assert.equal(x.d, x.n, "extra rows doubled: " .. x.n .. " rows for " .. x.d .. " positions")
+  end)
+
+  it("failed COMMIT behind, next window's handler has a COPY refused (retried): exact, no false fence", function()
+    g = H.group("chh_cp", { batch_size = 10 })
+    g:append("a", 4, 50)
+    fail_commit_once(g, "chh_cp", nth_pos(g, 24))
+    local fourth = nth_pos(g, 30)
+    db = H.connect()
+    local proj = pup.load_projection(g.file)
+    local handle, tried = proj.handle, false
+    proj.on_error, proj.max_attempts, proj.retry_backoff = "retry", 5, 0.01
+    proj.handle = function(tx, e)
+      if e.global_position == fourth and not tried then
+        tried = true
+        local _, err = pcall(tx.exec, tx, "COPY t_chh_cp_x FROM STDIN")
+        error("copy attempted: " .. tostring(err))
+      end
+      handle(tx, e)
+    end
+    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
+    local n, err = p:run { once = true }
+    assert(n, tostring(err))
+    local ok, why = g:exact()
+    assert(ok, tostring(why) .. " (handled " .. tostring(n) .. ")")
+  end)
+
+  it("failed COMMIT behind, next window's handler uses tx:savepoint (pcall'd) then writes: nothing doubled", function()
+    g = H.group("chh_sp", { batch_size = 10 })
+    g:append("a", 4, 50)
+    fail_commit_once(g, "chh_sp", nth_pos(g, 24))
+    local fourth = nth_pos(g, 30)
+    db = H.connect()
+    local proj = pup.load_projection(g.file)
+    local handle = proj.handle
+    proj.handle = function(tx, e)
+      if e.global_position == fourth then
+        pcall(tx.savepoint, tx, function(t) assert(t:exec("SELECT 1")) end) -- optional part, may fail
+      end
+      handle(tx, e)
+    end
+    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
+    local n, err = p:run { once = true }
+    assert(n, tostring(err))
+    local ok, why = g:exact()
+    assert(ok, tostring(why) .. " (handled " .. tostring(n) .. ")")
   end)
 end)

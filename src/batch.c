@@ -182,6 +182,7 @@ typedef struct walk {
     int first_row;        /* the row of the first event handled */
     int dead_row;         /* the row of the event to dead-letter (-1: none) */
     double started;       /* when the batch began (monotonic seconds) */
+    double ended;         /* chained: when its COMMIT was queued (0: when it is applied) */
     int nevs;             /* handle_batch: the events to give it, in p->evs (pointing into r) */
     PGresult *ahead;      /* the next window, read ahead from ahead_from (read_ahead) */
     long long ahead_from;
@@ -267,11 +268,17 @@ static int batch_error(pup_processor *p, walk *w, long long pos, pup_error *err)
 /* Step 3b: handle_batch over the events the walk collected. */
 static int run_handle_batch(pup_processor *p, walk *w, pup_error *err) {
     long long pos = 0;
-    long tag;
+    long tag = 0;
     pup_conn_set_tag(p->conn, TAG_BATCH);
-    if (p->h.handle_batch(p->h.ud, p->conn, p->evs, w->nevs, &pos, err) < 0) return batch_error(p, w, pos, err);
-    if (pup_conn_failure(p->conn, &tag)) {
-        *err = *pup_conn_failure(p->conn, NULL);
+    int rc = p->h.handle_batch(p->h.ud, p->conn, p->evs, w->nevs, &pos, err);
+    const pup_error *f = pup_conn_failure(p->conn, &tag);
+    if (f && (tag == TAG_CHECKPOINT || tag == TAG_COMMIT || tag == TAG_BEGIN)) { /* the batch behind's (chain) */
+        *err = *f;
+        return pup_proc_context(p, err);
+    }
+    if (rc < 0) return batch_error(p, w, pos, err);
+    if (f) {
+        *err = *f;
         return batch_error(p, w, 0, err);
     }
     return 0;
@@ -476,11 +483,10 @@ static int chain(pup_processor *p, walk *w, double chain_started, pup_error *err
  * acquire then reads the checkpoints again). */
 static int prev_committed(pup_processor *p) {
     pup_error ignored;
-    long tag = 0;
     if (pup_conn_in_pipeline(p->conn)) pup_conn_pipeline_end(p->conn, &ignored, NULL);
-    const pup_error *f = pup_conn_failure(p->conn, &tag);
-    if (!pup_conn_ok(p->conn)) return 0;
-    return !f || (tag != TAG_CHECKPOINT && tag != TAG_COMMIT);
+    /* its COMMIT's own result, not the first failure recorded: a failure noted without a
+     * result (a refused COPY) may come before it */
+    return pup_conn_behind_committed(p->conn);
 }
 
 /* The checkpoint moved to w->last: held partitions, counts and stats (the duration of a
@@ -488,7 +494,7 @@ static int prev_committed(pup_processor *p) {
 static void moved(pup_processor *p, const walk *w, int *handled, long long *advanced) {
     if (w->last > w->from) {
         static const double bounds[PUP_BATCH_BUCKETS] = PUP_BATCH_BUCKET_BOUNDS;
-        double seconds = pup_proc_mono() - w->started;
+        double seconds = (w->ended > 0 ? w->ended : pup_proc_mono()) - w->started;
         int b = 0;
         while (b < PUP_BATCH_BUCKETS && seconds > bounds[b]) b++;
         p->stats.batch_buckets[b]++;
@@ -583,6 +589,7 @@ static int batch_once(pup_processor *p, int chained, int *handled, long long *ad
             from = w.last;
             prev = w;
             prev.r = prev.ahead = NULL;
+            prev.ended = pup_proc_mono();
             behind = 1;
             if ((st = prepare_batch(p, err)) != NULL) continue;
             pup_store_error(err);
@@ -642,8 +649,13 @@ int pup_proc_batch(pup_processor *p, int chained, int *handled, long long *advan
     p->poison.fresh = 0;
     int rc = batch_once(p, chained, handled, advanced, waiting, err);
     if (rc < 0 && err->code == PUP_ERR_HANDLER) p->stats.handler_errors++; /* skipped ones too */
-    if (rc < 0 && p->poison.fresh && err->code == PUP_ERR_HANDLER && p->cfg.on_error != PUP_ON_ERROR_STOP)
+    if (rc < 0 && p->poison.fresh && err->code == PUP_ERR_HANDLER && p->cfg.on_error != PUP_ON_ERROR_STOP) {
+        int before = *handled; /* batches chained before the failure committed */
+        long long moved_before = *advanced;
         rc = poisoned(p, handled, advanced, waiting, err);
+        *handled += before;
+        *advanced += moved_before;
+    }
     if (rc == 0 && *advanced > 0 && !p->poison.failure_clear) {
         /* Moving again: the partitions' failure rows go (once per processor: after that,
          * only a failure written by this processor sets it back). */

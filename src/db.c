@@ -58,6 +58,10 @@ struct pup_conn {
     int keeping;
     long keep_tag;
     PGresult *kept;
+    /* pup_conn_commit_behind: the tag of its COMMIT, and 1 while that result is unread,
+     * 0 once it said COMMIT, -1 once it failed or was skipped. */
+    long behind_tag;
+    int behind;
 };
 
 /* Every error code with the stable name Lua sees in err.code: the one table of them. */
@@ -584,6 +588,8 @@ static int read_pending(pup_conn *c, pup_error *err) {
                 pup_error_from_pg(&e, c->pg, r);
                 note_failure(c, &e, tag);
             }
+            if (c->behind == 1 && tag == c->behind_tag)
+                c->behind = st == PGRES_COMMAND_OK && strcmp(PQcmdStatus(r), "COMMIT") == 0 ? 0 : -1;
             if (keep && st == PGRES_TUPLES_OK && !c->kept) c->kept = r;
             else PQclear(r);
         }
@@ -680,6 +686,11 @@ static int send_failed(pup_conn *c, pup_error *err) {
 
 /* Queues st in pipeline mode behind the pending statements. */
 static int queue_stmt(pup_conn *c, const pup_stmt *st, const pup_params *p, int binary_result, pup_error *err) {
+    /* Nothing more after a failure: behind a COMMIT that failed (pup_conn_commit_behind)
+     * the session left the transaction, and a statement queued after a Sync (a prepare, a
+     * savepoint) would run, and commit at the next Sync, in a transaction of its own. */
+    if (c->failed && err) *err = c->failure;
+    if (c->failed) return -1;
     if (c->npending >= PIPELINE_WINDOW && drain(c, err) < 0) return -1;
     if (!send_stmt(c, st, p, binary_result)) return send_failed(c, err);
     return push_pending(c, err);
@@ -715,6 +726,8 @@ int pup_conn_commit_behind(pup_conn *c, const pup_stmt *st, const pup_params *p,
                            pup_error *err) {
     if (c->pooled || c->owed[0]) return 1;
     if (pup_conn_pipeline_begin(c, err) < 0) return -1;
+    c->behind = 1;
+    c->behind_tag = tags[1];
     static const char *const commands[] = {"COMMIT", "BEGIN"};
     c->tag = tags[0];
     if (queue_stmt(c, st, p, 0, err) < 0) return -1;
@@ -726,6 +739,8 @@ int pup_conn_commit_behind(pup_conn *c, const pup_stmt *st, const pup_params *p,
     }
     return PQflush(c->pg) < 0 ? send_failed(c, err) : 0;
 }
+
+int pup_conn_behind_committed(const pup_conn *c) { return c->behind == 0; }
 
 int pup_conn_pipeline_sync(pup_conn *c, pup_error *err) {
     if (!pup_conn_in_pipeline(c)) return 0;

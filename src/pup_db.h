@@ -203,6 +203,9 @@ PGresult *pup_conn_take_kept(pup_conn *c);
  * could reach another server connection); -1 when sending failed. */
 int pup_conn_commit_behind(pup_conn *c, const pup_stmt *st, const pup_params *p, const long tags[3],
                            pup_error *err);
+/* After pup_conn_commit_behind, once the pipeline was read: 1 when its COMMIT's result
+ * was read and said COMMIT; 0 when it failed, was skipped or was never read. */
+int pup_conn_behind_committed(const pup_conn *c);
 /* Syncs and reads every pending result, staying in pipeline mode (tx:savepoint settles
  * the statements before it). Failures are recorded as usual (pup_conn_failure); returns
  * -1 with err set only when the connection broke. */
