@@ -387,6 +387,13 @@ old: int pup_conn_behind_committed(const pup_conn *c) { return c->behind == 0; }
 new: int pup_conn_behind_committed(const pup_conn *c) { return c->behind != -2; }
 tests: ^lua\.chain$
 
+name: reactor-chains
+why: issue 13: a reactor's batch commits behind the next one, so the next event's side effect runs before the batch before it committed (a crash then repeats two events, not one)
+file: src/batch.c
+old: if (p->cfg.group || p->cfg.side_effects || !w->ahead ||
+new: if (p->cfg.group || !w->ahead ||
+tests: ^lua\.reactors$
+
 name: queue-after-failure
 why: issue 13: statements are still sent after a failure; behind a COMMIT that failed, those after a Sync (a prepare, a savepoint) run and commit in a transaction of their own
 file: src/db.c

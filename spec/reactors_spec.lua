@@ -71,6 +71,19 @@ describe("reactors", function()
     assert.equal(res.global_positions[2], got[3].cp)
     assert.equal(res.global_positions[3], checkpoint(db, T, "rx_args"))
     p:close()
+    -- in a catch-up too (full windows read ahead, which a projection commits behind the
+    -- next batch): each side effect only once the batch before it committed
+    local other, seen = H.connect(), {}
+    local s = pup.processor(db, { name = "rx_chain", kind = "reactor", handle = function(e)
+      seen[#seen + 1] = { pos = e.global_position, cp = checkpoint(other, T, "rx_chain") }
+    end }, { store = store })
+    for i = 1, 40 do assert(store:append(db, pup.any(), { ev("c" .. i) })) end
+    assert.equal(43, s:run { once = true })
+    for i = 2, #seen do
+      assert.equal(seen[i - 1].pos, seen[i].cp, "the side effect of the event at " .. seen[i].pos)
+    end
+    s:close()
+    other:close()
     -- the file's batch_size and the option still apply
     local q = pup.processor(db, { name = "rx_batch", kind = "reactor", batch_size = 2, handle = function() end },
       { store = store })

@@ -460,13 +460,13 @@ static int batch_body(pup_processor *p, const pup_stmt *st, walk *w, uint64_t xm
 
 /* Step 6, chained: with the next window read ahead and nothing left to decide before the
  * checkpoint (no hole waiting or pending a bound, no dead letter, no poison redone: also
- * read_ahead's conditions), the batch queues its checkpoint write (raising when fenced),
+ * read_ahead's conditions) and handlers without side effects outside the database, the batch queues its checkpoint write (raising when fenced),
  * its COMMIT and the next batch's BEGIN, and the next batch walks that window while the
  * server commits; their results are read with that batch's (end_pipeline). Its statements
  * run after the COMMIT, in the same session, so its handlers see this batch's writes as
  * after any COMMIT. Returns 1 when w cannot chain (nothing queued). */
 static int chain(pup_processor *p, walk *w, double chain_started, pup_error *err) {
-    if (p->cfg.group || !w->ahead || PQntuples(w->ahead) <= FIRST_EVENT_ROW || w->ahead_from != w->last ||
+    if (p->cfg.group || p->cfg.side_effects || !w->ahead || PQntuples(w->ahead) <= FIRST_EVENT_ROW || w->ahead_from != w->last ||
         w->last == w->from || p->wait_lo || p->recorded_wait || pup_gaps_pending(&p->gaps) || w->dead_row >= 0 ||
         p->poison.stop_at || pup_proc_mono() - chain_started > CHAIN_SECONDS)
         return 1;

@@ -374,6 +374,7 @@ static int l_processor(lua_State *L) {
     lp->handler_timeout_ms = timeout_ms;
     lp->reactor = reactor;
     cfg.statement_timeout_ms = timeout_ms;
+    cfg.side_effects = reactor;
     pup_handler h = {lp, NULL, cb_handle, NULL};
     lua_getfield(L, 2, "setup");
     if (lua_isfunction(L, -1)) h.setup = cb_setup;

@@ -43,6 +43,10 @@ typedef struct pup_projection_cfg {
     int on_error;
     int max_attempts;
     int retry_backoff_ms;
+    /* The handlers act outside the database (a reactor): an event's handler never runs
+     * before the batch before it has committed, as it may when a catch-up commits behind
+     * its next batch (docs/reliability.md). */
+    int side_effects;
 } pup_projection_cfg;
 
 enum { PUP_ON_ERROR_STOP = 0, PUP_ON_ERROR_SKIP, PUP_ON_ERROR_RETRY };
