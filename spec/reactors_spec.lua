@@ -195,7 +195,7 @@ describe("a reactor in a worker group, SIGKILLed 5 times while writers append", 
       writers[w] = H.spawn({ H.bin, dir .. "/writer.lua", H.url(), T.events_table, T.aggregate_heads_table,
                              T.checkpoints_table, "300", "w" .. w .. "-" })
     end
-    local function delivered() return db:query("SELECT count(*) AS n FROM " .. DELIVERED)[1].n end
+    local function delivered() return assert(db:query("SELECT count(*) AS n FROM " .. DELIVERED))[1].n end
     local kills = 0
     for _ = 1, 5 do
       local proc = start_reactor()
@@ -216,8 +216,8 @@ describe("a reactor in a worker group, SIGKILLed 5 times while writers append", 
     assert.equal(600, total)
     local final = start_reactor()
     H.wait_until(function() return "the reactor to catch up; stderr: " .. H.stderr_of(final) end, 90, function()
-      return db:query(('SELECT count(*) AS n FROM "%s" e WHERE NOT EXISTS (SELECT 1 FROM %s d WHERE d.event_id = e.event_id::text)')
-        :format(T.events_table, DELIVERED))[1].n == 0
+      return assert(db:query(('SELECT count(*) AS n FROM "%s" e WHERE NOT EXISTS (SELECT 1 FROM %s d WHERE d.event_id = e.event_id::text)')
+        :format(T.events_table, DELIVERED)))[1].n == 0
     end, 0.05)
     H.signal(final, "TERM")
     assert.equal(0, H.wait_exit(final, 20), H.stderr_of(final))
