@@ -91,13 +91,10 @@ tests: ^lua\.processor_liveness$
 name: pqclear-only-on-error
 why: issue 17 #6: a pipelined statement's result leaks unless it failed
 file: src/db.c
-old:                 note_failure(c, &e, tag);
-old+:             }
-old+:             if (keep && st == PGRES_TUPLES_OK && !c->kept) c->kept = r;
+old:             if (keep && st == PGRES_TUPLES_OK && !c->kept) c->kept = r;
 old+:             else PQclear(r);
-new:                 note_failure(c, &e, tag);
-new+:                 PQclear(r);
-new+:             }
+new:             if (keep && st == PGRES_TUPLES_OK && !c->kept) c->kept = r;
+new+:             else if (st == PGRES_FATAL_ERROR) PQclear(r);
 tests: ^reliability\.resources$
 
 name: notify-wakeup-ignored
@@ -210,8 +207,8 @@ tests: ^lua\.store_append$
 name: checkpoint-not-advanced-in-memory
 why: a committed batch does not move the processor's own checkpoint
 file: src/batch.c
-old: if (p->held[k] && p->cp[k] < w.last) p->cp[k] = w.last;
-new: if (p->held[k] && p->cp[k] < w.last) p->cp[k] = w.from;
+old: if (p->held[k] && p->cp[k] < w->last) p->cp[k] = w->last;
+new: if (p->held[k] && p->cp[k] < w->last) p->cp[k] = w->from;
 tests: ^lua\.(processor|ordering)$
 
 name: transient-deadlock-fatal
