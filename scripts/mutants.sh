@@ -391,6 +391,20 @@ old: if (p->cfg.group || p->cfg.side_effects || !w->ahead ||
 new: if (p->cfg.group || !w->ahead ||
 tests: ^lua\.reactors$
 
+name: window-read-custom-plans
+why: issue 13: a batch's window reads are planned anew each time (a custom plan costs more than the read at batch 1000)
+file: src/processor.c
+old: " set_config('plan_cache_mode', 'force_generic_plan', true)"
+new: " set_config('plan_cache_mode', 'auto', true)"
+tests: ^lua\.chain$
+
+name: handler-plans-not-restored
+why: issue 13: handlers run with the generic planning meant for the window reads, not with the session's plan_cache_mode
+file: src/processor.c
+old: "set_config('plan_cache_mode', COALESCE(current_setting('pupsourcing.plan_cache_mode', true),"
+new: "set_config('pupsourcing.unused', COALESCE(current_setting('pupsourcing.plan_cache_mode', true),"
+tests: ^lua\.chain$
+
 name: queue-after-failure
 why: issue 13: statements are still sent after a failure; behind a COMMIT that failed, those after a Sync (a prepare, a savepoint) run and commit in a transaction of their own
 file: src/db.c

@@ -92,6 +92,30 @@ describe("commit behind the next batch", function()
       "grp_counter").n)
   end)
 
+  it("window reads are planned generically; handlers see the session's plan_cache_mode", function()
+    g = H.group("chn_pl", { batch_size = 10 })
+    g:append("a", 4, 50)
+    db = H.connect()
+    assert(db:exec("SET plan_cache_mode = force_custom_plan")) -- the session's, as an application may set it
+    local modes, plans = {}, nil
+    local proj = pup.load_projection(g.file)
+    local handle = proj.handle
+    proj.handle = function(tx, e)
+      handle(tx, e)
+      local m = assert(tx:query("SELECT current_setting('plan_cache_mode') AS m"))[1].m
+      modes[m] = (modes[m] or 0) + 1
+      plans = assert(tx:query("SELECT sum(generic_plans)::int AS g, sum(custom_plans)::int AS c"
+        .. " FROM pg_prepared_statements WHERE statement LIKE '%pg_snapshot_xmin(pg_current_snapshot())%'"))[1]
+    end
+    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
+    assert.equal(200, assert(p:run { once = true }))
+    assert.same({ force_custom_plan = 200 }, modes)
+    assert.equal(0, plans.c)
+    assert.is_true(plans.g >= 10, "generic plans: " .. tostring(plans.g))
+    local ok, why = g:exact()
+    assert(ok, why)
+  end)
+
   -- What a handler of the batch in hand may do while the COMMIT behind it fails: the
   -- session is then outside any transaction until the next Sync, and nothing of this
   -- batch may run (or commit) there.

@@ -157,7 +157,8 @@ static int queue_open(pup_processor *p, long tag, pup_error *err) {
 static const pup_stmt *prepare_batch(pup_processor *p, pup_error *err) {
     if (!pup_conn_prepare(p->conn, p->sql_open, err) || !pup_conn_prepare(p->conn, p->sql_guard, err) ||
         (p->sql_untimed && !pup_conn_prepare(p->conn, p->sql_untimed, err)) ||
-        (!p->cfg.group && !pup_conn_prepare(p->conn, p->sql_checkpoint_fenced, err)))
+        (!p->cfg.group && (!pup_conn_prepare(p->conn, p->sql_checkpoint_fenced, err) ||
+                           !pup_conn_prepare(p->conn, p->sql_generic, err))))
         return NULL;
     return pup_conn_prepare(p->conn, p->sql_read, err);
 }
@@ -474,6 +475,7 @@ static int chain(pup_processor *p, walk *w, double chain_started, pup_error *err
     if (!st || checkpoint_params(p, w->from, w->last, err) < 0) return pup_proc_context(p, err);
     static const long tags[3] = {TAG_CHECKPOINT, TAG_COMMIT, TAG_BEGIN};
     int rc = pup_conn_commit_behind(p->conn, st, &p->params, tags, err);
+    if (rc == 0 && queue(p, p->sql_generic, TAG_BEGIN, NULL, err) < 0) rc = -1;
     return rc < 0 ? pup_proc_context(p, err) : rc;
 }
 
@@ -552,7 +554,7 @@ static int batch_once(pup_processor *p, int chained, int *handled, long long *ad
     for (int k = 0; k < p->total; k++)
         if (p->held[k] && (from < 0 || p->cp[k] < from)) from = p->cp[k];
     /* The handler time limit is set after the read and lifted before the checkpoint. */
-    if (pup_conn_command(p->conn, "BEGIN", err) < 0) return pup_proc_context(p, err);
+    if (pup_conn_command(p->conn, p->sql_begin, err) < 0) return pup_proc_context(p, err);
     pup_conn_clear_failure(p->conn);
     double deadline = batch_deadline(p), started = pup_proc_mono();
     PGresult *r = take_ahead(p, from);

@@ -129,21 +129,33 @@ static void name_owner(pup_processor *p) {
 /* The generation lock, taken again (or first, after a read-ahead: batch.c) before the
  * handlers write: $1 is the lock's key. */
 #define OPEN_LOCK "pg_advisory_xact_lock_shared(hashtextextended($1::text, 0))"
+/* The window read's plan: a custom plan per read (PostgreSQL's choice for it: the generic
+ * plan's estimate for `> $1 ... LIMIT $2` is higher) costs more than the read at batch 1000.
+ * So a batch plans its reads generically (set at its start, SQL_GENERIC) and puts the
+ * session's setting back before its handlers run (in sql_open, RESTORE_PLANS). */
+#define SQL_GENERIC                                                                              \
+    "SELECT set_config('pupsourcing.plan_cache_mode', current_setting('plan_cache_mode'), true)," \
+    " set_config('plan_cache_mode', 'force_generic_plan', true)"
+#define RESTORE_PLANS                                                                            \
+    "set_config('plan_cache_mode', COALESCE(current_setting('pupsourcing.plan_cache_mode', true)," \
+    " current_setting('plan_cache_mode')), true)"
 
 /* The statements around the handlers and the one that watches a hole. */
 static int build_batch_sql(pup_processor *p) {
     if (p->cfg.statement_timeout_ms > 0) {
-        if (asprintf(&p->sql_open, "SELECT set_config('pupsourcing.batch', 'open', true),"
+        if (asprintf(&p->sql_open, "SELECT set_config('pupsourcing.batch', 'open', true), " RESTORE_PLANS ","
                      " set_config('statement_timeout', '%dms', true), " OPEN_LOCK, p->cfg.statement_timeout_ms) < 0)
             p->sql_open = NULL;
         p->sql_untimed = "SET LOCAL statement_timeout TO DEFAULT";
     } else
-        p->sql_open = strdup("SELECT set_config('pupsourcing.batch', 'open', true), " OPEN_LOCK);
+        p->sql_open = strdup("SELECT set_config('pupsourcing.batch', 'open', true), " RESTORE_PLANS ", " OPEN_LOCK);
     if (asprintf(&p->sql_hole,
                  "SELECT EXISTS (SELECT 1 FROM %s WHERE global_position BETWEEN $1 AND $2),"
                  " pg_snapshot_xmin(pg_current_snapshot())::text", p->store->q_events) < 0)
         p->sql_hole = NULL;
     p->sql_guard = "SELECT 1 / coalesce((current_setting('pupsourcing.batch', true) = 'open')::int, 0)";
+    p->sql_begin = "BEGIN; " SQL_GENERIC;
+    p->sql_generic = SQL_GENERIC;
     return p->sql_open && p->sql_hole ? 0 : -1;
 }
 
