@@ -401,8 +401,8 @@ tests: ^lua\.chain$
 name: handler-plans-not-restored
 why: issue 13: handlers run with the generic planning meant for the window reads, not with the session's plan_cache_mode
 file: src/processor.c
-old: "set_config('plan_cache_mode', COALESCE(current_setting('pupsourcing.plan_cache_mode', true),"
-new: "set_config('pupsourcing.unused', COALESCE(current_setting('pupsourcing.plan_cache_mode', true),"
+old: "set_config('plan_cache_mode', COALESCE(NULLIF(current_setting('pupsourcing.plan_cache_mode', true), '')," \
+new: "set_config('pupsourcing.unused', COALESCE(NULLIF(current_setting('pupsourcing.plan_cache_mode', true), '')," \
 tests: ^lua\.chain$
 
 name: queue-after-failure

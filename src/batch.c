@@ -554,7 +554,7 @@ static int batch_once(pup_processor *p, int chained, int *handled, long long *ad
     for (int k = 0; k < p->total; k++)
         if (p->held[k] && (from < 0 || p->cp[k] < from)) from = p->cp[k];
     /* The handler time limit is set after the read and lifted before the checkpoint. */
-    if (pup_conn_command(p->conn, p->sql_begin, err) < 0) return pup_proc_context(p, err);
+    if (pup_conn_command(p->conn, "BEGIN", err) < 0) return pup_proc_context(p, err);
     pup_conn_clear_failure(p->conn);
     double deadline = batch_deadline(p), started = pup_proc_mono();
     PGresult *r = take_ahead(p, from);

@@ -131,13 +131,15 @@ static void name_owner(pup_processor *p) {
 #define OPEN_LOCK "pg_advisory_xact_lock_shared(hashtextextended($1::text, 0))"
 /* The window read's plan: a custom plan per read (PostgreSQL's choice for it: the generic
  * plan's estimate for `> $1 ... LIMIT $2` is higher) costs more than the read at batch 1000.
- * So a batch plans its reads generically (set at its start, SQL_GENERIC) and puts the
- * session's setting back before its handlers run (in sql_open, RESTORE_PLANS). */
+ * So a batch chained behind another (catch-up: batch.c, chain) plans its reads generically
+ * (SQL_GENERIC, after its BEGIN) and puts the session's setting back before its handlers run
+ * (in sql_open, RESTORE_PLANS). A batch of its own (a live read) is left as it was: there
+ * the extra statement would cost more than the plan. */
 #define SQL_GENERIC                                                                              \
     "SELECT set_config('pupsourcing.plan_cache_mode', current_setting('plan_cache_mode'), true)," \
     " set_config('plan_cache_mode', 'force_generic_plan', true)"
 #define RESTORE_PLANS                                                                            \
-    "set_config('plan_cache_mode', COALESCE(current_setting('pupsourcing.plan_cache_mode', true)," \
+    "set_config('plan_cache_mode', COALESCE(NULLIF(current_setting('pupsourcing.plan_cache_mode', true), '')," \
     " current_setting('plan_cache_mode')), true)"
 
 /* The statements around the handlers and the one that watches a hole. */
@@ -154,7 +156,6 @@ static int build_batch_sql(pup_processor *p) {
                  " pg_snapshot_xmin(pg_current_snapshot())::text", p->store->q_events) < 0)
         p->sql_hole = NULL;
     p->sql_guard = "SELECT 1 / coalesce((current_setting('pupsourcing.batch', true) = 'open')::int, 0)";
-    p->sql_begin = "BEGIN; " SQL_GENERIC;
     p->sql_generic = SQL_GENERIC;
     return p->sql_open && p->sql_hole ? 0 : -1;
 }

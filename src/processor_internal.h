@@ -57,9 +57,9 @@ struct pup_processor {
     char *sql_open;
     char *sql_hole; /* while waiting at a hole: has it filled, or have its writers ended? */
     const char *sql_guard, *sql_untimed;
-    /* A batch's BEGIN, and what the BEGIN of a chained batch is followed by: its window
-     * reads planned generically (processor.c, SQL_GENERIC). */
-    const char *sql_begin, *sql_generic;
+    /* What the BEGIN of a chained batch is followed by: its window reads planned
+     * generically (processor.c, SQL_GENERIC). */
+    const char *sql_generic;
     char *scope[2]; /* aggregate and event types as text[] literals; NULL: any */
     pup_lease_sql lease;
     char owner[160]; /* this worker: host/pid/random */
