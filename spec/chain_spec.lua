@@ -120,75 +120,72 @@ describe("commit behind the next batch", function()
   -- What a handler of the batch in hand may do while the COMMIT behind it fails: the
   -- session is then outside any transaction until the next Sync, and nothing of this
   -- batch may run (or commit) there.
-  it("failed COMMIT behind, next window's handler prepares a new statement: nothing doubled", function()
-    g = H.group("chh_np", { batch_size = 10 })
+  -- 200 events in windows of 10; the third batch's COMMIT fails once (retried) while the
+  -- fourth is walked by handle = wrap(the counter's handle, the fourth's first position).
+  -- Runs to the head; returns p:run's results.
+  local function behind_a_failed_commit(prefix, wrap, opts)
+    g = H.group(prefix, { batch_size = 10 })
     g:append("a", 4, 50)
-    local pos = nth_pos(g, 24)        -- in the third window
-    local fourth = nth_pos(g, 30)     -- the fourth window's first event
-    fail_commit_once(g, "chh_np", pos)
-    assert(g.db:exec("DROP TABLE IF EXISTS t_chh_np_extra"))
-    assert(g.db:exec("CREATE TABLE t_chh_np_extra (pos bigint NOT NULL)"))
+    fail_commit_once(g, prefix, nth_pos(g, 24))
     db = H.connect()
     local proj = pup.load_projection(g.file)
-    local handle = proj.handle
-    proj.handle = function(tx, e)
-      handle(tx, e)
-      if e.global_position >= fourth then
-        -- SQL text not seen before on this connection: prepared (the pipeline settles)
-        assert(tx:exec(("INSERT INTO t_chh_np_extra (pos) VALUES ($1) /* %d */"):format(e.global_position),
-          e.global_position))
-      end
-    end
+    proj.handle = wrap(proj.handle, nth_pos(g, 30))
+    for k, v in pairs(opts or {}) do proj[k] = v end
     p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
-    local n = assert(p:run { once = true })
+    return p:run { once = true }
+  end
+
+  local function assert_exact(n)
     local ok, why = g:exact()
     assert(ok, tostring(why) .. " (handled " .. tostring(n) .. ")")
+  end
+
+  it("failed COMMIT behind, next window's handler prepares a new statement: nothing doubled", function()
+    local c = H.connect()
+    assert(c:exec("DROP TABLE IF EXISTS t_chh_np_extra"))
+    assert(c:exec("CREATE TABLE t_chh_np_extra (pos bigint NOT NULL)"))
+    c:close()
+    local n = assert(behind_a_failed_commit("chh_np", function(handle, fourth)
+      return function(tx, e)
+        handle(tx, e)
+        if e.global_position >= fourth then
+          -- SQL text not seen before on this connection: prepared (the pipeline settles)
+          assert(tx:exec(("INSERT INTO t_chh_np_extra (pos) VALUES ($1) /* %d */"):format(e.global_position),
+            e.global_position))
+        end
+      end
+    end))
+    assert_exact(n)
     local x = g:one("SELECT count(*) AS n, count(DISTINCT pos) AS d FROM t_chh_np_extra")
     assert.equal(x.d, x.n, "extra rows doubled: " .. x.n .. " rows for " .. x.d .. " positions")
   end)
 
   it("failed COMMIT behind, next window's handler has a COPY refused (retried): exact, no false fence", function()
-    g = H.group("chh_cp", { batch_size = 10 })
-    g:append("a", 4, 50)
-    fail_commit_once(g, "chh_cp", nth_pos(g, 24))
-    local fourth = nth_pos(g, 30)
-    db = H.connect()
-    local proj = pup.load_projection(g.file)
-    local handle, tried = proj.handle, false
-    proj.on_error, proj.max_attempts, proj.retry_backoff = "retry", 5, 0.01
-    proj.handle = function(tx, e)
-      if e.global_position == fourth and not tried then
-        tried = true
-        local _, err = pcall(tx.exec, tx, "COPY t_chh_cp_x FROM STDIN")
-        error("copy attempted: " .. tostring(err))
+    local tried = false
+    local n, err = behind_a_failed_commit("chh_cp", function(handle, fourth)
+      return function(tx, e)
+        if e.global_position == fourth and not tried then
+          tried = true
+          local _, copy_err = pcall(tx.exec, tx, "COPY t_chh_cp_x FROM STDIN")
+          error("copy attempted: " .. tostring(copy_err))
+        end
+        handle(tx, e)
       end
-      handle(tx, e)
-    end
-    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
-    local n, err = p:run { once = true }
+    end, { on_error = "retry", max_attempts = 5, retry_backoff = 0.01 })
     assert(n, tostring(err))
-    local ok, why = g:exact()
-    assert(ok, tostring(why) .. " (handled " .. tostring(n) .. ")")
+    assert_exact(n)
   end)
 
   it("failed COMMIT behind, next window's handler uses tx:savepoint (pcall'd) then writes: nothing doubled", function()
-    g = H.group("chh_sp", { batch_size = 10 })
-    g:append("a", 4, 50)
-    fail_commit_once(g, "chh_sp", nth_pos(g, 24))
-    local fourth = nth_pos(g, 30)
-    db = H.connect()
-    local proj = pup.load_projection(g.file)
-    local handle = proj.handle
-    proj.handle = function(tx, e)
-      if e.global_position == fourth then
-        pcall(tx.savepoint, tx, function(t) assert(t:exec("SELECT 1")) end) -- optional part, may fail
+    local n, err = behind_a_failed_commit("chh_sp", function(handle, fourth)
+      return function(tx, e)
+        if e.global_position == fourth then
+          pcall(tx.savepoint, tx, function(t) assert(t:exec("SELECT 1")) end) -- optional part, may fail
+        end
+        handle(tx, e)
       end
-      handle(tx, e)
-    end
-    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
-    local n, err = p:run { once = true }
+    end)
     assert(n, tostring(err))
-    local ok, why = g:exact()
-    assert(ok, tostring(why) .. " (handled " .. tostring(n) .. ")")
+    assert_exact(n)
   end)
 end)
