@@ -387,8 +387,8 @@ tests: ^lua\.chain$
 name: reactor-chains
 why: issue 13: a reactor's batch commits behind the next one, so the next event's side effect runs before the batch before it committed (a crash then repeats two events, not one)
 file: src/batch.c
-old: if (p->cfg.group || p->cfg.side_effects || !w->ahead ||
-new: if (p->cfg.group || !w->ahead ||
+old: if (p->cfg.group || p->cfg.side_effects || !next_in_hand || w->last == w->from || undecided ||
+new: if (p->cfg.group || !next_in_hand || w->last == w->from || undecided ||
 tests: ^lua\.reactors$
 
 name: window-read-custom-plans

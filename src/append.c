@@ -19,8 +19,9 @@
 #define NARRAYS 9
 /* An append that left its wake-up to another's and took longer than this from its send to
  * its commit's answer notifies once after it: readers look again at positions drawn above
- * the head for 1 s after they first see them (run_loop.c, drawn_wait), and its position was
- * drawn after it was sent, so a faster one has committed well within that look. */
+ * the head for 1 s after they first see them (pup_drawn_look_wait, pup_gap.h), and its
+ * position was drawn after it was sent, so a faster one has committed well within that
+ * look. */
 #define WAKE_UP_SLOW_SECONDS 0.25
 
 void pup_append_buf_free(pup_append_buf *b) {

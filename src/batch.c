@@ -28,6 +28,7 @@
 #define TAG_CHECKPOINT (-5) /* chain: the checkpoint write queued behind a batch */
 #define TAG_COMMIT (-6)     /* chain: its COMMIT */
 #define TAG_BEGIN (-7)      /* chain: the next batch's BEGIN */
+#define BEHIND(tag) ((tag) == TAG_CHECKPOINT || (tag) == TAG_COMMIT || (tag) == TAG_BEGIN)
 #define CHAIN_SECONDS 1.0   /* a chain returns to the run loop (stop, progress) this often */
 
 /* Names the event a handler failure belongs to. */
@@ -273,7 +274,7 @@ static int run_handle_batch(pup_processor *p, walk *w, pup_error *err) {
     pup_conn_set_tag(p->conn, TAG_BATCH);
     int rc = p->h.handle_batch(p->h.ud, p->conn, p->evs, w->nevs, &pos, err);
     const pup_error *f = pup_conn_failure(p->conn, &tag);
-    if (f && (tag == TAG_CHECKPOINT || tag == TAG_COMMIT || tag == TAG_BEGIN)) { /* the batch behind's (chain) */
+    if (f && BEHIND(tag)) { /* the batch behind's (chain) */
         *err = *f;
         return pup_proc_context(p, err);
     }
@@ -358,7 +359,7 @@ static int end_pipeline(pup_processor *p, walk *w, pup_error *err) {
         return pup_proc_context(p, err);
     long tag = -1;
     if (pup_conn_pipeline_end(p->conn, err, &tag) < 0)
-        return tag == TAG_CHECKPOINT || tag == TAG_COMMIT || tag == TAG_BEGIN ? pup_proc_context(p, err)
+        return BEHIND(tag) ? pup_proc_context(p, err)
                : tag == TAG_GUARD ? ended_error(p, 1, err)
                : tag == TAG_BATCH ? batch_error(p, w, 0, err)
                : tag >= FIRST_EVENT_ROW && tag < w->nrows ? event_error(p, w->r, (int)tag, err) : pup_proc_context(p, err);
@@ -461,15 +462,17 @@ static int batch_body(pup_processor *p, const pup_stmt *st, walk *w, uint64_t xm
 
 /* Step 6, chained: with the next window read ahead and nothing left to decide before the
  * checkpoint (no hole waiting or pending a bound, no dead letter, no poison redone: also
- * read_ahead's conditions) and handlers without side effects outside the database, the batch queues its checkpoint write (raising when fenced),
- * its COMMIT and the next batch's BEGIN, and the next batch walks that window while the
- * server commits; their results are read with that batch's (end_pipeline). Its statements
- * run after the COMMIT, in the same session, so its handlers see this batch's writes as
- * after any COMMIT. Returns 1 when w cannot chain (nothing queued). */
+ * read_ahead's conditions) and handlers without side effects outside the database, the
+ * batch queues its checkpoint write (raising when fenced), its COMMIT and the next batch's
+ * BEGIN, and the next batch walks that window while the server commits; their results are
+ * read with that batch's (end_pipeline). Its statements run after the COMMIT, in the same
+ * session, so its handlers see this batch's writes as after any COMMIT. Returns 1 when w
+ * cannot chain (nothing queued). */
 static int chain(pup_processor *p, walk *w, double chain_started, pup_error *err) {
-    if (p->cfg.group || p->cfg.side_effects || !w->ahead || PQntuples(w->ahead) <= FIRST_EVENT_ROW || w->ahead_from != w->last ||
-        w->last == w->from || p->wait_lo || p->recorded_wait || pup_gaps_pending(&p->gaps) || w->dead_row >= 0 ||
-        p->poison.stop_at || pup_proc_mono() - chain_started > CHAIN_SECONDS)
+    int next_in_hand = w->ahead && PQntuples(w->ahead) > FIRST_EVENT_ROW && w->ahead_from == w->last;
+    int undecided = p->wait_lo || p->recorded_wait || pup_gaps_pending(&p->gaps) || w->dead_row >= 0 || p->poison.stop_at;
+    if (p->cfg.group || p->cfg.side_effects || !next_in_hand || w->last == w->from || undecided ||
+        pup_proc_mono() - chain_started > CHAIN_SECONDS)
         return 1;
     const pup_stmt *st = pup_conn_prepare(p->conn, p->sql_checkpoint_fenced, err);
     if (!st || checkpoint_params(p, w->from, w->last, err) < 0) return pup_proc_context(p, err);
@@ -527,8 +530,8 @@ static int read_header(pup_processor *p, const PGresult *r, uint64_t *xmin, long
  * fence. */
 static int batch_failed(pup_processor *p, PGresult *r, walk *w, const walk *behind, pup_error *err) {
     long tag = 0;
-    int fenced = behind && pup_conn_failure(p->conn, &tag) && tag == TAG_CHECKPOINT &&
-                 strcmp(pup_conn_failure(p->conn, NULL)->sqlstate, "22012") == 0;
+    const pup_error *f = behind ? pup_conn_failure(p->conn, &tag) : NULL;
+    int fenced = f && tag == TAG_CHECKPOINT && strcmp(f->sqlstate, "22012") == 0;
     PQclear(r);
     PQclear(w->ahead);
     pup_conn_rollback(p->conn);

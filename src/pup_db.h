@@ -193,11 +193,11 @@ int pup_conn_send_kept(pup_conn *c, const pup_stmt *st, const pup_params *p, pup
  * failed); the caller clears it. */
 PGresult *pup_conn_take_kept(pup_conn *c);
 /* Queues, in pipeline mode (entered if need be), st (a transaction's last statement,
- * which must raise rather
- * than let the COMMIT behind it commit something wrong), COMMIT and BEGIN, tagged
- * tags[0..2], and sends them without reading anything: the server commits while the
- * caller goes on, and what it queues next runs in the new transaction. Their results are
- * read with the next statements' (a failure is recorded with its tag, as any). Returns 1,
+ * which must raise rather than let the COMMIT behind it commit something wrong), COMMIT
+ * and BEGIN, tagged tags[0..2], and sends them without reading anything: the server
+ * commits while the caller goes on, and what it queues next runs in the new transaction.
+ * Their results are read with the next statements' (a failure is recorded with its tag,
+ * as any). Returns 1,
  * queueing nothing, when the transaction owes listeners a wake-up (pup_conn_commit sends
  * it behind its COMMIT) or the connection goes through a pooler (a BEGIN after the COMMIT
  * could reach another server connection); -1 when sending failed. */

@@ -274,7 +274,6 @@ static int handler_failed(pup_processor *p, const pup_run_opts *o, pup_error *er
     return 0;
 }
 
-/* Counts a committed batch that moved the checkpoint in the duration histogram. */
 /* One turn: take partitions, run a batch, wait as it says. 1: stop; 0: go on; -1 with err. */
 static int turn(pup_processor *p, const pup_run_opts *o, long long *target, told *t, int *backoff_ms,
                 pup_error *err) {
