@@ -228,15 +228,17 @@ tests: ^lua\.retry$
 name: pipeline-failure-first-row
 why: a pipelined handler statement's failure is blamed on the batch's first event
 file: src/batch.c
-old: tag >= FIRST_EVENT_ROW && tag < w->nrows ? event_error(p, w->r, (int)tag, err)
-new: tag >= FIRST_EVENT_ROW && tag < w->nrows ? event_error(p, w->r, FIRST_EVENT_ROW, err)
+old: if (t >= FIRST_EVENT_ROW && t < w->nrows) return event_error(p, w->r, (int)t, err);
+new: if (t >= FIRST_EVENT_ROW && t < w->nrows) return event_error(p, w->r, FIRST_EVENT_ROW, err);
 tests: ^lua\.(retry|processor)$
 
 name: pipeline-failure-noticing-row
 why: a pipelined statement's failure read during a later handler is blamed on that later event
 file: src/batch.c
-old: return event_error(p, r, (int)tag, err);
-new: return event_error(p, r, i, err);
+old: *err = *pup_conn_failure(p->conn, NULL);
+old+:         return failed_at(p, w, tag, err);
+new: *err = *pup_conn_failure(p->conn, NULL);
+new+:         return event_error(p, r, i, err);
 tests: ^lua\.(retry|processor)$
 
 name: handler-nil-err-ignored
@@ -387,8 +389,8 @@ tests: ^lua\.chain$
 name: reactor-chains
 why: issue 13: a reactor's batch commits behind the next one, so the next event's side effect runs before the batch before it committed (a crash then repeats two events, not one)
 file: src/batch.c
-old: if (p->cfg.group || p->cfg.side_effects || !next_in_hand || w->last == w->from || undecided ||
-new: if (p->cfg.group || !next_in_hand || w->last == w->from || undecided ||
+old: return chain_started > 0 && !p->cfg.side_effects && w->ahead_sent
+new: return chain_started > 0 && w->ahead_sent
 tests: ^lua\.reactors$
 
 name: window-read-custom-plans
@@ -411,6 +413,35 @@ file: src/db.c
 old: if (c->failed) return -1;
 new: if (0 && c->failed) return -1;
 tests: ^lua\.chain$
+
+name: behind-failure-named-current
+why: issue 13: a failure of the batch chained behind, read while the next batch is walked, is named for the next batch (its positions, or no event: the skip policy cannot dead-letter the event that failed)
+file: src/batch.c
+old: if (w->behind && owns(w->behind, tag, &t)) w = w->behind;
+new: if (0 && w->behind && owns(w->behind, tag, &t)) w = w->behind;
+tests: ^lua\.chain$
+
+name: behind-unread-on-raise
+why: issue 13: a handler that raises while the batch behind's failed write is unread gets the blame, and the event that failed is not named
+file: src/batch.c
+old: int rc = p->h.handle(p->h.ud, p->conn, &ev, err);
+old+:     if (rc < 0) read_behind(p, w);
+new: int rc = p->h.handle(p->h.ud, p->conn, &ev, err);
+tests: ^lua\.chain$
+
+name: reader-reads-store-names
+why: issue 13: the read-ahead session reads the tables by the store's names, not as the processor's connection resolves them (its search_path): another schema's events
+file: src/processor.c
+old: read_sql(p, PQgetvalue(r, 0, 0), PQgetvalue(r, 1, 0), PQgetvalue(r, 2, 0))
+new: read_sql(p, p->store->q_events, p->store->q_groups, p->store->q_sequence)
+tests: ^lua\.read_beside$
+
+name: reader-not-reopened
+why: issue 13: a read-ahead session that was killed is not opened again: catch-up after a server restart stays on one session
+file: src/processor.c
+old: p->reader_off = pup_conn_ok(p->reader);
+new: p->reader_off = 1;
+tests: ^lua\.read_beside$
 
 name: chain-fence-not-raising
 why: issue 13: a fenced checkpoint write queued before its COMMIT does not raise, so the COMMIT behind it commits the batch's writes without the checkpoint (after a reset: applied twice)

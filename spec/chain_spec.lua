@@ -188,4 +188,113 @@ describe("commit behind the next batch", function()
     assert(n, tostring(err))
     assert_exact(n)
   end)
+  -- A batch's own results are read during the next batch (src/batch.c, end_ahead): these
+  -- make a statement of batch 4 (positions 31..40 of 200, windows of 10) fail at the
+  -- server, found while batch 5 is walked. The failure must be batch 4's, batch 5 must
+  -- not commit, and the skip policy must dead-letter the event that failed.
+  local function fail_insert_at(g, pos)
+    assert(g.db:exec(("ALTER TABLE %s ADD CONSTRAINT t_%s_pos CHECK (pos <> %d)"):format(g.seen, g.prefix, pos)))
+  end
+
+  -- Positions handled (rows of g.seen) and how often; the checkpoint.
+  local function handled(g)
+    local rows = g:q(("SELECT pos, count(*)::int AS n FROM %s GROUP BY pos ORDER BY pos"):format(g.seen))
+    local cp = g:one(('SELECT last_global_position AS p FROM "%s"'):format(g.names.checkpoints_table))
+    return rows, cp and cp.p or 0
+  end
+
+  it("handle_batch's write of one batch fails while the next is walked: named for its batch, none committed", function()
+    g = H.group("chn_hb", { batch_size = 10 })
+    g:append("a", 4, 50)
+    local bad = nth_pos(g, 34) -- in batch 4 (31..40)
+    fail_insert_at(g, bad)
+    db = H.connect()
+    local walked = {}
+    local proj = {
+      name = "grp_counter",
+      handle_batch = function(tx, events)
+        local pos, agg = {}, {}
+        for i, e in ipairs(events) do pos[i], agg[i] = e.global_position, e.aggregate_id end
+        walked[#walked + 1] = pos[1]
+        -- queued in the pipeline: its failure is read after this call returns
+        assert(tx:exec(("INSERT INTO %s (pos, agg, xid, pid) SELECT p, a, pg_current_xact_id()::text, 0"
+          .. " FROM unnest($1::bigint[], $2::text[]) AS u(p, a)"):format(g.seen),
+          "{" .. table.concat(pos, ",") .. "}", "{" .. table.concat(agg, ",") .. "}"))
+      end,
+    }
+    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
+    local n, err = p:run { once = true }
+    assert.is_nil(n)
+    assert.equal("handler", err.code)
+    -- batch 4's positions, not batch 5's (which was walked, so the failure was read late)
+    local want = ("handle_batch failed on the batch of 10 event(s) at global positions %d..%d")
+      :format(nth_pos(g, 30), nth_pos(g, 39))
+    assert.is_truthy(err.message:find(want, 1, true), err.message)
+    assert.is_truthy(err.message:find("t_chn_hb_pos", 1, true), err.message)
+    assert.is_true(#walked >= 5 and walked[5] == nth_pos(g, 40), "batch 5 was walked: " .. table.concat(walked, ","))
+    local rows, cp = handled(g)
+    assert.equal(nth_pos(g, 29), cp) -- batches 1-3
+    assert.equal(30, #rows)
+    for i, r in ipairs(rows) do
+      assert.equal(nth_pos(g, i - 1), r.pos)
+      assert.equal(1, r.n)
+    end
+  end)
+
+  for _, sync_read in ipairs { false, true } do
+    it(("a handler's write fails while the next batch is walked%s: that event dead-lettered, the rest once")
+      :format(sync_read and " (whose handler reads, so it sees the failure first)" or ""), function()
+      g = H.group(sync_read and "chn_sr" or "chn_pe", { batch_size = 10 })
+      g:append("a", 4, 50)
+      local bad = nth_pos(g, 34)
+      fail_insert_at(g, bad)
+      db = H.connect()
+      local proj = pup.load_projection(g.file)
+      local handle = proj.handle
+      proj.handle = function(tx, e)
+        if sync_read and e.global_position >= nth_pos(g, 40) then
+          assert(tx:query("SELECT 1 AS one")) -- reads every result before it, batch 4's failure among them
+        end
+        handle(tx, e)
+      end
+      proj.on_error = "skip"
+      p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
+      assert.equal(199, assert(p:run { once = true }))
+      local dl = g:q(('SELECT global_position AS p, error FROM "%s_dead_letters"'):format(g.names.checkpoints_table))
+      assert.equal(1, #dl)
+      assert.equal(bad, dl[1].p)
+      assert.is_truthy(dl[1].error:find("t_" .. g.prefix .. "_pos", 1, true), dl[1].error)
+      local rows, cp = handled(g)
+      assert.equal(g:head(), cp)
+      assert.equal(199, #rows)
+      for _, r in ipairs(rows) do
+        assert.are_not.equal(bad, r.pos)
+        assert.equal(1, r.n)
+      end
+      local c = g:one(("SELECT sum(n)::int AS n FROM %s"):format(g.counter))
+      assert.equal(199, c.n)
+    end)
+  end
+  it("a handler raises while the batch behind's failed write is unread: the failure reported is that batch's", function()
+    g = H.group("chn_lr", { batch_size = 10 })
+    g:append("a", 4, 50)
+    local bad = nth_pos(g, 34)
+    fail_insert_at(g, bad)
+    db = H.connect()
+    local proj = pup.load_projection(g.file)
+    local handle = proj.handle
+    proj.handle = function(tx, e)
+      if e.global_position == nth_pos(g, 40) then error("raised in batch 5") end
+      handle(tx, e)
+    end
+    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
+    local n, err = p:run { once = true }
+    assert.is_nil(n)
+    assert.is_truthy(err.message:find(("handler failed at global position %d "):format(bad), 1, true), err.message)
+    assert.is_truthy(err.message:find("t_chn_lr_pos", 1, true), err.message)
+    assert.is_falsy(err.message:find("raised in batch 5", 1, true), err.message)
+    local rows, cp = handled(g)
+    assert.equal(nth_pos(g, 29), cp)
+    assert.equal(30, #rows)
+  end)
 end)

@@ -28,7 +28,10 @@
 #define TAG_CHECKPOINT (-5) /* chain: the checkpoint write queued behind a batch */
 #define TAG_COMMIT (-6)     /* chain: its COMMIT */
 #define TAG_BEGIN (-7)      /* chain: the next batch's BEGIN */
-#define BEHIND(tag) ((tag) == TAG_CHECKPOINT || (tag) == TAG_COMMIT || (tag) == TAG_BEGIN)
+/* A chained batch's results are read during the next batch (chain): each batch's tags are
+ * offset by its base (0 or TAG_STRIDE, alternating), so a failure read then is still the
+ * batch's it belongs to (failed_at). Rows stay below TAG_STRIDE / 2 (window_size). */
+#define TAG_STRIDE (1L << 24)
 #define CHAIN_SECONDS 1.0   /* a chain returns to the run loop (stop, progress) this often */
 
 /* Names the event a handler failure belongs to. */
@@ -188,7 +191,20 @@ typedef struct walk {
     int nevs;             /* handle_batch: the events to give it, in p->evs (pointing into r) */
     PGresult *ahead;      /* the next window, read ahead from ahead_from (read_ahead) */
     long long ahead_from;
+    int ahead_sent;       /* the read-ahead was queued (on p->conn), or sent on p->reader (2) */
+    int guarded;          /* the guard was queued */
+    long long lo, hi;     /* handle_batch: the positions of its first and last event */
+    long base;            /* added to the tags of the batch's statements (TAG_STRIDE) */
+    const struct walk *behind; /* the batch chained behind this one, its results unread */
 } walk;
+
+/* Whether tag is one of w's statements': *local is then the tag it was given. */
+static int owns(const walk *w, long tag, long *local) {
+    long t = tag - w->base;
+    if (t <= -TAG_STRIDE / 2 || t >= TAG_STRIDE / 2) return 0;
+    if (local) *local = t;
+    return 1;
+}
 
 /* Other partitions' events only advance the position: read enough rows that about
  * batch_size of them are ours, so N partitions commit as often as one. */
@@ -230,13 +246,34 @@ static PGresult *read_window(pup_processor *p, const pup_stmt *st, long long fro
  * the generation lock again before they write (sql_open), and its checkpoint write is
  * fenced as always. Static partitions only: a group's partitions move between batches
  * and its batches stop at a deadline, so a window read ahead would rarely be the next. */
-static int read_ahead(pup_processor *p, const pup_stmt *st, walk *w, pup_error *err) {
+static int read_ahead(pup_processor *p, const pup_stmt *st, walk *w, double chain_started, pup_error *err) {
     if (p->cfg.group || w->nrows - FIRST_EVENT_ROW < window_size(p) || p->poison.stop_at || p->wait_lo) return 0;
     w->ahead_from = pup_be_int(PQgetvalue(w->r, w->nrows - 1, FIRST_EVENT_COL), 8);
-    pup_conn_set_tag(p->conn, TAG_AHEAD);
+    if (chain_started > 0 && p->handlers_wrote && pup_proc_open_reader(p) == 0) { /* beside this batch's statements, on the other session */
+        pup_error e;
+        const pup_stmt *rst = pup_conn_prepare(p->reader, p->sql_read_reader, &e);
+        if (window_params(p, w->ahead_from, err) < 0) return pup_proc_context(p, err);
+        if (rst && pup_conn_send_now(p->reader, rst, &p->params, &e) == 0) {
+            w->ahead_sent = 2;
+            return 0;
+        }
+        pup_proc_drop_reader(p);
+    }
+    pup_conn_set_tag(p->conn, w->base + TAG_AHEAD);
     if (window_params(p, w->ahead_from, err) < 0 || pup_conn_send_kept(p->conn, st, &p->params, err) < 0)
         return pup_proc_context(p, err);
+    w->ahead_sent = 1;
     return 0;
+}
+
+/* The window read ahead by this batch once read: on the other session, waiting for it
+ * (NULL when that read failed: the reader is dropped, the next batch reads for itself). */
+static PGresult *take_read_ahead(pup_processor *p, const walk *w) {
+    if (w->ahead_sent != 2) return pup_conn_take_kept(p->conn);
+    pup_error e;
+    PGresult *r = pup_conn_take_sent(p->reader, &e);
+    if (!r) pup_proc_drop_reader(p);
+    return r;
 }
 
 /* The window read ahead by the last batch if it is the one after `from` (else NULL).
@@ -253,17 +290,36 @@ static PGresult *take_ahead(pup_processor *p, long long from) {
 }
 
 /* Names the positions of a failed handle_batch, or the event it said the failure is of. */
-static int batch_error(pup_processor *p, walk *w, long long pos, pup_error *err) {
+static int batch_error(pup_processor *p, const walk *w, long long pos, pup_error *err) {
     for (int i = w->first_row; pos > 0 && i < w->nrows; i++)
         if (pup_be_int(PQgetvalue(w->r, i, FIRST_EVENT_COL), 8) == pos) {
             pup_error_prefix(err, "handle_batch (batch of %d event(s) at global positions %lld..%lld): ", w->nevs,
-                             p->evs[0].global_position, p->evs[w->nevs - 1].global_position);
+                             w->lo, w->hi);
             return event_error(p, w->r, i, err);
         }
     pup_error_prefix(err, "projection %s: handle_batch failed on the batch of %d event(s) at global positions "
-                     "%lld..%lld: ", p->name, w->nevs, w->nevs ? p->evs[0].global_position : 0,
-                     w->nevs ? p->evs[w->nevs - 1].global_position : 0);
+                     "%lld..%lld: ", p->name, w->nevs, w->lo, w->hi);
     if (!pup_error_is_transient(err)) err->code = PUP_ERR_HANDLER;
+    return pup_proc_context(p, err);
+}
+
+/* A handler of w failed: the batch behind, whose results may be unread, may have failed
+ * first. Read them (a Sync: the batch is rolled back anyway). */
+static void read_behind(pup_processor *p, const walk *w) {
+    pup_error ignored;
+    if (w->behind) pup_conn_pipeline_sync(p->conn, &ignored);
+}
+
+/* A failure read from the pipeline (err, and the tag of its statement) named for the
+ * batch it belongs to, w or the batch behind it: by its event, its handle_batch or its
+ * guard; the read-ahead's and the chain's own statements by the processor. */
+static int failed_at(pup_processor *p, const walk *w, long tag, pup_error *err) {
+    long t = 0;
+    if (w->behind && owns(w->behind, tag, &t)) w = w->behind;
+    else if (!owns(w, tag, &t)) return pup_proc_context(p, err);
+    if (t == TAG_GUARD) return ended_error(p, 1, err);
+    if (t == TAG_BATCH) return batch_error(p, w, 0, err);
+    if (t >= FIRST_EVENT_ROW && t < w->nrows) return event_error(p, w->r, (int)t, err);
     return pup_proc_context(p, err);
 }
 
@@ -271,12 +327,13 @@ static int batch_error(pup_processor *p, walk *w, long long pos, pup_error *err)
 static int run_handle_batch(pup_processor *p, walk *w, pup_error *err) {
     long long pos = 0;
     long tag = 0;
-    pup_conn_set_tag(p->conn, TAG_BATCH);
+    pup_conn_set_tag(p->conn, w->base + TAG_BATCH);
     int rc = p->h.handle_batch(p->h.ud, p->conn, p->evs, w->nevs, &pos, err);
+    if (rc < 0) read_behind(p, w);
     const pup_error *f = pup_conn_failure(p->conn, &tag);
-    if (f && BEHIND(tag)) { /* the batch behind's (chain) */
+    if (f && !owns(w, tag, NULL)) { /* the batch behind's (chain) */
         *err = *f;
-        return pup_proc_context(p, err);
+        return failed_at(p, w, tag, err);
     }
     if (rc < 0) return batch_error(p, w, pos, err);
     if (f) {
@@ -299,7 +356,7 @@ static int handle_event(pup_processor *p, walk *w, int i, long long pos, pup_err
     if (p->old_cp && pos <= p->old_max &&
         pos <= p->old_cp[pup_partition_of(ev.aggregate_id.p, ev.aggregate_id.len, p->old_total)])
         return 0; /* handled under the previous partitioning */
-    if (!w->opened && queue_open(p, i, err) < 0) return pup_proc_context(p, err);
+    if (!w->opened && queue_open(p, w->base + i, err) < 0) return pup_proc_context(p, err);
     w->opened = 1;
     if (w->nhandle++ == 0) w->first_row = i;
     if (p->h.handle_batch) { /* given to handle_batch at the end of the walk */
@@ -310,19 +367,21 @@ static int handle_event(pup_processor *p, walk *w, int i, long long pos, pup_err
             p->evs = e;
             p->capevs = cap;
         }
+        if (w->nevs == 0) w->lo = pos;
+        w->hi = pos;
         p->evs[w->nevs++] = ev;
         return 0;
     }
-    pup_conn_set_tag(p->conn, i);
+    pup_conn_set_tag(p->conn, w->base + i);
     long tag;
     int rc = p->h.handle(p->h.ud, p->conn, &ev, err);
-    /* A statement of an earlier event that failed in the pipeline is that event's
-     * failure, even when this handler then failed on the aborted transaction. */
-    if (pup_conn_failure(p->conn, &tag) && (rc == 0 || tag != i)) {
+    if (rc < 0) read_behind(p, w);
+    /* A statement of an earlier event (or of the batch behind) that failed in the
+     * pipeline is that event's failure, even when this handler then failed on the
+     * aborted transaction. */
+    if (pup_conn_failure(p->conn, &tag) && (rc == 0 || tag != w->base + i)) {
         *err = *pup_conn_failure(p->conn, NULL);
-        /* not an event's: the read-ahead queued before the walk (a lost session) */
-        if (tag < FIRST_EVENT_ROW || tag >= w->nrows) return pup_proc_context(p, err);
-        return event_error(p, r, (int)tag, err);
+        return failed_at(p, w, tag, err);
     }
     if (rc < 0) return event_error(p, r, i, err);
     return 0;
@@ -353,17 +412,42 @@ static int walk_window(pup_processor *p, walk *w, uint64_t xmin, double deadline
 /* Step 4: the guard, queued before the Sync (after a handler's ROLLBACK or COMMIT, the
  * statements that follow form an implicit transaction that this failure rolls back at
  * the Sync), then the pipeline's end, failures attributed to their event. */
-static int end_pipeline(pup_processor *p, walk *w, pup_error *err) {
-    if (w->opened &&
-        (queue(p, p->sql_guard, TAG_GUARD, NULL, err) < 0 || (p->sql_untimed && queue(p, p->sql_untimed, TAG_GUARD, NULL, err) < 0)))
+static int queue_guard(pup_processor *p, walk *w, pup_error *err) {
+    if (!w->opened || w->guarded) return 0;
+    w->guarded = 1;
+    long tag = w->base + TAG_GUARD;
+    if (queue(p, p->sql_guard, tag, NULL, err) < 0 || (p->sql_untimed && queue(p, p->sql_untimed, tag, NULL, err) < 0))
         return pup_proc_context(p, err);
+    return 0;
+}
+
+static int end_pipeline(pup_processor *p, walk *w, pup_error *err) {
+    if (queue_guard(p, w, err) < 0) return -1;
     long tag = -1;
-    if (pup_conn_pipeline_end(p->conn, err, &tag) < 0)
-        return BEHIND(tag) ? pup_proc_context(p, err)
-               : tag == TAG_GUARD ? ended_error(p, 1, err)
-               : tag == TAG_BATCH ? batch_error(p, w, 0, err)
-               : tag >= FIRST_EVENT_ROW && tag < w->nrows ? event_error(p, w->r, (int)tag, err) : pup_proc_context(p, err);
+    if (pup_conn_pipeline_end(p->conn, err, &tag) < 0) return failed_at(p, w, tag, err);
     if (PQtransactionStatus(pup_conn_pg(p->conn)) != PQTRANS_INTRANS) return ended_error(p, 0, err);
+    return 0;
+}
+
+/* Step 4 of a batch that may chain: the guard queued, no Sync, and only the results up to
+ * the window read ahead read (those of the batch behind among them); this batch's are read
+ * with the next one's, whose walk overlaps them. With no Sync between, a guard or handler
+ * statement that fails makes the server skip everything queued after it (chain's
+ * checkpoint write and COMMIT too) until the rollback. */
+static int end_ahead(pup_processor *p, walk *w, pup_error *err) {
+    if (queue_guard(p, w, err) < 0) return -1;
+    /* the batch behind's results: up to its COMMIT, or (read on p->conn) the window */
+    int rc = w->ahead_sent == 1 ? pup_conn_read_kept(p->conn, err)
+             : w->behind        ? pup_conn_read_upto(p->conn, w->behind->base + TAG_COMMIT, err)
+                                : 0;
+    if (rc < 0) return pup_proc_context(p, err);
+    long tag = -1;
+    const pup_error *f = pup_conn_failure(p->conn, &tag);
+    if (f) {
+        *err = *f;
+        return failed_at(p, w, tag, err);
+    }
+    w->ahead = take_read_ahead(p, w);
     return 0;
 }
 
@@ -440,19 +524,33 @@ static long long oldest_pending(const walk *w, long long head) {
     return ev.created_at / 1000;
 }
 
+/* Whether w may chain (chain_started: when the chain began; 0: not chained): nothing left
+ * to decide before its checkpoint (no hole waiting or pending a bound, no dead letter, no
+ * poison redone), the next window read ahead (also read_ahead's conditions: static
+ * partitions), handlers without side effects outside the database, and time left. Whether
+ * that window holds the next events is known once it is read (chain). */
+static int may_chain(const pup_processor *p, const walk *w, double chain_started) {
+    int undecided = p->wait_lo || p->recorded_wait || pup_gaps_pending(&p->gaps) || w->dead_row >= 0 || p->poison.stop_at;
+    return chain_started > 0 && !p->cfg.side_effects && w->ahead_sent && w->last != w->from && !undecided &&
+           pup_proc_mono() - chain_started <= CHAIN_SECONDS;
+}
+
 /* Steps 2-5 inside the open transaction, with the window read. */
 static int batch_body(pup_processor *p, const pup_stmt *st, walk *w, uint64_t xmin, double deadline,
-                      int *waiting, pup_error *err) {
+                      double chain_started, int *waiting, pup_error *err) {
     if (pup_conn_pipeline_begin(p->conn, err) < 0) return pup_proc_context(p, err);
-    int rc = read_ahead(p, st, w, err);
+    int rc = read_ahead(p, st, w, chain_started, err);
+    unsigned long sent = pup_conn_sent(p->conn);
     if (rc == 0) rc = walk_window(p, w, xmin, deadline, err);
     if (rc == 0 && w->nevs > 0) rc = run_handle_batch(p, w, err);
-    if (rc == 0) rc = end_pipeline(p, w, err);
-    if (rc == 0) w->ahead = pup_conn_take_kept(p->conn);
+    p->handlers_wrote = pup_conn_sent(p->conn) - sent > (unsigned long)w->opened; /* besides the open */
     *waiting = w->wait_lo != 0;
     if (w->wait_lo != p->wait_lo) p->wait_since = pup_proc_now();
     p->wait_lo = w->wait_lo;
     pup_gaps_forget(&p->gaps, w->last, 0);
+    if (rc == 0 && may_chain(p, w, chain_started)) return end_ahead(p, w, err); /* no bound, no dead letter */
+    if (rc == 0) rc = end_pipeline(p, w, err);
+    if (rc == 0) w->ahead = take_read_ahead(p, w);
     uint64_t bound = 0; /* set by draw_bound before use */
     if (rc == 0 && pup_gaps_pending(&p->gaps) && (rc = draw_bound(p, &bound, err)) == 0)
         pup_gaps_set_bound(&p->gaps, bound);
@@ -460,25 +558,20 @@ static int batch_body(pup_processor *p, const pup_stmt *st, walk *w, uint64_t xm
     return rc;
 }
 
-/* Step 6, chained: with the next window read ahead and nothing left to decide before the
- * checkpoint (no hole waiting or pending a bound, no dead letter, no poison redone: also
- * read_ahead's conditions) and handlers without side effects outside the database, the
- * batch queues its checkpoint write (raising when fenced), its COMMIT and the next batch's
- * BEGIN, and the next batch walks that window while the server commits; their results are
- * read with that batch's (end_pipeline). Its statements run after the COMMIT, in the same
- * session, so its handlers see this batch's writes as after any COMMIT. Returns 1 when w
- * cannot chain (nothing queued). */
+/* Step 6, chained: when w may chain (may_chain) and the window read ahead holds the next
+ * events, the batch queues its checkpoint write (raising when fenced), its COMMIT and the
+ * next batch's BEGIN behind its own statements (end_ahead), none of them read, and the next
+ * batch walks that window while the server runs them; their results are read with that
+ * batch's. Its statements run after the COMMIT, in the same session, so its handlers see
+ * this batch's writes as after any COMMIT. Returns 1 when w cannot chain (nothing queued). */
 static int chain(pup_processor *p, walk *w, double chain_started, pup_error *err) {
     int next_in_hand = w->ahead && PQntuples(w->ahead) > FIRST_EVENT_ROW && w->ahead_from == w->last;
-    int undecided = p->wait_lo || p->recorded_wait || pup_gaps_pending(&p->gaps) || w->dead_row >= 0 || p->poison.stop_at;
-    if (p->cfg.group || p->cfg.side_effects || !next_in_hand || w->last == w->from || undecided ||
-        pup_proc_mono() - chain_started > CHAIN_SECONDS)
-        return 1;
+    if (!next_in_hand || !may_chain(p, w, chain_started)) return 1;
     const pup_stmt *st = pup_conn_prepare(p->conn, p->sql_checkpoint_fenced, err);
     if (!st || checkpoint_params(p, w->from, w->last, err) < 0) return pup_proc_context(p, err);
-    static const long tags[3] = {TAG_CHECKPOINT, TAG_COMMIT, TAG_BEGIN};
+    const long tags[3] = {w->base + TAG_CHECKPOINT, w->base + TAG_COMMIT, w->base + TAG_BEGIN};
     int rc = pup_conn_commit_behind(p->conn, st, &p->params, tags, err);
-    if (rc == 0 && queue(p, p->sql_generic, TAG_BEGIN, NULL, err) < 0) rc = -1;
+    if (rc == 0 && queue(p, p->sql_generic, w->base + TAG_BEGIN, NULL, err) < 0) rc = -1;
     return rc < 0 ? pup_proc_context(p, err) : rc;
 }
 
@@ -529,9 +622,9 @@ static int read_header(pup_processor *p, const PGresult *r, uint64_t *xmin, long
  * `behind`, the batch chained behind failed too if the first failure is its checkpoint's
  * fence. */
 static int batch_failed(pup_processor *p, PGresult *r, walk *w, const walk *behind, pup_error *err) {
-    long tag = 0;
+    long tag = 0, t = 0;
     const pup_error *f = behind ? pup_conn_failure(p->conn, &tag) : NULL;
-    int fenced = f && tag == TAG_CHECKPOINT && strcmp(f->sqlstate, "22012") == 0;
+    int fenced = f && owns(behind, tag, &t) && t == TAG_CHECKPOINT && strcmp(f->sqlstate, "22012") == 0;
     PQclear(r);
     PQclear(w->ahead);
     pup_conn_rollback(p->conn);
@@ -548,6 +641,7 @@ static int batch_once(pup_processor *p, int chained, int *handled, long long *ad
     if (pup_conn_check_utf8(p->conn, err) < 0) return pup_proc_context(p, err);
     if (!p->setup_done && p->h.setup && run_setup(p, err) < 0) return -1;
     p->setup_done = 1;
+    if (chained) pup_proc_resolve_reader(p); /* catching up, it reads ahead beside the batch */
     const pup_stmt *st = prepare_batch(p, err);
     if (!st) {
         pup_store_error(err);
@@ -566,18 +660,25 @@ static int batch_once(pup_processor *p, int chained, int *handled, long long *ad
         pup_conn_rollback(p->conn);
         return pup_proc_context(p, err);
     }
-    walk prev;     /* the batch chained behind this one (chain) */
-    int behind = 0; /* 1 while prev's checkpoint and COMMIT results are not read */
+    walk prev;              /* the batch chained behind this one (chain) */
+    PGresult *prev_r = NULL; /* its window, kept until its results are read (failed_at) */
+    int behind = 0;         /* 1 while prev's results are not all read */
     for (;;) {
         walk w = {.from = from, .last = from, .started = behind ? pup_proc_mono() : started, .dead_row = -1,
-                  .r = r, .nrows = PQntuples(r)};
+                  .r = r, .nrows = PQntuples(r), .base = behind ? TAG_STRIDE - prev.base : 0,
+                  .behind = behind ? &prev : NULL};
         uint64_t xmin = 0;
         long long gen = p->gen;
         int rc = read_header(p, r, &xmin, &gen, err);
-        if (rc == 0 && gen == p->gen) rc = batch_body(p, st, &w, xmin, deadline, waiting, err);
-        if (behind && ((rc == 0 && gen == p->gen) || prev_committed(p))) {
+        if (rc == 0 && gen == p->gen) rc = batch_body(p, st, &w, xmin, deadline, chained ? started : 0, waiting, err);
+        if (behind && ((rc == 0 && gen == p->gen && pup_conn_behind_committed(p->conn)) || prev_committed(p))) {
             moved(p, &prev, handled, advanced);
             behind = 0;
+        }
+        if (w.behind) { /* failures are named by now */
+            PQclear(prev_r);
+            prev_r = NULL;
+            w.behind = NULL;
         }
         if (rc == 0 && gen != p->gen) { /* reset while we were idle */
             batch_failed(p, r, &w, NULL, err);
@@ -587,18 +688,21 @@ static int batch_once(pup_processor *p, int chained, int *handled, long long *ad
         if (rc < 0) return batch_failed(p, r, &w, behind ? &prev : NULL, err);
         p->stats.oldest_pending_ms = oldest_pending(&w, p->stats.head);
         int c = chained ? chain(p, &w, started, err) : 1;
-        if (c < 0) return batch_failed(p, r, &w, NULL, err);
+        /* not chained after all (end_ahead left the pipeline open): its results now */
+        if (c < 0 || (c == 1 && pup_conn_in_pipeline(p->conn) && end_pipeline(p, &w, err) < 0))
+            return batch_failed(p, r, &w, NULL, err);
         if (c == 0) { /* the next window was read ahead in this transaction: take_ahead's checks */
-            PQclear(r);
+            prev = w;
+            prev.ahead = NULL;
+            prev_r = r;
+            prev.ended = pup_proc_mono();
             r = w.ahead;
             from = w.last;
-            prev = w;
-            prev.r = prev.ahead = NULL;
-            prev.ended = pup_proc_mono();
             behind = 1;
             if ((st = prepare_batch(p, err)) != NULL) continue;
             pup_store_error(err);
             if (prev_committed(p)) moved(p, &prev, handled, advanced);
+            PQclear(prev_r);
             w.ahead = NULL;
             return batch_failed(p, r, &w, NULL, err);
         }

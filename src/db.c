@@ -62,6 +62,7 @@ struct pup_conn {
      * 0 once it said COMMIT, -1 once it failed or was skipped. */
     long behind_tag;
     int behind;
+    unsigned long sent; /* statements sent by send_stmt (pup_conn_sent) */
 };
 
 /* Every error code with the stable name Lua sees in err.code: the one table of them. */
@@ -471,6 +472,25 @@ static PGconn *connect_alike(pup_conn *c) {
     return pg;
 }
 
+pup_conn *pup_conn_open_alike(pup_conn *c, pup_error *err) {
+    pup_conn *o = calloc(1, sizeof *o);
+    if (!o) {
+        pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "cannot connect: out of memory");
+        return NULL;
+    }
+    o->pg = connect_alike(c);
+    if (!o->pg || PQstatus(o->pg) != CONNECTION_OK) {
+        char target[512];
+        describe(target, sizeof target, o->pg ? o->pg : c->pg);
+        pup_error_set(err, PUP_ERR_CONNECTION, "cannot open a second connection to %s", target);
+        pup_conn_close(o);
+        return NULL;
+    }
+    PQsetNoticeProcessor(o->pg, notice_line, NULL);
+    session_defaults(o);
+    return o;
+}
+
 int pup_conn_require_session(pup_conn *c, pup_error *err) {
     if (!c->pooled || c->probed == c->session + 1) return 0;
     /* A setting of this session, then a second client of the same pool: in transaction
@@ -571,10 +591,12 @@ static int push_pending(pup_conn *c, pup_error *err) {
     return 0;
 }
 
-/* Reads the results of every queued statement. The first error is remembered as the
- * transaction's failure (with its tag); later statements are then reported by the
+/* Reads the results of the queued statements: every one, or up to the kept one's
+ * (UPTO_KEPT), or up to the first tagged `tag` (UPTO_TAG). The first error is remembered
+ * as the transaction's failure (with its tag); later statements are then reported by the
  * server as aborted and carry no news. Returns -1 if the connection broke. */
-static int read_pending(pup_conn *c, pup_error *err) {
+enum { UPTO_ALL, UPTO_KEPT, UPTO_TAG };
+static int read_results(pup_conn *c, int upto, long upto_tag, pup_error *err) {
     while (c->npending > 0) {
         long tag = c->pending[c->pending_head];
         PGresult *r;
@@ -601,8 +623,17 @@ static int read_pending(pup_conn *c, pup_error *err) {
         }
         c->pending_head++;
         c->npending--;
+        if ((upto == UPTO_KEPT && keep) || (upto == UPTO_TAG && tag == upto_tag)) return 0;
     }
     c->pending_head = 0;
+    return 0;
+}
+
+static int read_pending(pup_conn *c, pup_error *err) { return read_results(c, UPTO_ALL, 0, err); }
+
+int pup_conn_read_upto(pup_conn *c, long tag, pup_error *err) {
+    for (int i = 0; i < c->npending; i++)
+        if (c->pending[c->pending_head + i] == tag) return read_results(c, UPTO_TAG, tag, err);
     return 0;
 }
 
@@ -661,6 +692,7 @@ static int drain(pup_conn *c, pup_error *err) {
 
 /* Queues st: by name, or behind a pooler as its text with the described types. */
 static int send_stmt(pup_conn *c, const pup_stmt *st, const pup_params *p, int binary_result) {
+    c->sent++;
     if (c->pooled)
         return PQsendQueryParams(c->pg, st->sql, p ? p->n : 0, st->param_types, p ? p->values : NULL,
                                  p ? p->lengths : NULL, p ? p->formats : NULL, binary_result);
@@ -712,8 +744,15 @@ int pup_conn_send_kept(pup_conn *c, const pup_stmt *st, const pup_params *p, pup
     if (queue_stmt(c, st, p, 1, err) < 0) return -1;
     c->keeping = 1;
     c->keep_tag = c->tag;
-    /* Sent now, not with the queue's next flush: the server works on it meanwhile. */
-    return PQflush(c->pg) < 0 ? send_failed(c, err) : 0;
+    /* Sent now, not with the queue's next flush: the server works on it meanwhile, and
+     * sends its rows as soon as it has them (pup_conn_read_kept need not wait for the
+     * statements queued after it). */
+    return !PQsendFlushRequest(c->pg) || PQflush(c->pg) < 0 ? send_failed(c, err) : 0;
+}
+
+int pup_conn_read_kept(pup_conn *c, pup_error *err) {
+    if (!c->keeping) return 0;
+    return read_results(c, UPTO_KEPT, 0, err);
 }
 
 PGresult *pup_conn_take_kept(pup_conn *c) {
@@ -737,10 +776,14 @@ int pup_conn_commit_behind(pup_conn *c, const pup_stmt *st, const pup_params *p,
         if (!PQsendQueryParams(c->pg, commands[i], 0, NULL, NULL, NULL, NULL, 0)) return send_failed(c, err);
         if (push_pending(c, err) < 0) return -1;
     }
-    return PQflush(c->pg) < 0 ? send_failed(c, err) : 0;
+    /* The server sends the COMMIT's result once it ran (pup_conn_read_upto), not when the
+     * statements queued after it are done. */
+    return !PQsendFlushRequest(c->pg) || PQflush(c->pg) < 0 ? send_failed(c, err) : 0;
 }
 
 int pup_conn_behind_committed(const pup_conn *c) { return c->behind == 0; }
+
+unsigned long pup_conn_sent(const pup_conn *c) { return c->sent; }
 
 int pup_conn_pipeline_sync(pup_conn *c, pup_error *err) {
     if (!pup_conn_in_pipeline(c)) return 0;
@@ -956,6 +999,21 @@ int pup_conn_command(pup_conn *c, const char *sql, pup_error *err) {
     pup_error_from_pg(err, c->pg, r);
     PQclear(r);
     return -1;
+}
+
+int pup_conn_send_now(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_error *err) {
+    PGresult *r;
+    while ((r = PQgetResult(c->pg)) != NULL) PQclear(r); /* one not taken */
+    if (PQtransactionStatus(c->pg) != PQTRANS_IDLE || pup_conn_in_pipeline(c))
+        return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "pup_conn_send_now: the connection is not idle");
+    if (!send_stmt(c, st, p, 1)) return send_failed(c, err);
+    return 0;
+}
+
+PGresult *pup_conn_take_sent(pup_conn *c, pup_error *err) {
+    PGresult *r = PQgetResult(c->pg), *extra;
+    while ((extra = PQgetResult(c->pg)) != NULL) PQclear(extra);
+    return result_or_failure(c, r, err);
 }
 
 void pup_conn_rollback(pup_conn *c) {

@@ -166,8 +166,7 @@ static int build_batch_sql(pup_processor *p) {
  * the window, and the sort that joining needs, cost a catch-up read 40%). Events outside
  * the scope, or (by the hash the appender stored) of partitions not held, come without
  * payload: only their positions matter. */
-static int build_read_sql(pup_processor *p) {
-    const char *E = p->store->q_events;
+static char *read_sql(const pup_processor *p, const char *E, const char *G, const char *S) {
     /* The scopes are parameters $5 (and $6) after the window's four, then the generation
      * lock's key and the projection name. */
     char atypes[48] = "true", etypes[48] = "true";
@@ -180,7 +179,8 @@ static int build_read_sql(pup_processor *p) {
      * header, before the window is read): a reset takes it alone, so it never runs beside
      * a batch's uncommitted writes, and the batch sees the generation (a reset while idle
      * is noticed at the next read). */
-    if (asprintf(&p->sql_read,
+    char *sql;
+    if (asprintf(&sql,
                  "SELECT pg_snapshot_xmin(pg_current_snapshot())::text,"
                  " (SELECT COALESCE(max(global_position), 0) FROM %s)::text,"
                  " (SELECT generation FROM %s WHERE projection_name = $%d)::text,"
@@ -191,10 +191,57 @@ static int build_read_sql(pup_processor *p) {
                  PUP_EVENT_COLUMNS_WITH("CASE WHEN %s AND %s AND %s THEN payload END",
                                         "CASE WHEN %s AND %s THEN metadata::text END")
                  " FROM %s WHERE global_position > $1 ORDER BY global_position LIMIT $2)",
-                 E, p->store->q_groups, next + 1, p->store->q_sequence, p->store->q_sequence, next, atypes, etypes, atypes, etypes, ours,
-                 atypes, etypes, E) < 0)
-        p->sql_read = NULL;
+                 E, G, next + 1, S, S, next, atypes, etypes, atypes, etypes, ours, atypes, etypes, E) < 0)
+        sql = NULL;
+    return sql;
+}
+
+static int build_read_sql(pup_processor *p) {
+    p->sql_read = read_sql(p, p->store->q_events, p->store->q_groups, p->store->q_sequence);
     return p->sql_read ? 0 : -1;
+}
+
+/* The read-ahead's session (batch.c, read_ahead) reads the events, groups table and
+ * sequence named schema.table as this connection resolves them now (a search_path set on
+ * it included). Not behind a pooler (one more server connection from a pool that may
+ * have none). */
+void pup_proc_resolve_reader(pup_processor *p) {
+    if (p->sql_read_reader || p->reader_off) return;
+    p->reader_off = 1; /* one try: on failure the read-ahead stays on p->conn */
+    if (pup_conn_pooled(p->conn)) return;
+    pup_error e;
+    static const char resolve[] =
+        "SELECT (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(x))"
+        " FROM unnest(ARRAY[$1, $2, $3]) WITH ORDINALITY AS t(x, i) ORDER BY i";
+    PGresult *r = pup_proc_run(p, &e, resolve, 3, p->store->q_events, p->store->q_groups, p->store->q_sequence);
+    int ok = r && PQntuples(r) == 3 && !PQgetisnull(r, 0, 0) && !PQgetisnull(r, 1, 0) && !PQgetisnull(r, 2, 0);
+    p->sql_read_reader = ok ? read_sql(p, PQgetvalue(r, 0, 0), PQgetvalue(r, 1, 0), PQgetvalue(r, 2, 0)) : NULL;
+    PQclear(r);
+    p->reader_off = p->sql_read_reader == NULL;
+}
+
+/* Its session, opened when first needed, with its window reads planned generically (its
+ * own statements only). */
+int pup_proc_open_reader(pup_processor *p) {
+    if (p->reader) return 0;
+    if (p->reader_off || !p->sql_read_reader) return -1;
+    pup_error e;
+    p->reader = pup_conn_open_alike(p->conn, &e);
+    if (!p->reader || pup_conn_command(p->reader, "SET plan_cache_mode = force_generic_plan", &e) < 0) {
+        pup_conn_close(p->reader);
+        p->reader = NULL;
+        p->reader_off = 1;
+        return -1;
+    }
+    return 0;
+}
+
+void pup_proc_drop_reader(pup_processor *p) {
+    /* a lost session is opened again (a server restart); a failed statement is not */
+    p->reader_off = pup_conn_ok(p->reader);
+    pup_conn_close(p->reader);
+    p->reader = NULL;
 }
 
 /* The checkpoint writes of a batch. The rows exist (the acquire made them); a reset
@@ -289,6 +336,8 @@ void pup_processor_free(pup_processor *p) {
     pup_params_free(&p->params);
     free(p->evs);
     PQclear(p->ahead);
+    pup_conn_close(p->reader);
+    free(p->sql_read_reader);
     free(p);
 }
 

@@ -74,6 +74,14 @@ struct pup_processor {
     PGresult *ahead;
     long long ahead_from, ahead_gen;
     unsigned long ahead_session;
+    /* The session that reads the next window beside the batch's statements in catch-up
+     * (pup_proc_open_reader), and its window read; reader_off: none (for good, or until a
+     * lost session is opened again). Used while the handlers write (handlers_wrote: those
+     * of the last batch sent statements): else the read on p->conn is as early, and a
+     * third busy process would slow the client's walk. */
+    pup_conn *reader;
+    char *sql_read_reader;
+    int reader_off, handlers_wrote;
     int setup_done, locked, listening;
     unsigned long session; /* pup_conn_session() when `locked`/`listening` were taken */
     /* The partitions held, with their checkpoints (valid where held). */
@@ -114,6 +122,14 @@ void pup_proc_held_done(pup_processor *p); /* rebuilds held_list */
 void pup_proc_drop_all(pup_processor *p);
 /* Forgets the previous partitioning's checkpoints (repartition settled). */
 void pup_proc_forget_old(pup_processor *p);
+/* Builds p->sql_read_reader (once; outside a batch: a statement on p->conn). */
+void pup_proc_resolve_reader(pup_processor *p);
+/* Opens p->reader if needed: 0 when it is open; -1 when it cannot be (not resolved, or it
+ * failed to connect: then not tried again). */
+int pup_proc_open_reader(pup_processor *p);
+/* Closes p->reader, which failed: the read-ahead runs on p->conn (until it is opened again
+ * after a lost session). */
+void pup_proc_drop_reader(pup_processor *p);
 
 /* batch.c: pup_processor_batch; with `chained` (the run loop), a batch that reads ahead a
  * full window may commit behind the next window's batch, and so on for up to a second

@@ -130,6 +130,17 @@ unsigned long pup_conn_session(const pup_conn *c);
  * every statement is sent as text, unnamed, with the parameter types described once. */
 int pup_conn_pooled(const pup_conn *c);
 
+/* A second session with c's connection options (not the settings c's session changed
+ * since), for statements run beside c's: a processor's read-ahead. NULL with err
+ * (connection) when it cannot connect; described from libpq's fields, never the URL. */
+pup_conn *pup_conn_open_alike(pup_conn *c, pup_error *err);
+/* Sends st with binary results on an idle connection outside pipeline mode, its own
+ * transaction, without waiting; a result not taken before is discarded first. */
+int pup_conn_send_now(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_error *err);
+/* Waits for the result of the statement pup_conn_send_now sent: its rows, or NULL with
+ * err (also when nothing was sent). */
+PGresult *pup_conn_take_sent(pup_conn *c, pup_error *err);
+
 /* For holders of session state (processors: advisory locks, LISTEN): 0 on a direct
  * connection or a pool in session mode (after which named statements are used again);
  * -1 with a clear error (invalid_argument) behind transaction or statement pooling.
@@ -192,6 +203,14 @@ int pup_conn_send_kept(pup_conn *c, const pup_stmt *st, const pup_params *p, pup
 /* The kept statement's rows once its result was read (NULL: not sent, not read yet, or
  * failed); the caller clears it. */
 PGresult *pup_conn_take_kept(pup_conn *c);
+/* Reads the results queued before the kept statement's and its own, not those queued
+ * after it (they stay pending): the kept rows without waiting for the statements behind
+ * them. Failures are recorded as usual; returns -1 with err set only when the connection
+ * broke. */
+int pup_conn_read_kept(pup_conn *c, pup_error *err);
+/* Reads the results queued up to the first statement tagged `tag` and its own, as
+ * pup_conn_read_kept does; nothing when none is queued. */
+int pup_conn_read_upto(pup_conn *c, long tag, pup_error *err);
 /* Queues, in pipeline mode (entered if need be), st (a transaction's last statement,
  * which must raise rather than let the COMMIT behind it commit something wrong), COMMIT
  * and BEGIN, tagged tags[0..2], and sends them without reading anything: the server
@@ -206,6 +225,9 @@ int pup_conn_commit_behind(pup_conn *c, const pup_stmt *st, const pup_params *p,
 /* After pup_conn_commit_behind, once the pipeline was read: 1 when its COMMIT's result
  * was read and said COMMIT; 0 when it failed, was skipped or was never read. */
 int pup_conn_behind_committed(const pup_conn *c);
+/* Counts the prepared statements sent (queued or run) in pipeline mode or by
+ * pup_conn_send_now: a caller compares two counts to learn whether code it called sent any. */
+unsigned long pup_conn_sent(const pup_conn *c);
 /* Syncs and reads every pending result, staying in pipeline mode (tx:savepoint settles
  * the statements before it). Failures are recorded as usual (pup_conn_failure); returns
  * -1 with err set only when the connection broke. */
