@@ -432,8 +432,8 @@ tests: ^lua\.chain$
 name: reader-reads-store-names
 why: issue 13: the read-ahead session reads the tables by the store's names, not as the processor's connection resolves them (its search_path): another schema's events
 file: src/processor.c
-old: read_sql(p, PQgetvalue(r, 0, 0), PQgetvalue(r, 1, 0), PQgetvalue(r, 2, 0))
-new: read_sql(p, p->store->q_events, p->store->q_groups, p->store->q_sequence)
+old: read_sql(p, PQgetvalue(r, 0, 0), PQgetvalue(r, 1, 0), PQgetvalue(r, 2, 0), 0)
+new: read_sql(p, p->store->q_events, p->store->q_groups, p->store->q_sequence, 0)
 tests: ^lua\.read_beside$
 
 name: reader-not-reopened
@@ -442,6 +442,21 @@ file: src/processor.c
 old: p->reader_off = pup_conn_ok(p->reader);
 new: p->reader_off = 1;
 tests: ^lua\.read_beside$
+
+name: reader-unread-after-failure
+why: issue 13: a failed batch leaves its read-ahead session sending a window nobody reads, its snapshot (and, before, the generation lock) held until the next catch-up
+file: src/batch.c
+old: pup_conn_rollback(p->conn);
+old+:     pup_proc_settle_reader(p);
+new: pup_conn_rollback(p->conn);
+tests: ^lua\.read_beside$
+
+name: copy-refused-before-earlier-failure
+why: issue 13: a COPY refused in a handler is recorded before the failure of a statement queued earlier (unread): the wrong event is blamed
+file: src/db.c
+old: if (pup_conn_in_pipeline(c)) drain(c, &ignored);
+new: (void)ignored;
+tests: ^lua\.chain$
 
 name: chain-fence-not-raising
 why: issue 13: a fenced checkpoint write queued before its COMMIT does not raise, so the COMMIT behind it commits the batch's writes without the checkpoint (after a reset: applied twice)

@@ -192,12 +192,12 @@ describe("commit behind the next batch", function()
   -- make a statement of batch 4 (positions 31..40 of 200, windows of 10) fail at the
   -- server, found while batch 5 is walked. The failure must be batch 4's, batch 5 must
   -- not commit, and the skip policy must dead-letter the event that failed.
-  local function fail_insert_at(g, pos)
+  local function fail_insert_at(pos)
     assert(g.db:exec(("ALTER TABLE %s ADD CONSTRAINT t_%s_pos CHECK (pos <> %d)"):format(g.seen, g.prefix, pos)))
   end
 
   -- Positions handled (rows of g.seen) and how often; the checkpoint.
-  local function handled(g)
+  local function handled()
     local rows = g:q(("SELECT pos, count(*)::int AS n FROM %s GROUP BY pos ORDER BY pos"):format(g.seen))
     local cp = g:one(('SELECT last_global_position AS p FROM "%s"'):format(g.names.checkpoints_table))
     return rows, cp and cp.p or 0
@@ -207,7 +207,7 @@ describe("commit behind the next batch", function()
     g = H.group("chn_hb", { batch_size = 10 })
     g:append("a", 4, 50)
     local bad = nth_pos(g, 34) -- in batch 4 (31..40)
-    fail_insert_at(g, bad)
+    fail_insert_at(bad)
     db = H.connect()
     local walked = {}
     local proj = {
@@ -232,7 +232,7 @@ describe("commit behind the next batch", function()
     assert.is_truthy(err.message:find(want, 1, true), err.message)
     assert.is_truthy(err.message:find("t_chn_hb_pos", 1, true), err.message)
     assert.is_true(#walked >= 5 and walked[5] == nth_pos(g, 40), "batch 5 was walked: " .. table.concat(walked, ","))
-    local rows, cp = handled(g)
+    local rows, cp = handled()
     assert.equal(nth_pos(g, 29), cp) -- batches 1-3
     assert.equal(30, #rows)
     for i, r in ipairs(rows) do
@@ -247,7 +247,7 @@ describe("commit behind the next batch", function()
       g = H.group(sync_read and "chn_sr" or "chn_pe", { batch_size = 10 })
       g:append("a", 4, 50)
       local bad = nth_pos(g, 34)
-      fail_insert_at(g, bad)
+      fail_insert_at(bad)
       db = H.connect()
       local proj = pup.load_projection(g.file)
       local handle = proj.handle
@@ -264,7 +264,7 @@ describe("commit behind the next batch", function()
       assert.equal(1, #dl)
       assert.equal(bad, dl[1].p)
       assert.is_truthy(dl[1].error:find("t_" .. g.prefix .. "_pos", 1, true), dl[1].error)
-      local rows, cp = handled(g)
+      local rows, cp = handled()
       assert.equal(g:head(), cp)
       assert.equal(199, #rows)
       for _, r in ipairs(rows) do
@@ -279,7 +279,7 @@ describe("commit behind the next batch", function()
     g = H.group("chn_lr", { batch_size = 10 })
     g:append("a", 4, 50)
     local bad = nth_pos(g, 34)
-    fail_insert_at(g, bad)
+    fail_insert_at(bad)
     db = H.connect()
     local proj = pup.load_projection(g.file)
     local handle = proj.handle
@@ -293,7 +293,28 @@ describe("commit behind the next batch", function()
     assert.is_truthy(err.message:find(("handler failed at global position %d "):format(bad), 1, true), err.message)
     assert.is_truthy(err.message:find("t_chn_lr_pos", 1, true), err.message)
     assert.is_falsy(err.message:find("raised in batch 5", 1, true), err.message)
-    local rows, cp = handled(g)
+    local rows, cp = handled()
+    assert.equal(nth_pos(g, 29), cp)
+    assert.equal(30, #rows)
+  end)
+  it("a COPY refused in the next batch while the batch behind's failed write is unread: the write's event named", function()
+    g = H.group("chn_cr", { batch_size = 10 })
+    g:append("a", 4, 50)
+    local bad = nth_pos(g, 34)
+    fail_insert_at(bad)
+    db = H.connect()
+    local proj = pup.load_projection(g.file)
+    local handle = proj.handle
+    proj.handle = function(tx, e)
+      if e.global_position == nth_pos(g, 41) then pcall(tx.exec, tx, "COPY t_chn_cr_x FROM STDIN") end
+      handle(tx, e)
+    end
+    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
+    local n, err = p:run { once = true }
+    assert.is_nil(n)
+    assert.is_truthy(err.message:find(("handler failed at global position %d "):format(bad), 1, true), err.message)
+    assert.is_truthy(err.message:find("t_chn_cr_pos", 1, true), err.message)
+    local rows, cp = handled()
     assert.equal(nth_pos(g, 29), cp)
     assert.equal(30, #rows)
   end)

@@ -57,7 +57,7 @@ describe("the read-ahead session", function()
     assert.equal(0, g:one(("SELECT count(*)::int AS n FROM public.%s"):format(g.counter)).n)
   end)
 
-  it("killed in the middle of a catch-up: opened again, nothing lost or doubled; closed with the processor", function()
+  it("killed in the middle of a catch-up: opened again, nothing lost or doubled; closed once caught up", function()
     g = H.group("rb_kill", { batch_size = 10 })
     g:append("a", 10, 100) -- 1,000 events: a hundred windows
     local app = H.uid("rb_kill"):gsub("[^%w_]", "_")
@@ -80,10 +80,7 @@ describe("the read-ahead session", function()
     assert.same({ 1, 1 }, killed) -- there was one to kill both times: it was opened again
     local ok, why = g:exact()
     assert(ok, why)
-    -- the processor's connection renamed itself (the fixture's setup): this is its reader
-    assert.equal(1, sessions(app))
-    p:close()
-    p = nil
+    -- caught up: closed (the processor's connection renamed itself in the fixture's setup)
     H.wait_until("the read-ahead session closed", 10, function() return sessions(app) == 0 end)
   end)
 
@@ -95,5 +92,92 @@ describe("the read-ahead session", function()
     p = pup.processor(db, pup.load_projection(g.file), { store = g.store, batch_size = 100, poll_interval = 0.05 })
     assert.equal(40, assert(p:run { once = true }))
     assert.equal(0, sessions(app)) -- the processor's connection renamed itself: none else
+  end)
+  it("a processor closed in the middle of a catch-up closes its read-ahead session", function()
+    g = H.group("rb_close", { batch_size = 10 })
+    g:append("a", 4, 50)
+    local app = H.uid("rb_close"):gsub("[^%w_]", "_")
+    db = assert(pup.connect(url_named(app)))
+    local first = g:one(('SELECT min(global_position) AS p FROM "%s"'):format(g.names.events_table)).p
+    local proj = pup.load_projection(g.file)
+    local handle = proj.handle
+    proj.handle = function(tx, e)
+      if e.global_position == first + 100 then error("stop here") end
+      handle(tx, e)
+    end
+    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
+    local n, err = p:run { once = true }
+    assert.is_nil(n)
+    assert.is_truthy(tostring(err):find("stop here", 1, true), tostring(err))
+    assert.equal(1, sessions(app)) -- its reader (the processor's connection renamed itself)
+    p:close()
+    p = nil
+    H.wait_until("the read-ahead session closed", 10, function() return sessions(app) == 0 end)
+  end)
+  -- Windows of 500 events of ~20 KB: more than the socket buffers hold, so the read-ahead
+  -- session's backend blocks sending a window until the client reads it.
+  local function big_log(prefix, naggs, per)
+    local big = string.rep("x", 20000)
+    for a = 1, naggs do
+      local evs = {}
+      for i = 1, per do
+        evs[i] = { aggregate_type = "User", aggregate_id = prefix .. a, event_type = "S", payload = { i = i, big = big } }
+      end
+      assert(g.store:append(g.db, pup.any(), evs))
+    end
+  end
+
+  it("a batch fails while its session still sends the next window: read and dropped, a reset not blocked", function()
+    g = H.group("rb_fail", { batch_size = 500 })
+    big_log("a", 3, 500)
+    local app = H.uid("rb_fail"):gsub("[^%w_]", "_")
+    db = assert(pup.connect(url_named(app)))
+    local first = g:one(('SELECT min(global_position) AS p FROM "%s"'):format(g.names.events_table)).p
+    local proj = pup.load_projection(g.file)
+    local handle = proj.handle
+    proj.handle = function(tx, e)
+      if e.global_position == first + 700 then error("boom in batch 2") end -- window 3 is being read
+      handle(tx, e)
+    end
+    p = pup.processor(db, proj, { store = g.store, batch_size = 500, poll_interval = 0.05 })
+    local n, err = p:run { once = true }
+    assert.is_nil(n)
+    assert.is_truthy(tostring(err):find("boom in batch 2", 1, true), tostring(err))
+    local r = g:one("SELECT count(*)::int AS n, count(*) FILTER (WHERE state = 'idle')::int AS idle"
+      .. " FROM pg_stat_activity WHERE application_name = $1", app)
+    assert.same({ n = 1, idle = 1 }, r) -- open, its window read (no snapshot held)
+    local c = H.connect()
+    assert(c:exec("BEGIN"))
+    assert(c:exec("SET LOCAL lock_timeout = '3s'"))
+    local ok, lerr = c:query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))::text AS x",
+      "pupsourcing.generation/" .. g.names.checkpoints_table .. "/grp_counter")
+    c:exec("ROLLBACK")
+    c:close()
+    assert(ok, "a reset would wait: " .. tostring(lerr))
+  end)
+
+  it("a reset during the retry backoff of a catch-up: no deadlock through the read-ahead, exact after", function()
+    g = H.group("rb_rst", { batch_size = 500 })
+    big_log("a", 3, 500)
+    assert(g.db:exec("DROP SEQUENCE IF EXISTS t_rb_rst_once"))
+    assert(g.db:exec("CREATE SEQUENCE t_rb_rst_once"))
+    local first = g:one(('SELECT min(global_position) AS p FROM "%s"'):format(g.names.events_table)).p
+    -- the fixture fails once at an event of batch 2, and retries 2 s later
+    local src = H.read_file(g.file)
+    src = src:gsub("handle = function%(tx, e%)\n", ("handle = function(tx, e)\n    if e.global_position == %d"
+      .. " and assert(tx:query(\"SELECT nextval('t_rb_rst_once') AS n\"))[1].n == 1 then error('fail once') end\n")
+      :format(first + 700), 1)
+    src = src:gsub("batch_size = 500,", "batch_size = 500, on_error = 'retry', max_attempts = 5, retry_backoff = 2,", 1)
+    H.write_file(g.file, src)
+    local run = H.spawn(g:args { H.bin, "run", "--once", g.file })
+    g.procs[#g.procs + 1] = run
+    -- (nextval is not rolled back with the batch)
+    H.wait_until("the first failure", 60, function() return g:one("SELECT is_called FROM t_rb_rst_once").is_called end, 0.05)
+    local reset = H.spawn(g:args { H.bin, "reset", g.file })
+    g.procs[#g.procs + 1] = reset
+    assert.equal(0, H.wait_exit(reset, 30), H.stderr_of(reset))
+    assert.equal(0, H.wait_exit(run, 60), H.stderr_of(run))
+    local ok, why = g:exact()
+    assert(ok, why)
   end)
 end)

@@ -628,6 +628,7 @@ static int batch_failed(pup_processor *p, PGresult *r, walk *w, const walk *behi
     PQclear(r);
     PQclear(w->ahead);
     pup_conn_rollback(p->conn);
+    pup_proc_settle_reader(p);
     pup_gaps_forget(&p->gaps, 0, 1);
     return fenced ? pup_proc_fenced(p, behind->from, 0, err) : -1;
 }
@@ -719,6 +720,7 @@ static int batch_once(pup_processor *p, int chained, int *handled, long long *ad
             p->ahead_session = pup_conn_session(p->conn);
         }
         moved(p, &w, handled, advanced);
+        if (!w.ahead || PQntuples(w.ahead) <= FIRST_EVENT_ROW) pup_proc_close_reader(p); /* caught up */
         return 0;
     }
 }

@@ -899,6 +899,8 @@ const pup_stmt *pup_conn_prepare(pup_conn *c, const char *sql, pup_error *err) {
     for (int i = 0; i < c->nstmts; i++)
         if (strcmp(c->stmts[i].sql, sql) == 0) return &c->stmts[i];
     if (is_copy(sql)) {
+        pup_error ignored; /* a failure of a statement queued before comes first */
+        if (pup_conn_in_pipeline(c)) drain(c, &ignored);
         pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "%s", COPY_REFUSED);
         if (err) note_failure(c, err, c->tag);
         return NULL;

@@ -501,6 +501,7 @@ static void share_progress(void *ud, const pup_processor *p) {
         __atomic_store_n(&lp->shared->batch_buckets[b], s.batch_buckets[b], __ATOMIC_RELAXED);
     __atomic_store_n(&lp->shared->batch_us, s.batch_us, __ATOMIC_RELAXED);
     __atomic_store_n(&lp->shared->batch_started_ms, s.batch_started_ms, __ATOMIC_RELAXED);
+    __atomic_store_n(&lp->shared->reader_session, s.reader_session, __ATOMIC_RELAXED);
 }
 
 /* Writes s as the inside of a JSON string into buf: quotes, backslashes and control

@@ -427,6 +427,7 @@ static void view_worker(runner *r, worker *w, double now, worker_view *v) {
     for (int b = 0; b <= PUP_BATCH_BUCKETS; b++)
         v->batch_buckets[b] = __atomic_load_n(&w->stats.batch_buckets[b], __ATOMIC_RELAXED);
     v->batch_us = __atomic_load_n(&w->stats.batch_us, __ATOMIC_RELAXED);
+    v->s.reader_session = __atomic_load_n(&w->stats.reader_session, __ATOMIC_RELAXED);
     long long started = __atomic_load_n(&w->stats.batch_started_ms, __ATOMIC_RELAXED);
     v->batch_running = started > 0 && now > started / 1000.0 ? now - started / 1000.0 : 0;
     v->running = __atomic_load_n(&w->running, __ATOMIC_ACQUIRE);
@@ -502,7 +503,7 @@ static void render_metrics(void *ud, pup_metrics_buf *b) {
     int connections = 0;
     for (int i = 0; i < r->n; i++) {
         view_worker(r, &r->w[i], now, &v[i]);
-        connections += v[i].running;
+        connections += v[i].running ? 1 + v[i].s.reader_session : 0;
     }
     for (int f = 0; f < M_COUNT; f++) {
         pup_metrics_family(b, families[f].name, families[f].type, families[f].help);
@@ -522,7 +523,7 @@ static void render_metrics(void *ud, pup_metrics_buf *b) {
     }
     render_batch_histogram(b, v, r->n);
     free(v);
-    pup_metrics_family(b, "pupsourcing_connections", "gauge", "Database connections of running workers (one each).");
+    pup_metrics_family(b, "pupsourcing_connections", "gauge", "Database connections of running workers (one each, two while one catches up).");
     pup_metrics_printf(b, "pupsourcing_connections %d\n", connections);
     pup_metrics_family(b, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
     pup_metrics_printf(b, "process_resident_memory_bytes %lld\n", rss_bytes());

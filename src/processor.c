@@ -166,7 +166,7 @@ static int build_batch_sql(pup_processor *p) {
  * the window, and the sort that joining needs, cost a catch-up read 40%). Events outside
  * the scope, or (by the hash the appender stored) of partitions not held, come without
  * payload: only their positions matter. */
-static char *read_sql(const pup_processor *p, const char *E, const char *G, const char *S) {
+static char *read_sql(const pup_processor *p, const char *E, const char *G, const char *S, int locked) {
     /* The scopes are parameters $5 (and $6) after the window's four, then the generation
      * lock's key and the projection name. */
     char atypes[48] = "true", etypes[48] = "true";
@@ -178,7 +178,13 @@ static char *read_sql(const pup_processor *p, const char *E, const char *G, cons
     /* A batch shares the projection's generation lock from its first statement (the
      * header, before the window is read): a reset takes it alone, so it never runs beside
      * a batch's uncommitted writes, and the batch sees the generation (a reset while idle
-     * is noticed at the next read). */
+     * is noticed at the next read). Not the read-ahead's own session (!locked): its
+     * request could queue behind a reset's, which waits for the batch, which waits for
+     * that read (a cycle through the client, that no deadlock check sees). There a reset
+     * is noticed by the batch's fenced checkpoint instead (its handlers take the lock). */
+    char lock[96];
+    snprintf(lock, sizeof lock, locked ? "pg_advisory_xact_lock_shared(hashtextextended($%d::text, 0))" : "$%d::text",
+             next);
     char *sql;
     if (asprintf(&sql,
                  "SELECT pg_snapshot_xmin(pg_current_snapshot())::text,"
@@ -186,18 +192,18 @@ static char *read_sql(const pup_processor *p, const char *E, const char *G, cons
                  " (SELECT generation FROM %s WHERE projection_name = $%d)::text,"
                  " " PUP_LAST_DRAWN "::text,"
                  " NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
-                 " WHERE pg_advisory_xact_lock_shared(hashtextextended($%d::text, 0)) IS NOT NULL"
+                 " WHERE %s IS NOT NULL"
                  " UNION ALL (SELECT NULL, NULL, NULL, NULL, (%s AND %s) AS mine, "
                  PUP_EVENT_COLUMNS_WITH("CASE WHEN %s AND %s AND %s THEN payload END",
                                         "CASE WHEN %s AND %s THEN metadata::text END")
                  " FROM %s WHERE global_position > $1 ORDER BY global_position LIMIT $2)",
-                 E, G, next + 1, S, S, next, atypes, etypes, atypes, etypes, ours, atypes, etypes, E) < 0)
+                 E, G, next + 1, S, S, lock, atypes, etypes, atypes, etypes, ours, atypes, etypes, E) < 0)
         sql = NULL;
     return sql;
 }
 
 static int build_read_sql(pup_processor *p) {
-    p->sql_read = read_sql(p, p->store->q_events, p->store->q_groups, p->store->q_sequence);
+    p->sql_read = read_sql(p, p->store->q_events, p->store->q_groups, p->store->q_sequence, 1);
     return p->sql_read ? 0 : -1;
 }
 
@@ -216,7 +222,7 @@ void pup_proc_resolve_reader(pup_processor *p) {
         " FROM unnest(ARRAY[$1, $2, $3]) WITH ORDINALITY AS t(x, i) ORDER BY i";
     PGresult *r = pup_proc_run(p, &e, resolve, 3, p->store->q_events, p->store->q_groups, p->store->q_sequence);
     int ok = r && PQntuples(r) == 3 && !PQgetisnull(r, 0, 0) && !PQgetisnull(r, 1, 0) && !PQgetisnull(r, 2, 0);
-    p->sql_read_reader = ok ? read_sql(p, PQgetvalue(r, 0, 0), PQgetvalue(r, 1, 0), PQgetvalue(r, 2, 0)) : NULL;
+    p->sql_read_reader = ok ? read_sql(p, PQgetvalue(r, 0, 0), PQgetvalue(r, 1, 0), PQgetvalue(r, 2, 0), 0) : NULL;
     PQclear(r);
     p->reader_off = p->sql_read_reader == NULL;
 }
@@ -237,11 +243,21 @@ int pup_proc_open_reader(pup_processor *p) {
     return 0;
 }
 
+void pup_proc_settle_reader(pup_processor *p) {
+    pup_error ignored;
+    if (p->reader && PQtransactionStatus(pup_conn_pg(p->reader)) == PQTRANS_ACTIVE)
+        PQclear(pup_conn_take_sent(p->reader, &ignored));
+}
+
+void pup_proc_close_reader(pup_processor *p) {
+    pup_conn_close(p->reader);
+    p->reader = NULL;
+}
+
 void pup_proc_drop_reader(pup_processor *p) {
     /* a lost session is opened again (a server restart); a failed statement is not */
     p->reader_off = pup_conn_ok(p->reader);
-    pup_conn_close(p->reader);
-    p->reader = NULL;
+    pup_proc_close_reader(p);
 }
 
 /* The checkpoint writes of a batch. The rows exist (the acquire made them); a reset
@@ -343,7 +359,10 @@ void pup_processor_free(pup_processor *p) {
 
 const pup_projection_cfg *pup_processor_cfg(const pup_processor *p) { return &p->cfg; }
 
-void pup_processor_stats_get(const pup_processor *p, pup_processor_stats *s) { *s = p->stats; }
+void pup_processor_stats_get(const pup_processor *p, pup_processor_stats *s) {
+    *s = p->stats;
+    s->reader_session = p->reader != NULL;
+}
 
 int pup_proc_context(pup_processor *p, pup_error *err) {
     if (p->cfg.group)

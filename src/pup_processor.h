@@ -175,6 +175,7 @@ typedef struct pup_processor_stats {
     long long batch_buckets[PUP_BATCH_BUCKETS + 1];
     long long batch_us;
     long long batch_started_ms; /* Unix ms when the batch in progress began; 0 between batches */
+    int reader_session; /* 1 while a catch-up holds its read-ahead session (a second connection) */
 } pup_processor_stats;
 void pup_processor_stats_get(const pup_processor *p, pup_processor_stats *s);
 const pup_projection_cfg *pup_processor_cfg(const pup_processor *p);
