@@ -241,25 +241,46 @@ describe("commit behind the next batch", function()
     end
   end)
 
+  -- Batch 4's insert at `bad` (its fifth event) fails and is found while batch 5 is
+  -- walked, whose first position is `fifth`: handle = wrap(the counter's handle, fifth);
+  -- opts go to the projection. Returns p:run's results and bad.
+  local function failed_write_behind(prefix, wrap, opts)
+    g = H.group(prefix, { batch_size = 10 })
+    g:append("a", 4, 50)
+    local bad = nth_pos(g, 34)
+    fail_insert_at(bad)
+    db = H.connect()
+    local proj = pup.load_projection(g.file)
+    proj.handle = wrap(proj.handle, nth_pos(g, 40))
+    for k, v in pairs(opts or {}) do proj[k] = v end
+    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
+    local n, err = p:run { once = true }
+    return n, err, bad
+  end
+
+  -- The run stopped on the failed insert, named by its event: checkpoint after batch 3,
+  -- its 30 events once each.
+  local function stopped_at(n, err, bad)
+    assert.is_nil(n)
+    assert.is_truthy(err.message:find(("handler failed at global position %d "):format(bad), 1, true), err.message)
+    assert.is_truthy(err.message:find("t_" .. g.prefix .. "_pos", 1, true), err.message)
+    local rows, cp = handled()
+    assert.equal(nth_pos(g, 29), cp)
+    assert.equal(30, #rows)
+  end
+
   for _, sync_read in ipairs { false, true } do
     it(("a handler's write fails while the next batch is walked%s: that event dead-lettered, the rest once")
       :format(sync_read and " (whose handler reads, so it sees the failure first)" or ""), function()
-      g = H.group(sync_read and "chn_sr" or "chn_pe", { batch_size = 10 })
-      g:append("a", 4, 50)
-      local bad = nth_pos(g, 34)
-      fail_insert_at(bad)
-      db = H.connect()
-      local proj = pup.load_projection(g.file)
-      local handle = proj.handle
-      proj.handle = function(tx, e)
-        if sync_read and e.global_position >= nth_pos(g, 40) then
-          assert(tx:query("SELECT 1 AS one")) -- reads every result before it, batch 4's failure among them
+      local n, err, bad = failed_write_behind(sync_read and "chn_sr" or "chn_pe", function(handle, fifth)
+        return function(tx, e)
+          if sync_read and e.global_position >= fifth then
+            assert(tx:query("SELECT 1 AS one")) -- reads every result before it, batch 4's failure among them
+          end
+          handle(tx, e)
         end
-        handle(tx, e)
-      end
-      proj.on_error = "skip"
-      p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
-      assert.equal(199, assert(p:run { once = true }))
+      end, { on_error = "skip" })
+      assert.equal(199, n, tostring(err))
       local dl = g:q(('SELECT global_position AS p, error FROM "%s_dead_letters"'):format(g.names.checkpoints_table))
       assert.equal(1, #dl)
       assert.equal(bad, dl[1].p)
@@ -271,51 +292,27 @@ describe("commit behind the next batch", function()
         assert.are_not.equal(bad, r.pos)
         assert.equal(1, r.n)
       end
-      local c = g:one(("SELECT sum(n)::int AS n FROM %s"):format(g.counter))
-      assert.equal(199, c.n)
+      assert.equal(199, g:one(("SELECT sum(n)::int AS n FROM %s"):format(g.counter)).n)
     end)
   end
+
   it("a handler raises while the batch behind's failed write is unread: the failure reported is that batch's", function()
-    g = H.group("chn_lr", { batch_size = 10 })
-    g:append("a", 4, 50)
-    local bad = nth_pos(g, 34)
-    fail_insert_at(bad)
-    db = H.connect()
-    local proj = pup.load_projection(g.file)
-    local handle = proj.handle
-    proj.handle = function(tx, e)
-      if e.global_position == nth_pos(g, 40) then error("raised in batch 5") end
-      handle(tx, e)
-    end
-    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
-    local n, err = p:run { once = true }
-    assert.is_nil(n)
-    assert.is_truthy(err.message:find(("handler failed at global position %d "):format(bad), 1, true), err.message)
-    assert.is_truthy(err.message:find("t_chn_lr_pos", 1, true), err.message)
+    local n, err, bad = failed_write_behind("chn_lr", function(handle, fifth)
+      return function(tx, e)
+        if e.global_position == fifth then error("raised in batch 5") end
+        handle(tx, e)
+      end
+    end)
+    stopped_at(n, err, bad)
     assert.is_falsy(err.message:find("raised in batch 5", 1, true), err.message)
-    local rows, cp = handled()
-    assert.equal(nth_pos(g, 29), cp)
-    assert.equal(30, #rows)
   end)
+
   it("a COPY refused in the next batch while the batch behind's failed write is unread: the write's event named", function()
-    g = H.group("chn_cr", { batch_size = 10 })
-    g:append("a", 4, 50)
-    local bad = nth_pos(g, 34)
-    fail_insert_at(bad)
-    db = H.connect()
-    local proj = pup.load_projection(g.file)
-    local handle = proj.handle
-    proj.handle = function(tx, e)
-      if e.global_position == nth_pos(g, 41) then pcall(tx.exec, tx, "COPY t_chn_cr_x FROM STDIN") end
-      handle(tx, e)
-    end
-    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
-    local n, err = p:run { once = true }
-    assert.is_nil(n)
-    assert.is_truthy(err.message:find(("handler failed at global position %d "):format(bad), 1, true), err.message)
-    assert.is_truthy(err.message:find("t_chn_cr_pos", 1, true), err.message)
-    local rows, cp = handled()
-    assert.equal(nth_pos(g, 29), cp)
-    assert.equal(30, #rows)
+    stopped_at(failed_write_behind("chn_cr", function(handle, fifth)
+      return function(tx, e)
+        if e.global_position == fifth + 1 then pcall(tx.exec, tx, "COPY t_chn_cr_x FROM STDIN") end
+        handle(tx, e)
+      end
+    end))
   end)
 end)

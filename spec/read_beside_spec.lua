@@ -28,6 +28,19 @@ describe("the read-ahead session", function()
     return g:one("SELECT count(*)::int AS n FROM pg_stat_activity WHERE application_name = $1", name).n
   end
 
+  -- p: a processor of g's log on a connection named apart (returned), whose read-ahead
+  -- session inherits the name; handle = wrap(the counter's handle, the first position).
+  -- The fixture's setup renames the processor's own connection: only the other counts.
+  local function named_processor(wrap)
+    local app = H.uid(g.prefix):gsub("[^%w_]", "_")
+    db = assert(pup.connect(url_named(app)))
+    local first = g:one(('SELECT min(global_position) AS p FROM "%s"'):format(g.names.events_table)).p
+    local proj = pup.load_projection(g.file)
+    proj.handle = wrap and wrap(proj.handle, first) or proj.handle
+    p = pup.processor(db, proj, { store = g.store, batch_size = proj.batch_size, poll_interval = 0.05 })
+    return app
+  end
+
   it("reads the tables the processor's connection resolves (search_path), not the default ones", function()
     g = H.group("rb_sp", { batch_size = 10 })
     g:append("pub", 4, 50) -- 200 events in the tables search_path does not reach
@@ -60,56 +73,47 @@ describe("the read-ahead session", function()
   it("killed in the middle of a catch-up: opened again, nothing lost or doubled; closed once caught up", function()
     g = H.group("rb_kill", { batch_size = 10 })
     g:append("a", 10, 100) -- 1,000 events: a hundred windows
-    local app = H.uid("rb_kill"):gsub("[^%w_]", "_")
-    db = assert(pup.connect(url_named(app)))
-    local first = g:one(('SELECT min(global_position) AS p FROM "%s"'):format(g.names.events_table)).p
-    local killed = {}
-    local proj = pup.load_projection(g.file)
-    local handle = proj.handle
-    proj.handle = function(tx, e)
-      handle(tx, e)
-      if e.global_position == first + 300 or e.global_position == first + 700 then
-        -- every session of this test but the processor's own: the read-ahead's
-        local r = assert(tx:query("SELECT count(*)::int AS n FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-          .. " WHERE application_name = $1 AND pid <> pg_backend_pid()) k", app))
-        killed[#killed + 1] = r[1].n
+    local killed, app = {}, nil
+    app = named_processor(function(handle, first)
+      return function(tx, e)
+        handle(tx, e)
+        if e.global_position == first + 300 or e.global_position == first + 700 then
+          -- every session of this test but the processor's own: the read-ahead's
+          local r = assert(tx:query("SELECT count(*)::int AS n FROM (SELECT pg_terminate_backend(pid)"
+            .. " FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()) k", app))
+          killed[#killed + 1] = r[1].n
+        end
       end
-    end
-    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
+    end)
     assert.equal(1000, assert(p:run { once = true }))
     assert.same({ 1, 1 }, killed) -- there was one to kill both times: it was opened again
     local ok, why = g:exact()
     assert(ok, why)
-    -- caught up: closed (the processor's connection renamed itself in the fixture's setup)
+    -- caught up: closed
     H.wait_until("the read-ahead session closed", 10, function() return sessions(app) == 0 end)
   end)
 
   it("a live processor (windows not full) opens no second session", function()
     g = H.group("rb_live", { batch_size = 100 })
     g:append("a", 2, 20)
-    local app = H.uid("rb_live"):gsub("[^%w_]", "_")
-    db = assert(pup.connect(url_named(app)))
-    p = pup.processor(db, pup.load_projection(g.file), { store = g.store, batch_size = 100, poll_interval = 0.05 })
+    local app = named_processor()
     assert.equal(40, assert(p:run { once = true }))
-    assert.equal(0, sessions(app)) -- the processor's connection renamed itself: none else
+    assert.equal(0, sessions(app))
   end)
+
   it("a processor closed in the middle of a catch-up closes its read-ahead session", function()
     g = H.group("rb_close", { batch_size = 10 })
     g:append("a", 4, 50)
-    local app = H.uid("rb_close"):gsub("[^%w_]", "_")
-    db = assert(pup.connect(url_named(app)))
-    local first = g:one(('SELECT min(global_position) AS p FROM "%s"'):format(g.names.events_table)).p
-    local proj = pup.load_projection(g.file)
-    local handle = proj.handle
-    proj.handle = function(tx, e)
-      if e.global_position == first + 100 then error("stop here") end
-      handle(tx, e)
-    end
-    p = pup.processor(db, proj, { store = g.store, batch_size = 10, poll_interval = 0.05 })
+    local app = named_processor(function(handle, first)
+      return function(tx, e)
+        if e.global_position == first + 100 then error("stop here") end
+        handle(tx, e)
+      end
+    end)
     local n, err = p:run { once = true }
     assert.is_nil(n)
     assert.is_truthy(tostring(err):find("stop here", 1, true), tostring(err))
-    assert.equal(1, sessions(app)) -- its reader (the processor's connection renamed itself)
+    assert.equal(1, sessions(app)) -- its read-ahead session
     p:close()
     p = nil
     H.wait_until("the read-ahead session closed", 10, function() return sessions(app) == 0 end)
@@ -130,16 +134,12 @@ describe("the read-ahead session", function()
   it("a batch fails while its session still sends the next window: read and dropped, a reset not blocked", function()
     g = H.group("rb_fail", { batch_size = 500 })
     big_log("a", 3, 500)
-    local app = H.uid("rb_fail"):gsub("[^%w_]", "_")
-    db = assert(pup.connect(url_named(app)))
-    local first = g:one(('SELECT min(global_position) AS p FROM "%s"'):format(g.names.events_table)).p
-    local proj = pup.load_projection(g.file)
-    local handle = proj.handle
-    proj.handle = function(tx, e)
-      if e.global_position == first + 700 then error("boom in batch 2") end -- window 3 is being read
-      handle(tx, e)
-    end
-    p = pup.processor(db, proj, { store = g.store, batch_size = 500, poll_interval = 0.05 })
+    local app = named_processor(function(handle, first)
+      return function(tx, e)
+        if e.global_position == first + 700 then error("boom in batch 2") end -- window 3 is being read
+        handle(tx, e)
+      end
+    end)
     local n, err = p:run { once = true }
     assert.is_nil(n)
     assert.is_truthy(tostring(err):find("boom in batch 2", 1, true), tostring(err))
