@@ -439,17 +439,32 @@ tests: ^lua\.read_beside$
 name: reader-not-reopened
 why: issue 13: a read-ahead session that was killed is not opened again: catch-up after a server restart stays on one session
 file: src/processor.c
-old: p->reader_off = pup_conn_ok(p->reader);
-new: p->reader_off = 1;
+old: p->reader_off = pup_conn_ok(p->reader) && !(err && strcmp(err->sqlstate, "55P03") == 0);
+new: p->reader_off = 1 + 0 * (err != NULL);
 tests: ^lua\.read_beside$
 
 name: reader-unread-after-failure
 why: issue 13: a failed batch leaves its read-ahead session sending a window nobody reads, its snapshot (and, before, the generation lock) held until the next catch-up
 file: src/batch.c
 old: pup_conn_rollback(p->conn);
-old+:     pup_proc_settle_reader(p);
+old+:     pup_proc_close_reader(p);
 new: pup_conn_rollback(p->conn);
 tests: ^lua\.read_beside$
+
+name: reader-left-open-on-free
+why: issue 13: a processor freed in the middle of a catch-up leaves its read-ahead session open
+file: src/processor.c
+old: pup_conn_close(p->reader);
+old+:     free(p->sql_read_reader);
+new: free(p->sql_read_reader);
+tests: ^lua\.read_beside$
+
+name: reader-through-session-pooler
+why: issue 13: behind a pooler in session mode the processor opens its read-ahead session through it: one more pooled connection, and with a full pool the batch waits for one (PgBouncer's query_wait_timeout) holding its transaction open
+file: src/processor.c
+old: if (pup_conn_via_pooler(p->conn)) return;
+new: if (pup_conn_pooled(p->conn)) return;
+tests: ^lua\.pgbouncer$
 
 name: copy-refused-before-earlier-failure
 why: issue 13: a COPY refused in a handler is recorded before the failure of a statement queued earlier (unread): the wrong event is blamed

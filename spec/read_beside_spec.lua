@@ -106,18 +106,21 @@ describe("the read-ahead session", function()
     g:append("a", 4, 50)
     local app = named_processor(function(handle, first)
       return function(tx, e)
-        if e.global_position == first + 100 then error("stop here") end
         handle(tx, e)
+        -- more events after the head seen at start, at most 1,000 a second: run{once}
+        -- returns after its first second, past that head, with its read-ahead session open
+        if e.global_position == first + 100 then g:append("b", 4, 500) end
+        if e.global_position > first + 100 then pup.sleep(0.001) end
       end
     end)
-    local n, err = p:run { once = true }
-    assert.is_nil(n)
-    assert.is_truthy(tostring(err):find("stop here", 1, true), tostring(err))
-    assert.equal(1, sessions(app)) -- its read-ahead session
+    local n = assert(p:run { once = true })
+    assert.is_true(n >= 200 and n < 2200, "handled " .. n)
+    assert.equal(1, sessions(app))
     p:close()
     p = nil
     H.wait_until("the read-ahead session closed", 10, function() return sessions(app) == 0 end)
   end)
+
   -- Windows of 500 events of ~20 KB: more than the socket buffers hold, so the read-ahead
   -- session's backend blocks sending a window until the client reads it.
   local function big_log(prefix, naggs, per)
@@ -131,7 +134,7 @@ describe("the read-ahead session", function()
     end
   end
 
-  it("a batch fails while its session still sends the next window: read and dropped, a reset not blocked", function()
+  it("a batch fails while its session still sends the next window: closed (no snapshot held), a reset not blocked", function()
     g = H.group("rb_fail", { batch_size = 500 })
     big_log("a", 3, 500)
     local app = named_processor(function(handle, first)
@@ -143,9 +146,7 @@ describe("the read-ahead session", function()
     local n, err = p:run { once = true }
     assert.is_nil(n)
     assert.is_truthy(tostring(err):find("boom in batch 2", 1, true), tostring(err))
-    local r = g:one("SELECT count(*)::int AS n, count(*) FILTER (WHERE state = 'idle')::int AS idle"
-      .. " FROM pg_stat_activity WHERE application_name = $1", app)
-    assert.same({ n = 1, idle = 1 }, r) -- open, its window read (no snapshot held)
+    H.wait_until("the read-ahead session closed", 5, function() return sessions(app) == 0 end)
     local c = H.connect()
     assert(c:exec("BEGIN"))
     assert(c:exec("SET LOCAL lock_timeout = '3s'"))

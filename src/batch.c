@@ -257,7 +257,7 @@ static int read_ahead(pup_processor *p, const pup_stmt *st, walk *w, double chai
             w->ahead_sent = 2;
             return 0;
         }
-        pup_proc_drop_reader(p);
+        pup_proc_drop_reader(p, &e);
     }
     pup_conn_set_tag(p->conn, w->base + TAG_AHEAD);
     if (window_params(p, w->ahead_from, err) < 0 || pup_conn_send_kept(p->conn, st, &p->params, err) < 0)
@@ -272,7 +272,7 @@ static PGresult *take_read_ahead(pup_processor *p, const walk *w) {
     if (w->ahead_sent != 2) return pup_conn_take_kept(p->conn);
     pup_error e;
     PGresult *r = pup_conn_take_sent(p->reader, &e);
-    if (!r) pup_proc_drop_reader(p);
+    if (!r) pup_proc_drop_reader(p, &e);
     return r;
 }
 
@@ -628,7 +628,7 @@ static int batch_failed(pup_processor *p, PGresult *r, walk *w, const walk *behi
     PQclear(r);
     PQclear(w->ahead);
     pup_conn_rollback(p->conn);
-    pup_proc_settle_reader(p);
+    pup_proc_close_reader(p);
     pup_gaps_forget(&p->gaps, 0, 1);
     return fenced ? pup_proc_fenced(p, behind->from, 0, err) : -1;
 }

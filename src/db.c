@@ -50,6 +50,7 @@ struct pup_conn {
      * no named statements, as a transaction-mode pool hands each transaction to any
      * server connection. Cleared when pup_conn_require_session proves session pooling. */
     int pooled;
+    int via_pooler; /* the pids differed: a pooler, whatever mode require_session proved */
     unsigned long probed; /* session + 1 once pup_conn_require_session passed */
     int notify_ready; /* NOTIFY_STMT is prepared in this session */
     char owed[128];   /* channel owed a NOTIFY once the open transaction commits ("": none) */
@@ -325,8 +326,8 @@ static void notice_line(void *arg, const char *message) {
 static void session_defaults(pup_conn *c) {
     PGresult *r = PQexec(c->pg, "SET client_min_messages = warning; SET bytea_output = hex;"
                                 " SELECT pg_backend_pid()");
-    c->pooled = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 &&
-                atoi(PQgetvalue(r, 0, 0)) != PQbackendPID(c->pg);
+    c->pooled = c->via_pooler = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 &&
+                                atoi(PQgetvalue(r, 0, 0)) != PQbackendPID(c->pg);
     PQclear(r);
 }
 
@@ -448,22 +449,29 @@ int pup_conn_reset(pup_conn *c, pup_error *err) {
 }
 
 int pup_conn_pooled(const pup_conn *c) { return c->pooled; }
+int pup_conn_via_pooler(const pup_conn *c) { return c->via_pooler; }
 
-/* A second connection with this one's options (libpq's, never printed); NULL if it fails. */
+/* A second connection with this one's options (libpq's, never printed) to the server it
+ * is connected to (of a list of hosts, the one it chose); NULL if it fails. */
 static PGconn *connect_alike(pup_conn *c) {
     PQconninfoOption *opts = PQconninfo(c->pg);
     if (!opts) return NULL;
     size_t n = 0;
     for (PQconninfoOption *o = opts; o->keyword; o++) n++;
-    const char **keys = calloc(n + 1, sizeof *keys), **vals = calloc(n + 1, sizeof *vals);
+    const char **keys = calloc(n + 3, sizeof *keys), **vals = calloc(n + 3, sizeof *vals);
     PGconn *pg = NULL;
     if (keys && vals) {
+        const char *host = PQhost(c->pg), *addr = PQhostaddr(c->pg), *port = PQport(c->pg);
         size_t k = 0;
         for (PQconninfoOption *o = opts; o->keyword; o++)
-            if (o->val) {
+            if (o->val && strcmp(o->keyword, "host") != 0 && strcmp(o->keyword, "hostaddr") != 0 &&
+                strcmp(o->keyword, "port") != 0) {
                 keys[k] = o->keyword;
                 vals[k++] = o->val;
             }
+        if (host && *host) keys[k] = "host", vals[k++] = host;
+        if (addr && *addr) keys[k] = "hostaddr", vals[k++] = addr;
+        if (port && *port) keys[k] = "port", vals[k++] = port;
         pg = PQconnectdbParams(keys, vals, 0);
     }
     free(keys);

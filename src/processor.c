@@ -214,7 +214,7 @@ static int build_read_sql(pup_processor *p) {
 void pup_proc_resolve_reader(pup_processor *p) {
     if (p->sql_read_reader || p->reader_off) return;
     p->reader_off = 1; /* one try: on failure the read-ahead stays on p->conn */
-    if (pup_conn_pooled(p->conn)) return;
+    if (pup_conn_via_pooler(p->conn)) return;
     pup_error e;
     static const char resolve[] =
         "SELECT (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c"
@@ -228,13 +228,16 @@ void pup_proc_resolve_reader(pup_processor *p) {
 }
 
 /* Its session, opened when first needed, with its window reads planned generically (its
- * own statements only). */
+ * own statements only) and a short lock timeout: its read waits for a lock only behind an
+ * ACCESS EXCLUSIVE request (DDL on the events table), which may wait for the batch, which
+ * waits for that read. Timed out, the batch reads for itself (the session is opened again). */
 int pup_proc_open_reader(pup_processor *p) {
     if (p->reader) return 0;
     if (p->reader_off || !p->sql_read_reader) return -1;
     pup_error e;
     p->reader = pup_conn_open_alike(p->conn, &e);
-    if (!p->reader || pup_conn_command(p->reader, "SET plan_cache_mode = force_generic_plan", &e) < 0) {
+    if (!p->reader ||
+        pup_conn_command(p->reader, "SET plan_cache_mode = force_generic_plan; SET lock_timeout = '100ms'", &e) < 0) {
         pup_conn_close(p->reader);
         p->reader = NULL;
         p->reader_off = 1;
@@ -243,20 +246,14 @@ int pup_proc_open_reader(pup_processor *p) {
     return 0;
 }
 
-void pup_proc_settle_reader(pup_processor *p) {
-    pup_error ignored;
-    if (p->reader && PQtransactionStatus(pup_conn_pg(p->reader)) == PQTRANS_ACTIVE)
-        PQclear(pup_conn_take_sent(p->reader, &ignored));
-}
-
 void pup_proc_close_reader(pup_processor *p) {
     pup_conn_close(p->reader);
     p->reader = NULL;
 }
 
-void pup_proc_drop_reader(pup_processor *p) {
-    /* a lost session is opened again (a server restart); a failed statement is not */
-    p->reader_off = pup_conn_ok(p->reader);
+void pup_proc_drop_reader(pup_processor *p, const pup_error *err) {
+    /* a lost session (a server restart) or a lock timeout: opened again; else not */
+    p->reader_off = pup_conn_ok(p->reader) && !(err && strcmp(err->sqlstate, "55P03") == 0);
     pup_proc_close_reader(p);
 }
 

@@ -127,14 +127,12 @@ void pup_proc_resolve_reader(pup_processor *p);
 /* Opens p->reader if needed: 0 when it is open; -1 when it cannot be (not resolved, or it
  * failed to connect: then not tried again). */
 int pup_proc_open_reader(pup_processor *p);
-/* Reads and drops the window p->reader is still sending (a failed batch): its session holds a
- * snapshot until then. */
-void pup_proc_settle_reader(pup_processor *p);
-/* Closes p->reader (caught up: a live processor holds one session); opened again when needed. */
+/* Closes p->reader (caught up, or a failed batch: it may still be sending a window, with a
+ * snapshot held); opened again when needed. */
 void pup_proc_close_reader(pup_processor *p);
 /* Closes p->reader, which failed: the read-ahead runs on p->conn (until it is opened again
  * after a lost session). */
-void pup_proc_drop_reader(pup_processor *p);
+void pup_proc_drop_reader(pup_processor *p, const pup_error *err);
 
 /* batch.c: pup_processor_batch; with `chained` (the run loop), a batch that reads ahead a
  * full window may commit behind the next window's batch, and so on for up to a second

@@ -129,10 +129,14 @@ unsigned long pup_conn_session(const pup_conn *c);
  * statements (a transaction-mode pool runs each transaction on any server connection):
  * every statement is sent as text, unnamed, with the parameter types described once. */
 int pup_conn_pooled(const pup_conn *c);
+/* True when the connection goes through a pooler, in any mode (pup_conn_pooled turns false
+ * once session pooling is proved): a second client would take another pooled connection. */
+int pup_conn_via_pooler(const pup_conn *c);
 
 /* A second session with c's connection options (not the settings c's session changed
- * since), for statements run beside c's: a processor's read-ahead. NULL with err
- * (connection) when it cannot connect; described from libpq's fields, never the URL. */
+ * since) to the server c is connected to (of a list of hosts, the one c chose), for
+ * statements run beside c's: a processor's read-ahead. NULL with err (connection) when it
+ * cannot connect; described from libpq's fields, never the URL. */
 pup_conn *pup_conn_open_alike(pup_conn *c, pup_error *err);
 /* Sends st with binary results on an idle connection outside pipeline mode, its own
  * transaction, without waiting; a result not taken before is discarded first. */
