@@ -239,8 +239,10 @@ static PGresult *read_window(pup_processor *p, const pup_stmt *st, long long fro
 }
 
 /* Read-ahead in catch-up. While the client walks a full window, the server reads the
- * next one: queued first in this batch's pipeline, it is a snapshot of the log like any
- * other, and using it in the next batch is as if that batch had been slow to start. The
+ * next one: queued first in this batch's pipeline, or, in the run loop while the handlers
+ * write, sent on the processor's own second session to run beside their statements
+ * (pup_proc_open_reader), it is a snapshot of the log like any other, and using it in the
+ * next batch is as if that batch had been slow to start. The
  * next batch takes it only when it starts where this one ended, in the same generation,
  * session and partitions (take_ahead; a change of partitions drops it); its handlers take
  * the generation lock again before they write (sql_open), and its checkpoint write is
@@ -249,7 +251,7 @@ static PGresult *read_window(pup_processor *p, const pup_stmt *st, long long fro
 static int read_ahead(pup_processor *p, const pup_stmt *st, walk *w, double chain_started, pup_error *err) {
     if (p->cfg.group || w->nrows - FIRST_EVENT_ROW < window_size(p) || p->poison.stop_at || p->wait_lo) return 0;
     w->ahead_from = pup_be_int(PQgetvalue(w->r, w->nrows - 1, FIRST_EVENT_COL), 8);
-    if (chain_started > 0 && p->handlers_wrote && pup_proc_open_reader(p) == 0) { /* beside this batch's statements, on the other session */
+    if (chain_started > 0 && p->handlers_wrote && pup_proc_open_reader(p) == 0) {
         pup_error e;
         const pup_stmt *rst = pup_conn_prepare(p->reader, p->sql_read_reader, &e);
         if (window_params(p, w->ahead_from, err) < 0) return pup_proc_context(p, err);
@@ -409,9 +411,7 @@ static int walk_window(pup_processor *p, walk *w, uint64_t xmin, double deadline
     return 0;
 }
 
-/* Step 4: the guard, queued before the Sync (after a handler's ROLLBACK or COMMIT, the
- * statements that follow form an implicit transaction that this failure rolls back at
- * the Sync), then the pipeline's end, failures attributed to their event. */
+/* The statement that fails unless the batch transaction is still the one open (once). */
 static int queue_guard(pup_processor *p, walk *w, pup_error *err) {
     if (!w->opened || w->guarded) return 0;
     w->guarded = 1;
@@ -421,6 +421,9 @@ static int queue_guard(pup_processor *p, walk *w, pup_error *err) {
     return 0;
 }
 
+/* Step 4: the guard, queued before the Sync (after a handler's ROLLBACK or COMMIT, the
+ * statements that follow form an implicit transaction that this failure rolls back at
+ * the Sync), then the pipeline's end, failures attributed to their event. */
 static int end_pipeline(pup_processor *p, walk *w, pup_error *err) {
     if (queue_guard(p, w, err) < 0) return -1;
     long tag = -1;
