@@ -459,6 +459,21 @@ old+:     free(p->sql_read_reader);
 new: free(p->sql_read_reader);
 tests: ^lua\.read_beside$
 
+name: reader-result-left-to-caller
+why: issue 13: the read-ahead session's rows are read only when the batch takes them: a window larger than the socket buffers keeps its backend sending with the table's lock held, a DDL queues behind it and a handler's read behind the DDL (a deadlock through the client)
+file: src/db.c
+old: c->reading = pthread_create(&c->reader, NULL, read_sent, c) == 0; /* else read when taken */
+new: c->reading = 0; /* read when taken */
+tests: ^lua\.read_beside$
+timeout: 300
+
+name: reader-under-set-role
+why: issue 13: the read-ahead session is used although the processor's connection set a role (or the events table has row-level security): it reads events that connection cannot see
+file: src/processor.c
+old: NOT c.relrowsecurity AND current_user = session_user
+new: true
+tests: ^lua\.read_beside$
+
 name: reader-through-session-pooler
 why: issue 13: behind a pooler in session mode the processor opens its read-ahead session through it: one more pooled connection, and with a full pool the batch waits for one (PgBouncer's query_wait_timeout) holding its transaction open
 file: src/processor.c

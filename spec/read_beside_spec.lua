@@ -13,6 +13,7 @@ describe("the read-ahead session", function()
     if db then db:close() end
     if g then
       g.db:exec("DROP SCHEMA IF EXISTS t_rb_other CASCADE")
+      g.db:exec(('DROP TABLE IF EXISTS "%s" CASCADE'):format(g.names.events_table)) -- its policies
       g:close()
     end
     g, db, p = nil, nil, nil
@@ -180,5 +181,59 @@ describe("the read-ahead session", function()
     assert.equal(0, H.wait_exit(run, 60), H.stderr_of(run))
     local ok, why = g:exact()
     assert(ok, why)
+  end)
+  it("DDL on the events table during a catch-up, a handler reading that table: no deadlock through the client", function()
+    g = H.group("rb_ddl", { batch_size = 500 })
+    big_log("a", 3, 500) -- windows larger than the socket buffers
+    local E = '"' .. g.names.events_table .. '"'
+    local script = g.dir .. "/ddl.lua"
+    H.write_file(script, [[
+local pup = require "pupsourcing"
+local db = assert(pup.connect(arg[1]))
+assert(db:exec("SET lock_timeout = '20s'"))
+assert(db:exec(arg[2]))
+print("ddl done")
+]])
+    local ddl
+    named_processor(function(handle, first)
+      return function(tx, e)
+        handle(tx, e)
+        if e.global_position == first + 700 then -- batch 2, while window 3 is read beside it
+          ddl = H.spawn { H.bin, script, H.url(), "ALTER TABLE " .. E .. " ADD COLUMN rb_ddl int" }
+          g.procs[#g.procs + 1] = ddl
+          -- done, or waiting for the table's locks (then this read waits behind it)
+          H.wait_until("the ALTER to run or wait", 10, function()
+            return H.stdout_of(ddl) ~= "" or g:one("SELECT count(*)::int AS n FROM pg_locks WHERE"
+              .. " relation = $1::regclass AND NOT granted AND mode = 'AccessExclusiveLock'", g.names.events_table).n > 0
+          end, 0.02)
+          assert(tx:query("SELECT count(*) AS n FROM " .. E .. " WHERE global_position = $1", e.global_position))
+        end
+      end
+    end)
+    local t0 = pup.now()
+    assert.equal(1500, assert(p:run { once = true }))
+    assert.is_true(pup.now() - t0 < 15, ("took %.1f s"):format(pup.now() - t0))
+    assert.equal(0, H.wait_exit(ddl, 20), H.stderr_of(ddl))
+    assert.equal("ddl done\n", H.stdout_of(ddl))
+    local ok, why = g:exact()
+    assert(ok, why)
+  end)
+
+  it("not used where a session's view depends on more than its login (SET ROLE, row-level security)", function()
+    g = H.group("rb_rls", { batch_size = 10 })
+    g:append("a", 4, 50)
+    local E = '"' .. g.names.events_table .. '"'
+    assert(g.db:exec("DO $$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rb_rls_reader') THEN"
+      .. " CREATE ROLE rb_rls_reader NOLOGIN; END IF; END$$"))
+    assert(g.db:exec("GRANT pg_read_all_data, pg_write_all_data TO rb_rls_reader"))
+    assert(g.db:exec("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO rb_rls_reader"))
+    assert(g.db:exec("GRANT CREATE ON SCHEMA public TO rb_rls_reader")) -- the fixture's setup
+    assert(g.db:exec(("ALTER TABLE %s ENABLE ROW LEVEL SECURITY"):format(E)))
+    assert(g.db:exec(("CREATE POLICY rb_rls ON %s TO rb_rls_reader USING (aggregate_id <> 'a2')"):format(E)))
+    local app = named_processor()
+    assert(db:exec("SET ROLE rb_rls_reader"))
+    assert.equal(150, assert(p:run { once = true })) -- a2's 50 events are not this role's
+    assert.equal(0, g:one(("SELECT count(*)::int AS n FROM %s WHERE agg = 'a2'"):format(g.counter)).n)
+    assert.equal(0, sessions(app))
   end)
 end)

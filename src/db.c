@@ -6,6 +6,8 @@
 
 #include <ctype.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -64,6 +66,11 @@ struct pup_conn {
     long behind_tag;
     int behind;
     unsigned long sent; /* statements sent by send_stmt (pup_conn_sent) */
+    /* pup_conn_send_now: the thread reading its result (while `reading`: the session is
+     * its alone), and that result once read. */
+    pthread_t reader;
+    int reading;
+    PGresult *sent_result;
 };
 
 /* Every error code with the stable name Lua sees in err.code: the one table of them. */
@@ -410,8 +417,12 @@ static void drop_kept(pup_conn *c) {
     c->kept = NULL;
 }
 
+static void join_reader(pup_conn *c);
+
 void pup_conn_close(pup_conn *c) {
     if (!c) return;
+    join_reader(c);
+    PQclear(c->sent_result);
     if (c->pg) PQfinish(c->pg);
     for (int i = 0; i < c->nstmts; i++) stmt_free(&c->stmts[i]);
     stmt_free(&c->unnamed);
@@ -914,6 +925,7 @@ const pup_stmt *pup_conn_prepare(pup_conn *c, const char *sql, pup_error *err) {
         return NULL;
     }
     /* Preparing needs a round trip of its own: settle the pipeline first. */
+    join_reader(c);
     int was_pipeline = pup_conn_in_pipeline(c);
     if (was_pipeline && settle_pipeline(c, err) < 0) return NULL;
     const pup_stmt *out = NULL;
@@ -1011,18 +1023,45 @@ int pup_conn_command(pup_conn *c, const char *sql, pup_error *err) {
     return -1;
 }
 
+/* The thread of pup_conn_send_now: reads the result at once, so the server never waits
+ * for the caller to send it (it would hold its locks meanwhile; docs/reliability.md). */
+static void *read_sent(void *arg) {
+    pup_conn *c = arg;
+    PGresult *r = PQgetResult(c->pg), *extra;
+    while ((extra = PQgetResult(c->pg)) != NULL) PQclear(extra);
+    c->sent_result = r;
+    return NULL;
+}
+
+/* Waits for the reading thread, if any: the session is the caller's again. */
+static void join_reader(pup_conn *c) {
+    if (!c->reading) return;
+    pthread_join(c->reader, NULL);
+    c->reading = 0;
+}
+
 int pup_conn_send_now(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_error *err) {
-    PGresult *r;
-    while ((r = PQgetResult(c->pg)) != NULL) PQclear(r); /* one not taken */
+    join_reader(c);
+    PQclear(c->sent_result); /* one not taken */
+    c->sent_result = NULL;
     if (PQtransactionStatus(c->pg) != PQTRANS_IDLE || pup_conn_in_pipeline(c))
         return pup_error_set(err, PUP_ERR_INVALID_ARGUMENT, "pup_conn_send_now: the connection is not idle");
     if (!send_stmt(c, st, p, 1)) return send_failed(c, err);
+    /* the stop signals stay with the threads that wait for them */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    c->reading = pthread_create(&c->reader, NULL, read_sent, c) == 0; /* else read when taken */
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     return 0;
 }
 
 PGresult *pup_conn_take_sent(pup_conn *c, pup_error *err) {
-    PGresult *r = PQgetResult(c->pg), *extra;
-    while ((extra = PQgetResult(c->pg)) != NULL) PQclear(extra);
+    int threaded = c->reading;
+    join_reader(c);
+    if (!threaded) read_sent(c);
+    PGresult *r = c->sent_result;
+    c->sent_result = NULL;
     return result_or_failure(c, r, err);
 }
 

@@ -139,7 +139,10 @@ int pup_conn_via_pooler(const pup_conn *c);
  * cannot connect; described from libpq's fields, never the URL. */
 pup_conn *pup_conn_open_alike(pup_conn *c, pup_error *err);
 /* Sends st with binary results on an idle connection outside pipeline mode, its own
- * transaction, without waiting; a result not taken before is discarded first. */
+ * transaction, without waiting; a result not taken before is discarded first. A thread
+ * reads the result as it comes (the server never waits for the caller, holding the
+ * statement's locks); until pup_conn_take_sent (or pup_conn_close) the connection is that
+ * thread's: call nothing else on it. */
 int pup_conn_send_now(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_error *err);
 /* Waits for the result of the statement pup_conn_send_now sent: its rows, or NULL with
  * err (also when nothing was sent). */
