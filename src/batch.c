@@ -636,6 +636,26 @@ static int batch_failed(pup_processor *p, PGresult *r, walk *w, const walk *behi
     return fenced ? pup_proc_fenced(p, behind->from, 0, err) : -1;
 }
 
+/* The batch's BEGIN; once the read-ahead session is resolved, in the same round trip
+ * whether it may still read for this connection (no role set since, no row-level
+ * security: pup_proc_resolve_reader): if not, it is closed for good. */
+static int begin_batch(pup_processor *p, pup_error *err) {
+    if (p->reader_off || !p->sql_begin_check) return pup_conn_command(p->conn, "BEGIN", err);
+    PGresult *r = PQexec(pup_conn_pg(p->conn), p->sql_begin_check);
+    if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+        pup_error_from_pg(err, pup_conn_pg(p->conn), r);
+        PQclear(r);
+        pup_conn_rollback(p->conn);
+        return -1;
+    }
+    if (strcmp(PQgetvalue(r, 0, 0), "t") != 0) {
+        pup_proc_close_reader(p);
+        p->reader_off = 1;
+    }
+    PQclear(r);
+    return 0;
+}
+
 static int batch_once(pup_processor *p, int chained, int *handled, long long *advanced, int *waiting,
                       pup_error *err) {
     *handled = 0;
@@ -655,7 +675,7 @@ static int batch_once(pup_processor *p, int chained, int *handled, long long *ad
     for (int k = 0; k < p->total; k++)
         if (p->held[k] && (from < 0 || p->cp[k] < from)) from = p->cp[k];
     /* The handler time limit is set after the read and lifted before the checkpoint. */
-    if (pup_conn_command(p->conn, "BEGIN", err) < 0) return pup_proc_context(p, err);
+    if (begin_batch(p, err) < 0) return pup_proc_context(p, err);
     pup_conn_clear_failure(p->conn);
     double deadline = batch_deadline(p), started = pup_proc_mono();
     PGresult *r = take_ahead(p, from);

@@ -914,6 +914,7 @@ static void forget_statements(pup_conn *c) {
 }
 
 const pup_stmt *pup_conn_prepare(pup_conn *c, const char *sql, pup_error *err) {
+    join_reader(c);
     if (c->replan && PQtransactionStatus(c->pg) == PQTRANS_IDLE) forget_statements(c);
     for (int i = 0; i < c->nstmts; i++)
         if (strcmp(c->stmts[i].sql, sql) == 0) return &c->stmts[i];
@@ -925,7 +926,6 @@ const pup_stmt *pup_conn_prepare(pup_conn *c, const char *sql, pup_error *err) {
         return NULL;
     }
     /* Preparing needs a round trip of its own: settle the pipeline first. */
-    join_reader(c);
     int was_pipeline = pup_conn_in_pipeline(c);
     if (was_pipeline && settle_pipeline(c, err) < 0) return NULL;
     const pup_stmt *out = NULL;
@@ -1051,15 +1051,17 @@ int pup_conn_send_now(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    c->reading = pthread_create(&c->reader, NULL, read_sent, c) == 0; /* else read when taken */
+    c->reading = pthread_create(&c->reader, NULL, read_sent, c) == 0;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!c->reading) { /* no thread: the caller must not wait for this session */
+        read_sent(c);
+        return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "pup_conn_send_now: cannot start its reading thread");
+    }
     return 0;
 }
 
 PGresult *pup_conn_take_sent(pup_conn *c, pup_error *err) {
-    int threaded = c->reading;
     join_reader(c);
-    if (!threaded) read_sent(c);
     PGresult *r = c->sent_result;
     c->sent_result = NULL;
     return result_or_failure(c, r, err);

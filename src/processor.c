@@ -210,25 +210,29 @@ static int build_read_sql(pup_processor *p) {
 /* The read-ahead's session (batch.c, read_ahead) reads the events, groups table and
  * sequence named schema.table as this connection resolves them now (a search_path set on
  * it included). Not behind a pooler (one more server connection from a pool that may
- * have none), and not where what a session may see depends on more than its login: a
- * role set on this connection (SET ROLE), or row-level security on those tables (its
- * policies may read this session's settings). */
+ * have none), and, asked again with every turn's BEGIN (sql_begin_check, batch.c:
+ * begin_batch), not where what a session may see depends on more than its login: a role
+ * set on this connection (SET ROLE), or row-level security on those tables (its policies
+ * may read this session's settings). */
 void pup_proc_resolve_reader(pup_processor *p) {
     if (p->sql_read_reader || p->reader_off) return;
     p->reader_off = 1; /* one try: on failure the read-ahead stays on p->conn */
     if (pup_conn_via_pooler(p->conn)) return;
     pup_error e;
     static const char resolve[] =
-        "SELECT format('%I.%I', n.nspname, c.relname), NOT c.relrowsecurity AND current_user = session_user"
-        " FROM unnest(ARRAY[$1, $2, $3]) WITH ORDINALITY AS t(x, i)"
-        " LEFT JOIN pg_class c ON c.oid = to_regclass(x) LEFT JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " ORDER BY i";
+        "SELECT (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(x))"
+        " FROM unnest(ARRAY[$1, $2, $3]) WITH ORDINALITY AS t(x, i) ORDER BY i";
     PGresult *r = pup_proc_run(p, &e, resolve, 3, p->store->q_events, p->store->q_groups, p->store->q_sequence);
-    int ok = r && PQntuples(r) == 3;
-    for (int i = 0; ok && i < 3; i++) ok = !PQgetisnull(r, i, 1) && strcmp(PQgetvalue(r, i, 1), "t") == 0;
+    int ok = r && PQntuples(r) == 3 && !PQgetisnull(r, 0, 0) && !PQgetisnull(r, 1, 0) && !PQgetisnull(r, 2, 0);
     p->sql_read_reader = ok ? read_sql(p, PQgetvalue(r, 0, 0), PQgetvalue(r, 1, 0), PQgetvalue(r, 2, 0), 0) : NULL;
+    if (p->sql_read_reader &&
+        asprintf(&p->sql_begin_check, "BEGIN; SELECT current_user = session_user AND NOT EXISTS (SELECT 1 FROM"
+                 " pg_class WHERE oid IN (to_regclass('%s'), to_regclass('%s'), to_regclass('%s')) AND relrowsecurity)",
+                 PQgetvalue(r, 0, 0), PQgetvalue(r, 1, 0), PQgetvalue(r, 2, 0)) < 0)
+        p->sql_begin_check = NULL;
     PQclear(r);
-    p->reader_off = p->sql_read_reader == NULL;
+    p->reader_off = p->sql_read_reader == NULL || p->sql_begin_check == NULL;
 }
 
 /* Its session, opened when first needed, with its window reads planned generically (its
@@ -355,6 +359,7 @@ void pup_processor_free(pup_processor *p) {
     PQclear(p->ahead);
     pup_conn_close(p->reader);
     free(p->sql_read_reader);
+    free(p->sql_begin_check);
     free(p);
 }
 

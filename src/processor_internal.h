@@ -80,7 +80,7 @@ struct pup_processor {
      * of the last batch sent statements): else the read on p->conn is as early, and a
      * third busy process would slow the client's walk. */
     pup_conn *reader;
-    char *sql_read_reader;
+    char *sql_read_reader, *sql_begin_check;
     int reader_off, handlers_wrote;
     int setup_done, locked, listening;
     unsigned long session; /* pup_conn_session() when `locked`/`listening` were taken */

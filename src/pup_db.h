@@ -145,7 +145,8 @@ pup_conn *pup_conn_open_alike(pup_conn *c, pup_error *err);
  * thread's: call nothing else on it. */
 int pup_conn_send_now(pup_conn *c, const pup_stmt *st, const pup_params *p, pup_error *err);
 /* Waits for the result of the statement pup_conn_send_now sent: its rows, or NULL with
- * err (also when nothing was sent). */
+ * err (also when nothing was sent). pup_conn_send_now fails, its result read and dropped,
+ * when no thread can be started. */
 PGresult *pup_conn_take_sent(pup_conn *c, pup_error *err);
 
 /* For holders of session state (processors: advisory locks, LISTEN): 0 on a direct
