@@ -191,12 +191,14 @@ typedef struct walk {
     int nevs;             /* handle_batch: the events to give it, in p->evs (pointing into r) */
     PGresult *ahead;      /* the next window, read ahead from ahead_from (read_ahead) */
     long long ahead_from;
-    int ahead_sent;       /* the read-ahead was queued (on p->conn), or sent on p->reader (2) */
+    int ahead_sent;       /* where the next window is read ahead (AHEAD_*) */
     int guarded;          /* the guard was queued */
     long long lo, hi;     /* handle_batch: the positions of its first and last event */
     long base;            /* added to the tags of the batch's statements (TAG_STRIDE) */
     const struct walk *behind; /* the batch chained behind this one, its results unread */
 } walk;
+
+enum { AHEAD_NONE, AHEAD_HERE /* queued on p->conn, kept */, AHEAD_BESIDE /* sent on p->reader */ };
 
 /* Whether tag is one of w's statements': *local is then the tag it was given. */
 static int owns(const walk *w, long tag, long *local) {
@@ -251,27 +253,26 @@ static PGresult *read_window(pup_processor *p, const pup_stmt *st, long long fro
 static int read_ahead(pup_processor *p, const pup_stmt *st, walk *w, double chain_started, pup_error *err) {
     if (p->cfg.group || w->nrows - FIRST_EVENT_ROW < window_size(p) || p->poison.stop_at || p->wait_lo) return 0;
     w->ahead_from = pup_be_int(PQgetvalue(w->r, w->nrows - 1, FIRST_EVENT_COL), 8);
+    if (window_params(p, w->ahead_from, err) < 0) return pup_proc_context(p, err);
     if (chain_started > 0 && p->handlers_wrote && pup_proc_open_reader(p) == 0) {
         pup_error e;
         const pup_stmt *rst = pup_conn_prepare(p->reader, p->sql_read_reader, &e);
-        if (window_params(p, w->ahead_from, err) < 0) return pup_proc_context(p, err);
         if (rst && pup_conn_send_now(p->reader, rst, &p->params, &e) == 0) {
-            w->ahead_sent = 2;
+            w->ahead_sent = AHEAD_BESIDE;
             return 0;
         }
         pup_proc_drop_reader(p, &e);
     }
     pup_conn_set_tag(p->conn, w->base + TAG_AHEAD);
-    if (window_params(p, w->ahead_from, err) < 0 || pup_conn_send_kept(p->conn, st, &p->params, err) < 0)
-        return pup_proc_context(p, err);
-    w->ahead_sent = 1;
+    if (pup_conn_send_kept(p->conn, st, &p->params, err) < 0) return pup_proc_context(p, err);
+    w->ahead_sent = AHEAD_HERE;
     return 0;
 }
 
 /* The window read ahead by this batch once read: on the other session, waiting for it
  * (NULL when that read failed: the reader is dropped, the next batch reads for itself). */
 static PGresult *take_read_ahead(pup_processor *p, const walk *w) {
-    if (w->ahead_sent != 2) return pup_conn_take_kept(p->conn);
+    if (w->ahead_sent != AHEAD_BESIDE) return pup_conn_take_kept(p->conn);
     pup_error e;
     PGresult *r = pup_conn_take_sent(p->reader, &e);
     if (!r) pup_proc_drop_reader(p, &e);
@@ -440,7 +441,7 @@ static int end_pipeline(pup_processor *p, walk *w, pup_error *err) {
 static int end_ahead(pup_processor *p, walk *w, pup_error *err) {
     if (queue_guard(p, w, err) < 0) return -1;
     /* the batch behind's results: up to its COMMIT, or (read on p->conn) the window */
-    int rc = w->ahead_sent == 1 ? pup_conn_read_kept(p->conn, err)
+    int rc = w->ahead_sent == AHEAD_HERE ? pup_conn_read_kept(p->conn, err)
              : w->behind        ? pup_conn_read_upto(p->conn, w->behind->base + TAG_COMMIT, err)
                                 : 0;
     if (rc < 0) return pup_proc_context(p, err);
@@ -561,15 +562,15 @@ static int batch_body(pup_processor *p, const pup_stmt *st, walk *w, uint64_t xm
     return rc;
 }
 
-/* Step 6, chained: when w may chain (may_chain) and the window read ahead holds the next
- * events, the batch queues its checkpoint write (raising when fenced), its COMMIT and the
+/* Step 6, chained: when w may chain (it ended by end_ahead, so the pipeline is still open)
+ * and the window read ahead holds the next events, the batch queues its checkpoint write (raising when fenced), its COMMIT and the
  * next batch's BEGIN behind its own statements (end_ahead), none of them read, and the next
  * batch walks that window while the server runs them; their results are read with that
  * batch's. Its statements run after the COMMIT, in the same session, so its handlers see
  * this batch's writes as after any COMMIT. Returns 1 when w cannot chain (nothing queued). */
-static int chain(pup_processor *p, walk *w, double chain_started, pup_error *err) {
+static int chain(pup_processor *p, walk *w, pup_error *err) {
     int next_in_hand = w->ahead && PQntuples(w->ahead) > FIRST_EVENT_ROW && w->ahead_from == w->last;
-    if (!next_in_hand || !may_chain(p, w, chain_started)) return 1;
+    if (!next_in_hand || !pup_conn_in_pipeline(p->conn)) return 1;
     const pup_stmt *st = pup_conn_prepare(p->conn, p->sql_checkpoint_fenced, err);
     if (!st || checkpoint_params(p, w->from, w->last, err) < 0) return pup_proc_context(p, err);
     const long tags[3] = {w->base + TAG_CHECKPOINT, w->base + TAG_COMMIT, w->base + TAG_BEGIN};
@@ -711,7 +712,7 @@ static int batch_once(pup_processor *p, int chained, int *handled, long long *ad
         }
         if (rc < 0) return batch_failed(p, r, &w, behind ? &prev : NULL, err);
         p->stats.oldest_pending_ms = oldest_pending(&w, p->stats.head);
-        int c = chained ? chain(p, &w, started, err) : 1;
+        int c = chained ? chain(p, &w, err) : 1;
         /* not chained after all (end_ahead left the pipeline open): its results now */
         if (c < 0 || (c == 1 && pup_conn_in_pipeline(p->conn) && end_pipeline(p, &w, err) < 0))
             return batch_failed(p, r, &w, NULL, err);
