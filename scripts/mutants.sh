@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Mutation testing (issue 17): applies each mutation of the list below to a scratch copy
 # of this working tree (never to the tree itself), builds it, runs the ctest tests that
-# should catch it against one throwaway PostgreSQL, and prints killed/survived.
+# should catch it against a throwaway PostgreSQL, and prints killed/survived.
 #
 #   bash scripts/mutants.sh             every mutation
 #   bash scripts/mutants.sh gap lease   only those whose name contains one of the words
 #   bash scripts/mutants.sh -l          list the mutations
 #
 #   PUP_MUTANTS_DIR=DIR      scratch directory (default: a new one under /tmp, removed at
-#                            the end); an existing one is refreshed and its build reused
+#                            the end); an existing one is refreshed and its builds reused
+#   PUP_MUTANTS_JOBS=N       mutations run at a time, each in its own copy, build and
+#                            PostgreSQL (default 3; 1 with PUP_TEST_DATABASE_URL)
 #   PUP_MUTANTS_BASELINE=0   skip the baseline run (the unmutated copy must pass every
 #                            test the list names, or every "kill" would mean nothing)
 #   PUP_TEST_DATABASE_URL=…  use that database instead of a throwaway server
@@ -20,7 +22,7 @@
 # A mutation that does not apply or does not build counts as a failure, so the list stays
 # in sync with the code.
 # Exit status: 0 only if every mutation applied and was killed. A full run takes about
-# 4-5 minutes on 2 cores (docs/reliability.md, "Mutation testing").
+# 4 minutes on 2 cores (docs/reliability.md, "Mutation testing").
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -533,7 +535,7 @@ filters=()
 for a in "$@"; do
   case "$a" in
     -l|--list) list_only=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) filters+=("$a") ;;
   esac
 done
@@ -581,6 +583,15 @@ fi
 
 bash scripts/deps.sh test
 
+# Mutations run PUP_MUTANTS_JOBS at a time (default 3: a mutation's tests mostly wait, one
+# at a time used a third of 2 cores), each worker in its own scratch copy with its own build
+# and its own throwaway PostgreSQL (specs create roles and start servers of their own, so
+# two workers never share a server). With PUP_TEST_DATABASE_URL: one.
+jobs=${PUP_MUTANTS_JOBS:-3}
+[ -n "${PUP_TEST_DATABASE_URL:-}" ] && jobs=1
+[[ $jobs =~ ^[1-9][0-9]*$ ]] || { echo "mutants.sh: PUP_MUTANTS_JOBS must be a positive integer" >&2; exit 2; }
+[ "$jobs" -gt ${#selected[@]} ] && jobs=${#selected[@]}
+
 t_start=$(date +%s)
 scratch=${PUP_MUTANTS_DIR:-}
 own_scratch=0
@@ -590,13 +601,12 @@ if [ -z "$scratch" ]; then
 fi
 mkdir -p "$scratch"
 chmod 755 "$scratch"
-src=$scratch/src
-pgtmp=""
+pgdirs=()
 cleanup() {
-  if [ -n "$pgtmp" ]; then
-    bash "$root/scripts/pg.sh" stop "$pgtmp/data" || true
-    rm -rf "$pgtmp"
-  fi
+  for d in "${pgdirs[@]}"; do
+    bash "$root/scripts/pg.sh" stop "$d/data" || true
+    rm -rf "$d"
+  done
   [ $own_scratch = 1 ] && rm -rf "$scratch"
   return 0
 }
@@ -604,53 +614,67 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# The copy: the tree's tracked and untracked (not ignored) files as they are now.
-mkdir -p "$src"
-git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
-  [ -e "$f" ] && printf '%s\0' "$f"
-done | tar --null -T - -cf - | tar -C "$src" -xf -
-echo "mutants: scratch copy in $src"
-cmake -S "$src" -B "$scratch/build" -DPUP_WERROR=ON >/dev/null
+# Worker w's copy: the tree's tracked and untracked (not ignored) files as they are now.
+urls=()
+for w in $(seq 1 "$jobs"); do
+  mkdir -p "$scratch/w$w/src" "$scratch/w$w/log"
+  git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
+    [ -e "$f" ] && printf '%s\0' "$f"
+  done | tar --null -T - -cf - | tar -C "$scratch/w$w/src" -xf -
+  cmake -S "$scratch/w$w/src" -B "$scratch/w$w/build" -DPUP_WERROR=ON >/dev/null
+  if [ -n "${PUP_TEST_DATABASE_URL:-}" ]; then
+    urls+=("$PUP_TEST_DATABASE_URL")
+  else
+    d=$(mktemp -d /tmp/pupsourcing-mutants-pg.XXXXXX)
+    chmod 755 "$d"
+    pgdirs+=("$d")
+    urls+=("$(bash scripts/pg.sh start "$d/data" $((54330 + w)))")
+  fi
+done
+echo "mutants: $jobs scratch copies in $scratch/w*/src"
 
-if [ -n "${PUP_TEST_DATABASE_URL:-}" ]; then
-  DATABASE_URL=$PUP_TEST_DATABASE_URL
-else
-  pgtmp=$(mktemp -d /tmp/pupsourcing-mutants-pg.XXXXXX)
-  chmod 755 "$pgtmp"
-  DATABASE_URL=$(bash scripts/pg.sh start "$pgtmp/data" 54330)
-fi
-export DATABASE_URL
-
-log=$scratch/log
-mkdir -p "$log"
-run_tests() { # regex, log file, [seconds] -> ctest's status
+run_tests() { # worker, regex, log file, [seconds] -> ctest's status
   local limit=()
   # (timeout signals its whole process group: ctest and the busted it started)
-  [ -n "${3:-}" ] && limit=(timeout -k 5 "$3")
-  "${limit[@]}" ctest --test-dir "$scratch/build" --output-on-failure -j "${PUP_TEST_JOBS:-2}" -R "$1" >"$2" 2>&1
+  [ -n "${4:-}" ] && limit=(timeout -k 5 "$4")
+  DATABASE_URL=${urls[$1 - 1]} "${limit[@]}" ctest --test-dir "$scratch/w$1/build" --output-on-failure \
+    -j "${PUP_TEST_JOBS:-2}" -R "$2" >"$3" 2>&1
 }
-build() { cmake --build "$scratch/build" -j2 >"$1" 2>&1; }
+build() { cmake --build "$scratch/w$1/build" -j2 >"$2" 2>&1; } # worker, log file
 
 if [ "${PUP_MUTANTS_BASELINE:-1}" != 0 ]; then
   regex=""
   for i in "${selected[@]}"; do regex+="${regex:+|}${tests[$i]}"; done
   echo "mutants: baseline (unmutated) run of $regex"
-  build "$log/baseline.build" || { cat "$log/baseline.build"; echo "mutants: the unmutated copy does not build" >&2; exit 1; }
-  if ! run_tests "$regex" "$log/baseline.test"; then
-    tail -n 40 "$log/baseline.test"
+  build 1 "$scratch/w1/log/baseline.build" || { cat "$scratch/w1/log/baseline.build"; echo "mutants: the unmutated copy does not build" >&2; exit 1; }
+  if ! run_tests 1 "$regex" "$scratch/w1/log/baseline.test"; then
+    tail -n 40 "$scratch/w1/log/baseline.test"
     echo "mutants: the unmutated copy fails its tests: fix that first" >&2
     exit 1
   fi
   echo "mutants: baseline passed in $(( $(date +%s) - t_start )) s"
 fi
 
-killed=0 survived=0 failed=0
-report=()
-for i in "${selected[@]}"; do
-  name=${names[$i]} file=${files[$i]}
+# The queue: the next index into `selected`, taken under a lock by whichever worker is free.
+mkdir -p "$scratch/results"
+rm -f "$scratch/results/"*
+echo 0 >"$scratch/next"
+take() {
+  local k
+  {
+    flock -x 9
+    k=$(cat "$scratch/next")
+    echo $((k + 1)) >"$scratch/next"
+  } 9>"$scratch/next.lock"
+  echo "$k"
+}
+
+# One mutation in worker w's copy; writes its status line to results/K.
+mutate() { # worker, k
+  local w=$1 k=$2 i=${selected[$2]} src=$scratch/w$1/src log=$scratch/w$1/log
+  local name=${names[$i]} file=${files[$i]} t0 status line
   t0=$(date +%s)
-  cp "$src/$file" "$scratch/orig"
-  status=""
+  cp "$src/$file" "$scratch/w$w/orig"
   if ! MUT_FILE="$src/$file" MUT_OLD="${olds[$i]}" MUT_NEW="${news[$i]}" lua5.4 -e '
       local path, old, new = os.getenv("MUT_FILE"), os.getenv("MUT_OLD"), os.getenv("MUT_NEW")
       local f = assert(io.open(path, "rb")); local s = f:read("a"); f:close()
@@ -658,30 +682,46 @@ for i in "${selected[@]}"; do
       if not at or s:find(old, e + 1, true) then os.exit(1) end
       f = assert(io.open(path, "wb")); f:write(s:sub(1, at - 1), new, s:sub(e + 1)); f:close()'; then
     status="NOT APPLIED (old text not found exactly once in $file)"
-    failed=$((failed + 1))
-  elif ! build "$log/$name.build"; then
+  elif ! build "$w" "$log/$name.build"; then
     status="BUILD FAILED (see $log/$name.build)"
-    failed=$((failed + 1))
-  elif run_tests "${tests[$i]}" "$log/$name.test" "${timeouts[$i]}"; then
+  elif run_tests "$w" "${tests[$i]}" "$log/$name.test" "${timeouts[$i]}"; then
     if grep -q "No tests were found" "$log/$name.test"; then
       status="SURVIVED (no test matches ${tests[$i]})"
     else
       status="SURVIVED (${tests[$i]} passed)"
     fi
-    survived=$((survived + 1))
   else
     status="killed"
-    killed=$((killed + 1))
   fi
-  cp "$scratch/orig" "$src/$file"
+  cp "$scratch/w$w/orig" "$src/$file"
   line=$(printf '%-34s %-8s %4ss  %s' "$name" "${status%% *}" "$(( $(date +%s) - t0 ))" "$status")
+  echo "$line" >"$scratch/results/$k"
   echo "$line"
-  report+=("$line")
-done
-# leave the copy's build matching its sources
-build "$log/final.build" || true
+}
 
+worker() { # w
+  local k
+  while k=$(take) && [ "$k" -lt ${#selected[@]} ]; do mutate "$1" "$k"; done
+  # leave the copy's build matching its sources
+  build "$1" "$scratch/w$1/log/final.build" || true
+}
+pids=()
+for w in $(seq 1 "$jobs"); do
+  worker "$w" &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || true; done
+
+killed=0 survived=0 failed=0
+for k in "${!selected[@]}"; do
+  line=$(cat "$scratch/results/$k" 2>/dev/null || echo "${names[${selected[$k]}]} NOT RUN")
+  case "$(awk '{ print $2 }' <<<"$line")" in
+    killed) killed=$((killed + 1)) ;;
+    SURVIVED) survived=$((survived + 1)) ;;
+    *) failed=$((failed + 1)) ;;
+  esac
+done
 total=${#selected[@]}
-echo "mutants: $total mutations: $killed killed, $survived survived, $failed not applied or not built;" \
-  "$(( $(date +%s) - t_start )) s"
+echo "mutants: $total mutations: $killed killed, $survived survived, $failed not applied, not built or not run;" \
+  "$(( $(date +%s) - t_start )) s ($jobs at a time)"
 [ "$killed" = "$total" ]
