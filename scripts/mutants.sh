@@ -527,6 +527,13 @@ file: src/read.c
 old: : pup_be_int(PQgetvalue(r, row, first + 12), 8) + PG_EPOCH_US;
 new: : pup_be_int(PQgetvalue(r, row, first + 12), 8);
 tests: ^(c\.test_store|lua\.store_read)$
+
+name: own-statement-expected-version-1
+why: issue 13: the bench's second append ceiling sends expected version 1 for a new aggregate, so pgbench appends nothing and measures no writes
+file: bench/own_statement.lua
+old: local params = { ":t", ":id", ":v",
+new: local params = { ":t", ":id", ":ev",
+tests: ^lua\.bench_own_statement$
 EOF
 }
 
