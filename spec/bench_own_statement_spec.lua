@@ -6,27 +6,17 @@ local H = require "spec.helpers"
 
 local NAME = "pupspec_bench_own"
 
-local function database_url()
-  local db = H.connect()
-  assert(db:exec("DROP DATABASE IF EXISTS " .. NAME .. " WITH (FORCE)"))
-  assert(db:exec("CREATE DATABASE " .. NAME))
-  db:close()
-  return (H.url():gsub("/[^/?]*$", "/" .. NAME, 1))
-end
-
 describe("bench/own_statement.lua", function()
   local dir
   after_each(function()
     if dir then H.rmdir(dir) end
     dir = nil
-    local db = H.connect()
-    db:exec("DROP DATABASE IF EXISTS " .. NAME .. " WITH (FORCE)")
-    db:close()
+    H.drop_database(NAME)
   end)
 
   it("writes the store's 1-event append statement as a pgbench script that appends one event a transaction", function()
     local bindir = assert(H.pg_bindir(), "no PostgreSQL server binaries (pgbench) under /usr/lib/postgresql")
-    local url = database_url()
+    local url = H.fresh_database(NAME)
     local r = H.run({ H.source_dir .. "/bench/own_statement.lua", "--url", url })
     assert.equal(0, r.code, r.output)
     local script = r.stdout

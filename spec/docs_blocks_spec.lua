@@ -81,11 +81,7 @@ end
 
 -- A fresh database with the store's tables (the docs use the default table names).
 local function fresh_database()
-  local db = H.connect()
-  assert(db:exec("DROP DATABASE IF EXISTS spec_docs WITH (FORCE)"))
-  assert(db:exec("CREATE DATABASE spec_docs"))
-  db:close()
-  local url = H.url():gsub("/[^/?]*$", "/spec_docs", 1)
+  local url = H.fresh_database("spec_docs")
   local r = H.run({ "migrate" }, { env = { DATABASE_URL = url } })
   assert(r.code == 0, r.output)
   return url

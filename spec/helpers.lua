@@ -85,6 +85,21 @@ function M.fresh_store(name, db)
   return store, db, names
 end
 
+-- A new empty database `name` on the test server (dropped first if it exists); returns its URL.
+function M.fresh_database(name)
+  local db = M.connect()
+  assert(db:exec("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)"))
+  assert(db:exec("CREATE DATABASE " .. name))
+  db:close()
+  return (M.url():gsub("/[^/?]*$", "/" .. name, 1))
+end
+
+function M.drop_database(name)
+  local db = M.connect()
+  assert(db:exec("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)"))
+  db:close()
+end
+
 local counter = 0
 -- A string unique within this run and across concurrent runs (for aggregate ids).
 function M.uid(prefix)

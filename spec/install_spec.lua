@@ -22,21 +22,6 @@ local function install_blocks()
   return blocks
 end
 
--- A fresh database on the test server; returns its URL.
-local function fresh_database(name)
-  local db = H.connect()
-  assert(db:exec("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)"))
-  assert(db:exec("CREATE DATABASE " .. name))
-  db:close()
-  return (H.url():gsub("/[^/?]*$", "/" .. name, 1))
-end
-
-local function drop_database(name)
-  local db = H.connect()
-  assert(db:exec("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)"))
-  db:close()
-end
-
 -- What examples/c prints on its first run in an empty database.
 local EXAMPLE_C_OUTPUT = "handled 6 events\nOrderPaid 2\nOrderPlaced 3\nOrderShipped 1\n"
 
@@ -49,7 +34,7 @@ local function check_example_c(exe, dbname)
     assert.is_falsy(ldd.stdout:lower():find(lib, 1, true), ldd.stdout)
   end
   assert.is_truthy(ldd.stdout:find("libpq", 1, true), ldd.stdout)
-  local url = fresh_database(dbname)
+  local url = H.fresh_database(dbname)
   local r = H.sh(H.shquote(exe), { env = { DATABASE_URL = url } })
   assert.equal(0, r.code, r.output)
   assert.equal(EXAMPLE_C_OUTPUT, r.stdout)
@@ -58,7 +43,7 @@ local function check_example_c(exe, dbname)
     .. " (SELECT sum(count) FROM cex_type_counts) AS counted,"
     .. " (SELECT last_global_position FROM cex_checkpoints WHERE projection_name = 'type_counts') AS checkpoint"))
   db:close()
-  drop_database(dbname)
+  H.drop_database(dbname)
   assert.same({ events = 6, counted = 6, checkpoint = 6 }, { events = rows[1].events,
     counted = math.tointeger(rows[1].counted), checkpoint = rows[1].checkpoint })
 end
