@@ -4,7 +4,8 @@
 --   pupsourcing bench/own_statement.lua --url URL > own.sql   (appends one event to URL)
 --   pgbench -n -M prepared -D t=User -D et=UserCreated -D v=0 -D ev=1 -D p=PAYLOAD -D m='{}' -f own.sql
 -- The NULL parameters of a W1 append (event_id, trace ids, created_at) stay NULL; the aggregate
--- id is a random integer's text (a new aggregate per append, as W1's random UUID).
+-- id is a UUID's text (36 characters, as W1's pup.uuid()) made from a random integer, a new
+-- aggregate per append.
 local pup = require "pupsourcing"
 local a = pup.args(arg)
 local db = assert(pup.connect(a.url))
@@ -14,7 +15,7 @@ assert(store:append(db, pup.no_stream(), { { aggregate_type = "User", aggregate_
   event_type = "UserCreated", payload = "{}", metadata = "{}" } }))
 local rows = assert(db:query("SELECT statement FROM pg_prepared_statements WHERE statement LIKE 'WITH cur AS%'"))
 assert(#rows == 1, "expected the one prepared 1-event append statement, found " .. #rows)
-local params = { ":t", ":id", ":v", "NULL", ":et", ":ev", ":p", ":m", "NULL", "NULL", "NULL", "NULL", ":h", "false" }
+local params = { ":t", "(md5(:id::text)::uuid::text)", ":v", "NULL", ":et", ":ev", ":p", ":m", "NULL", "NULL", "NULL", "NULL", ":h", "false" }
 local text, n = rows[1].statement:gsub("%$(%d+)", function(k)
   return params[tonumber(k)] or error("parameter $" .. k .. " has no value here: bench/own_statement.lua is out of date")
 end)

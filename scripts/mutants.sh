@@ -531,8 +531,8 @@ tests: ^(c\.test_store|lua\.store_read)$
 name: own-statement-expected-version-1
 why: issue 13: the bench's second append ceiling sends expected version 1 for a new aggregate, so pgbench appends nothing and measures no writes
 file: bench/own_statement.lua
-old: local params = { ":t", ":id", ":v",
-new: local params = { ":t", ":id", ":ev",
+old: local params = { ":t", "(md5(:id::text)::uuid::text)", ":v",
+new: local params = { ":t", "(md5(:id::text)::uuid::text)", ":ev",
 tests: ^lua\.bench_own_statement$
 EOF
 }
@@ -608,8 +608,17 @@ if [ -z "$scratch" ]; then
 fi
 mkdir -p "$scratch"
 chmod 755 "$scratch"
-pgdirs=()
+# One run per scratch directory at a time.
+exec 8>"$scratch/run.lock"
+flock -n 8 || { echo "mutants.sh: another run uses $scratch" >&2; exit 2; }
+pgdirs=() pids=()
+# The workers first (each is a process group of its own; `timeout` makes groups of its own,
+# and every test process names the scratch copy on its command line), then their servers.
 cleanup() {
+  for p in "${pids[@]}"; do kill -TERM -- "-$p" 2>/dev/null || true; done
+  pkill -TERM -f -- "$scratch/" 2>/dev/null || true
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  pkill -KILL -f -- "$scratch/" 2>/dev/null || true
   for d in "${pgdirs[@]}"; do
     bash "$root/scripts/pg.sh" stop "$d/data" || true
     rm -rf "$d"
@@ -628,6 +637,9 @@ for w in $(seq 1 "$jobs"); do
   git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
     [ -e "$f" ] && printf '%s\0' "$f"
   done | tar --null -T - -cf - | tar -C "$scratch/w$w/src" -xf -
+  # A run stopped between applying and restoring a mutation leaves a newer object of the
+  # mutated file in a reused directory: the files mutations touch are built again.
+  for f in "${files[@]}"; do [ -e "$scratch/w$w/src/$f" ] && touch "$scratch/w$w/src/$f"; done
   cmake -S "$scratch/w$w/src" -B "$scratch/w$w/build" -DPUP_WERROR=ON >/dev/null
   if [ -n "${PUP_TEST_DATABASE_URL:-}" ]; then
     urls+=("$PUP_TEST_DATABASE_URL")
@@ -648,6 +660,9 @@ run_tests() { # worker, regex, log file, [seconds] -> ctest's status
     -j "${PUP_TEST_JOBS:-2}" -R "$2" >"$3" 2>&1
 }
 build() { cmake --build "$scratch/w$1/build" -j2 >"$2" 2>&1; } # worker, log file
+pg_bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+# Whether worker w's server still answers: failing tests count as a kill only then.
+server_up() { "$pg_bindir/psql" -X -qAt "${urls[$1 - 1]}" -c "SELECT 1" >/dev/null 2>&1; }
 
 if [ "${PUP_MUTANTS_BASELINE:-1}" != 0 ]; then
   regex=""
@@ -697,8 +712,10 @@ mutate() { # worker, k
     else
       status="SURVIVED (${tests[$i]} passed)"
     fi
-  else
+  elif server_up "$w"; then
     status="killed"
+  else
+    status="SERVER LOST (the tests failed and worker $w's PostgreSQL does not answer)"
   fi
   cp "$scratch/w$w/orig" "$src/$file"
   line=$(printf '%-34s %-8s %4ss  %s' "$name" "${status%% *}" "$(( $(date +%s) - t0 ))" "$status")
@@ -712,16 +729,21 @@ worker() { # w
   # leave the copy's build matching its sources
   build "$1" "$scratch/w$1/log/final.build" || true
 }
-pids=()
+set -m # each worker a process group of its own, for cleanup
 for w in $(seq 1 "$jobs"); do
   worker "$w" &
   pids+=($!)
 done
+set +m
 for pid in "${pids[@]}"; do wait "$pid" || true; done
+pids=()
 
 killed=0 survived=0 failed=0
 for k in "${!selected[@]}"; do
-  line=$(cat "$scratch/results/$k" 2>/dev/null || echo "${names[${selected[$k]}]} NOT RUN")
+  if ! line=$(cat "$scratch/results/$k" 2>/dev/null); then
+    line=$(printf '%-34s %-8s %4ss  %s' "${names[${selected[$k]}]}" NOT - "NOT RUN (its worker stopped)")
+    echo "$line"
+  fi
   case "$(awk '{ print $2 }' <<<"$line")" in
     killed) killed=$((killed + 1)) ;;
     SURVIVED) survived=$((survived + 1)) ;;
@@ -729,6 +751,6 @@ for k in "${!selected[@]}"; do
   esac
 done
 total=${#selected[@]}
-echo "mutants: $total mutations: $killed killed, $survived survived, $failed not applied, not built or not run;" \
+echo "mutants: $total mutations: $killed killed, $survived survived, $failed not applied, not built, not run or with their server lost;" \
   "$(( $(date +%s) - t_start )) s ($jobs at a time)"
 [ "$killed" = "$total" ]
