@@ -528,6 +528,13 @@ old: : pup_be_int(PQgetvalue(r, row, first + 12), 8) + PG_EPOCH_US;
 new: : pup_be_int(PQgetvalue(r, row, first + 12), 8);
 tests: ^(c\.test_store|lua\.store_read)$
 
+name: wait-not-listening-waits
+why: issue 15: store:wait that starts listening waits for a NOTIFY already sent, so an append committed after the subscriber's read waits for the poll
+file: src/lua_store.c
+old: int got = !listening;
+new: int got = 0;
+tests: ^lua\.wake_up$
+
 name: own-statement-expected-version-1
 why: issue 13: the bench's second append ceiling sends expected version 1 for a new aggregate, so pgbench appends nothing and measures no writes
 file: bench/own_statement.lua
@@ -656,8 +663,11 @@ run_tests() { # worker, regex, log file, [seconds] -> ctest's status
   local limit=()
   # (timeout signals its whole process group: ctest and the busted it started)
   [ -n "${4:-}" ] && limit=(timeout -k 5 "$4")
-  DATABASE_URL=${urls[$1 - 1]} "${limit[@]}" ctest --test-dir "$scratch/w$1/build" --output-on-failure \
-    -j "${PUP_TEST_JOBS:-2}" -R "$2" >"$3" 2>&1
+  # the specs' directories in the worker's copy (spec/helpers.lua), emptied per mutation:
+  # tests a mutation fails or kills do not clean up after themselves
+  rm -rf "$scratch/w$1/tmp" && mkdir -m 755 "$scratch/w$1/tmp"
+  DATABASE_URL=${urls[$1 - 1]} PUP_SPEC_TMPDIR=$scratch/w$1/tmp "${limit[@]}" ctest --test-dir "$scratch/w$1/build" \
+    --output-on-failure -j "${PUP_TEST_JOBS:-2}" -R "$2" >"$3" 2>&1
 }
 build() { cmake --build "$scratch/w$1/build" -j2 >"$2" 2>&1; } # worker, log file
 pg_bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)

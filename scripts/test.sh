@@ -21,11 +21,18 @@ cmake -S . -B "$build" "${cmake_args[@]}" >/dev/null
 cmake --build "$build" -j2
 
 tmpdir=""
+# The specs' directories (spec/helpers.lua, M.tmpdir), removed with the run: a test that
+# fails or is killed before its own cleanup leaves nothing behind. Readable by the
+# `postgres` user, which runs the servers some specs start in them.
+spec_tmp=$(mktemp -d /tmp/pupsourcing-spec.XXXXXX)
+chmod 755 "$spec_tmp"
+export PUP_SPEC_TMPDIR=$spec_tmp
 cleanup() {
   if [ -n "$tmpdir" ]; then
     bash scripts/pg.sh stop "$tmpdir/data" || true
     rm -rf "$tmpdir"
   fi
+  rm -rf "$spec_tmp"
 }
 trap cleanup EXIT
 trap 'exit 130' INT

@@ -154,9 +154,13 @@ function M.write_file(path, data)
   f:close()
 end
 
--- A new empty directory under /tmp; removed by M.rmdir.
+-- Where spec directories go: PUP_SPEC_TMPDIR (scripts/test.sh and mutants.sh give each run
+-- one and remove it at the end, so what a killed test leaves goes with it), else /tmp.
+local tmp_root = os.getenv("PUP_SPEC_TMPDIR") or "/tmp"
+
+-- A new empty directory under the spec root; removed by M.rmdir.
 function M.tmpdir()
-  local p = assert(io.popen("mktemp -d /tmp/pupspec.XXXXXX"))
+  local p = assert(io.popen("mktemp -d " .. M.shquote(tmp_root .. "/pupspec.XXXXXX")))
   local dir = p:read("l")
   p:close()
   assert(dir and dir ~= "", "mktemp failed")
@@ -164,7 +168,8 @@ function M.tmpdir()
 end
 
 function M.rmdir(dir)
-  assert(dir:match("^/tmp/pupspec%."), "refusing to remove " .. tostring(dir))
+  assert(dir:sub(1, #tmp_root + 9) == tmp_root .. "/pupspec." and not dir:find("/", #tmp_root + 2, true),
+    "refusing to remove " .. tostring(dir))
   os.execute("rm -rf " .. M.shquote(dir))
 end
 

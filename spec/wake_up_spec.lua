@@ -128,6 +128,46 @@ print(assert(store:append(db, pup.any(), { { aggregate_type = "Slow", aggregate_
     assert.is_nil(H.exit_code(run), H.stderr_of(run))
   end)
 
+  it("store:wait on a db that is not listening starts and returns at once: what committed since the last read is not left to the poll", function()
+    local reader = H.connect()
+    local function positions(evs)
+      local out = {}
+      for i, e in ipairs(evs) do out[i] = e.global_position end
+      return out
+    end
+    local _, cursor = assert(store:read_events(reader, 0, { limit = 1000 }))
+    -- committed between the reader's read and its first wait: its NOTIFY had no listener
+    local p1 = assert(store:append(db, pup.any(), { H.event { aggregate_id = "wu-first" } })).global_positions[1]
+    local t = pup.now()
+    assert.is_true(assert(store:wait(reader, 5)))
+    assert.is_true(pup.now() - t < 1, ("the first wait took %.2f s"):format(pup.now() - t))
+    local evs
+    evs, cursor = assert(store:read_events(reader, cursor, { limit = 1000 }))
+    assert.same({ p1 }, positions(evs))
+    -- listening now: with nothing appended the wait runs its time
+    t = pup.now()
+    local heard, err = store:wait(reader, 0.3)
+    assert.is_nil(err)
+    assert.is_false(heard)
+    assert.is_true(pup.now() - t >= 0.25, ("a wait with nothing to hear took %.2f s"):format(pup.now() - t))
+    -- and an append's NOTIFY wakes it
+    local p2 = assert(store:append(db, pup.any(), { H.event { aggregate_id = "wu-second" } })).global_positions[1]
+    t = pup.now()
+    assert.is_true(assert(store:wait(reader, 5)))
+    assert.is_true(pup.now() - t < 1)
+    evs, cursor = assert(store:read_events(reader, cursor, { limit = 1000 }))
+    assert.same({ p2 }, positions(evs))
+    -- after an UNLISTEN (pup.subscribe's, when it returns) it is not listening again
+    assert(reader:exec("UNLISTEN *"))
+    local p3 = assert(store:append(db, pup.any(), { H.event { aggregate_id = "wu-third" } })).global_positions[1]
+    t = pup.now()
+    assert.is_true(assert(store:wait(reader, 5)))
+    assert.is_true(pup.now() - t < 1, ("the wait after UNLISTEN took %.2f s"):format(pup.now() - t))
+    evs = assert(store:read_events(reader, cursor, { limit = 1000 }))
+    assert.same({ p3 }, positions(evs))
+    reader:close()
+  end)
+
   it("a role that may read the events table only (not its sequence) reads the log", function()
     local url = H.url()
     url = url:find("://[^/]*@") and url:gsub("://[^@/]*@", "://pup_wu_ro@", 1) or url:gsub("://", "://pup_wu_ro@", 1)

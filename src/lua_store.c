@@ -628,9 +628,12 @@ static int drawn_look_restart(lua_State *L) {
     return 0;
 }
 
-/* store:wait(db, seconds) --> true when an append's notification arrived (the db
- * listens on the store's channel from its first call on), false when the time passed |
- * nil, err. A wake-up only: read again either way. Other notifications on db are consumed. */
+/* store:wait(db, seconds) --> true when an append's notification arrived, false when the
+ * time passed | nil, err. A wake-up only: read again either way. The db listens on the
+ * store's channel from its first call on; a call that finds it not listening (the first,
+ * after a reconnect or an UNLISTEN) starts and returns true at once: an append may have
+ * committed between the caller's last read and the LISTEN, and its NOTIFY went unheard.
+ * Other notifications on db are consumed. */
 static int store_wait(lua_State *L) {
     lstore *s = checkstore(L);
     luaL_checkudata(L, 2, PUP_DB_MT);
@@ -641,12 +644,11 @@ static int store_wait(lua_State *L) {
     if (PQtransactionStatus(pg) != PQTRANS_IDLE)
         return luaL_error(L, "store:wait: the db is inside a transaction (notifications arrive between transactions)");
     pup_error err;
-    /* LISTEN each call: a round trip, but it survives the caller's UNLISTEN or a new
-     * session, and it is only paid when the reader has caught up. */
-    char sql[PUP_NAME_MAX + 64];
-    snprintf(sql, sizeof sql, "LISTEN \"%s\"", s->store.channel);
-    if (pup_conn_command(c, sql, &err) < 0) return pup_lua_push_error(L, &err);
-    int got = 0;
+    /* Asked each call (a round trip, paid only once the reader has caught up): the caller
+     * may have UNLISTENed, or the session may be new. */
+    int listening = pup_store_listen(&s->store, c, &err);
+    if (listening < 0) return pup_lua_push_error(L, &err);
+    int got = !listening;
     double deadline = mono_now() + secs;
     for (;;) {
         if (!PQconsumeInput(pg)) {

@@ -161,6 +161,12 @@ int pup_format_time(long long unix_us, char *buf, size_t size);
     " THEN pg_sequence_last_value('%s') END, 0)"
 void pup_event_from_row(const PGresult *r, int row, int first, pup_event *ev);
 
+/* Makes c LISTEN on the store's channel unless it already does (a new session, or after an
+ * UNLISTEN). Returns 1 when it was listening already, 0 when it starts now (an append may
+ * have committed unheard since the caller last read: read again before waiting), -1 with
+ * err. */
+int pup_store_listen(const pup_store *s, pup_conn *c, pup_error *err);
+
 /* Reads up to limit events with global_position > after, ascending. Raw reads: events
  * still in flight below the highest visible position are not waited for, so a reader
  * that resumes after the last position it saw can skip one (pup_store_read_safe does
