@@ -140,22 +140,27 @@ own_args=(-D t=User -D et=UserCreated -D v=0 -D ev=1 -D 'm={}'
   -D "p=\\x$(printf '%s' '{"email":"u@example.com","name":"User"}' | od -An -tx1 | tr -d ' \n')")
 
 # ---- W1: 1 event per append; W2: 50 events per append ----
+# ceiling_round KEY DB FILE CLIENTS N EVENTS [PGBENCH ARGS]: N transactions of EVENTS events
+# per client of pgbench FILE in a fresh database DB, recorded as KEY; the events are counted.
+ceiling_round() {
+  local key=$1 db=$2 file=$3 c=$4 n=$5 k=$6 u e
+  u=$(newdb "$db")
+  e=$(pgbench_eps "$file" "$c" "$n" "$k" "$u" "${@:7}")
+  acc "$key" $((c * n * k)) "$(calc "$c * $n * $k / $e" 4)"
+  check "${db#pupbench_}_events" "$(sql "$u" -c "SELECT count(*) FROM events")" $((c * n * k))
+  sql "$ADMIN" -c "DROP DATABASE $db WITH (FORCE)" >/dev/null
+}
+
 # append_round NAME K N: N appends of K events by the library, then the same by pgbench.
 append_round() {
-  local name=$1 k=$2 n=$3 u out tps
+  local name=$1 k=$2 n=$3 u out
   u=$(newdb "pupbench_$name")
   out=$("$bin" "$bench/append.lua" --url "$u" --appends "$n" --events "$k")
   acc "$name" "$(field "$out" events)" "$(field "$out" seconds)"
   check "${name}_events" "$(sql "$u" -c "SELECT count(*) FROM events")" $(((n + 5) * k))
-  u=$(newdb "pupbench_${name}c")
-  tps=$(pgbench_eps "$bench/ceiling_$name.sql" 1 "$n" 1 "$u")
-  acc "${name}_ceiling" $((n * k)) "$(calc "$n / $tps" 4)"
-  check "${name}c_events" "$(sql "$u" -c "SELECT count(*) FROM events")" $((n * k))
+  ceiling_round "${name}_ceiling" "pupbench_${name}c" "$bench/ceiling_$name.sql" 1 "$n" "$k"
   [ "$name" = w1 ] || return 0
-  u=$(newdb "pupbench_${name}o")
-  tps=$(pgbench_eps "$tmp/ceiling_own.sql" 1 "$n" 1 "$u" "${own_args[@]}")
-  acc "${name}_own" $((n * k)) "$(calc "$n / $tps" 4)"
-  check "${name}o_events" "$(sql "$u" -c "SELECT count(*) FROM events")" $((n * k))
+  ceiling_round "${name}_own" "pupbench_${name}o" "$tmp/ceiling_own.sql" 1 "$n" "$k" "${own_args[@]}"
 }
 for w in w1 w2; do
   if [ $w = w1 ]; then k=1 n=$W1_N; else k=50 n=$W2_N; fi
@@ -188,17 +193,8 @@ w6_round() {
   acc "w6_$c" $((c * n)) "$out"
   check "w6_${c}_events" "$(sql "$u" -c "SELECT count(*) FROM events")" $((c * (n + 5)))
   sql "$ADMIN" -c "DROP DATABASE pupbench_w6_$c WITH (FORCE)" >/dev/null
-  u=$(newdb "pupbench_w6c_$c")
-  local e
-  e=$(pgbench_eps "$bench/ceiling_w1.sql" "$c" "$n" 1 "$u")
-  acc "w6_${c}_ceiling" $((c * n)) "$(calc "$c * $n / $e" 4)"
-  check "w6c_${c}_events" "$(sql "$u" -c "SELECT count(*) FROM events")" $((c * n))
-  sql "$ADMIN" -c "DROP DATABASE pupbench_w6c_$c WITH (FORCE)" >/dev/null
-  u=$(newdb "pupbench_w6o_$c")
-  e=$(pgbench_eps "$tmp/ceiling_own.sql" "$c" "$n" 1 "$u" "${own_args[@]}")
-  acc "w6_${c}_own" $((c * n)) "$(calc "$c * $n / $e" 4)"
-  check "w6o_${c}_events" "$(sql "$u" -c "SELECT count(*) FROM events")" $((c * n))
-  sql "$ADMIN" -c "DROP DATABASE pupbench_w6o_$c WITH (FORCE)" >/dev/null
+  ceiling_round "w6_${c}_ceiling" "pupbench_w6c_$c" "$bench/ceiling_w1.sql" "$c" "$n" 1
+  ceiling_round "w6_${c}_own" "pupbench_w6o_$c" "$tmp/ceiling_own.sql" "$c" "$n" 1 "${own_args[@]}"
 }
 log "== W6: $W6_N appends of 1 event from 1, 8 and 16 concurrent writers, in $PROUNDS rounds alternating with pgbench -c 1/8/16"
 for ((r = 0; r < PROUNDS; r++)); do

@@ -35,6 +35,7 @@ typedef struct pup_store {
      * check that global_position defaults to the xid-first function. */
     char *sql_append_uuid, *sql_append_one_uuid, *sql_id_types, *sql_position_default;
     char *sql_read_safe, *sql_same_events; /* read.c's gap-safe read; append.c's retry check */
+    char *sql_listen, *sql_listening; /* LISTEN on the channel; whether the session does */
     char *sql_status, *sql_reset, *sql_group_workers, *sql_group_get, *sql_group_set;
     /* Poison events: <checkpoints>_dead_letters (events given up on) and
      * <checkpoints>_failures (partitions stopped by a handler failure); the processor's

@@ -110,26 +110,13 @@ PGresult *pup_store_read(const pup_store *s, pup_conn *c, long long after, long 
 }
 
 int pup_store_listen(const pup_store *s, pup_conn *c, pup_error *err) {
-    const pup_stmt *st = pup_conn_prepare(c, "SELECT EXISTS (SELECT FROM pg_listening_channels() AS c WHERE c = $1::text)", err);
-    pup_params p = {0};
-    if (!st || pup_params_reset(&p, 1) < 0) {
-        if (st) pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
-        pup_store_error(err);
-        return -1;
-    }
-    pup_params_text(&p, 0, s->channel, strlen(s->channel));
-    PGresult *r = pup_conn_exec(c, st, &p, 0, err);
-    pup_params_free(&p);
-    if (!r) {
-        pup_store_error(err);
-        return -1;
-    }
+    const pup_stmt *st = pup_conn_prepare(c, s->sql_listening, err);
+    PGresult *r = st ? pup_conn_exec(c, st, NULL, 0, err) : NULL;
+    if (!r) return pup_store_error(err);
     int listening = PQgetvalue(r, 0, 0)[0] == 't';
     PQclear(r);
     if (listening) return 1;
-    char sql[PUP_NAME_MAX + 64];
-    snprintf(sql, sizeof sql, "LISTEN \"%s\"", s->channel);
-    return pup_conn_command(c, sql, err) < 0 ? -1 : 0;
+    return pup_conn_command(c, s->sql_listen, err) < 0 ? -1 : 0;
 }
 
 PGresult *pup_store_read_stream(const pup_store *s, pup_conn *c, pup_str type, pup_str id,

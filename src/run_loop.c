@@ -17,9 +17,7 @@
 
 int pup_proc_listen(pup_processor *p, pup_error *err) {
     if (p->listening) return 0;
-    char sql[PUP_NAME_MAX + 64];
-    snprintf(sql, sizeof sql, "LISTEN \"%s\"", p->store->channel);
-    if (pup_conn_command(p->conn, sql, err) < 0) return -1;
+    if (pup_conn_command(p->conn, p->store->sql_listen, err) < 0) return -1;
     p->listening = 1;
     return 0;
 }

@@ -285,9 +285,13 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
     s->sql_same_events = fmt("SELECT event_id::text, global_position, aggregate_type, aggregate_id::text,"
                              " aggregate_version, event_type, event_version, payload FROM %s"
                              " WHERE event_id = ANY($1::uuid[])", E);
+    /* (the channel is a valid name with a prefix: no quote needs escaping) */
+    s->sql_listen = fmt("LISTEN \"%s\"", s->channel);
+    s->sql_listening = fmt("SELECT EXISTS (SELECT FROM pg_listening_channels() AS c WHERE c = '%s')", s->channel);
     if (!s->sql_append || !s->sql_append_one || !s->sql_append_uuid || !s->sql_append_one_uuid ||
         !s->sql_id_types || !s->sql_position_default || !s->sql_read || !s->sql_stream || !s->sql_head ||
-        !s->sql_read_safe || !s->sql_same_events || operator_sql(s) < 0 || poison_sql(s) < 0) {
+        !s->sql_read_safe || !s->sql_same_events || !s->sql_listen || !s->sql_listening || operator_sql(s) < 0 ||
+        poison_sql(s) < 0) {
         pup_store_free(s);
         return pup_error_set(err, PUP_ERR_OUT_OF_MEMORY, "out of memory");
     }
@@ -296,7 +300,7 @@ int pup_store_init(pup_store *s, const char *events, const char *heads,
 
 void pup_store_free(pup_store *s) {
     char **texts[] = {&s->sql_append, &s->sql_append_one, &s->sql_read, &s->sql_stream, &s->sql_head,
-                      &s->sql_read_safe, &s->sql_same_events,
+                      &s->sql_read_safe, &s->sql_same_events, &s->sql_listen, &s->sql_listening,
                       &s->sql_status, &s->sql_reset, &s->sql_group_workers, &s->sql_group_get,
                       &s->sql_group_set, &s->sql_append_uuid, &s->sql_append_one_uuid, &s->sql_id_types,
                       &s->sql_position_default, &s->sql_dead_letter, &s->sql_failure_set, &s->sql_failure_clear};
