@@ -602,8 +602,8 @@ bash scripts/deps.sh test
 # and its own throwaway PostgreSQL (specs create roles and start servers of their own, so
 # two workers never share a server). With PUP_TEST_DATABASE_URL: one.
 jobs=${PUP_MUTANTS_JOBS:-3}
-[ -n "${PUP_TEST_DATABASE_URL:-}" ] && jobs=1
 [[ $jobs =~ ^[1-9][0-9]*$ ]] || { echo "mutants.sh: PUP_MUTANTS_JOBS must be a positive integer" >&2; exit 2; }
+[ -n "${PUP_TEST_DATABASE_URL:-}" ] && jobs=1
 [ "$jobs" -gt ${#selected[@]} ] && jobs=${#selected[@]}
 
 t_start=$(date +%s)

@@ -5,6 +5,7 @@ local pup = require "pupsourcing"
 local H = require "spec.helpers"
 
 local CNT = "t_met_cnt"
+local SEEN = "t_met_seen" -- one row per event handled: what a failed count is compared with
 
 -- A counting projection; events of type Poison fail it, Slow events take SLOW seconds.
 local PROJ = [[
@@ -16,6 +17,8 @@ return {
     if e.event_type == "Slow" then pup.sleep(%s) end
     assert(tx:exec("INSERT INTO ]] .. CNT .. [[ (name, n) VALUES ($1, 1) ON CONFLICT (name)"
       .. " DO UPDATE SET n = ]] .. CNT .. [[.n + 1", %q))
+    assert(tx:exec("INSERT INTO ]] .. SEEN .. [[ (name, pos, txid) VALUES ($1, $2, txid_current())", %q,
+      e.global_position))
   end,
 }
 ]]
@@ -58,7 +61,7 @@ describe("run --metrics-addr", function()
 
   local function projection(name, slow)
     local path = dir .. "/" .. name:gsub("[^%w]", "_") .. ".lua"
-    H.write_file(path, PROJ:format(name, slow or "0", name))
+    H.write_file(path, PROJ:format(name, slow or "0", name, name))
     return path
   end
 
@@ -68,8 +71,9 @@ describe("run --metrics-addr", function()
   end
 
   before_each(function()
-    store, db, T, dir = H.fresh_area("met", { CNT })
+    store, db, T, dir = H.fresh_area("met", { CNT, SEEN })
     assert(db:exec("CREATE TABLE " .. CNT .. " (name text PRIMARY KEY, n bigint NOT NULL)"))
+    assert(db:exec("CREATE TABLE " .. SEEN .. " (name text NOT NULL, pos bigint NOT NULL, txid bigint NOT NULL)"))
   end)
 
   after_each(function()
@@ -103,7 +107,14 @@ describe("run --metrics-addr", function()
       return n == 30 and sample(text, "pupsourcing_lag_events", lbl:format(0)) == 0
           and sample(text, "pupsourcing_lag_events", lbl:format(1)) == 0
     end, 0.1)
-    assert.equal(30, counted(name))
+    -- (on a mismatch: what each side says, to tell a lost commit from a miscount)
+    local seen = assert(db:query("SELECT string_agg(pos || '@' || txid, ' ' ORDER BY pos) AS s FROM " .. SEEN
+      .. " WHERE name = $1", name))[1].s
+    local cps = assert(db:query("SELECT string_agg(total_partitions || '/' || partition_key || ':' || last_global_position,"
+      .. " ' ') AS s FROM "
+      .. T.checkpoints_table))[1].s
+    assert.equal(30, counted(name), ("seen %s; checkpoints %s; scrape:\n%s\nstderr: %s"):format(
+      tostring(seen), tostring(cps), text, H.stderr_of(proc)))
     for k = 0, 1 do
       local l = lbl:format(k)
       assert.equal(head, sample(text, "pupsourcing_position", l))

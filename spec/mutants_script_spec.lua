@@ -28,11 +28,14 @@ describe("scripts/mutants.sh", function()
     assert.truthy(r.stdout:find("1 mutations: 0 killed, 0 survived, 1 not applied", 1, true), r.output)
   end)
 
-  it("refuses a PUP_MUTANTS_JOBS that is not a positive integer, naming it", function()
-    for _, bad in ipairs { "0", "abc", "-1" } do
-      local r = H.sh("bash " .. H.shquote(SCRIPT) .. " created-at-epoch", { env = { PUP_MUTANTS_JOBS = bad } })
-      assert.equal(2, r.code, r.output)
-      assert.truthy(r.stderr:find("PUP_MUTANTS_JOBS must be a positive integer", 1, true), r.output)
+  it("refuses a PUP_MUTANTS_JOBS that is not a positive integer, naming it, with or without a database given", function()
+    for _, url in ipairs { "", "postgresql://postgres@127.0.0.1:1/none" } do
+      for _, bad in ipairs { "0", "abc", "-1" } do
+        local r = H.sh("bash " .. H.shquote(SCRIPT) .. " created-at-epoch",
+          { env = { PUP_MUTANTS_JOBS = bad, PUP_TEST_DATABASE_URL = url } })
+        assert.equal(2, r.code, r.output)
+        assert.truthy(r.stderr:find("PUP_MUTANTS_JOBS must be a positive integer", 1, true), r.output)
+      end
     end
   end)
 
@@ -41,7 +44,7 @@ describe("scripts/mutants.sh", function()
     local scratch = dir .. "/m"
     -- its tests take about 40 s: stopped well before they end
     local p = H.spawn({ "bash", SCRIPT, "notify-wakeup-ignored" },
-      { env = { PUP_MUTANTS_BASELINE = "0", PUP_MUTANTS_DIR = scratch } })
+      { env = { PUP_MUTANTS_BASELINE = "0", PUP_MUTANTS_DIR = scratch, PUP_TEST_DATABASE_URL = "" } })
     H.wait_until("the mutation's tests to run", 120, function()
       assert.is_nil(H.exit_code(p), H.stderr_of(p) .. H.stdout_of(p))
       return running("ctest --test-dir " .. scratch .. "/w1/build")
