@@ -307,7 +307,7 @@ describe("run --metrics-addr", function()
 
   it("counts the events a projection gave up on (on_error = skip) as dead letters", function()
     local path = dir .. "/met_skip.lua"
-    H.write_file(path, PROJ:format("met_skip", "0", "met_skip"):gsub("\nreturn {\n", "\nreturn {\n  on_error = \"skip\",\n", 1))
+    H.write_file(path, PROJ:format("met_skip", "0", "met_skip", "met_skip"):gsub("\nreturn {\n", "\nreturn {\n  on_error = \"skip\",\n", 1))
     local proc = spawn_run({ path }, { "--metrics-addr", "127.0.0.1:0" })
     local addr = address_of(proc)
     assert(store:append(db, pup.any(), { H.event { aggregate_id = "k-1", event_type = "Poison" } }))
