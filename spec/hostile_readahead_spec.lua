@@ -373,10 +373,12 @@ describe("hostile read-ahead", function()
       local pos = append(db, "a", 4 * bs + 1, "E1")
       local slow = pos[bs + 2] -- the second event of the window read ahead
       proj.handle = function(tx, e)
-        if e.global_position == slow then assert(tx:exec("SELECT pg_sleep(0.5)")) end
+        if e.global_position == slow then assert(tx:exec("SELECT pg_sleep(1.5)")) end
         return inner(tx, e)
       end
-      local p = pup.processor(db, proj, { store = store, handler_timeout = 0.1 })
+      -- (the limit is every event's, whole handler and each statement: 0.5 s leaves the
+      -- others room on a loaded machine)
+      local p = pup.processor(db, proj, { store = store, handler_timeout = 0.5 })
       catch_up(p, true)
       local want = log()
       table.remove(want, bs + 2)

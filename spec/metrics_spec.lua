@@ -47,7 +47,7 @@ describe("run --metrics-addr", function()
   local procs = {}
 
   local function spawn_run(files, extra)
-    local args = { H.bin, "run", "--poll-interval", "50" }
+    local args = { H.bin, "run", "--poll-interval", "50ms" }
     for _, a in ipairs(extra or {}) do args[#args + 1] = a end
     for _, a in ipairs(H.table_flags(T)) do args[#args + 1] = a end
     for _, f in ipairs(files) do args[#args + 1] = f end
@@ -273,7 +273,12 @@ describe("run --metrics-addr", function()
   end)
 
   it("/healthz turns 503 naming the failed projection while the others finish", function()
-    local bad, slow = projection("met_bad"), projection("met_slow", "5")
+    -- met_slow stays inside its Slow event until the gate file exists (it too fails on
+    -- the poison event after)
+    local gate = dir .. "/gate"
+    local bad = projection("met_bad")
+    local slow = projection("met_slow", ("(function() while not io.open(%q) do pup.sleep(0.05) end return 0 end)()")
+      :format(gate))
     assert(store:append(db, pup.any(), { H.event { aggregate_id = "s-1", event_type = "Slow" } }))
     local proc = spawn_run({ slow, bad }, { "--metrics-addr", "127.0.0.1:0" })
     local addr = address_of(proc)
@@ -290,12 +295,12 @@ describe("run --metrics-addr", function()
         return code == 503
       end, 0.05)
     assert.matches("projection met_bad partition 0: failed: [^\n]*poison event at", body)
-    local _, text = curl("http://" .. addr .. "/metrics")
-    if text then -- the slow handler keeps the process up: one more scrape
-      assert.equal(1, sample(text, "pupsourcing_handler_errors_total", 'projection="met_bad",partition="0"'))
-      assert.equal(0, sample(text, "pupsourcing_running", 'projection="met_bad",partition="0"'))
-      assert.equal(0, sample(text, "pupsourcing_handler_errors_total", 'projection="met_slow",partition="0"'))
-    end
+    local _, text = curl("http://" .. addr .. "/metrics") -- (the gated handler keeps the process up)
+    assert.equal(1, sample(text, "pupsourcing_handler_errors_total", 'projection="met_bad",partition="0"'))
+    assert.equal(0, sample(text, "pupsourcing_running", 'projection="met_bad",partition="0"'))
+    assert.equal(0, sample(text, "pupsourcing_handler_errors_total", 'projection="met_slow",partition="0"'))
+    assert.equal(1, sample(text, "pupsourcing_running", 'projection="met_slow",partition="0"'))
+    H.write_file(gate, "")
     assert.equal(1, H.wait_exit(proc, 20))
   end)
 

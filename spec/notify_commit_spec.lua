@@ -181,7 +181,18 @@ return { name = "nc_mailer", event_types = { "MailQueued" }, handle = function(t
   assert(tx:exec("INSERT INTO t_nc_seen (pos) VALUES ($1)", e.global_position)) end }
 ]])
     for _, file in ipairs { "react.lua", "mailer.lua" } do f:run(60000, dir .. "/" .. file) end
-    pup.sleep(1) -- both started, caught up (nothing yet) and waiting
+    -- both started (each holds its partition: the rest of its start is milliseconds) and idle
+    H.wait_until("both processors to hold their partition, idle", 30, function()
+      for _, name in ipairs { "nc_reactor", "nc_mailer" } do
+        local rows = assert(db:query([[SELECT 1 FROM pg_stat_activity a JOIN pg_locks l USING (pid)
+            WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND a.state = 'idle'
+            AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($1, 0)]],
+          "pupsourcing/" .. T.checkpoints_table .. "/" .. name .. "/0/1"))
+        if #rows ~= 1 then return false end
+      end
+      return true
+    end, 0.05)
+    pup.sleep(0.2) -- (and past its first batch, which finds nothing)
     for i = 1, 3 do
       local t0 = pup.now()
       assert(store:append(w, pup.any(), { H.event { aggregate_id = "order-" .. i, event_type = "Ordered" } }))

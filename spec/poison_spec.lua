@@ -292,7 +292,12 @@ describe("poison events", function()
     write_failing('on_error = "skip",')
     for round = 1, 3 do
       local p = H.spawn(H.with_tables(T, { H.bin, "run", bad_file }), { env = { SLEEP_EACH = "0.03" } })
-      pup.sleep(0.4 + 0.2 * round)
+      -- killed a moment after its round's dead letter: mid-batch, not before it started
+      H.wait_until("dead letter " .. round, 20, function()
+        assert.is_nil(H.exit_code(p), H.stderr_of(p))
+        return #dead_letters() >= round
+      end, 0.01)
+      pup.sleep(math.random() * 0.2)
       os.execute("kill -KILL " .. p.pid)
       H.wait_exit(p, 10)
       H.reap(p)

@@ -177,7 +177,7 @@ print("done")
 ]]
 
 describe("a reactor in a worker group, SIGKILLed 5 times while writers append", function()
-  it("delivers every event at least once, in order per aggregate, duplicates at most one per kill", function()
+  it("delivers every event at least once, in order per aggregate, duplicates at most one per kill or lost lease", function()
     local _, db, T = fresh()
     local dir = H.tmpdir()
     H.write_file(dir .. "/reactor.lua", (REACTOR:gsub("@T@", DELIVERED)))
@@ -196,7 +196,13 @@ describe("a reactor in a worker group, SIGKILLed 5 times while writers append", 
                              T.checkpoints_table, "300", "w" .. w .. "-" })
     end
     local function delivered() return assert(db:query("SELECT count(*) AS n FROM " .. DELIVERED))[1].n end
-    local kills = 0
+    local kills, losses = 0, 0
+    -- a worker that stalled past its lease (a loaded machine) gives its batch up and says so:
+    -- the next holder delivers that batch again
+    local function count_losses(proc)
+      local _, n = H.stderr_of(proc):gsub("lost the lease", "")
+      losses = losses + n
+    end
     for _ = 1, 5 do
       local proc = start_reactor()
       local before = delivered()
@@ -206,6 +212,7 @@ describe("a reactor in a worker group, SIGKILLed 5 times while writers append", 
       H.signal(proc, "KILL")
       assert.equal(137, H.wait_exit(proc, 10))
       kills = kills + 1
+      count_losses(proc)
       H.reap(proc)
     end
     for w, p in ipairs(writers) do
@@ -221,6 +228,7 @@ describe("a reactor in a worker group, SIGKILLed 5 times while writers append", 
     end, 0.05)
     H.signal(final, "TERM")
     assert.equal(0, H.wait_exit(final, 20), H.stderr_of(final))
+    count_losses(final)
     H.reap(final)
     H.rmdir(dir)
     assert.equal(5, kills)
@@ -236,8 +244,9 @@ describe("a reactor in a worker group, SIGKILLed 5 times while writers append", 
     assert.equal(total, distinct)
     -- duplicates only around the kills: a kill loses at most the one uncommitted batch
     -- (batch_size 1), delivered again by the next worker
-    io.stderr:write(("reactor kill test: %d events, %d deliveries, %d duplicates, %d kills\n"):format(total, #rows, dups, kills))
-    assert.is_true(dups <= kills, ("%d duplicates for %d kills"):format(dups, kills))
+    io.stderr:write(("reactor kill test: %d events, %d deliveries, %d duplicates, %d kills, %d leases lost\n"):format(
+      total, #rows, dups, kills, losses))
+    assert.is_true(dups <= kills + losses, ("%d duplicates for %d kills and %d leases lost"):format(dups, kills, losses))
     -- in order per aggregate: a version never goes back, except to repeat the last one
     local last = {}
     for _, r in ipairs(rows) do

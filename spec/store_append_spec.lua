@@ -186,7 +186,8 @@ describe("store:append", function()
       local id = h.uid("race")
       local dir = h.tmpdir()
       local marker = dir .. "/appended"
-      -- Another process appends version 1 in a transaction it keeps open for a moment.
+      -- Another process appends version 1 in a transaction it keeps open until our append
+      -- waits on it.
       local script = dir .. "/writer.lua"
       h.write_file(script, string.format([[
         local pup = require "pupsourcing"
@@ -196,9 +197,15 @@ describe("store:append", function()
         assert(store:append(tx, pup.any(), {{aggregate_type="User", aggregate_id=%q,
                                              event_type="Racer", payload="w"}}))
         local f = assert(io.open(%q, "w")); f:close()
-        pup.sleep(1.0)
+        local watch = assert(pup.connect()) -- (pg_stat_activity is read once per transaction)
+        local t0 = pup.now()
+        repeat
+          local waiting = #assert(watch:query("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            .. " AND query LIKE '%%' || $1 || '%%' AND pid <> pg_backend_pid()", %q)) > 0
+          if not waiting then pup.sleep(0.01) end
+        until waiting or pup.now() - t0 > 30
         assert(tx:commit())
-      ]], names.events_table, names.aggregate_heads_table, names.checkpoints_table, id, marker))
+      ]], names.events_table, names.aggregate_heads_table, names.checkpoints_table, id, marker, names.events_table))
       local bg = io.popen("env -u LD_PRELOAD " .. h.shquote(h.bin) .. " " .. h.shquote(script) .. " 2>&1")
       local t0 = os.time()
       while not io.open(marker) do
