@@ -637,13 +637,14 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Worker w's copy: the tree's tracked and untracked (not ignored) files as they are now.
+# The workers' copies: the tree's tracked and untracked (not ignored) files as they are now.
+git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
+  [ -e "$f" ] && printf '%s\0' "$f"
+done | tar --null -T - -cf "$scratch/tree.tar"
 urls=()
 for w in $(seq 1 "$jobs"); do
   mkdir -p "$scratch/w$w/src" "$scratch/w$w/log"
-  git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
-    [ -e "$f" ] && printf '%s\0' "$f"
-  done | tar --null -T - -cf - | tar -C "$scratch/w$w/src" -xf -
+  tar -C "$scratch/w$w/src" -xf "$scratch/tree.tar"
   # A run stopped between applying and restoring a mutation leaves a newer object of the
   # mutated file in a reused directory: the files mutations touch are built again.
   for f in "${files[@]}"; do [ -e "$scratch/w$w/src/$f" ] && touch "$scratch/w$w/src/$f"; done
@@ -670,9 +671,8 @@ run_tests() { # worker, regex, log file, [seconds] -> ctest's status
     --output-on-failure -j "${PUP_TEST_JOBS:-2}" -R "$2" >"$3" 2>&1
 }
 build() { cmake --build "$scratch/w$1/build" -j2 >"$2" 2>&1; } # worker, log file
-pg_bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
 # Whether worker w's server still answers: failing tests count as a kill only then.
-server_up() { "$pg_bindir/psql" -X -qAt "${urls[$1 - 1]}" -c "SELECT 1" >/dev/null 2>&1; }
+server_up() { psql -X -qAt "${urls[$1 - 1]}" -c "SELECT 1" >/dev/null 2>&1; }
 
 if [ "${PUP_MUTANTS_BASELINE:-1}" != 0 ]; then
   regex=""

@@ -85,19 +85,19 @@ function M.fresh_store(name, db)
   return store, db, names
 end
 
--- A new empty database `name` on the test server (dropped first if it exists); returns its URL.
-function M.fresh_database(name)
-  local db = M.connect()
-  assert(db:exec("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)"))
-  assert(db:exec("CREATE DATABASE " .. name))
-  db:close()
-  return (M.url():gsub("/[^/?]*$", "/" .. name, 1))
-end
-
 function M.drop_database(name)
   local db = M.connect()
   assert(db:exec("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)"))
   db:close()
+end
+
+-- A new empty database `name` on the test server (dropped first if it exists); returns its URL.
+function M.fresh_database(name)
+  M.drop_database(name)
+  local db = M.connect()
+  assert(db:exec("CREATE DATABASE " .. name))
+  db:close()
+  return (M.url():gsub("/[^/?]*$", "/" .. name, 1))
 end
 
 local counter = 0

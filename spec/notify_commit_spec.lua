@@ -22,12 +22,17 @@ describe("wake-ups after the commit", function()
   local function seen() return f:seen() end
   local function ev(id) return { H.event { aggregate_id = id } } end
 
-  -- The processor's backend: every statement it sends has a new query_start.
-  local function backend_query_start()
-    local rows = assert(db:query([[SELECT a.query_start::text AS qs FROM pg_stat_activity a
+  -- The sessions holding projection `name`'s partition 0/1 (its processor's): {qs, state}.
+  local function holders(name)
+    return assert(db:query([[SELECT a.query_start::text AS qs, a.state FROM pg_stat_activity a
         JOIN pg_locks l USING (pid) WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
         AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($1, 0)]],
-      "pupsourcing/" .. T.checkpoints_table .. "/notify_commit/0/1"))
+      "pupsourcing/" .. T.checkpoints_table .. "/" .. name .. "/0/1"))
+  end
+
+  -- The processor's backend: every statement it sends has a new query_start.
+  local function backend_query_start()
+    local rows = holders("notify_commit")
     assert.equal(1, #rows, "the processor's backend")
     return rows[1].qs
   end
@@ -184,11 +189,8 @@ return { name = "nc_mailer", event_types = { "MailQueued" }, handle = function(t
     -- both started (each holds its partition: the rest of its start is milliseconds) and idle
     H.wait_until("both processors to hold their partition, idle", 30, function()
       for _, name in ipairs { "nc_reactor", "nc_mailer" } do
-        local rows = assert(db:query([[SELECT 1 FROM pg_stat_activity a JOIN pg_locks l USING (pid)
-            WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND a.state = 'idle'
-            AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($1, 0)]],
-          "pupsourcing/" .. T.checkpoints_table .. "/" .. name .. "/0/1"))
-        if #rows ~= 1 then return false end
+        local rows = holders(name)
+        if #rows ~= 1 or rows[1].state ~= "idle" then return false end
       end
       return true
     end, 0.05)
